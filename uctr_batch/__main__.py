@@ -1,0 +1,3 @@
+from uctr_batch.cli import main
+
+raise SystemExit(main())
