@@ -1,0 +1,110 @@
+#!/bin/bash
+# Install everything uctr-batch and its test suite need on Debian 12. Run as root.
+# Idempotent: packages, the venv and the test user are only touched when something is missing.
+# Quiet on success; on failure it says what failed and shows the failing command's output.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${UCTR_VENV:-/opt/uctr-batch/venv}"
+TEST_USER="uctrtest"
+LOG="$(mktemp /tmp/uctr-install.XXXXXX.log)"
+trap 'rm -f "$LOG"' EXIT
+
+PACKAGES=(
+    # registry, image tools and the correctness oracle
+    docker-registry skopeo umoci mmdebstrap apache2-utils openssl zstd ca-certificates curl
+    # run modes and peers
+    proot crun runc fakechroot busybox-static bubblewrap charliecloud-runtime uidmap
+    # python
+    python3-venv python3-dev
+    # batch systems and MPI
+    slurmctld slurmd slurm-client munge libslurm-dev libpmix-dev libpmix-bin
+    openmpi-bin libopenmpi-dev mpich libmpich-dev
+    # build and inspection tools
+    gcc make patchelf binutils file hyperfine util-linux procps psmisc iproute2
+)
+
+fail() {
+    echo "install.sh: $1" >&2
+    [ -s "$LOG" ] && tail -n 40 "$LOG" >&2
+    exit 1
+}
+
+quietly() {  # run "$@" with its output kept in $LOG, shown only if it fails
+    "$@" >"$LOG" 2>&1
+}
+
+[ "$(id -u)" -eq 0 ] || fail "run as root (sudo $0)"
+
+missing_packages() {
+    local pkg status
+    for pkg in "${PACKAGES[@]}"; do
+        status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
+        [ "$status" = "install ok installed" ] || echo "$pkg"
+    done
+}
+
+apt_retry() {  # apt-get with retries while another apt/dpkg holds the lock
+    local attempt
+    for attempt in $(seq 1 30); do
+        if quietly apt-get -o DPkg::Lock::Timeout=60 "$@"; then
+            return 0
+        fi
+        grep -qiE "could not get lock|unable to acquire|temporary failure" "$LOG" || return 1
+        sleep 5
+    done
+    return 1
+}
+
+install_packages() {
+    local missing
+    missing="$(missing_packages)"
+    [ -z "$missing" ] && return 0
+    export DEBIAN_FRONTEND=noninteractive
+    apt_retry update || fail "apt-get update failed"
+    # shellcheck disable=SC2086  # one word per package
+    apt_retry install -y --no-install-recommends $missing \
+        || fail "apt-get install failed for: $(echo $missing)"
+}
+
+requirements() {  # runtime deps + the test and fast extras, read from pyproject.toml
+    /usr/bin/python3 - "$REPO/pyproject.toml" <<'PY'
+import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+extras = project.get("optional-dependencies", {})
+for requirement in project["dependencies"] + extras.get("test", []) + extras.get("fast", []):
+    print(requirement)
+PY
+}
+
+install_venv() {
+    # The project itself is not installed: tests import the working tree (pytest pythonpath),
+    # so what is tested is always what is checked out.
+    local wanted stamp="$VENV/.uctr-requirements"
+    wanted="$(requirements)" || fail "cannot read $REPO/pyproject.toml"
+    if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
+        return 0
+    fi
+    [ -x "$VENV/bin/python" ] || quietly /usr/bin/python3 -m venv "$VENV" \
+        || fail "cannot create the virtual environment $VENV"
+    # shellcheck disable=SC2086
+    quietly "$VENV/bin/pip" install --disable-pip-version-check --no-input $wanted \
+        || fail "pip install failed in $VENV"
+    printf '%s\n' "$wanted" >"$stamp"
+}
+
+ensure_test_user() {
+    if ! id "$TEST_USER" >/dev/null 2>&1; then
+        quietly useradd --create-home --shell /bin/bash "$TEST_USER" \
+            || fail "cannot create the test user $TEST_USER"
+    fi
+    # Rootless runtimes (runc, crun, newuidmap) need subordinate id ranges.
+    grep -q "^$TEST_USER:" /etc/subuid 2>/dev/null \
+        || quietly usermod --add-subuids 100000-165535 "$TEST_USER" || fail "usermod --add-subuids"
+    grep -q "^$TEST_USER:" /etc/subgid 2>/dev/null \
+        || quietly usermod --add-subgids 100000-165535 "$TEST_USER" || fail "usermod --add-subgids"
+}
+
+install_packages
+install_venv
+ensure_test_user
