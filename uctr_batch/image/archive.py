@@ -1,0 +1,396 @@
+"""Import images from files: `docker save` tars, OCI archives and OCI layout directories.
+
+Used by `uctr load FILE` and for `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]` and
+`docker-archive:FILE[:NAME]` references. Every blob goes through the store's ingest path:
+OCI blobs are verified against their digests; docker-archive layers (uncompressed tars)
+are verified against the config's diff_ids, and an OCI manifest is synthesised for them.
+Member names read from the archive are checked before use (no absolute paths, no '..').
+"""
+
+import json
+import os
+import sys
+import tarfile
+from dataclasses import replace
+from typing import List, Optional, Sequence, Tuple
+
+from uctr_batch import log
+from uctr_batch.errors import DigestMismatch, ImageNotFound, UctrError
+from uctr_batch.image import manifest as mt
+from uctr_batch.image import platforms
+from uctr_batch.image import reference as references
+from uctr_batch.image.store import Store, build_record, canonical, digest_of_bytes, split_digest
+
+_log = log.get("archive")
+
+OCI_REF_NAME = "org.opencontainers.image.ref.name"
+_MAX_INDEX_DEPTH = 4  # index -> index -> manifest nesting we follow
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class ArchiveError(UctrError):
+    """A malformed, corrupt or ambiguous image archive (exit 1: fix the input)."""
+
+
+def safe_name(name: str, source: str) -> str:
+    """A member name from an archive's own metadata, normalised; reject escapes."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ArchiveError(f"invalid member name {name!r} in {source}")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if name.startswith("/") or ".." in parts or not parts:
+        raise ArchiveError(f"unsafe member name {name!r} in {source}",
+                           "the archive refers outside itself; it may be malicious")
+    return "/".join(parts)
+
+
+class _Source:
+    """Read-only access to the files of an image archive or layout directory."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def open(self, name: str):
+        raise NotImplementedError
+
+    def size(self, name: str) -> int:
+        raise NotImplementedError
+
+    def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def read(self, name: str) -> bytes:
+        with self.open(name) as f:
+            return f.read()
+
+    def read_json(self, name: str):
+        try:
+            return json.loads(self.read(name))
+        except ValueError as e:
+            raise ArchiveError(f"{name} in {self.path} is not valid JSON: {e}") from e
+
+    def blob_name(self, digest: str) -> str:
+        algo, hexpart = split_digest(digest)
+        return f"blobs/{algo}/{hexpart}"
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _DirSource(_Source):
+    def _path(self, name: str) -> str:
+        return os.path.join(self.path, safe_name(name, self.path))
+
+    def open(self, name: str):
+        try:
+            return open(self._path(name), "rb")
+        except FileNotFoundError:
+            raise ArchiveError(f"{name} missing from {self.path}") from None
+
+    def size(self, name: str) -> int:
+        return os.path.getsize(self._path(name))
+
+    def exists(self, name: str) -> bool:
+        return os.path.isfile(self._path(name))
+
+
+class _TarSource(_Source):
+    def __init__(self, path: str):
+        super().__init__(path)
+        try:
+            self._tar = tarfile.open(path, "r:*")
+            self._members = {}
+            for m in self._tar.getmembers():
+                key = "/".join(p for p in m.name.split("/") if p not in ("", "."))
+                self._members.setdefault(key, m)
+        except (tarfile.TarError, OSError) as e:
+            raise ArchiveError(
+                f"cannot read archive {path}: {e}",
+                "give a tar made by `docker save` or `skopeo copy ... oci-archive:`") from e
+
+    def _member(self, name: str) -> tarfile.TarInfo:
+        member = self._members.get(safe_name(name, self.path))
+        if member is None or not (member.isfile() or member.islnk() or member.issym()):
+            raise ArchiveError(f"{name} missing from {self.path}")
+        return member
+
+    def open(self, name: str):
+        try:
+            f = self._tar.extractfile(self._member(name))  # links resolve inside the archive only
+        except KeyError:
+            f = None
+        if f is None:
+            raise ArchiveError(f"{name} in {self.path} is a link to nothing in the archive")
+        return f
+
+    def size(self, name: str) -> int:
+        member = self._member(name)
+        if member.islnk() or member.issym():
+            with self.open(name) as f:
+                return f.seek(0, os.SEEK_END)
+        return member.size
+
+    def exists(self, name: str) -> bool:
+        return safe_name(name, self.path) in self._members
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+def open_source(path: str) -> _Source:
+    if os.path.isdir(path):
+        return _DirSource(path)
+    if not os.path.exists(path):
+        raise ImageNotFound(f"no such file or directory: {path}")
+    return _TarSource(path)
+
+
+# -- loading --------------------------------------------------------------------------------
+
+def load(path: str, store: Store, names: Sequence[str] = (), tag: Optional[str] = None,
+         platform=None) -> List:
+    """Import the image at `path` (archive or layout dir). `tag` selects an image inside an
+    OCI layout (its ref.name) or a docker-archive (a RepoTag); `names` are the references to
+    record it under (default: a docker-archive's RepoTags, else the transport reference,
+    e.g. oci-archive:PATH:TAG). Returns the records."""
+    path = os.path.abspath(path)
+    wanted = platform or platforms.wanted_or_host(None)
+    with open_source(path) as src:
+        if src.exists("manifest.json"):
+            return _load_docker(src, store, names, tag, wanted)
+        if src.exists("index.json"):
+            transport = references.OCI if os.path.isdir(path) else references.OCI_ARCHIVE
+            names = names or [str(references.ImageRef(transport=transport, path=path, tag=tag))]
+            return _load_oci(src, store, names, tag, wanted)
+    raise ArchiveError(f"not an image archive or OCI layout: {path}",
+                       "expected manifest.json (docker save) or index.json (OCI layout)")
+
+
+def _record_all(store: Store, names: Sequence[str], manifest_digest: str, manifest: dict,
+                config: dict, index_digest: Optional[str] = None) -> List:
+    records = []
+    for name in names:
+        rec = build_record(name, manifest_digest, manifest, config, index_digest=index_digest)
+        store.record(rec)
+        records.append(rec)
+    return records
+
+
+# docker-archive
+
+def _docker_entry(src: _Source, tag: Optional[str]) -> dict:
+    entries = src.read_json("manifest.json")
+    if not (isinstance(entries, list) and entries and all(isinstance(e, dict) for e in entries)):
+        raise ArchiveError(f"manifest.json in {src.path} is not a docker-archive manifest")
+    if tag is None:
+        if len(entries) > 1:
+            raise ArchiveError(f"{src.path} holds {len(entries)} images",
+                               "choose one: " + ", ".join(_repo_tags(entries)))
+        return entries[0]
+    want = canonical(tag)
+    for entry in entries:
+        if any(_canonical_tag(t) == want for t in entry.get("RepoTags") or ()):
+            return entry
+    raise ArchiveError(f"no image {tag} in {src.path}",
+                       "available: " + (", ".join(_repo_tags(entries)) or "none"))
+
+
+def _repo_tags(entries) -> List[str]:
+    return [t for e in entries for t in (e.get("RepoTags") or ())]
+
+
+def _canonical_tag(text: str) -> Optional[str]:
+    try:
+        return canonical(text)
+    except UctrError:
+        return None
+
+
+def _sniff(f) -> str:
+    head = f.peek(4)[:4] if hasattr(f, "peek") else b""
+    if head.startswith(_GZIP_MAGIC):
+        return mt.OCI_LAYER_GZIP
+    if head.startswith(_ZSTD_MAGIC):
+        return mt.OCI_LAYER_ZSTD
+    return mt.OCI_LAYER_TAR
+
+
+def _load_docker(src: _Source, store: Store, names, tag, wanted) -> List:
+    entry = _docker_entry(src, tag)
+    try:
+        config_name, layer_names = entry["Config"], list(entry["Layers"])
+    except (KeyError, TypeError) as e:
+        raise ArchiveError(f"manifest.json in {src.path} lacks {e}") from e
+    config_bytes = src.read(config_name)
+    config = json.loads(config_bytes)
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+    if len(diff_ids) != len(layer_names):
+        raise ArchiveError(f"{src.path}: {len(layer_names)} layers but {len(diff_ids)} "
+                           "diff_ids in the config")
+    _check_platform(config, wanted, src.path)
+    config_digest = digest_of_bytes(config_bytes)
+    with store.pending([config_digest] + list(diff_ids)):
+        store.put_bytes(config_digest, config_bytes)
+        layers = [_ingest_docker_layer(src, store, name, diff_id)
+                  for name, diff_id in zip(layer_names, diff_ids)]
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": mt.OCI_MANIFEST,
+            "config": {"mediaType": mt.OCI_CONFIG, "digest": config_digest,
+                       "size": len(config_bytes)},
+            "layers": layers,
+        }
+        manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
+        manifest_digest = digest_of_bytes(manifest_bytes)
+        store.put_bytes(manifest_digest, manifest_bytes)
+        if not names:
+            names = [n for n in map(_canonical_tag, entry.get("RepoTags") or ()) if n]
+        default = str(references.ImageRef(transport=references.DOCKER_ARCHIVE, path=src.path))
+        return _record_all(store, names or [default], manifest_digest, manifest, config)
+
+
+def _ingest_docker_layer(src: _Source, store: Store, name: str, diff_id: str) -> dict:
+    """Store one docker-archive layer. An uncompressed layer's digest is its diff_id, so a
+    cached one is not read again; a compressed one is hashed as it is copied."""
+    size = src.size(name)
+    if store.has_blob(diff_id) and os.path.getsize(store.blob_path(diff_id)) == size:
+        store.touch_blob(diff_id)
+        log.verbose("layer %s: cached", diff_id)
+        return {"mediaType": mt.OCI_LAYER_TAR, "digest": diff_id, "size": size}
+    with src.open(name) as f:
+        media_type = _sniff(f)
+        try:
+            if media_type == mt.OCI_LAYER_TAR:
+                digest, outcome = store.ingest_stream(f, diff_id, size)
+            else:
+                digest, outcome = store.ingest_stream(f)
+        except DigestMismatch as e:
+            raise ArchiveError(f"layer {name} in {src.path} does not match its diff_id {diff_id}",
+                               "the archive is corrupt; export it again") from e
+    log.verbose("layer %s: %s", digest, outcome)
+    return {"mediaType": media_type, "digest": digest, "size": size}
+
+
+def _check_platform(config: dict, wanted, path: str) -> None:
+    have = platforms.from_json(config)
+    if have is not None and platforms.rank(wanted, have) is None:
+        _log.warning("image in %s is for %s, not %s", path, have, wanted)
+
+
+# OCI layout / archive
+
+def _oci_descriptor(src: _Source, tag: Optional[str]) -> dict:
+    index = src.read_json("index.json")
+    entries = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ArchiveError(f"index.json in {src.path} lists no images")
+    tags = [e.get("annotations", {}).get(OCI_REF_NAME) for e in entries]
+    if tag is not None:
+        for entry, name in zip(entries, tags):
+            if name == tag:
+                return entry
+        raise ArchiveError(f"no image tagged {tag} in {src.path}",
+                           "available tags: " + (", ".join(t for t in tags if t) or "none"))
+    if len(entries) > 1:
+        raise ArchiveError(f"{src.path} holds {len(entries)} images; name one with :TAG",
+                           "available tags: " + (", ".join(t for t in tags if t) or "none"))
+    return entries[0]
+
+
+def _read_verified(src: _Source, store: Store, digest: str) -> bytes:
+    data = src.read(src.blob_name(digest))
+    try:
+        store.put_bytes(digest, data)
+    except DigestMismatch as e:
+        raise ArchiveError(f"blob {digest} in {src.path} is corrupt: {e}",
+                           "export the image again") from e
+    return data
+
+
+def resolve_oci(src: _Source, store: Store, descriptor: dict, wanted,
+                image: str) -> Tuple[dict, bytes, Optional[str]]:
+    """Follow index descriptors down to one manifest; (descriptor, manifest bytes, index digest)."""
+    index_digest = None
+    for _ in range(_MAX_INDEX_DEPTH):
+        data = _read_verified(src, store, descriptor["digest"])
+        doc = json.loads(data)
+        media_type = descriptor.get("mediaType") or doc.get("mediaType")
+        if media_type not in mt.INDEX_TYPES and "manifests" not in doc:
+            return descriptor, data, index_digest
+        index_digest = index_digest or descriptor["digest"]
+        descriptor = platforms.select(doc.get("manifests") or [], wanted, image)
+    raise ArchiveError(f"{image}: image indexes nested deeper than {_MAX_INDEX_DEPTH}")
+
+
+def _load_oci(src: _Source, store: Store, names, tag, wanted) -> List:
+    top = _oci_descriptor(src, tag)
+    image = f"{src.path}" + (f":{tag}" if tag else "")
+    descriptor, manifest_bytes, index_digest = resolve_oci(src, store, top, wanted, image)
+    manifest = json.loads(manifest_bytes)
+    layers = manifest.get("layers") or []
+    config_digest = manifest["config"]["digest"]
+    with store.pending([descriptor["digest"], config_digest] + [la["digest"] for la in layers]):
+        config = json.loads(_read_verified(src, store, config_digest))
+        if index_digest is None:
+            _check_platform(config, wanted, src.path)
+        for layer in layers:
+            _ingest_oci_blob(src, store, layer)
+        return _record_all(store, names, descriptor["digest"], manifest, config, index_digest)
+
+
+def _ingest_oci_blob(src: _Source, store: Store, layer: dict) -> None:
+    digest = layer["digest"]
+    if store.has_blob(digest):
+        store.touch_blob(digest)
+        log.verbose("layer %s: cached", digest)
+        return
+    with src.open(src.blob_name(digest)) as f:
+        try:
+            _, outcome = store.ingest_stream(f, digest, layer.get("size"))
+        except DigestMismatch as e:
+            raise ArchiveError(f"layer {digest} in {src.path} is corrupt: {e}",
+                               "export the image again") from e
+    log.verbose("layer %s: %s", digest, outcome)
+
+
+# -- references and the command ------------------------------------------------------------
+
+def ensure_local(ref, store: Store, platform=None):
+    """The record of an oci:/oci-archive:/docker-archive: reference, imported into the cache
+    (blobs already cached are not read again)."""
+    if isinstance(ref, str):
+        ref = references.parse(ref)
+    if ref.transport == references.DOCKER_ARCHIVE:
+        tag = ref.name_with_version if ref.repository else None
+    else:
+        tag = ref.tag
+    return load(ref.path, store, names=[canonical(ref)], tag=tag, platform=platform)[0]
+
+
+def cmd_load(args) -> int:
+    """uctr load FILE|DIR|TRANSPORT:PATH[:TAG] [--tag REF] [--platform P]"""
+    store = Store()
+    wanted = platforms.wanted_or_host(getattr(args, "platform", None))
+    names = [canonical(args.tag)] if args.tag else []
+    source = args.file
+    if source.startswith(tuple(f"{t}:" for t in references.PATH_TRANSPORTS)):
+        ref = references.parse(source)
+        rec = ensure_local(ref, store, wanted)
+        records = [rec] + [_retag(store, rec, name) for name in names]
+    else:
+        records = load(source, store, names=names, platform=wanted)
+    for rec in records:
+        sys.stdout.write(f"{rec.reference} {rec.manifest_digest}\n")
+    return 0
+
+
+def _retag(store: Store, rec, name: str):
+    new = replace(rec, reference=name)
+    store.record(new)
+    return new

@@ -1,0 +1,275 @@
+"""Pull images from registries into the shared cache; `uctr pull`.
+
+    record = ensure_image(ref, registry_config, store, platform=None, pull=True)
+
+returns the cached record, or pulls the image first: resolve the manifest (an index or
+manifest list is narrowed to one platform), store manifest and config, download missing
+layers in parallel through Store.ingest_blob (one downloader per blob across processes and
+nodes; a partial left by a killed pull is resumed), then record the reference.
+"""
+
+import fnmatch
+import json
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import List, Optional, Union
+
+from uctr_batch import log, settings
+from uctr_batch.errors import ConfigError, DigestMismatch, ImageNotFound, RegistryError
+from uctr_batch.image import manifest as mt
+from uctr_batch.image import platforms
+from uctr_batch.image import reference as references
+from uctr_batch.image.manifest import ImageRecord, Layer, Platform
+from uctr_batch.image.store import CACHED, Store, build_record
+
+_log = log.get("pull")
+
+_COMPLETE_ATTEMPTS = 3  # re-ingest rounds if a concurrent gc removed a blob mid-pull
+
+
+def ensure_image(ref, registry_config: settings.RegistryConfig, store: Store,
+                 platform: Union[None, str, Platform] = None, pull: bool = True) -> ImageRecord:
+    """The cached record of `ref` for `platform` (default: this host), pulling it if it is
+    missing or incomplete. With pull=False a missing image raises ImageNotFound.
+    oci:, oci-archive: and docker-archive: references are imported from their files."""
+    ref = references.parse(ref) if isinstance(ref, str) else ref
+    wanted = _wanted(platform)
+    if ref.transport in references.PATH_TRANSPORTS:
+        from uctr_batch.image import archive
+
+        return archive.ensure_local(ref, store, wanted)
+    rec = store.lookup(ref, wanted)
+    if rec is not None and not store.missing_blobs(rec):
+        return rec
+    if not pull:
+        state = "incomplete in" if rec is not None else "not in"
+        hint = f"pull it first: uctr pull {ref}" + (f" --platform {platform}" if platform else "")
+        raise ImageNotFound(f"image {state} the cache: {ref} ({wanted})", hint)
+    return pull_image(ref, registry_config, store, wanted, explicit_platform=platform is not None)
+
+
+def _wanted(platform) -> Platform:
+    if isinstance(platform, Platform):
+        return platforms.normalize(platform)
+    return platforms.wanted_or_host(platform)
+
+
+def check_allowed(ref, config: settings.RegistryConfig) -> None:
+    """Site rules on canonical references: deny wins, then a non-empty allow list must match."""
+    text = str(ref)
+    denied = [p for p in config.deny if fnmatch.fnmatchcase(text, p)]
+    if denied:
+        raise ConfigError(f"image refused by the site policy: {text} (denied by {denied[0]!r})",
+                          "use an image the site allows; see `uctr policy explain`")
+    if config.allow and not any(fnmatch.fnmatchcase(text, p) for p in config.allow):
+        raise ConfigError(
+            f"image refused by the site policy: {text} (not in the allowed registries)",
+            f"allowed: {', '.join(config.allow)}")
+
+
+def pull_image(ref, config: settings.RegistryConfig, store: Store, wanted: Platform,
+               explicit_platform: bool = False) -> ImageRecord:
+    """Fetch `ref` from its registry into `store` (cached blobs are not fetched again)."""
+    from uctr_batch.image.registry import RegistryClient
+
+    check_allowed(ref, config)
+    with RegistryClient(ref.registry, config) as client:
+        puller = _Puller(client, ref, store, config)
+        rec = puller.resolve(wanted, explicit_platform)
+        with store.pending(rec_digests(rec)):
+            for _ in range(_COMPLETE_ATTEMPTS):
+                puller.fetch_layers(rec.layers)
+                store.record(rec)
+                if not store.missing_blobs(rec):  # a concurrent gc may have raced us
+                    return rec
+        raise RegistryError(f"blobs of {ref} vanished from the cache while pulling: {store.root}",
+                            "is `uctr gc` or `uctr verify --remove` running in a loop? Try again")
+
+
+def rec_digests(rec: ImageRecord) -> List[str]:
+    heads = (rec.index_digest, rec.manifest_digest, rec.config_digest)
+    return [d for d in heads if d] + rec.layer_digests()
+
+
+class _Puller:
+    """One pull: a registry client, the reference, and the progress shown."""
+
+    def __init__(self, client, ref, store: Store, config: settings.RegistryConfig):
+        self.client, self.ref, self.store, self.config = client, ref, store, config
+        self.progress: Optional[Progress] = None
+
+    # -- manifests --------------------------------------------------------------------
+    def resolve(self, wanted: Platform, explicit: bool) -> ImageRecord:
+        repo = self.ref.repository
+        data, media_type, digest = self.client.get_manifest(repo, self.ref.manifest_reference)
+        if self.ref.digest and digest != self.ref.digest:
+            raise DigestMismatch(f"registry returned manifest {digest} for {self.ref}")
+        index_digest, chosen = None, None
+        if media_type in mt.INDEX_TYPES:
+            self.store.put_bytes(digest, data)
+            index_digest = digest
+            entries = _json(data, digest).get("manifests") or []
+            chosen = platforms.select(entries, wanted, str(self.ref))
+            log.verbose("%s: %s manifest %s", self.ref,
+                        platforms.from_json(chosen.get("platform")), chosen["digest"])
+            data, media_type, digest = self.client.get_manifest(repo, chosen["digest"])
+            if media_type not in mt.MANIFEST_TYPES:
+                raise RegistryError(f"index entry {digest} of {self.ref} is not an image "
+                                    f"manifest ({media_type})")
+        manifest = _json(data, digest)
+        self.store.put_bytes(digest, data)
+        config = self._config(manifest, digest)
+        platform = platforms.from_json(chosen.get("platform")) if chosen else None
+        if chosen is None:
+            self._check_single_platform(config, wanted, explicit)
+        return build_record(str(self.ref), digest, manifest, config,
+                            str(platform) if platform else None, index_digest)
+
+    def _config(self, manifest: dict, manifest_digest: str) -> dict:
+        try:
+            desc = manifest["config"]
+            digest, size = desc["digest"], desc.get("size")
+        except (KeyError, TypeError):
+            raise RegistryError(f"manifest {manifest_digest} of {self.ref} has no config") from None
+        self._ingest(Layer(digest, desc.get("mediaType", ""), size or 0), size)
+        return _json(self.store.read_blob(digest), digest)
+
+    def _check_single_platform(self, config: dict, wanted: Platform, explicit: bool) -> None:
+        have = platforms.from_json(config)
+        if have is None or platforms.rank(wanted, have) is not None:
+            return
+        if explicit:
+            raise RegistryError(
+                f"{self.ref} is a {have} image, not {wanted}",
+                f"it has a single platform; drop --platform or use --platform {have}")
+        _log.warning("%s is a %s image; this host is %s", self.ref, have, wanted)
+
+    # -- blobs ------------------------------------------------------------------------
+    def fetch_layers(self, layers) -> None:
+        unique = list({layer.digest: layer for layer in layers}.values())
+        todo = [layer for layer in unique if not self.store.has_blob(layer.digest)]
+        for layer in unique:
+            if layer not in todo:
+                self.store.touch_blob(layer.digest)
+                log.verbose("%s: %s", layer.digest, CACHED)
+        if not todo:
+            return
+        self.progress = Progress(str(self.ref), sum(la.size for la in unique),
+                                 sum(la.size for la in unique if la not in todo))
+        try:
+            self._parallel(todo)
+        finally:
+            self.progress.finish()
+            self.progress = None
+
+    def _parallel(self, todo) -> None:
+        workers = max(1, min(self.config.parallel, len(todo)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uctr-pull") as pool:
+            futures = [pool.submit(self._ingest, layer, layer.size or None) for layer in todo]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in pending:
+                future.cancel()  # not started yet; running downloads finish or fail on their own
+            for future in futures:
+                if future.done() and not future.cancelled() and future.exception():
+                    raise future.exception()
+
+    def _ingest(self, layer: Layer, size: Optional[int]) -> None:
+        progress = self.progress.add if self.progress else None
+
+        def fetch(partial) -> None:
+            self.client.download_blob(self.ref.repository, layer.digest, partial, size, progress)
+
+        outcome = self.store.ingest_blob(layer.digest, fetch, size)
+        if outcome != "downloaded" and self.progress:
+            self.progress.add(layer.size)  # done by someone else: count it as done
+        log.verbose("%s: %s", layer.digest, outcome)
+
+
+def _json(data: bytes, digest: str) -> dict:
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise RegistryError(f"manifest or config {digest} is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise RegistryError(f"manifest or config {digest} is not a JSON object")
+    return doc
+
+
+class Progress:
+    """Bytes done / total for one image on stderr, redrawn in place; only on a TTY and only
+    at the default verbosity or above (silent under -q and in batch logs)."""
+
+    _INTERVAL = 0.2
+
+    def __init__(self, label: str, total: int, done: int = 0, stream=None):
+        self.stream = stream or sys.stderr
+        self.label, self.total, self.done = label, max(total, 1), done
+        self.enabled = _isatty(self.stream) and log.get().isEnabledFor(20)
+        self._lock = threading.Lock()
+        self._last = 0.0
+        self._start = time.monotonic()
+        self._start_done = done
+
+    def add(self, delta: int) -> None:
+        with self._lock:
+            self.done += delta
+            now = time.monotonic()
+            if self.enabled and now - self._last >= self._INTERVAL:
+                self._last = now
+                self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        done = min(max(self.done, 0), self.total)
+        rate = (done - self._start_done) / max(now - self._start, 1e-3)
+        width = 24
+        filled = int(width * done / self.total)
+        bar = "#" * filled + "." * (width - filled)
+        self.stream.write(f"\r{self.label} [{bar}] {_mb(done)}/{_mb(self.total)} MB "
+                          f"{_mb(rate)} MB/s\x1b[K")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            with self._lock:
+                self._draw(time.monotonic())
+                self.stream.write("\n")
+                self.stream.flush()
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# -- command ----------------------------------------------------------------------------
+
+def registry_config_for(args) -> settings.RegistryConfig:
+    """Command line > environment > site policy registry rules."""
+    from uctr_batch.policy import current_node_policy, registry_settings
+
+    return settings.registry_config(args, base=registry_settings(current_node_policy()))
+
+
+def cmd_pull(args) -> int:
+    """uctr pull IMAGE: always asks the registry for the current manifest; prints
+    'REFERENCE DIGEST' (the manifest digest) on stdout."""
+    ref = references.parse(args.image)
+    if ref.transport in references.PATH_TRANSPORTS:
+        raise ConfigError(f"not a registry image: {ref}",
+                          f"import files with: uctr load {args.image}")
+    config = registry_config_for(args)
+    store = Store(settings.default_cache_dir())
+    started = time.monotonic()
+    rec = pull_image(ref, config, store, _wanted(args.platform),
+                     explicit_platform=bool(args.platform))
+    log.verbose("pulled %s in %.2f s", rec.reference, time.monotonic() - started)
+    sys.stdout.write(f"{rec.reference} {rec.manifest_digest}\n")
+    return 0

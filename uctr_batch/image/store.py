@@ -1,0 +1,693 @@
+"""The shared content-addressed cache, and the commands that look after it.
+
+Layout under the cache root (the only code that computes these paths is ``Store``)::
+
+    blobs/sha256/<hex>      manifests, configs and layers, exactly as the registry served them
+    refs/<name>#<plat>.json reference + platform -> manifest digest, one small file each
+    tmp/<hex>.partial       a download in progress, owned by the holder of locks/<hex>.lock
+    tmp/pull-<id>.json      digests a pull in progress is about to use (kept by gc)
+    locks/                  FileLock files (NFS-safe; see lock.py)
+
+The cache is meant to live on Lustre/GPFS/NFS and be used by many nodes at once: a blob is
+only ever renamed into blobs/ after its digest was verified, each blob has at most one
+downloader at a time (its lock), and everything else is written to a temp name and renamed.
+"""
+
+import hashlib
+import json
+import os
+import stat
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+
+from uctr_batch import log, settings
+from uctr_batch.errors import DigestMismatch, ImageNotFound, StorageError
+from uctr_batch.image import platforms
+from uctr_batch.image import reference as references
+from uctr_batch.image.lock import FileLock
+from uctr_batch.image.manifest import ImageRecord, Layer, Platform
+
+_log = log.get("store")
+
+LOCK_TIMEOUT = 3600.0  # a waiter gives up after this long even if the holder is alive
+STALE_AFTER = 60.0  # no heartbeat for this long: the holder is gone
+GC_GRACE = 600.0  # gc keeps unreferenced blobs and partials younger than this
+PENDING_TTL = 86400.0  # a pull marker older than this belongs to a killed pull
+_CHUNK = 1 << 20
+_HASHES = {"sha256": 64, "sha512": 128}
+
+# ingest_blob outcomes, for -v logging
+CACHED, DOWNLOADED, WAITED = "cached", "downloaded", "waited for another downloader"
+
+
+def split_digest(digest: str) -> Tuple[str, str]:
+    """'sha256:<hex>' -> ('sha256', '<hex>'); StorageError for anything else (a digest
+    becomes a file name, so it must never carry '/' or '..')."""
+    algo, _, hexpart = (digest or "").partition(":")
+    if _HASHES.get(algo) != len(hexpart) or not all(c in "0123456789abcdef" for c in hexpart):
+        raise StorageError(f"invalid digest: {digest!r}",
+                           "a digest is sha256: and 64 lowercase hex digits")
+    return algo, hexpart
+
+
+def digest_of_bytes(data: bytes, algo: str = "sha256") -> str:
+    return f"{algo}:{hashlib.new(algo, data).hexdigest()}"
+
+
+def copy_hashing(src, dst, algo: str = "sha256") -> Tuple[str, int]:
+    """Copy file object src to file object dst; return (digest, size)."""
+    h, size = hashlib.new(algo), 0
+    while True:
+        chunk = src.read(_CHUNK)
+        if not chunk:
+            return f"{algo}:{h.hexdigest()}", size
+        h.update(chunk)
+        dst.write(chunk)
+        size += len(chunk)
+
+
+def hash_file(path, algo: str = "sha256") -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                return f"{algo}:{h.hexdigest()}"
+            h.update(chunk)
+
+
+def _fsync_path(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def build_record(reference: str, manifest_digest: str, manifest: dict, config: dict,
+                 platform: Optional[str] = None, index_digest: Optional[str] = None) -> ImageRecord:
+    """An ImageRecord from a parsed single-platform manifest and its parsed config."""
+    try:
+        layers = tuple(Layer(d["digest"], d.get("mediaType", ""), int(d.get("size", 0)))
+                       for d in manifest.get("layers") or ())
+        config_digest = manifest["config"]["digest"]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StorageError(f"malformed image manifest {manifest_digest} of {reference}: {e}") from e
+    for digest in (config_digest,) + tuple(layer.digest for layer in layers):
+        split_digest(digest)
+    if platform is None:
+        found = platforms.from_json(config)
+        platform = str(found) if found else None
+    return ImageRecord(reference=reference, manifest_digest=manifest_digest,
+                       config_digest=config_digest, layers=layers, platform=platform,
+                       index_digest=index_digest, config=config)
+
+
+def canonical(ref) -> str:
+    """Canonical text of a reference; path transports get an absolute path."""
+    if isinstance(ref, str):
+        ref = references.parse(ref)
+    if ref.transport in references.PATH_TRANSPORTS and ref.path:
+        ref = replace(ref, path=os.path.abspath(ref.path))
+    return str(ref)
+
+
+@dataclass
+class GcReport:
+    blobs: List[Tuple[str, int]] = field(default_factory=list)  # (digest, size) removed
+    partials: List[str] = field(default_factory=list)
+    kept_young: int = 0  # unreferenced but inside the grace period
+
+    @property
+    def freed(self) -> int:
+        return sum(size for _, size in self.blobs)
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    bad: List[Tuple[str, str]] = field(default_factory=list)  # (digest, actual)
+    removed: List[str] = field(default_factory=list)
+    missing: List[Tuple[str, str]] = field(default_factory=list)  # (digest, reference)
+
+
+class Store:
+    """A cache root. Creating a Store creates the root (0700 for a new per-user cache)."""
+
+    def __init__(self, root=None, *, lock_timeout: float = LOCK_TIMEOUT,
+                 stale_after: float = STALE_AFTER, gc_grace: float = GC_GRACE):
+        self.root = Path(root if root is not None else settings.default_cache_dir())
+        self.lock_timeout = lock_timeout
+        self.stale_after = stale_after
+        self.gc_grace = gc_grace
+        self._prepare()
+
+    # -- layout: the only place cache paths are computed ------------------------------
+    def blob_path(self, digest: str) -> Path:
+        algo, hexpart = split_digest(digest)
+        return self.root / "blobs" / algo / hexpart
+
+    def partial_path(self, digest: str) -> Path:
+        algo, hexpart = split_digest(digest)
+        return self.root / "tmp" / f"{hexpart}.partial"
+
+    def lock_path(self, name: str) -> Path:
+        return self.root / "locks" / f"{name}.lock"
+
+    def _ref_dir(self) -> Path:
+        return self.root / "refs"
+
+    def _ref_file(self, reference: str, platform: Optional[str]) -> Path:
+        plat = (platform or "any").replace("/", "_")
+        return self._ref_dir() / f"{references.parse(reference).for_path()}#{plat}.json"
+
+    def _prepare(self) -> None:
+        """Create the root (0700) and its subdirectories; refuse a root others control."""
+        root = self.root
+        if not root.exists():
+            root.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(root, 0o700)
+            except FileExistsError:
+                pass  # another process won the race
+        st = os.stat(root)  # an admin-provided shared root may be a symlink: follow it
+        if not stat.S_ISDIR(st.st_mode):
+            raise StorageError(f"cache path is not a directory: {root}",
+                               "set UCTR_CACHE to a directory")
+        self._check_trusted(st)
+        mode = stat.S_IMODE(st.st_mode)
+        for sub in ("blobs", "blobs/sha256", "refs", "tmp", "locks"):
+            path = root / sub
+            if not path.is_dir():
+                try:
+                    os.mkdir(path, 0o700)
+                    os.chmod(path, mode)  # a group-shared cache keeps its group bits below too
+                except FileExistsError:
+                    pass  # another process won the race
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise StorageError(
+                f"cache directory is not writable: {root}",
+                "ask the owner for write access or set UCTR_CACHE to your own directory")
+
+    def _check_trusted(self, st: os.stat_result) -> None:
+        """Trust a root owned by us or root, or a group-shared one we belong to; never one
+        that anyone can write, sticky or not: a stranger's ref file could point our images
+        at their manifest."""
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & stat.S_IWOTH:
+            raise StorageError(f"cache directory is writable by everyone: {self.root}",
+                               f"chmod o-w {self.root}; to share a cache, use a group directory "
+                               "(chgrp GROUP DIR; chmod 2770 DIR)")
+        if st.st_uid in (os.getuid(), 0):
+            return
+        if mode & stat.S_IWGRP and st.st_gid in os.getgroups() + [os.getgid()]:
+            return
+        raise StorageError(
+            f"cache directory belongs to another user (uid {st.st_uid}): {self.root}",
+            "set UCTR_CACHE to a directory you own")
+
+    # -- blobs ------------------------------------------------------------------------
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def touch_blob(self, digest: str) -> None:
+        """Mark a blob as just used, so a concurrent gc's grace period protects it."""
+        try:
+            os.utime(self.blob_path(digest))
+        except OSError:
+            pass  # not ours to touch on a shared cache: pending markers protect it anyway
+
+    def blob_lock(self, digest: str) -> FileLock:
+        return FileLock(self.lock_path(split_digest(digest)[1]), timeout=self.lock_timeout,
+                        stale_after=self.stale_after, what=f"blob {digest}")
+
+    def ingest_blob(self, digest: str, fetch_fn: Callable[[Path], None],
+                    size: Optional[int] = None) -> str:
+        """Make blob `digest` present. Returns CACHED, DOWNLOADED or WAITED.
+
+        fetch_fn(partial_path) must leave the complete blob at partial_path and verify its
+        digest (it may resume a partial left by a killed downloader); it runs under the
+        blob's lock, so at most one process on any node fetches a blob at a time."""
+        if self.has_blob(digest):
+            self.touch_blob(digest)
+            return CACHED
+        lock = self.blob_lock(digest)
+        waited = not lock.try_acquire()
+        if waited:
+            holder = lock.holder()
+            who = holder.describe() if holder else "another process"
+            log.verbose("waiting for %s to finish %s", who, digest)
+            lock.acquire()
+        try:
+            if self.has_blob(digest):  # another process or node finished it meanwhile
+                self.touch_blob(digest)
+                return WAITED if waited else CACHED
+            partial = self.partial_path(digest)
+            if partial.exists() and not os.access(partial, os.W_OK):
+                partial.unlink()  # left by another user of a group cache: we cannot resume it
+            fetch_fn(partial)
+            self._commit(partial, digest, size)
+            return DOWNLOADED
+        finally:
+            lock.release()
+
+    def _commit(self, partial: Path, digest: str, size: Optional[int]) -> None:
+        """fsync a verified partial and rename it into blobs/ (atomic)."""
+        actual = partial.stat().st_size
+        if size is not None and actual != size:
+            partial.unlink()
+            raise DigestMismatch(f"blob {digest} has {actual} bytes, the manifest says {size}",
+                                 "the source is corrupt; retry, or ask its maintainer")
+        _fsync_path(partial)
+        os.rename(partial, self.blob_path(digest))
+
+    def put_bytes(self, digest: str, data: bytes) -> None:
+        """Store a small blob (manifest, config) after checking its digest."""
+        algo, _ = split_digest(digest)
+        actual = digest_of_bytes(data, algo)
+        if actual != digest:
+            raise DigestMismatch(f"content of {digest} hashes to {actual}",
+                                 "the source served wrong bytes; retry, or check the image")
+        if self.has_blob(digest):
+            self.touch_blob(digest)
+            return
+        tmp = self.root / "tmp" / f"{digest.split(':')[1]}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.blob_path(digest))
+
+    def ingest_stream(self, src, digest: Optional[str] = None,
+                      size: Optional[int] = None) -> Tuple[str, str]:
+        """Copy file object `src` into the store. With `digest`, a present blob is not read
+        again and a mismatch raises DigestMismatch; without, the digest is computed.
+        Returns (digest, outcome)."""
+        if digest is not None:
+            def fetch(partial: Path) -> None:
+                with open(partial, "wb") as dst:  # a stream cannot resume: start over
+                    actual, _ = copy_hashing(src, dst, split_digest(digest)[0])
+                if actual != digest:
+                    partial.unlink()
+                    raise DigestMismatch(f"content of {digest} hashes to {actual}")
+            return digest, self.ingest_blob(digest, fetch, size)
+        tmp = self.root / "tmp" / f"stream-{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as dst:
+                actual, _ = copy_hashing(src, dst)
+            if self.has_blob(actual):
+                self.touch_blob(actual)
+                return actual, CACHED
+            _fsync_path(tmp)
+            os.rename(tmp, self.blob_path(actual))  # same bytes whoever wins: no lock needed
+            return actual, DOWNLOADED
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def read_blob(self, digest: str) -> bytes:
+        try:
+            return self.blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            raise ImageNotFound(f"blob {digest} is missing from the cache: {self.root}",
+                                "pull the image again") from None
+
+    def read_json(self, digest: str) -> dict:
+        try:
+            return json.loads(self.read_blob(digest))
+        except ValueError as e:
+            raise StorageError(f"cached blob {digest} is not valid JSON",
+                               "run `uctr verify --remove`") from e
+
+    def blobs(self) -> Iterator[Tuple[str, Path]]:
+        for algo in _HASHES:
+            directory = self.root / "blobs" / algo
+            if directory.is_dir():
+                for entry in os.scandir(directory):
+                    if len(entry.name) == _HASHES[algo]:
+                        yield f"{algo}:{entry.name}", Path(entry.path)
+
+    def missing_blobs(self, record: ImageRecord) -> List[str]:
+        wanted = [record.manifest_digest, record.config_digest] + record.layer_digests()
+        return [d for d in wanted if not self.has_blob(d)]
+
+    # -- references -------------------------------------------------------------------
+    def record(self, rec: ImageRecord) -> None:
+        """Point rec.reference (+ its platform) at its manifest; atomic replace."""
+        entry = {
+            "reference": rec.reference,
+            "platform": rec.platform,
+            "manifest_digest": rec.manifest_digest,
+            "index_digest": rec.index_digest,
+            "config_digest": rec.config_digest,
+            "size": self._image_size(rec),
+            "pulled": time.time(),
+        }
+        data = json.dumps(entry, indent=1).encode()
+        _write_atomic(self._ref_file(rec.reference, rec.platform), data)
+
+    def _image_size(self, rec: ImageRecord) -> int:
+        config = self.blob_path(rec.config_digest)
+        config_size = config.stat().st_size if config.exists() else 0
+        return sum(layer.size for layer in rec.layers) + config_size
+
+    def entries(self, reference: Optional[str] = None) -> List[dict]:
+        """Ref index entries, all or those of one canonical reference."""
+        prefix = f"{references.parse(reference).for_path()}#" if reference else ""
+        found = []
+        names = sorted(n for n in os.listdir(self._ref_dir())
+                       if n.startswith(prefix) and n.endswith(".json"))
+        for path in (self._ref_dir() / n for n in names):
+            try:
+                entry = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # removed meanwhile, or not ours
+            if not isinstance(entry, dict):
+                continue
+            if reference is None or entry.get("reference") == reference:
+                entry["_file"] = path
+                found.append(entry)
+        return found
+
+    def lookup(self, ref, platform: Optional[Platform] = None) -> Optional[ImageRecord]:
+        """The cached record best serving `platform` (default: this host), or None."""
+        wanted = platform or platforms.wanted_or_host(None)
+        best, best_rank = None, None
+        for entry in self.entries(canonical(ref)):
+            have = platforms.parse(entry["platform"]) if entry.get("platform") else None
+            r = platforms.rank(wanted, have) if have else 99  # unknown platform: last resort
+            if r is not None and (best_rank is None or r < best_rank):
+                best, best_rank = entry, r
+        return self.load_record(best) if best else None
+
+    def find(self, ref) -> List[ImageRecord]:
+        """All cached platforms of a reference."""
+        return [self.load_record(e) for e in self.entries(canonical(ref))]
+
+    def load_record(self, entry: dict) -> ImageRecord:
+        manifest = self.read_json(entry["manifest_digest"])
+        config = self.read_json(manifest.get("config", {}).get("digest", entry["config_digest"]))
+        return build_record(entry["reference"], entry["manifest_digest"], manifest, config,
+                            entry.get("platform"), entry.get("index_digest"))
+
+    def remove_ref(self, ref_or_digest: str) -> int:
+        """Remove index entries of a reference (all platforms) or of a manifest digest
+        (full or a prefix of at least 12 hex digits). Blobs stay until gc."""
+        if ref_or_digest.startswith("sha256:"):
+            matched = [e for e in self.entries() if _digest_matches(ref_or_digest, e)]
+        else:
+            matched = self.entries(canonical(ref_or_digest))
+        for entry in matched:
+            try:
+                entry["_file"].unlink()
+            except FileNotFoundError:
+                pass
+        return len(matched)
+
+    # -- pulls in progress ------------------------------------------------------------
+    def pending(self, digests: Sequence[str]) -> "_Pending":
+        """Context manager: protect `digests` from gc while a pull is using them."""
+        return _Pending(self.root / "tmp" / f"pull-{uuid.uuid4().hex}.json", digests)
+
+    def _pending_digests(self, now: float) -> Set[str]:
+        keep: Set[str] = set()
+        for path in (self.root / "tmp").glob("pull-*.json"):
+            try:
+                if now - path.stat().st_mtime > PENDING_TTL:
+                    path.unlink()
+                    continue
+                keep.update(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return keep
+
+    # -- maintenance ------------------------------------------------------------------
+    def referenced(self) -> Set[str]:
+        keep: Set[str] = set()
+        for entry in self.entries():
+            for key in ("manifest_digest", "index_digest", "config_digest"):
+                if entry.get(key):
+                    keep.add(entry[key])
+            try:
+                manifest = json.loads(self.blob_path(entry["manifest_digest"]).read_bytes())
+                keep.update(d["digest"] for d in manifest.get("layers") or () if "digest" in d)
+            except (OSError, ValueError, KeyError, TypeError, StorageError):
+                continue
+        return keep
+
+    def gc(self, dry_run: bool = False) -> GcReport:
+        """Delete blobs no reference or running pull uses, and abandoned partials. Blobs and
+        partials younger than the grace period are kept: a concurrent pull may own them."""
+        report = GcReport()
+        with FileLock(self.lock_path("gc"), timeout=self.lock_timeout, stale_after=self.stale_after,
+                      what="cache garbage collection"):
+            now = time.time()
+            keep = self.referenced() | self._pending_digests(now)
+            for digest, path in self.blobs():
+                if digest in keep:
+                    continue
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                if now - st.st_mtime < self.gc_grace:
+                    report.kept_young += 1
+                    continue
+                if not dry_run:
+                    path.unlink()
+                report.blobs.append((digest, st.st_size))
+            report.partials = self._sweep_tmp(now, dry_run)
+            if not dry_run:
+                self._sweep_locks(now)
+        return report
+
+    def _sweep_tmp(self, now: float, dry_run: bool) -> List[str]:
+        removed = []
+        for entry in os.scandir(self.root / "tmp"):
+            name = entry.name
+            if name.startswith("pull-"):
+                continue
+            try:
+                if now - entry.stat().st_mtime < self.gc_grace:
+                    continue
+            except FileNotFoundError:
+                continue
+            if name.endswith(".partial"):
+                lock = FileLock(self.lock_path(name[:-len(".partial")]), timeout=0,
+                                stale_after=self.stale_after, what=f"partial {name}")
+                if not lock.try_acquire():
+                    continue  # a downloader is on it
+                try:
+                    if not dry_run:
+                        os.unlink(entry.path)
+                finally:
+                    lock.release()
+            elif not dry_run:
+                os.unlink(entry.path)
+            removed.append(name)
+        return removed
+
+    def _sweep_locks(self, now: float) -> None:
+        """Leftovers of killed lockers: temp and set-aside files, and locks whose holder is
+        gone (taking such a lock breaks it; a live holder's lock is left alone)."""
+        for entry in os.scandir(self.root / "locks"):
+            name = entry.name
+            if name.endswith(".tmp") or ".stale." in name:
+                try:
+                    if now - entry.stat().st_mtime > PENDING_TTL:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+            elif name.endswith(".lock") and name != "gc.lock" and not name.startswith("."):
+                lock = FileLock(entry.path, timeout=0, stale_after=self.stale_after, what=name)
+                if lock.try_acquire():
+                    lock.release()
+
+    def verify(self, remove: bool = False,
+               progress: Optional[Callable[[str, bool], None]] = None) -> VerifyReport:
+        """Re-hash every blob; report (and optionally delete) those whose content does not
+        match their name, and list blobs that references need but the cache lacks."""
+        report = VerifyReport()
+        for digest, path in self.blobs():
+            try:
+                actual = hash_file(path, digest.split(":")[0])
+            except FileNotFoundError:
+                continue  # removed by gc meanwhile
+            report.checked += 1
+            ok = actual == digest
+            if not ok:
+                report.bad.append((digest, actual))
+                if remove:
+                    path.unlink()
+                    report.removed.append(digest)
+            if progress:
+                progress(digest, ok)
+        for entry in self.entries():
+            for digest in self._entry_digests(entry):
+                if not self.has_blob(digest):
+                    report.missing.append((digest, entry["reference"]))
+        return report
+
+    def _entry_digests(self, entry: dict) -> List[str]:
+        digests = [entry["manifest_digest"], entry["config_digest"]]
+        try:
+            manifest = json.loads(self.blob_path(entry["manifest_digest"]).read_bytes())
+            digests += [d["digest"] for d in manifest.get("layers") or ()]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return digests
+
+
+def _digest_matches(text: str, entry: dict) -> bool:
+    hexpart = text.split(":", 1)[1]
+    full = entry.get("manifest_digest", "")
+    return len(hexpart) >= 12 and full.startswith(text)
+
+
+class _Pending:
+    def __init__(self, path: Path, digests: Sequence[str]):
+        self.path, self.digests = path, list(digests)
+
+    def __enter__(self):
+        _write_atomic(self.path, json.dumps(self.digests).encode())
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# -- commands ---------------------------------------------------------------------------
+
+def open_default() -> Store:
+    return Store(settings.default_cache_dir())
+
+
+def _human_size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n} B"
+
+
+def _image_row(entry: dict) -> Dict[str, str]:
+    ref = references.parse(entry["reference"])
+    if ref.is_registry or ref.repository:
+        repo, tag = ref.name, ref.tag or "<none>"
+    else:
+        repo, tag = f"{ref.transport}:{ref.path}", ref.tag or "<none>"
+    return {"REPOSITORY": repo, "TAG": tag, "DIGEST": entry["manifest_digest"][:19],
+            "PLATFORM": entry.get("platform") or "?", "SIZE": _human_size(entry.get("size", 0)),
+            "PULLED": time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.get("pulled", 0)))}
+
+
+def _print_table(rows: List[Dict[str, str]], columns: Sequence[str]) -> None:
+    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in columns}
+    for row in [dict(zip(columns, columns))] + rows:
+        sys.stdout.write("   ".join(row[c].ljust(widths[c]) for c in columns).rstrip() + "\n")
+
+
+def cmd_images(args) -> int:
+    entries = open_default().entries()
+    if getattr(args, "json", False):
+        out = [{k: v for k, v in e.items() if not k.startswith("_")} for e in entries]
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    _print_table([_image_row(e) for e in entries],
+                 ("REPOSITORY", "TAG", "DIGEST", "PLATFORM", "SIZE", "PULLED"))
+    return 0
+
+
+def _record_for(store: Store, image: str, platform: Optional[str]) -> ImageRecord:
+    wanted = platforms.parse(platform) if platform else None
+    rec = store.lookup(image, wanted)
+    if rec is None and wanted is None:
+        found = store.find(image)
+        rec = found[0] if found else None
+    if rec is None:
+        what = canonical(image) + (f" ({platform})" if platform else "")
+        raise ImageNotFound(f"image not in the cache: {what}", f"pull it first: uctr pull {image}")
+    return rec
+
+
+def inspect_json(rec: ImageRecord) -> dict:
+    return {
+        "reference": rec.reference,
+        "manifest_digest": rec.manifest_digest,
+        "index_digest": rec.index_digest,
+        "config_digest": rec.config_digest,
+        "platform": rec.platform,
+        "layers": [{"digest": la.digest, "mediaType": la.media_type, "size": la.size,
+                    "compression": la.compression} for la in rec.layers],
+        "config": rec.config,
+    }
+
+
+def cmd_inspect(args) -> int:
+    rec = _record_for(open_default(), args.image, getattr(args, "platform", None))
+    json.dump(inspect_json(rec), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_rmi(args) -> int:
+    store = open_default()
+    unknown = []
+    for image in args.image:
+        count = store.remove_ref(image)
+        if count:
+            name = image if image.startswith("sha256:") else canonical(image)
+            sys.stdout.write(f"untagged {name}\n")
+        else:
+            unknown.append(image)
+    if unknown:
+        raise ImageNotFound(f"no such image in the cache: {', '.join(unknown)}",
+                            "see `uctr images`")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    report = open_default().gc(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for digest, size in report.blobs:
+        sys.stdout.write(f"{verb} {digest} ({_human_size(size)})\n")
+    for name in report.partials:
+        sys.stdout.write(f"{verb} partial download {name}\n")
+    _log.info("%s %d blobs, %s; %d partials; kept %d recent unreferenced blobs",
+              verb, len(report.blobs), _human_size(report.freed), len(report.partials),
+              report.kept_young)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    store = open_default()
+    report = store.verify(remove=args.remove)
+    for digest, actual in report.bad:
+        state = "removed" if digest in report.removed else "bad"
+        sys.stdout.write(f"{state} {digest} (content hashes to {actual})\n")
+    for digest, ref in report.missing:
+        _log.warning("missing %s needed by %s (uctr pull fetches it again)", digest, ref)
+    bad, removed = len(report.bad), len(report.removed)
+    _log.info("checked %d blobs: %d bad, %d removed", report.checked, bad, removed)
+    if bad > removed:
+        raise StorageError(f"{bad - removed} corrupt blobs in the cache: {store.root}",
+                           "run `uctr verify --remove`, then pull the affected images again")
+    return 0
+
