@@ -23,9 +23,11 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics (-vv: debug)")
-    p.add_argument("-q", "--quiet", action="count", default=0, help="errors only")
+def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    # Subcommands leave the counts unset unless given, so `uctr -v pull` keeps its -v.
+    default = 0 if top else argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="count", default=default, help="more diagnostics (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="count", default=default, help="errors only")
 
 
 def _registry_opts(p: argparse.ArgumentParser) -> None:
@@ -53,6 +55,7 @@ def _args_images(p):
 
 
 def _args_inspect(p):
+    p.add_argument("--platform", help="os/arch[/variant] of a multi-platform image (default: this host)")
     p.add_argument("image")
 
 
@@ -69,8 +72,10 @@ def _args_verify(p):
 
 
 def _args_load(p):
-    p.add_argument("file", help="docker-archive tar (docker save), OCI archive tar, or OCI layout dir")
+    p.add_argument("file", help="docker-archive tar (docker save), OCI archive tar, or OCI layout dir; "
+                   "or oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME] to pick one image")
     p.add_argument("--tag", metavar="REF", help="reference to record the image under")
+    p.add_argument("--platform", help="os/arch[/variant] to select from a multi-arch image (default: this host)")
 
 
 def _args_login(p):
@@ -92,6 +97,53 @@ def _args_rm(p):
     p.add_argument("bundle", nargs="+", help="bundle id (from `uctr ps`) or path")
 
 
+def _args_policy(p):
+    sub = p.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser)
+    sub.required = True
+    check = sub.add_parser("check", help="validate policy files (trust not required)")
+    check.add_argument("file", nargs="+", help="policy file; a main file is checked with its conf.d/")
+    explain = sub.add_parser("explain", help="show what the policy does on a node, and why")
+    explain.add_argument("--node", help="node name (default: this node, SLURMD_NODENAME)")
+    explain.add_argument("--partition", help="partition/queue (default: the job's)")
+    explain.add_argument("--features", metavar="F,..", help="node features (default: from scontrol)")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    for action in (check, explain):  # -v/-q after the action too; SUPPRESS keeps earlier counts
+        action.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS)
+        action.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS)
+
+
+def _args_run(p):
+    _registry_opts(p)
+    from uctr_batch.run import add_arguments  # light module: os, typing, the modes' base
+
+    add_arguments(p)
+
+
+def _args_doctor(p):
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _args_slurm(p):
+    sub = p.add_subparsers(dest="slurm_command", metavar="ACTION", parser_class=_Parser)
+    sub.required = True
+    install = sub.add_parser("install", help="build the SPANK plugin, install hooks, print the "
+                                             "plugstack.conf and slurm.conf lines")
+    install.add_argument("--prefix", required=True, metavar="DIR",
+                         help="install under DIR (lib/uctr, libexec/uctr, bin, share/uctr)")
+    install.add_argument("--policy", metavar="FILE",
+                         help="site policy the hooks and the plugin use (default /etc/uctr/policy.yaml)")
+    install.add_argument("--log-dir", metavar="DIR",
+                         help="append the hooks' diagnostics to DIR/uctr-{prolog,epilog}.NODE.log "
+                              "(slurmd discards them otherwise)")
+    install.add_argument("--dry-run", action="store_true", help="only print what would be done")
+
+
+def _args_pbs(p):
+    from uctr_batch.batch.pbs import add_arguments  # standard library only at import
+
+    add_arguments(p, _Parser)
+
+
 # name -> (help, "module:function", add_arguments)
 COMMANDS = {
     "pull": ("pull an image into the shared cache", "uctr_batch.image.pull:cmd_pull", _args_pull),
@@ -107,13 +159,19 @@ COMMANDS = {
     "logout": ("forget registry credentials", "uctr_batch.image.auth:cmd_logout", _args_logout),
     "ps": ("list node-local root filesystems", "uctr_batch.image.rootfs:cmd_ps", _args_ps),
     "rm": ("remove node-local root filesystems", "uctr_batch.image.rootfs:cmd_rm", _args_rm),
+    "run": ("run a command in an image or rootfs (no root needed)", "uctr_batch.run:cmd_run", _args_run),
+    "doctor": ("what this node supports: user namespaces, modes, tools, free space",
+               "uctr_batch.doctor:cmd_doctor", _args_doctor),
+    "policy": ("check the site policy, explain it for a node", "uctr_batch.policy.explain:cmd_policy", _args_policy),
+    "slurm": ("Slurm integration: `uctr slurm install`", "uctr_batch.batch.slurm:cmd_slurm", _args_slurm),
+    "pbs": ("OpenPBS integration: `uctr pbs install|uninstall`", "uctr_batch.batch.pbs:cmd_pbs", _args_pbs),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="uctr", description="Containers for HPC batch jobs, without root.")
     parser.add_argument("--version", action="version", version=f"uctr-batch {__version__}")
-    _common(parser)
+    _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help_, target, add_args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

@@ -1,0 +1,775 @@
+"""Flatten image layers into a root filesystem: OCI whiteouts, safety checks, speed.
+
+Validate, then act (Charliecloud's flatten). Each layer goes through three steps:
+  1. prepare: decompress the blob once into an unnamed temporary file beside the rootfs,
+     verifying the compressed stream's digest in the same pass, and list its members;
+  2. plan: check every member and turn it into operations on single names, against an
+     in-memory model of the tree (_Tree) -- nothing is written while a layer may still be
+     rejected;
+  3. act: run the plan (_Writer).
+
+Why one decompression into a temporary file: validation needs the whole member list before
+the first write. Reading the layer twice would inflate it twice (zlib is the slowest step:
+~1.3 s for the 60 MiB Debian layer, isal ~0.55 s); writing the tar once to node-local
+storage costs a fraction of that, lets the member list be read by seeking over the data,
+and lets the act step copy file contents in the kernel (sendfile) without Python buffers.
+The file is created with O_TMPFILE, so it has no name and vanishes even on SIGKILL; its
+price is disk (or tmpfs memory) for one uncompressed layer at a time, two while the next
+layer is prepared in a background thread during the current one's act step.
+
+Safety model (what stops a layer from writing outside the rootfs):
+  - member names with '..' are rejected, absolute names are relative to the rootfs;
+  - parent directories are resolved in the model with securejoin semantics: a symlink is
+    followed with the rootfs as '/', and '..' is clamped there, so the result is always a
+    real directory inside the rootfs; the final component is never followed (replaced);
+  - hard links name a target inside the rootfs, resolved the same way; it must exist and
+    not be a directory;
+  - the act step never passes a multi-component path to the kernel: every directory is
+    opened from its parent's fd with O_NOFOLLOW|O_DIRECTORY and every entry is created by
+    name in such an fd (O_CREAT|O_EXCL|O_NOFOLLOW, mkdirat, symlinkat, linkat without
+    AT_SYMLINK_FOLLOW), so even a tree changed behind our back cannot redirect a write.
+
+Result, as an unprivileged user would get it (rootless): everything owned by the caller;
+set-user/group-ID bits stripped from non-directories; non-directories get u+r and
+directories u+rx so the owner can always read the tree (no user-namespace root may be
+there to override modes at run time); device nodes are skipped and counted; FIFOs are
+created; directories are created 0700 and get their final modes and mtimes at the end,
+deepest first, so a 0500 directory still receives its children; mtimes kept like tar.
+"""
+
+import errno
+import hashlib
+import os
+import tarfile
+import tempfile
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from uctr_batch import log
+from uctr_batch.errors import DigestMismatch, LayerRejected, StorageError
+from uctr_batch.image.manifest import Layer
+
+try:  # isal inflates ~2.4x faster than zlib here and releases the GIL (extra "fast")
+    from isal import igzip as _gzip
+    from isal.isal_zlib import error as _GzipError
+except ImportError:  # pragma: no cover - depends on the installed extras
+    import gzip as _gzip
+    _GzipError = zlib.error
+
+_log = log.get("flatten")
+
+_CHUNK = 1 << 20
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_WHITEOUT = ".wh."
+_OPAQUE = ".wh..wh..opq"
+_DIGESTS = ("sha256", "sha384", "sha512")  # the OCI image spec's registered algorithms
+_MAX_SYMLINK_HOPS = 40  # like the kernel's ELOOP limit
+_NAME_MAX = 255
+_PATH_MAX = 4096
+_FD_CACHE = 256  # directory fds kept open; tar members come grouped by directory
+
+# kinds of entries in the model
+_DIR, _FILE, _SYMLINK, _OTHER, _DEVICE = range(5)
+# plan operations: (op, parent, name, ...)
+_OP_FILE, _OP_MKDIR, _OP_SYMLINK, _OP_LINK, _OP_FIFO, _OP_REMOVE = range(6)
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_SETID = 0o6000
+_DEVICE_TYPES = (tarfile.CHRTYPE, tarfile.BLKTYPE)
+
+LayerInput = Tuple[Union[str, Path], Optional[Layer]]
+
+
+@dataclass
+class Stats:
+    """What an unpack did; shown with -v and kept in the bundle's image.json."""
+
+    layers: int = 0
+    members: int = 0
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    fifos: int = 0
+    whiteouts: int = 0
+    removed: int = 0  # entries of lower layers deleted by whiteouts or replaced
+    devices_skipped: int = 0
+    other_skipped: int = 0  # member types with no meaning in a rootfs
+    setid_stripped: int = 0
+    bytes: int = 0  # regular file data written
+
+    def as_dict(self) -> Dict[str, int]:
+        return asdict(self)
+
+
+def unpack_layers(layers: Sequence[LayerInput], dest: Union[str, Path]) -> Stats:
+    """Apply LAYERS, (blob path, Layer or None) in order, into the existing empty directory
+    DEST. A Layer's digest is verified against the blob; None skips that check.
+
+    Raises LayerRejected, DigestMismatch or StorageError; DEST is then left half-written and
+    the caller discards it."""
+    dest = Path(dest)
+    root_fd = _open_empty_dir(dest)
+    stats = Stats()
+    writer = _Writer(root_fd)
+    tree = _Tree()
+    items = list(layers)
+    old_umask = os.umask(0)  # modes are given explicitly to every create
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uctr-layer")
+    pending: Optional[Future] = None
+    try:
+        if items:
+            pending = pool.submit(_LayerTar.prepare, items[0][0], items[0][1], dest)
+        for index, (blob, layer) in enumerate(items):
+            future, pending = pending, None
+            current = future.result()
+            try:
+                if index + 1 < len(items):  # decompress the next layer during this one's writes
+                    pending = pool.submit(_LayerTar.prepare, *items[index + 1], dest)
+                _log.log(log.VERBOSE, "layer %d/%d: %s (%s, %d members)", index + 1, len(items),
+                         current.label, current.compression, len(current.members))
+                ops = _Planner(tree, stats, current.label).plan(current.members)
+                writer.apply(ops, current)
+            finally:
+                current.close()
+            stats.layers += 1
+        writer.finish_dirs(tree.dir_meta)
+    finally:
+        os.umask(old_umask)
+        if pending is not None:
+            _discard(pending)
+        pool.shutdown(wait=True)
+        writer.close()
+    if stats.devices_skipped:
+        _log.log(log.VERBOSE, "skipped %d device node(s)", stats.devices_skipped)
+    if stats.setid_stripped:
+        _log.log(log.VERBOSE, "stripped set-user/group-ID bits from %d file(s)",
+                 stats.setid_stripped)
+    return stats
+
+
+def _discard(future: Future) -> None:
+    """Close the temp file of a prepared layer nobody will use (after an error)."""
+    try:
+        future.result().close()
+    except Exception:  # the error that stopped us is the one to report
+        pass
+
+
+def _open_empty_dir(dest: Path) -> int:
+    try:
+        fd = os.open(dest, _O_DIR)
+    except OSError as e:
+        raise StorageError(f"cannot open the unpack target: {dest}: {e.strerror}") from e
+    if os.listdir(fd):
+        os.close(fd)
+        raise StorageError(f"unpack target is not empty: {dest}")
+    return fd
+
+
+# -- step 1: prepare --------------------------------------------------------------------------
+class _HashingReader:
+    """File wrapper hashing every byte the decompressor reads."""
+
+    def __init__(self, raw: IO[bytes], hasher):
+        self.raw, self.hasher = raw, hasher
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if self.hasher is not None:
+            self.hasher.update(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        count = self.raw.readinto(buffer)
+        if self.hasher is not None and count:
+            self.hasher.update(memoryview(buffer)[:count])
+        return count
+
+    def drain(self) -> None:
+        while self.read(_CHUNK):
+            pass
+
+
+def _sniff(raw: IO[bytes]) -> str:
+    """Compression from magic bytes: media types are not trusted (docker-archive layers
+    declared as gzip are often plain tar)."""
+    magic = raw.read(4)
+    raw.seek(0)
+    if magic.startswith(_GZIP_MAGIC):
+        return "gzip"
+    if magic == _ZSTD_MAGIC:
+        return "zstd"
+    return "none"
+
+
+def _hasher_for(layer: Optional[Layer], label: str):
+    if layer is None or not layer.digest:
+        return None
+    algorithm = layer.digest.partition(":")[0]
+    if algorithm not in _DIGESTS:
+        raise LayerRejected(f"layer {label} rejected: unsupported digest algorithm: {algorithm}")
+    return hashlib.new(algorithm)
+
+
+def _decompressed(src: _HashingReader, compression: str):
+    if compression == "gzip":
+        return _gzip.GzipFile(fileobj=src, mode="rb")
+    if compression == "zstd":
+        import zstandard  # only when a zstd layer shows up
+
+        return zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
+    return src
+
+
+def _decompress_errors() -> tuple:
+    errors = (OSError, EOFError, ValueError, zlib.error, _GzipError)
+    try:
+        import zstandard
+    except ImportError:  # pragma: no cover
+        return errors
+    return errors + (zstandard.ZstdError,)
+
+
+class _LayerTar:
+    """One layer as an uncompressed tar in an unnamed temp file, digest verified, members listed."""
+
+    def __init__(self, label: str, compression: str, tmp: IO[bytes]):
+        self.label, self.compression, self.file = label, compression, tmp
+        self.fd = tmp.fileno()
+        self.tar: Optional[tarfile.TarFile] = None
+        self.members: List[tarfile.TarInfo] = []
+
+    @classmethod
+    def prepare(cls, blob, layer: Optional[Layer], scratch: Path) -> "_LayerTar":
+        label = layer.digest if layer is not None and layer.digest else str(blob)
+        try:
+            raw = open(blob, "rb")
+        except OSError as e:
+            raise StorageError(f"cannot read layer {label}: {blob}: {e.strerror}") from e
+        with raw:
+            compression = _sniff(raw)
+            try:  # O_TMPFILE where the filesystem has it: no name, gone on close or kill
+                tmp = tempfile.TemporaryFile(dir=scratch)
+            except OSError as e:
+                raise StorageError(
+                    f"cannot create a temporary file in {scratch}: {e.strerror}") from e
+            this = cls(label, compression, tmp)
+            try:
+                this._inflate(raw, layer)
+                this._list_members()
+            except BaseException:
+                this.close()
+                raise
+        return this
+
+    def _inflate(self, raw: IO[bytes], layer: Optional[Layer]) -> None:
+        src = _HashingReader(raw, _hasher_for(layer, self.label))
+        try:
+            stream = _decompressed(src, self.compression)
+            while True:
+                chunk = stream.read(_CHUNK)
+                if not chunk:
+                    break
+                self._write(chunk)
+            src.drain()  # the digest covers bytes after the end of the compressed stream too
+        except _decompress_errors() as e:
+            src.drain()
+            self._verify(src.hasher, layer)  # a damaged blob is reported as such
+            raise LayerRejected(
+                f"layer {self.label} rejected: cannot decompress ({self.compression}): {e}",
+                "the blob is corrupt or truncated; check the cache with `uctr verify --remove` "
+                "and pull the image again") from e
+        self._verify(src.hasher, layer)
+
+    def _write(self, chunk: bytes) -> None:
+        try:
+            self.file.write(chunk)
+        except OSError as e:
+            raise StorageError(
+                f"cannot write the uncompressed layer {self.label}: {e.strerror}",
+                "node-local storage is full; free space or set UCTR_LOCAL_DIR") from e
+
+    def _verify(self, hasher, layer: Optional[Layer]) -> None:
+        if hasher is None:
+            return
+        expected = layer.digest.partition(":")[2]
+        if hasher.hexdigest() != expected:
+            raise DigestMismatch(
+                f"layer blob does not match its digest {layer.digest}: got "
+                f"{hasher.name}:{hasher.hexdigest()}",
+                "the cached blob is damaged; run `uctr verify --remove` and pull the image again")
+
+    def _list_members(self) -> None:
+        self.file.flush()
+        size = os.fstat(self.fd).st_size
+        if size == 0:  # an empty blob is an empty layer
+            return
+        self.file.seek(0)
+        try:
+            self.tar = tarfile.open(fileobj=self.file, mode="r:")
+            self.members = self.tar.getmembers()
+        except (tarfile.TarError, EOFError, ValueError) as e:
+            raise LayerRejected(f"layer {self.label} rejected: not a valid tar archive: {e}") from e
+        self._check_end(size)
+
+    def _check_end(self, size: int) -> None:
+        """tarfile ends silently at a bad header after the first one: insist that what follows
+        the last member is end-of-archive zeros (or nothing), not garbage or a torn block."""
+        offset = self.tar.offset
+        if offset >= size:
+            return
+        block = os.pread(self.fd, tarfile.BLOCKSIZE, offset)
+        if len(block) < tarfile.BLOCKSIZE or block.count(0) != len(block):
+            raise LayerRejected(
+                f"layer {self.label} rejected: corrupt or truncated tar data at offset {offset}",
+                "the image is damaged; pull it again or report it to its maintainer")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# -- step 2: plan -----------------------------------------------------------------------------
+def _join(parent: str, name: str) -> str:
+    return parent + "/" + name if parent else name
+
+
+class _Tree:
+    """What the rootfs holds, keyed by real path ('' is the root, 'usr/bin' a directory in it).
+
+    A path is a key only if every prefix is a real directory key, so a key resolves to itself.
+    Devices are kept as _DEVICE entries (not on disk) so links and whiteouts see them."""
+
+    def __init__(self):
+        self.kind: Dict[str, int] = {"": _DIR}
+        self.target: Dict[str, str] = {}  # symlink path -> link text
+        self.children: Dict[str, set] = {"": set()}
+        self.dir_meta: Dict[str, Tuple[int, Optional[int]]] = {}  # dir -> (mode, mtime ns)
+
+    def add(self, parent: str, name: str, path: str, kind: int,
+            target: Optional[str] = None) -> None:
+        self.kind[path] = kind
+        self.children[parent].add(name)
+        if kind == _DIR:
+            self.children[path] = set()
+        elif kind == _SYMLINK:
+            self.target[path] = target
+
+    def remove(self, parent: str, name: str, path: str) -> Optional[int]:
+        """Forget PATH and everything below it; return its kind (None if absent)."""
+        kind = self.kind.pop(path, None)
+        if kind is None:
+            return None
+        self.children[parent].discard(name)
+        if kind == _SYMLINK:
+            del self.target[path]
+        elif kind == _DIR:
+            self._drop_subtree(path)
+        return kind
+
+    def _drop_subtree(self, top: str) -> None:
+        stack = [top]
+        while stack:
+            directory = stack.pop()
+            self.dir_meta.pop(directory, None)
+            for name in self.children.pop(directory):
+                path = _join(directory, name)
+                kind = self.kind.pop(path)
+                if kind == _DIR:
+                    stack.append(path)
+                elif kind == _SYMLINK:
+                    del self.target[path]
+
+    def resolve(self, components: List[str]) -> Tuple[str, Optional[str]]:
+        """Real path of COMPONENTS, following every symlink with the rootfs as '/' and
+        clamping '..' at it (securejoin). Returns (path, problem): problem names a
+        component that exists but is not a directory, or a symlink loop."""
+        stack = components[::-1]
+        current = ""
+        hops = 0
+        while stack:
+            component = stack.pop()
+            if component == "..":
+                current = current.rpartition("/")[0]
+                continue
+            if not component or component == ".":
+                continue
+            path = _join(current, component)
+            kind = self.kind.get(path)
+            if kind == _SYMLINK:
+                hops += 1
+                if hops > _MAX_SYMLINK_HOPS:
+                    return path, "too many levels of symbolic links"
+                link = self.target[path]
+                if link.startswith("/"):
+                    current = ""
+                stack.extend(reversed(link.split("/")))
+                continue
+            if kind is not None and kind != _DIR and any(c not in ("", ".") for c in stack):
+                return path, "not a directory"
+            current = path
+        return current, None
+
+
+def _components(name: str) -> List[str]:
+    return [c for c in name.split("/") if c and c != "."]
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    mtime = member.mtime
+    return mtime * 1_000_000_000 if isinstance(mtime, int) else int(round(mtime * 1e9))
+
+
+class _Planner:
+    """Checks one layer's members against the tree and plans its operations; updates the tree."""
+
+    def __init__(self, tree: _Tree, stats: Stats, label: str):
+        self.tree, self.stats, self.label = tree, stats, label
+        self.ops: List[tuple] = []
+
+    def plan(self, members: Iterable[tarfile.TarInfo]) -> List[tuple]:
+        entries, whiteouts = [], []
+        for member in members:
+            self.stats.members += 1
+            components = self._checked_components(member.name, member)
+            if not components:
+                self._root_entry(member)
+            elif components[-1].startswith(_WHITEOUT):
+                whiteouts.append((components, member))
+            else:
+                entries.append((components, member))
+        # Whiteouts only hide lower layers (OCI image spec), never entries of their own
+        # layer whatever the order, so they all go first.
+        for components, member in whiteouts:
+            self._whiteout(components, member)
+        for components, member in entries:
+            self._entry(components, member)
+        return self.ops
+
+    def reject(self, why: str, member: tarfile.TarInfo):
+        name = member.name
+        if member.issym() or member.islnk():
+            name += f" -> {member.linkname}"
+        raise LayerRejected(
+            f"layer {self.label} rejected: {why}: {name}",
+            "the image is damaged or malicious; nothing of it is used. "
+            "Report it to its maintainer.")
+
+    def _checked_components(self, name: str, member: tarfile.TarInfo, what: str = "path"
+                            ) -> List[str]:
+        components = _components(name)
+        if ".." in components:
+            self.reject(f"{what} with '..'", member)
+        if len(name) > _NAME_MAX // 4:  # only long names can break the kernel's limits
+            if len(os.fsencode(name)) >= _PATH_MAX:
+                self.reject(f"{what} too long", member)
+            if any(len(os.fsencode(c)) > _NAME_MAX for c in components):
+                self.reject(f"file name too long in {what}", member)
+        return components
+
+    def _root_entry(self, member: tarfile.TarInfo) -> None:
+        if not member.isdir():
+            self.reject("the root must be a directory", member)
+        self.tree.dir_meta[""] = (_dir_mode(member.mode), _mtime_ns(member))
+
+    # -- whiteouts
+    def _whiteout(self, components: List[str], member: tarfile.TarInfo) -> None:
+        self.stats.whiteouts += 1
+        marker = components[-1]
+        if marker == _OPAQUE:
+            parent = self._existing_dir(components[:-1], member)
+            if parent is not None:
+                for name in list(self.tree.children[parent]):
+                    self._remove(parent, name)
+            return
+        if marker.startswith(_WHITEOUT + _WHITEOUT):  # other AUFS metadata: no meaning here
+            _log.debug("layer %s: ignoring %s", self.label, member.name)
+            return
+        name = marker[len(_WHITEOUT):]
+        if name in ("", ".", ".."):
+            self.reject("invalid whiteout", member)
+        parent = self._existing_dir(components[:-1], member)
+        if parent is not None:
+            self._remove(parent, name)
+
+    def _existing_dir(self, components: List[str], member) -> Optional[str]:
+        path, problem = self.tree.resolve(components)
+        if problem == "too many levels of symbolic links":
+            self.reject(problem, member)
+        return path if problem is None and self.tree.kind.get(path) == _DIR else None
+
+    def _remove(self, parent: str, name: str) -> None:
+        kind = self.tree.remove(parent, name, _join(parent, name))
+        if kind is None:
+            return
+        self.stats.removed += 1
+        if kind != _DEVICE:
+            self.ops.append((_OP_REMOVE, parent, name, kind == _DIR))
+
+    # -- entries
+    def _entry(self, components: List[str], member: tarfile.TarInfo) -> None:
+        parent = self._parent_dir(components, member)
+        name = components[-1]
+        path = _join(parent, name)
+        kind = member.type
+        if kind == tarfile.DIRTYPE:
+            self._directory(parent, name, path, member)
+        elif member.isreg():
+            self._file(parent, name, path, member)
+        elif kind == tarfile.SYMTYPE:
+            self._symlink(parent, name, path, member)
+        elif kind == tarfile.LNKTYPE:
+            self._hardlink(parent, name, path, member)
+        elif kind == tarfile.FIFOTYPE:
+            self._remove(parent, name)
+            self.ops.append((_OP_FIFO, parent, name, self._mode(member), _mtime_ns(member)))
+            self.tree.add(parent, name, path, _OTHER)
+            self.stats.fifos += 1
+        elif kind in _DEVICE_TYPES:
+            self._remove(parent, name)
+            self.tree.add(parent, name, path, _DEVICE)
+            self.stats.devices_skipped += 1
+        else:
+            _log.debug("layer %s: skipping %s of tar type %r", self.label, member.name, kind)
+            self.stats.other_skipped += 1
+
+    def _parent_dir(self, components: List[str], member: tarfile.TarInfo) -> str:
+        """Real directory for the member's parent, planning missing directories (0755)."""
+        parent = "/".join(components[:-1])
+        if self.tree.kind.get(parent) == _DIR:  # a key resolves to itself: the common case
+            return parent
+        parent, problem = self.tree.resolve(components[:-1])
+        if problem is not None:
+            self.reject(f"{problem} (/{parent})", member)
+        if self.tree.kind.get(parent) == _DIR:
+            return parent
+        current = ""
+        for name in parent.split("/"):
+            path = _join(current, name)
+            kind = self.tree.kind.get(path)
+            if kind is None:
+                self.ops.append((_OP_MKDIR, current, name))
+                self.tree.add(current, name, path, _DIR)
+                self.tree.dir_meta[path] = (0o755, None)
+                self.stats.dirs += 1
+            elif kind != _DIR:
+                self.reject(f"not a directory (/{path})", member)
+            current = path
+        return current
+
+    def _directory(self, parent: str, name: str, path: str, member: tarfile.TarInfo) -> None:
+        meta = (_dir_mode(member.mode), _mtime_ns(member))
+        if self.tree.kind.get(path) != _DIR:  # a directory merges, anything else is replaced
+            self._remove(parent, name)
+            self.ops.append((_OP_MKDIR, parent, name))
+            self.tree.add(parent, name, path, _DIR)
+            self.stats.dirs += 1
+        self.tree.dir_meta[path] = meta
+
+    def _file(self, parent: str, name: str, path: str, member: tarfile.TarInfo) -> None:
+        self._remove(parent, name)
+        sparse = member if member.sparse is not None else None
+        self.ops.append((_OP_FILE, parent, name, member.offset_data, member.size,
+                         self._mode(member), _mtime_ns(member), sparse))
+        self.tree.add(parent, name, path, _FILE)
+        self.stats.files += 1
+        self.stats.bytes += member.size
+
+    def _symlink(self, parent: str, name: str, path: str, member: tarfile.TarInfo) -> None:
+        target = member.linkname
+        if not target or "\0" in target or len(os.fsencode(target)) >= _PATH_MAX:
+            self.reject("invalid symlink target", member)
+        self._remove(parent, name)
+        # the target is kept verbatim: it is resolved inside the rootfs at run time
+        self.ops.append((_OP_SYMLINK, parent, name, target, _mtime_ns(member)))
+        self.tree.add(parent, name, path, _SYMLINK, target)
+        self.stats.symlinks += 1
+
+    def _hardlink(self, parent: str, name: str, path: str, member: tarfile.TarInfo) -> None:
+        components = self._checked_components(member.linkname, member, "hard link target")
+        if not components:
+            self.reject("hard link to the root directory", member)
+        target_parent, problem = self.tree.resolve(components[:-1])
+        target = _join(target_parent, components[-1])
+        if target == path:  # a link to itself: the entry is already what it asks for
+            return
+        self._remove(parent, name)
+        kind = self.tree.kind.get(target) if problem is None else None
+        if kind is None:
+            self.reject("hard link target not in the image", member)
+        if kind == _DIR:
+            self.reject("hard link to a directory", member)
+        if kind == _DEVICE:
+            self.tree.add(parent, name, path, _DEVICE)
+            self.stats.devices_skipped += 1
+            return
+        self.ops.append((_OP_LINK, parent, name, target_parent, components[-1]))
+        self.tree.add(parent, name, path, kind, self.tree.target.get(target))
+        self.stats.hardlinks += 1
+
+    def _mode(self, member: tarfile.TarInfo) -> int:
+        mode = member.mode & 0o7777
+        if mode & _SETID:
+            self.stats.setid_stripped += 1
+            mode &= ~_SETID
+        return mode | 0o400
+
+
+def _dir_mode(mode: int) -> int:
+    return (mode & 0o7777) | 0o500
+
+
+# -- step 3: act ------------------------------------------------------------------------------
+class _Writer:
+    """Runs plans. Every system call names one entry in a directory fd opened with
+    O_NOFOLLOW from the root down, so no symlink is ever followed."""
+
+    def __init__(self, root_fd: int):
+        self.root_fd = root_fd
+        self.fds: Dict[str, int] = {"": root_fd}
+
+    def dir_fd(self, path: str) -> int:
+        fd = self.fds.get(path)
+        if fd is not None:
+            return fd
+        missing = []  # walk up to the nearest open directory, then open down (no recursion)
+        while fd is None:
+            path, _, name = path.rpartition("/")
+            missing.append(name)
+            fd = self.fds.get(path)
+        for name in reversed(missing):
+            fd = os.open(name, _O_DIR, dir_fd=fd)
+            path = _join(path, name)
+            self.fds[path] = fd
+        return fd
+
+    def _forget_fds(self, top: str) -> None:
+        prefix = top + "/"
+        for path in [p for p in self.fds if p == top or p.startswith(prefix)]:
+            os.close(self.fds.pop(path))
+
+    def _trim_fds(self) -> None:
+        for path in [p for p in self.fds if p]:
+            os.close(self.fds.pop(path))
+
+    def close(self) -> None:
+        self._trim_fds()
+        os.close(self.root_fd)
+
+    def apply(self, ops: List[tuple], layer: _LayerTar) -> None:
+        op = None
+        try:
+            for op in ops:
+                if len(self.fds) > _FD_CACHE:
+                    self._trim_fds()
+                code, parent, name = op[0], op[1], op[2]
+                fd = self.dir_fd(parent)
+                if code == _OP_FILE:
+                    self._file(fd, op, layer)
+                elif code == _OP_MKDIR:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                elif code == _OP_SYMLINK:
+                    os.symlink(op[3], name, dir_fd=fd)
+                    os.utime(name, ns=(op[4], op[4]), dir_fd=fd, follow_symlinks=False)
+                elif code == _OP_REMOVE:
+                    self._remove(fd, parent, name, op[3])
+                elif code == _OP_LINK:
+                    os.link(op[4], name, src_dir_fd=self.dir_fd(op[3]), dst_dir_fd=fd,
+                            follow_symlinks=False)
+                elif code == _OP_FIFO:
+                    os.mkfifo(name, op[3], dir_fd=fd)
+                    os.utime(name, ns=(op[4], op[4]), dir_fd=fd, follow_symlinks=False)
+        except OSError as e:
+            path = _join(op[1], op[2]) if op else ""
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise StorageError(
+                f"cannot unpack layer {layer.label}: {e.strerror}: /{path}",
+                "free space or inodes in the node-local directory, or set UCTR_LOCAL_DIR"
+                if full else None) from e
+
+    def _file(self, dir_fd: int, op: tuple, layer: _LayerTar) -> None:
+        _, _, name, offset, size, mode, mtime, sparse = op
+        fd = os.open(name, _O_CREATE, mode, dir_fd=dir_fd)
+        try:
+            if sparse is not None:
+                _copy_member(layer.tar, sparse, fd)
+            elif size:
+                _copy_range(layer.fd, fd, offset, size)
+            os.utime(fd, ns=(mtime, mtime))
+        finally:
+            os.close(fd)
+
+    def _remove(self, dir_fd: int, parent: str, name: str, is_dir: bool) -> None:
+        if not is_dir:
+            os.unlink(name, dir_fd=dir_fd)
+            return
+        self._forget_fds(_join(parent, name))
+        _remove_tree_at(dir_fd, name)
+
+    def finish_dirs(self, dir_meta: Dict[str, Tuple[int, Optional[int]]]) -> None:
+        """Final directory modes and mtimes, deepest first (children before a 0500 parent
+        loses u+w; the parent's mtime after its children stopped changing)."""
+        order = sorted(dir_meta, key=lambda p: p.count("/") if p else -1, reverse=True)
+        for path in order:
+            if len(self.fds) > _FD_CACHE:
+                self._trim_fds()
+            mode, mtime = dir_meta[path]
+            if path:
+                parent, _, name = path.rpartition("/")
+                fd = os.open(name, _O_DIR, dir_fd=self.dir_fd(parent))
+            else:
+                fd = self.root_fd
+            try:
+                os.fchmod(fd, mode)
+                if mtime is not None:
+                    os.utime(fd, ns=(mtime, mtime))
+            finally:
+                if fd != self.root_fd:
+                    os.close(fd)
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, size: int) -> None:
+    """Copy in the kernel (sendfile), no Python buffers."""
+    while size:
+        sent = os.sendfile(dst_fd, src_fd, offset, size)
+        if sent <= 0:
+            raise OSError(5, "short read from the uncompressed layer")
+        offset += sent
+        size -= sent
+
+
+def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dst_fd: int) -> None:
+    """GNU sparse members: tarfile knows their map; holes are written as zeros."""
+    source = tar.extractfile(member)
+    while True:
+        chunk = source.read(_CHUNK)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst_fd, view):]
+
+
+def _remove_tree_at(dir_fd: int, name: str) -> None:
+    """rm -r NAME in DIR_FD without following symlinks and without recursion (deep trees).
+    Every directory is still 0700 here: final modes are applied after the last layer."""
+    stack = [(dir_fd, name, None)]  # (parent fd, name, fd once opened)
+    while stack:
+        parent_fd, entry, fd = stack.pop()
+        if fd is None:
+            fd = os.open(entry, _O_DIR, dir_fd=parent_fd)
+            stack.append((parent_fd, entry, fd))
+            with os.scandir(fd) as listing:
+                for child in listing:
+                    if child.is_dir(follow_symlinks=False):
+                        stack.append((fd, child.name, None))
+                    else:
+                        os.unlink(child.name, dir_fd=fd)
+            continue
+        os.close(fd)
+        os.rmdir(entry, dir_fd=parent_fd)
