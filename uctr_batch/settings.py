@@ -30,6 +30,30 @@ def default_local_dir() -> Path:
     return Path("/tmp") / f"uctr-{os.getuid()}"
 
 
+def _policy_dir(node_policy, key: str) -> Optional[Path]:
+    """A storage path template from the site policy, expanded for the calling user."""
+    template = getattr(getattr(node_policy, "storage", None), key, None)
+    if not template:
+        return None
+    from uctr_batch.policy.model import expand, path_variables
+
+    return Path(expand(template, path_variables()))
+
+
+def cache_dir(node_policy=None) -> Path:
+    """UCTR_CACHE > the policy's storage.cache_dir > ~/.cache/uctr."""
+    if not os.environ.get("UCTR_CACHE"):
+        return _policy_dir(node_policy, "cache_dir") or default_cache_dir()
+    return default_cache_dir()
+
+
+def local_dir(node_policy=None) -> Path:
+    """UCTR_LOCAL_DIR > the policy's storage.local_dir > /tmp/uctr-$UID."""
+    if not os.environ.get("UCTR_LOCAL_DIR"):
+        return _policy_dir(node_policy, "local_dir") or default_local_dir()
+    return default_local_dir()
+
+
 def default_config_dir() -> Path:
     """Per-user configuration (credentials): UCTR_CONFIG_DIR, else ~/.config/uctr."""
     if os.environ.get("UCTR_CONFIG_DIR"):

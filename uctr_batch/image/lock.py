@@ -70,7 +70,7 @@ def _start_time(pid: int) -> str:
     return fields[19] if len(fields) > 19 else ""
 
 
-def _pid_alive(pid: int, start_time: str) -> bool:
+def pid_alive(pid: int, start_time: str) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -294,7 +294,7 @@ class FileLock:
     def _is_stale(self, holder: Holder, key, seen: _Observation) -> bool:
         me = _identity()
         if (holder.pid and holder.host == me["host"] and holder.boot_id == me["boot_id"]
-                and holder.pidns == me["pidns"] and not _pid_alive(holder.pid, holder.start_time)):
+                and holder.pidns == me["pidns"] and not pid_alive(holder.pid, holder.start_time)):
             _log.debug("lock %s: holder pid %d is gone", self.path, holder.pid)
             return True
         if seen.unchanged_for(key) >= self.stale_after:

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 from uctr_batch import log, settings
 from uctr_batch.errors import ConfigError, DigestMismatch, ImageNotFound, RegistryError
@@ -251,11 +251,13 @@ def _isatty(stream) -> bool:
 
 # -- command ----------------------------------------------------------------------------
 
-def registry_config_for(args) -> settings.RegistryConfig:
-    """Command line > environment > site policy registry rules."""
+def command_context(args) -> Tuple[Store, settings.RegistryConfig]:
+    """The cache and registry settings of an image command: flags > environment > policy."""
     from uctr_batch.policy import current_node_policy, registry_settings
 
-    return settings.registry_config(args, base=registry_settings(current_node_policy()))
+    node_policy = current_node_policy()
+    config = settings.registry_config(args, base=registry_settings(node_policy))
+    return Store(settings.cache_dir(node_policy)), config
 
 
 def cmd_pull(args) -> int:
@@ -265,8 +267,7 @@ def cmd_pull(args) -> int:
     if ref.transport in references.PATH_TRANSPORTS:
         raise ConfigError(f"not a registry image: {ref}",
                           f"import files with: uctr load {args.image}")
-    config = registry_config_for(args)
-    store = Store(settings.default_cache_dir())
+    store, config = command_context(args)
     started = time.monotonic()
     rec = pull_image(ref, config, store, _wanted(args.platform),
                      explicit_platform=bool(args.platform))

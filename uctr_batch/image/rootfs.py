@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 
 from uctr_batch import __version__, fsutil, log, settings
 from uctr_batch.errors import ImageNotFound, StorageError, UsageError
-from uctr_batch.image.lock import FileLock, _pid_alive
+from uctr_batch.image.lock import FileLock, pid_alive
 from uctr_batch.image.manifest import ImageRecord
 
 _log = log.get("rootfs")
@@ -240,7 +240,7 @@ def _remove_stale_work(parent: Path, name: Optional[str]) -> None:
         if not match or (name is not None and match.group(2) != name):
             continue
         host, pid = match.group(3), int(match.group(4))
-        if host == socket.gethostname() and pid != os.getpid() and not _pid_alive(pid, ""):
+        if host == socket.gethostname() and pid != os.getpid() and not pid_alive(pid, ""):
             _log.debug("removing %s left by killed process %d", entry, pid)
             _discard(parent / entry)
 
@@ -279,7 +279,7 @@ def _when(timestamp: Optional[float]) -> str:
 
 
 def cmd_ps(args) -> int:
-    from uctr_batch.image.store import _human_size, _print_table
+    from uctr_batch.image.store import human_size, print_table
 
     infos = [bundle_info(b) for b in BundleStore().existing().complete_bundles()]
     if getattr(args, "json", False):
@@ -287,9 +287,9 @@ def cmd_ps(args) -> int:
         sys.stdout.write("\n")
         return 0
     rows = [{"ID": i["id"][:12], "REFERENCE": i["reference"] or "?",
-             "SIZE": _human_size(i["size"] or 0), "CREATED": _when(i["created"]),
+             "SIZE": human_size(i["size"] or 0), "CREATED": _when(i["created"]),
              "LAST USED": _when(i["last_used"])} for i in infos]
-    _print_table(rows, ("ID", "REFERENCE", "SIZE", "CREATED", "LAST USED"))
+    print_table(rows, ("ID", "REFERENCE", "SIZE", "CREATED", "LAST USED"))
     return 0
 
 
@@ -354,11 +354,9 @@ def cmd_rm(args) -> int:
 # -- create command ---------------------------------------------------------------------------
 def cmd_create(args) -> int:
     from uctr_batch.image import pull
-    from uctr_batch.image.store import Store
 
-    store = Store(settings.default_cache_dir())
-    record = pull.ensure_image(args.image, settings.registry_config(args), store,
-                               args.platform, pull=not args.no_pull)
+    store, config = pull.command_context(args)
+    record = pull.ensure_image(args.image, config, store, args.platform, pull=not args.no_pull)
     rootfs = create(record, store, Path(args.dest) if args.dest else None)
     sys.stdout.write(f"{rootfs}\n")
     return 0

@@ -575,10 +575,13 @@ class _Pending:
 # -- commands ---------------------------------------------------------------------------
 
 def open_default() -> Store:
-    return Store(settings.default_cache_dir())
+    """The cache image commands use: UCTR_CACHE, else the site policy's, else the default."""
+    from uctr_batch.policy import current_node_policy
+
+    return Store(settings.cache_dir(current_node_policy()))
 
 
-def _human_size(n: float) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -593,11 +596,11 @@ def _image_row(entry: dict) -> Dict[str, str]:
     else:
         repo, tag = f"{ref.transport}:{ref.path}", ref.tag or "<none>"
     return {"REPOSITORY": repo, "TAG": tag, "DIGEST": entry["manifest_digest"][:19],
-            "PLATFORM": entry.get("platform") or "?", "SIZE": _human_size(entry.get("size", 0)),
+            "PLATFORM": entry.get("platform") or "?", "SIZE": human_size(entry.get("size", 0)),
             "PULLED": time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.get("pulled", 0)))}
 
 
-def _print_table(rows: List[Dict[str, str]], columns: Sequence[str]) -> None:
+def print_table(rows: List[Dict[str, str]], columns: Sequence[str]) -> None:
     widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in columns}
     for row in [dict(zip(columns, columns))] + rows:
         sys.stdout.write("   ".join(row[c].ljust(widths[c]) for c in columns).rstrip() + "\n")
@@ -610,7 +613,7 @@ def cmd_images(args) -> int:
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    _print_table([_image_row(e) for e in entries],
+    print_table([_image_row(e) for e in entries],
                  ("REPOSITORY", "TAG", "DIGEST", "PLATFORM", "SIZE", "PULLED"))
     return 0
 
@@ -667,11 +670,11 @@ def cmd_gc(args) -> int:
     report = open_default().gc(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for digest, size in report.blobs:
-        sys.stdout.write(f"{verb} {digest} ({_human_size(size)})\n")
+        sys.stdout.write(f"{verb} {digest} ({human_size(size)})\n")
     for name in report.partials:
         sys.stdout.write(f"{verb} partial download {name}\n")
     _log.info("%s %d blobs, %s; %d partials; kept %d recent unreferenced blobs",
-              verb, len(report.blobs), _human_size(report.freed), len(report.partials),
+              verb, len(report.blobs), human_size(report.freed), len(report.partials),
               report.kept_young)
     return 0
 
