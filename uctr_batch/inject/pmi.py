@@ -1,0 +1,200 @@
+"""PMI/PMIx pass-through: what a rank inside the container needs to reach its launcher.
+
+The launcher's environment is kept by the mode; here we list the variables that must survive,
+the directories the PMIx server shares with its clients (bound read-write at the same path),
+the PMIx MCA mapping pyxis and Sarus do, the inherited PMI_FD, the munge socket when the site
+asks for it, and whether the host network is needed (PMIx and hydra talk TCP on loopback).
+"""
+
+import posixpath
+import re
+from typing import List, Mapping, Optional
+
+from uctr_batch.inject import fsroot, policyview
+from uctr_batch.inject.plan import INFO, REFUSE, InjectionPlan
+
+C = "pmi"
+
+# Variables the container must receive unchanged, by prefix.
+PASSTHROUGH_PREFIXES = (
+    "PMI_",
+    "PMIX_",
+    "SLURM_",
+    "OMPI_",
+    "ORTE_",
+    "OPAL_",
+    "PRTE_",
+    "PALS_",
+    "HYDRA_",
+    "MPIR_",
+    "MPI_LOCAL",
+    "PBS_",
+)
+
+# pyxis and Sarus: the server's module choice becomes the client's MCA selection.
+PMIX_MCA_MAP = (
+    ("PMIX_PTL_MODULE", "PMIX_MCA_ptl"),
+    ("PMIX_SECURITY_MODE", "PMIX_MCA_psec"),
+    ("PMIX_GDS_MODULE", "PMIX_MCA_gds"),
+)
+
+# Variables naming directories the PMIx server (or Open MPI's mpirun) shares with clients.
+_SHARED_DIR_VARS = re.compile(
+    r"^(PMIX_SERVER_TMPDIR|PMIX_DSTORE_[A-Z0-9_]*BASE_PATH|OMPI_MCA_orte_top_session_dir|"
+    r"OMPI_MCA_prte_top_session_dir|PRTE_MCA_prte_top_session_dir)$"
+)
+# Never bind these wholesale: only their job-specific subdirectories.
+_TOO_BROAD = frozenset(
+    ["/", "/tmp", "/var/tmp", "/dev/shm", "/run", "/var/run", "/var", "/var/spool", "/home"]
+)
+_SLURM_PMIX_DIR = re.compile(r"^pmix\.(\d+)\.(\d+)$")
+MUNGE_DIRS = ("/run/munge", "/var/run/munge")
+# Any of these means a PMI/PMIx peer reachable over TCP (PMIx URI, hydra's PMI_PORT).
+_NETWORK_VARS = (
+    "PMIX_SERVER_URI",
+    "PMIX_SERVER_URI2",
+    "PMIX_SERVER_URI3",
+    "PMIX_SERVER_URI4",
+    "PMIX_SERVER_URI21",
+    "PMIX_SERVER_URI41",
+    "PMI_PORT",
+    "OMPI_MCA_orte_hnp_uri",
+    "PMIX_NAMESPACE",
+)
+
+
+def pmi_plan(env: Mapping[str, str], host_root: str = "/", policy=None) -> InjectionPlan:
+    """Plan the PMI/PMIx wiring of one rank from its launcher environment."""
+    plan = InjectionPlan()
+    plan.passthrough_env = required_env(env)
+    _keep_pmi_fd(plan, env)
+    if policyview.get(policy, "pmix", True):
+        _map_pmix_mca(plan, env)
+        for path in shared_dirs(env, host_root, policy):
+            plan.add_bind(
+                C,
+                fsroot.outside(host_root, fsroot.resolve(host_root, path)),
+                path,
+                ro=False,
+                kind="dir",
+                reason="PMIx server/session directory",
+            )
+    else:
+        plan.record(C, INFO, "pmix", "PMIx directories not bound (policy pmix: false)")
+    if policyview.get(policy, "munge", False):
+        _bind_munge(plan, host_root, policyview.get(policy, "munge_socket", None))
+    network = [k for k in _NETWORK_VARS if k in env]
+    if network:
+        plan.host_network = True
+        plan.record(
+            C, INFO, "host network", "the launcher is reached over TCP (%s)" % ", ".join(network)
+        )
+    plan.info[C] = {"flavour": flavour(env)}
+    return plan
+
+
+def flavour(env: Mapping[str, str]) -> str:
+    """Which wire-up the launcher offers: pmix, pmi (PMI-1/2 over PMI_FD or PMI_PORT) or none."""
+    if "PMIX_RANK" in env or "PMIX_NAMESPACE" in env:
+        return "pmix"
+    if "PMI_FD" in env or "PMI_PORT" in env or "PMI_RANK" in env:
+        return "pmi"
+    return "none"
+
+
+def _map_pmix_mca(plan: InjectionPlan, env: Mapping[str, str]) -> None:
+    for source, target in PMIX_MCA_MAP:
+        if source in env and target not in env:
+            plan.env[target] = env[source]
+            plan.record(C, INFO, target, "set from %s=%s" % (source, env[source]))
+            if target not in plan.passthrough_env:
+                plan.passthrough_env.append(target)
+
+
+def _keep_pmi_fd(plan: InjectionPlan, env: Mapping[str, str]) -> None:
+    value = env.get("PMI_FD")
+    if value is None:
+        return
+    try:
+        fd = int(value)
+    except ValueError:
+        plan.warn(C, "PMI_FD=%r is not a file descriptor number" % value)
+        return
+    plan.keep_fds.append(fd)
+    plan.record(C, INFO, "fd %d" % fd, "PMI_FD: inherited from the launcher, must stay open")
+
+
+def shared_dirs(env: Mapping[str, str], host_root: str = "/", policy=None) -> List[str]:
+    """Existing host directories the PMIx server shares with this rank, outermost first and
+    without nested duplicates: PMIX_SERVER_TMPDIR and friends, Slurm's
+    <SlurmdSpoolDir>/pmix.J.S and <TmpFS>/spmix_appdir_[uid_]J.S."""
+    wanted: List[str] = []
+    for key in sorted(env):
+        if _SHARED_DIR_VARS.match(key):
+            wanted.extend(p for p in env[key].split(":") if p)
+    job, step = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"), env.get("SLURM_STEP_ID")
+    if job and step:
+        wanted.extend(_slurm_pmix_dirs(env, policy, job, step))
+    out: List[str] = []
+    for path in sorted({posixpath.normpath(p) for p in wanted if p.startswith("/")}, key=len):
+        if path in _TOO_BROAD or not fsroot.isdir(host_root, path):
+            continue
+        if any(path == o or path.startswith(o + "/") for o in out):
+            continue
+        out.append(path)
+    return out
+
+
+def _slurm_pmix_dirs(env: Mapping[str, str], policy, job: str, step: str) -> List[str]:
+    spool_dirs = [d for d in [policyview.get(policy, "slurmd_spool_dir")] if d]
+    server = env.get("PMIX_SERVER_TMPDIR", "")
+    if _SLURM_PMIX_DIR.match(posixpath.basename(server.rstrip("/"))):
+        spool_dirs.append(posixpath.dirname(server.rstrip("/")))
+    # Slurm's TmpFS is not in the job environment; TMPDIR usually points there.
+    tmpfs_dirs = [
+        d for d in [policyview.get(policy, "slurm_tmpfs"), env.get("TMPDIR"), "/tmp"] if d
+    ]
+    uid = env.get("SLURM_JOB_UID")
+    out = ["%s/pmix.%s.%s" % (d, job, step) for d in spool_dirs]
+    for d in tmpfs_dirs:
+        if uid:
+            out.append("%s/spmix_appdir_%s_%s.%s" % (d, uid, job, step))
+        out.append("%s/spmix_appdir_%s.%s" % (d, job, step))
+    return out
+
+
+def _bind_munge(plan: InjectionPlan, host_root: str, socket: Optional[str]) -> None:
+    """Bind the directory of the munge socket (policy munge_socket, else the usual places)."""
+    candidates = [posixpath.dirname(socket)] if socket else []
+    for d in candidates + [d for d in MUNGE_DIRS if d not in candidates]:
+        if fsroot.isdir(host_root, d):
+            real = fsroot.resolve(host_root, d)
+            plan.add_bind(
+                C,
+                fsroot.outside(host_root, real),
+                real,
+                ro=True,
+                kind="dir",
+                reason="munge socket directory (policy munge: true)",
+            )
+            return
+    plan.record(
+        C,
+        REFUSE,
+        "munge",
+        "policy asks for munge but none of %s exists on this node"
+        % ", ".join(candidates + list(MUNGE_DIRS)),
+    )
+
+
+def required_env(env: Mapping[str, str]) -> List[str]:
+    """Names of the launcher variables the mode must pass through (for callers that do not
+    need the whole plan)."""
+    return sorted(k for k in env if k.startswith(PASSTHROUGH_PREFIXES))
+
+
+def pmi_fd(env: Mapping[str, str]) -> Optional[int]:
+    try:
+        return int(env["PMI_FD"])
+    except (KeyError, ValueError):
+        return None
