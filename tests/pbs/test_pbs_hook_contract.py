@@ -1,0 +1,682 @@
+"""Contract tests of hooks/pbs/uctr_hook.py against a double of the `pbs` hook module.
+
+No PBS server runs here, so every event is run the way pbs_mom runs a hook: a fresh
+interpreter per event (tests/pbs/pbs_double.py), as root, in its own session, killed with
+its whole process group when it ends or overruns its alarm. Only the `pbs` module is a
+double: the hook really runs uctr, which really pulls from the harness registry, unpacks as
+the job user and writes the records uctr-exec reads.
+"""
+
+import json
+import os
+import pwd
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.pbs.pbs_double import ND_FREE, ND_OFFLINE, REPO, HookRunner
+
+pytestmark = [pytest.mark.pbs, pytest.mark.contract]
+
+HOOK_FILE = REPO / "hooks" / "pbs" / "uctr_hook.py"
+UCTR_EXEC = "/opt/uctr/bin/uctr-exec"  # only ever written into argv, never run here
+SERVER = "pbs-server"
+
+
+def _needs_root_and_test_user(test_user):
+    if os.geteuid() != 0:
+        pytest.skip("the hook runs as root under pbs_mom; these tests need root")
+    try:
+        pwd.getpwnam(test_user)
+    except KeyError:
+        pytest.skip(f"needs the user {test_user} (run scripts/install.sh)")
+
+
+class Site:
+    """One PBS "site" per test: policy, hook config, run dir, the job user's storage."""
+
+    def __init__(self, tmp_path: Path, dirs, user: str, registries):
+        self.tmp, self.dirs, self.user = tmp_path, dirs, user
+        self.uid = pwd.getpwnam(user).pw_uid
+        self.registries = list(registries)
+        self.run_dir = tmp_path / "run"
+        self.policy = tmp_path / "etc" / "policy.yaml"
+        self.config_file = tmp_path / "hook" / "uctr_hook.json"
+        self.config_file.parent.mkdir()
+        self.runner = HookRunner(HOOK_FILE, self.config_file)
+        self._jobs = 0
+        self.write_policy()
+        self.write_config()
+
+    def write_policy(self, allow=(), local_dir=None, user_modes=("N1", "R1", "P1"),
+                     stage_timeout=120):
+        lines = ["version: 1", "defaults:",
+                 f"  user_modes: [{', '.join(user_modes)}]",
+                 "  registries:",
+                 f"    insecure: [{', '.join(json.dumps(r) for r in self.registries)}]"]
+        if allow:
+            lines.append(f"    allow: [{', '.join(json.dumps(a) for a in allow)}]")
+        lines += ["  storage:", f"    cache_dir: {self.dirs.cache}",
+                  f"    local_dir: {local_dir or self.dirs.local}",
+                  f"    stage_timeout: {stage_timeout}", ""]
+        self.policy.parent.mkdir(exist_ok=True)
+        self.policy.write_text("\n".join(lines))
+        self.policy.chmod(0o644)
+
+    def write_config(self, **overrides):
+        config = {"python": sys.executable, "pythonpath": str(REPO), "uctr_exec": UCTR_EXEC,
+                  "policy": str(self.policy), "run_dir": str(self.run_dir), "alarm": 30}
+        config.update(overrides)
+        self.config_file.write_text(json.dumps(config))
+        self.config = config
+
+    def job(self, image=None, resources=None, variables=None, queue="workq") -> dict:
+        self._jobs += 1
+        resource_list = dict(resources or {})
+        if image:
+            resource_list["container_image"] = image
+        return {"id": f"{self._jobs}.{SERVER}", "euser": self.user, "egroup": self.user,
+                "queue": queue, "Resource_List": resource_list,
+                "Variable_List": dict(variables or {})}
+
+    def event(self, name, job, **extra):
+        return self.runner.run(name, job, **extra)
+
+    def readiness(self, job) -> dict:
+        path = self.run_dir / "readiness" / job["id"]
+        if not path.exists():
+            return None
+        return dict(line.split("=", 1) for line in path.read_text().splitlines())
+
+    def state_files(self, job):
+        state = self.run_dir / "pbs"
+        return sorted(p.name for p in state.glob(job["id"] + ".*")) if state.exists() else []
+
+    def bundles(self):
+        bundles = self.dirs.local / "bundles"
+        if not bundles.exists():
+            return []
+        return [p for p in bundles.iterdir() if not p.name.startswith(".")]
+
+
+@pytest.fixture
+def site(tmp_path, uctr, test_user, registry_http):
+    _needs_root_and_test_user(test_user)
+    return Site(tmp_path, uctr.dirs(test_user), test_user, [registry_http.host])
+
+
+def stager_pid(site, job):
+    lock = site.run_dir / "pbs" / f"{job['id']}.lock"
+    return int(lock.read_text().split()[0])
+
+
+def session_of(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[3])
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+# -- queuejob -----------------------------------------------------------------------------
+def test_queuejob_accepts_a_valid_image(site, pushed):
+    result = site.event("queuejob", site.job(pushed["busybox"]))
+    assert result["accepted"], result
+    assert not site.run_dir.exists(), "queuejob runs on the server: no node state"
+
+
+def test_queuejob_accepts_v_uctr_image(site, pushed):
+    result = site.event("queuejob", site.job(variables={"UCTR_IMAGE": pushed["busybox"]}))
+    assert result["accepted"], result
+
+
+@pytest.mark.parametrize("image, what, hint", [
+    ("debian:12:bad", 'invalid repository name "debian:12" in "debian:12:bad"',
+     "repository path components are lowercase"),
+    ("Debian/Upper:1", 'repository name must be lowercase: "Debian/Upper"',
+     'did you mean "debian/upper:1"?'),
+])
+def test_queuejob_rejects_bad_syntax_with_a_clear_message(site, image, what, hint):
+    result = site.event("queuejob", site.job(image))
+    assert not result["accepted"]
+    assert result["reject_message"] == f"uctr: {what} (hint: {hint}" + \
+        result["reject_message"][len(f"uctr: {what} (hint: {hint}"):]
+    assert result["reject_message"].endswith(")")
+    assert not result["job_rerun"] and not result["job_delete"]  # not for server hooks
+
+
+def test_queuejob_rejects_bad_syntax_in_v_uctr_image(site):
+    result = site.event("queuejob", site.job(variables={"UCTR_IMAGE": "a//b"}))
+    assert not result["accepted"] and result["reject_message"].startswith("uctr: ")
+
+
+def test_queuejob_rejects_an_image_the_policy_refuses(site, registry_http):
+    site.write_policy(allow=[f"{registry_http.host}/busybox:*"])
+    result = site.event("queuejob", site.job("docker.io/library/debian:12"))
+    assert not result["accepted"]
+    assert "refused by the site policy" in result["reject_message"]
+    assert "docker.io/library/debian:12" in result["reject_message"]
+    allowed = site.event("queuejob", site.job(f"{registry_http.host}/busybox:1"))
+    assert allowed["accepted"], allowed
+
+
+def test_queuejob_rejects_a_mode_users_may_not_choose(site, pushed):
+    site.write_policy(user_modes=("P1",))
+    result = site.event("queuejob", site.job(pushed["busybox"],
+                                             resources={"container_mode": "N1"}))
+    assert not result["accepted"]
+    assert "mode N1 is not allowed" in result["reject_message"]
+    result = site.event("queuejob", site.job(variables={"UCTR_IMAGE": pushed["busybox"],
+                                                        "UCTR_MODE": "P1"}))
+    assert result["accepted"], result
+
+
+def test_queuejob_rejects_a_bad_job_shell_choice(site, pushed):
+    result = site.event("queuejob", site.job(pushed["busybox"],
+                                             variables={"UCTR_JOB_SHELL": "inside"}))
+    assert not result["accepted"] and "UCTR_JOB_SHELL" in result["reject_message"]
+
+
+def test_jobs_without_an_image_never_start_uctr(site):
+    site.write_config(python="/nonexistent/python3")  # any call of uctr would fail
+    for event in ("queuejob", "execjob_begin", "execjob_prologue", "execjob_end",
+                  "execjob_epilogue"):
+        result = site.event(event, site.job())
+        assert result["accepted"] and not result["logs"], (event, result)
+    result = site.event("execjob_launch", site.job(), progname="/bin/bash", argv=[],
+                        env={"HOME": "/home/x"})
+    assert result["accepted"]
+    assert (result["progname"], result["argv"]) == ("/bin/bash", [])
+    assert result["env"] == {"HOME": "/home/x"}
+
+
+# -- execjob_begin: staging ---------------------------------------------------------------
+def test_begin_stages_as_the_job_user_never_root(site, pushed, test_images):
+    job = site.job(pushed["busybox"])
+    result = site.event("execjob_begin", job)
+
+    assert result["accepted"], result
+    assert not result["job_rerun"] and not result["job_delete"]
+    assert any("staged" in text for _, text in result["logs"]), result["logs"]
+    record = site.readiness(job)
+    digest = test_images["busybox"].manifest_digest()
+    assert record["status"] == "ok" and record["manifest_digest"] == digest
+    assert record["uid"] == str(site.uid) and record["image"] == pushed["busybox"]
+    # everything the staging created belongs to the job user, though the hook ran as root
+    bundle = Path(record["bundle"])
+    assert bundle.parent.parent == site.dirs.local
+    for path in (bundle, bundle / "rootfs", bundle / "rootfs" / "bin" / "busybox",
+                 site.dirs.cache, site.dirs.local):
+        assert path.lstat().st_uid == site.uid, f"{path} is not owned by {site.user}"
+    blobs = [p for p in site.dirs.cache.rglob("*") if p.is_file()]
+    assert blobs and all(p.stat().st_uid == site.uid for p in blobs)
+    # the record uctr-exec reads is the job user's, in a root-owned directory
+    record_path = site.run_dir / "readiness" / job["id"]
+    assert record_path.stat().st_uid == site.uid
+    assert stat.S_IMODE(record_path.stat().st_mode) == 0o600
+    assert (site.run_dir / "readiness").stat().st_uid == 0
+    assert (site.dirs.local / "inuse" / digest.split(":")[1] / f"job-{job['id']}").exists()
+
+
+def test_begin_on_a_second_job_reuses_the_rootfs(site, pushed, registry_http, test_images):
+    first = site.job(pushed["busybox"])
+    assert site.event("execjob_begin", first)["accepted"]
+    layers = test_images["busybox"].layer_digests()
+    gets = {d: registry_http.blob_gets(d) for d in layers}
+    second = site.job(pushed["busybox"])
+    result = site.event("execjob_begin", second)
+    assert result["accepted"]
+    assert any("(reused)" in text for _, text in result["logs"]), result["logs"]
+    assert {d: registry_http.blob_gets(d) for d in layers} == gets
+    assert len(site.bundles()) == 1
+
+
+def test_begin_user_error_fails_the_job_and_leaves_the_vnode_alone(site, registry_http):
+    missing = f"{registry_http.host}/no-such-image:1"
+    job = site.job(missing)
+    result = site.event("execjob_begin", job)
+
+    assert not result["accepted"]
+    assert result["job_delete"] and not result["job_rerun"]
+    assert result["reject_message"].startswith(f"uctr: cannot stage {missing} on node1: ")
+    assert "not found" in result["reject_message"] or "unknown" in result["reject_message"]
+    assert result["vnodes"] == {"node1": {"state": ND_FREE, "comment": None}}
+    record = site.readiness(job)
+    assert record["status"] == "error" and record["image"] == missing and record["message"]
+
+
+def test_begin_refuses_what_the_node_policy_refuses_without_pulling(site, registry_http, pushed):
+    site.write_policy(allow=["docker.io/library/*"])
+    job = site.job(pushed["busybox"])
+    result = site.event("execjob_begin", job)
+    assert not result["accepted"] and result["job_delete"]
+    assert "refused by the site policy" in result["reject_message"]
+    assert result["vnodes"]["node1"]["state"] == ND_FREE
+    assert not site.dirs.cache.exists(), "nothing may be pulled for a refused image"
+
+
+def test_begin_refuses_a_bad_job_shell_choice_as_a_user_error(site, pushed):
+    job = site.job(pushed["busybox"], variables={"UCTR_JOB_SHELL": "inside"})
+    result = site.event("execjob_begin", job)
+    assert not result["accepted"] and result["job_delete"] and not result["job_rerun"]
+    assert "UCTR_JOB_SHELL=inside" in result["reject_message"]
+    assert result["vnodes"]["node1"]["state"] == ND_FREE
+
+
+@pytest.mark.parametrize("node_fault, offlined", [("offline", True), ("requeue", False)])
+def test_node_fault_requeues_the_job(site, pushed, node_fault, offlined):
+    # an unusable node-local directory is the node's problem, not the user's
+    site.write_policy(local_dir="/proc/uctr-${UID}")
+    site.write_config(node_fault=node_fault)
+    job = site.job(pushed["busybox"])
+    result = site.runner.run("execjob_begin", job, vnodes=["node1", "node1[1]", "node2"])
+
+    assert not result["accepted"]
+    assert result["job_rerun"] and not result["job_delete"]
+    assert "node node1 cannot run container jobs" in result["reject_message"]
+    vnodes = result["vnodes"]
+    assert vnodes["node2"] == {"state": ND_FREE, "comment": None}  # another host's vnode
+    for name in ("node1", "node1[1]"):
+        assert (vnodes[name]["state"] == ND_OFFLINE) is offlined
+        assert (vnodes[name]["comment"] or "").startswith("uctr: ") is offlined
+    # the admin fixes the node; the requeued job (same id) comes back and runs
+    site.write_policy()
+    again = site.runner.run("execjob_begin", job)
+    assert again["accepted"] and not again["job_rerun"], again
+    assert site.readiness(job)["status"] == "ok"
+
+
+def test_uctr_that_cannot_run_is_a_node_fault_not_a_user_error(site, pushed):
+    site.write_config(python="/nonexistent/python3")
+    job = site.job(pushed["busybox"])
+    begin = site.event("execjob_begin", job)
+    assert not begin["accepted"] and begin["job_rerun"] and not begin["job_delete"]
+    assert begin["vnodes"]["node1"]["state"] == ND_OFFLINE
+    assert "cannot run uctr" in begin["reject_message"]
+    queued = site.event("queuejob", job)
+    assert not queued["accepted"]
+    assert "cannot check the container request" in queued["reject_message"]
+    end = site.event("execjob_end", job)
+    assert end["accepted"] and any("cleanup skipped" in text for _, text in end["logs"])
+
+
+def test_a_broken_hook_config_is_reported(site, pushed):
+    site.write_config(job_shell="inside")
+    job = site.job(pushed["busybox"])
+    result = site.event("execjob_begin", job)
+    assert not result["accepted"] and result["job_rerun"] and not result["job_delete"]
+    assert "broken hook configuration" in result["reject_message"]
+    assert "job_shell" in result["reject_message"]
+    # the config says which vnodes may be offlined: a broken one offlines nothing
+    assert result["vnodes"]["node1"]["state"] == ND_FREE
+    queued = site.event("queuejob", job)
+    assert not queued["accepted"] and queued["exception"] is None
+    assert queued["reject_message"].startswith("uctr: cannot check the container request: ")
+
+
+# -- the alarm: detached, bounded staging that resumes ------------------------------------
+def test_alarm_is_respected_and_an_interrupted_pull_resumes(site, pushed, fault_proxy,
+                                                            test_images, uctr):
+    site.registries.append(fault_proxy.host)
+    site.write_policy()
+    image = fault_proxy.rewrite(pushed["busybox"])
+    layer = test_images["busybox"].layer_digests()[0]
+    fault_proxy.stall(r"/blobs/", after=64 * 1024, seconds=120, times=None)
+    site.write_config(alarm=10)  # begin may wait 10 - 8 = 2 s
+    job = site.job(image)
+
+    result = site.event("execjob_begin", job, alarm=10)
+
+    # answered before the alarm, job accepted, staging still going on in its own session
+    assert not result["alarm"] and result["seconds"] < 10, result
+    assert result["accepted"], result
+    assert any("still staging" in text for _, text in result["logs"]), result["logs"]
+    pid = stager_pid(site, job)
+    assert session_of(pid) == pid != result["hook_pid"]
+    os.kill(pid, 0)  # alive after MoM's kill(-hook, SIGKILL)
+    partial = site.dirs.cache / "tmp" / f"{layer.split(':')[1]}.partial"
+    wait_for(lambda: partial.exists() and partial.stat().st_size > 0, what="a partial download")
+
+    # the stager dies mid-download (node reboot, OOM, a previous job end): nothing
+    # half-written may look complete
+    for member in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            if session_of(member) == pid:
+                os.kill(member, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    wait_for(lambda: not _alive(pid), what="the stager to die")
+    assert site.readiness(job) is None
+    assert not (site.dirs.cache / "blobs" / "sha256" / layer.split(":")[1]).exists()
+    received = partial.stat().st_size
+    assert 0 < received < _blob_size(test_images["busybox"], layer)
+
+    # the requeued job starts again: the pull resumes where it stopped and completes
+    fault_proxy.clear()
+    site.write_config(alarm=60)
+    again = site.event("execjob_begin", job, alarm=60)
+    assert again["accepted"], again
+    assert any("staged" in text for _, text in again["logs"]), again["logs"]
+    assert site.readiness(job)["status"] == "ok"
+    ranges = [r.range for r in fault_proxy.matching(layer.split(":")[1]) if r.range]
+    assert any(r.startswith(f"bytes={received}-") for r in ranges), fault_proxy.requests
+    verify = uctr("verify", user=site.user)  # re-hashes every blob of the job user's cache
+    assert verify.returncode == 0, verify.stderr
+
+
+def test_a_hook_killed_by_its_alarm_leaves_the_stager_running(site, pushed, fault_proxy):
+    site.registries.append(fault_proxy.host)
+    site.write_policy()
+    fault_proxy.stall(r"/blobs/", after=1024, seconds=120, times=None)
+    # the hook believes its alarm is long; MoM's real alarm (3 s here) kills it first
+    site.write_config(alarm=120, begin_wait=60)
+    job = site.job(fault_proxy.rewrite(pushed["busybox"]))
+
+    result = site.event("execjob_begin", job, alarm=3)
+
+    assert result["alarm"], "the hook should have overrun the 3 s alarm"
+    wait_for(lambda: (site.run_dir / "pbs" / f"{job['id']}.lock").exists(), what="the lock")
+    pid = stager_pid(site, job)
+    assert _alive(pid), "the stager must survive kill(-hook, SIGKILL)"
+    end = site.event("execjob_end", job)  # the job is gone: its stager stops too
+    assert end["accepted"] and any("stopped its stager" in t for _, t in end["logs"]), end
+    wait_for(lambda: not _alive(pid), what="the stager to stop")
+    assert site.state_files(job) == [] and site.readiness(job) is None
+
+
+def test_prologue_waits_for_the_stager_begin_left_running(site, pushed, fault_proxy,
+                                                          test_images):
+    site.registries.append(fault_proxy.host)
+    site.write_policy()
+    layer_hex = test_images["busybox"].layer_digests()[0].split(":")[1]
+    fault_proxy.stall(layer_hex, after=1024, seconds=3, times=1)
+    site.write_config(begin_wait=0.5)
+    job = site.job(fault_proxy.rewrite(pushed["busybox"]))
+
+    begin = site.event("execjob_begin", job)
+    assert begin["accepted"] and any("still staging" in t for _, t in begin["logs"]), begin
+    prologue = site.event("execjob_prologue", job)
+    assert prologue["accepted"] and any("staged" in t for _, t in prologue["logs"]), prologue
+    assert site.readiness(job)["status"] == "ok"
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _blob_size(image, digest):
+    return next(layer["size"] for layer in image.manifest()["layers"] if layer["digest"] == digest)
+
+
+# -- execjob_launch -----------------------------------------------------------------------
+@pytest.fixture
+def staged(site, pushed):
+    job = site.job(pushed["busybox"], resources={"container_mode": "R1"},
+                   variables={"UCTR_MPI": "none"})
+    assert site.event("execjob_begin", job)["accepted"]
+    return job
+
+
+def test_launch_runs_the_job_shell_through_uctr_exec(site, staged, pushed):
+    env = {"HOME": "/home/uctrtest", "PBS_JOBID": staged["id"]}
+    result = site.event("execjob_launch", staged, progname="/bin/bash", argv=[], env=env)
+
+    assert result["accepted"], result
+    # busybox has no bash: the job shell falls back to the image's /bin/sh
+    assert result["progname"] == UCTR_EXEC
+    assert result["argv"] == [UCTR_EXEC, pushed["busybox"], "--", "/bin/sh"]
+    assert result["env"]["UCTR_IMAGE"] == pushed["busybox"]
+    assert result["env"]["UCTR_MODE"] == "R1" and result["env"]["UCTR_MPI"] == "none"
+    assert result["env"]["UCTR_RUN_DIR"] == str(site.run_dir)
+    assert result["env"]["UCTR_POLICY"] == str(site.policy)
+    assert result["env"]["UCTR_PYTHON"] == sys.executable  # the launchers/ shim runs on it
+    assert result["env"]["PBS_JOBID"] == staged["id"] and result["env"]["HOME"] == env["HOME"]
+    # MoM hands the shell the script's path on stdin: it must exist in the container
+    assert result["env"]["UCTR_MOUNTS"] == \
+        "/var/spool/pbs/mom_priv/jobs:/var/spool/pbs/mom_priv/jobs:ro"
+
+
+def test_launch_adds_the_script_dir_to_the_users_mounts(site, staged):
+    result = site.event("execjob_launch", staged, progname="/bin/sh", argv=[],
+                        env={"UCTR_MOUNTS": "/scratch"}, pbs_home="/pbs")
+    assert result["env"]["UCTR_MOUNTS"] == "/scratch,/pbs/mom_priv/jobs:/pbs/mom_priv/jobs:ro"
+    task = site.event("execjob_launch", staged, progname="hostname", argv=["hostname"],
+                      env={"UCTR_MOUNTS": "/scratch"}, pbs_home="/pbs")
+    assert "UCTR_MOUNTS" not in task["env"] or task["env"]["UCTR_MOUNTS"] == "/scratch"
+
+
+def test_launch_keeps_a_shell_the_image_has(site, staged, pushed):
+    result = site.event("execjob_launch", staged, progname="/bin/sh", argv=[], env={})
+    assert result["argv"] == [UCTR_EXEC, pushed["busybox"], "--", "/bin/sh"]
+    result = site.event("execjob_launch", staged, progname="/usr/bin/zsh", argv=[], env={})
+    assert result["argv"][-1] == "/bin/sh"
+
+
+def test_launch_wraps_tm_tasks_but_not_mpi_daemons(site, staged, pushed):
+    task = site.event("execjob_launch", staged, progname="hostname", argv=["hostname", "-f"],
+                      env={"UCTR_ARGV0": "/bin/true"})  # qsub -V from inside a Slurm step
+    assert task["argv"] == [UCTR_EXEC, pushed["busybox"], "--", "hostname", "-f"]
+    assert task["progname"] == UCTR_EXEC
+    assert task["env"]["UCTR_ARGV0"] == "", "uctr-exec would run UCTR_ARGV0 instead"
+    daemons = (["/usr/bin/orted", "-mca", "ess", "tm"],
+               ["hydra_pmi_proxy", "--control-port", "x:1"])
+    for daemon in daemons:
+        result = site.event("execjob_launch", staged, progname=daemon[0], argv=daemon, env={})
+        assert result["accepted"]
+        assert (result["progname"], result["argv"]) == (daemon[0], daemon), "a daemon starts ranks"
+        assert result["env"]["UCTR_IMAGE"] == pushed["busybox"]  # for the user's mpiexec line
+    # the user already wrote `mpiexec uctr-exec IMAGE app`: not wrapped twice
+    wrapped = ["/opt/uctr/bin/uctr-exec", pushed["busybox"], "app"]
+    result = site.event("execjob_launch", staged, progname=wrapped[0], argv=wrapped, env={})
+    assert result["argv"] == wrapped
+
+
+def test_launch_leaves_the_job_shell_on_the_host_when_asked(site, pushed):
+    job = site.job(pushed["busybox"], variables={"UCTR_JOB_SHELL": "host"})
+    assert site.event("execjob_begin", job)["accepted"]
+    result = site.event("execjob_launch", job, progname="/bin/bash", argv=[], env={})
+    assert (result["progname"], result["argv"]) == ("/bin/bash", [])
+    assert result["env"]["UCTR_IMAGE"] == pushed["busybox"]
+    task = site.event("execjob_launch", job, progname="hostname", argv=["hostname"], env={})
+    assert task["argv"][:3] == [UCTR_EXEC, pushed["busybox"], "--"]
+
+
+def test_launch_with_v_uctr_image_only(site, pushed):
+    job = site.job(variables={"UCTR_IMAGE": pushed["busybox"]})
+    result = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env={})
+    assert result["argv"] == [UCTR_EXEC, pushed["busybox"], "--", "/bin/sh"]
+
+
+def test_launch_fails_the_job_after_a_staging_user_error(site, registry_http):
+    job = site.job(f"{registry_http.host}/no-such-image:1")
+    assert not site.event("execjob_begin", job)["accepted"]
+    result = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env={})
+    assert not result["accepted"] and result["job_delete"]
+    assert result["reject_message"].startswith("uctr: cannot run in ")
+    assert result["progname"] == "/bin/sh", "a rejected launch changes nothing"
+
+
+# -- execjob_end / execjob_epilogue -------------------------------------------------------
+@pytest.mark.parametrize("event", ["execjob_end", "execjob_epilogue"])
+def test_end_removes_job_state_and_keeps_the_bundle(site, staged, test_images, event):
+    digest_hex = test_images["busybox"].manifest_digest().split(":")[1]
+    inuse = site.dirs.local / "inuse" / digest_hex
+    assert [p.name for p in inuse.iterdir()] == [f"job-{staged['id']}"]
+    assert site.state_files(staged)
+
+    result = site.event(event, staged)
+
+    assert result["accepted"], result
+    assert any("removed 1 reference" in text for _, text in result["logs"]), result["logs"]
+    assert site.readiness(staged) is None and site.state_files(staged) == []
+    assert list(inuse.iterdir()) == []
+    assert [b.name for b in site.bundles()] == [digest_hex]
+    again = site.event(event, staged)  # idempotent: the other of the two events, or a retry
+    assert again["accepted"] and not any(level == "error" for level, _ in again["logs"])
+
+
+def test_end_enforces_the_node_local_quota(site, pushed, test_images):
+    job = site.job(pushed["busybox"])
+    assert site.event("execjob_begin", job)["accepted"]
+    site.write_policy()
+    policy = site.policy.read_text().replace("  storage:\n", "  storage:\n    local_quota: 1K\n")
+    site.policy.write_text(policy)
+    result = site.event("execjob_end", job)
+    assert result["accepted"]
+    assert any("evicted 1 bundle" in text for _, text in result["logs"]), result["logs"]
+    assert site.bundles() == []
+
+
+# -- install ------------------------------------------------------------------------------
+def _uctr(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "uctr_batch", *args], capture_output=True,
+                          text=True, cwd=REPO, env=dict(os.environ, **(env or {})))
+
+
+def test_install_dry_run_prints_the_qmgr_steps():
+    result = _uctr("pbs", "install", "--dry-run", "--policy", "/etc/uctr/policy.yaml",
+                   "--uctr-exec", "/opt/uctr/bin/uctr-exec", "--alarm", "90")
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if line.startswith("qmgr")]
+    assert commands[:4] == [
+        "qmgr -c 'create resource container_image type=string'   "
+        "# unless: qmgr -c 'list resource container_image'",
+        "qmgr -c 'set resource container_image flag = m'",
+        "qmgr -c 'create resource container_mode type=string'   "
+        "# unless: qmgr -c 'list resource container_mode'",
+        "qmgr -c 'set resource container_mode flag = m'"]
+    # job-wide (no h); m: the MoMs get the value, else execjob hooks never see it
+    assert "flag=h" not in result.stdout and "flag = h" not in result.stdout
+    text = "\n".join(commands)
+    assert ("set hook uctr event = \"queuejob,execjob_begin,execjob_prologue,execjob_launch,"
+            "execjob_end\"") in text
+    assert "set hook uctr alarm = 90" in text and "set hook uctr fail_action = none" in text
+    imports = [c for c in commands if "'import hook " in c]
+    assert imports == [f"qmgr -c 'import hook uctr application/x-python default "
+                       f"{REPO}/hooks/pbs/uctr_hook.py'",
+                       "qmgr -c 'import hook uctr application/x-config default uctr_hook.json'"]
+    # the events are set before the imports (MoMs only get files of hooks with events)
+    assert text.index("event =") < text.index("import hook")
+    config = json.loads("\n".join(line[4:] for line in result.stdout.splitlines()
+                                  if line.startswith("#   ")))
+    from uctr_batch.batch.pbs import HookConfig
+
+    parsed = HookConfig.from_dict(config)
+    assert parsed.policy == "/etc/uctr/policy.yaml"
+    assert parsed.uctr_exec == "/opt/uctr/bin/uctr-exec"
+    assert parsed.alarm == 90 and parsed.python == sys.executable
+
+
+def test_uninstall_dry_run_reverses_install():
+    result = _uctr("pbs", "uninstall", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert [line.split("   #")[0] for line in result.stdout.splitlines()] == [
+        "qmgr -c 'delete hook uctr'", "qmgr -c 'delete resource container_mode'",
+        "qmgr -c 'delete resource container_image'"]
+
+
+FAKE_QMGR = """#!/bin/sh
+# contract double of qmgr -c: records each command; "list" succeeds for created objects
+echo "$2" >> "{log}"
+case "$2" in
+  "list "*) grep -qxF "${{2#list }}" "{state}" 2>/dev/null ;;
+  "create "*) echo "${{2#create }}" | sed 's/ type=.*//' >> "{state}" ;;
+  "delete resource "*) if [ -e "{state}.busy" ]; then
+      echo "qmgr obj=${{2#delete resource }} svr=default: Resource busy on job" >&2; exit 1; fi
+    grep -vxF "${{2#delete }}" "{state}" > "{state}.new"; mv "{state}.new" "{state}" ;;
+  "delete "*) grep -vxF "${{2#delete }}" "{state}" > "{state}.new"; mv "{state}.new" "{state}" ;;
+esac
+"""
+
+
+@pytest.mark.contract
+def test_install_runs_qmgr_and_is_idempotent(tmp_path):
+    log, state = tmp_path / "qmgr.log", tmp_path / "objects"
+    qmgr = tmp_path / "qmgr"
+    qmgr.write_text(FAKE_QMGR.format(log=log, state=state))
+    qmgr.chmod(0o755)
+    args = ["pbs", "install", "--qmgr", str(qmgr), "--uctr-exec", "/opt/uctr/bin/uctr-exec"]
+
+    first = _uctr(*args)
+    assert first.returncode == 0, first.stderr
+    ran = [c for c in log.read_text().splitlines() if not c.startswith("list ")]
+    assert ran[:5] == ["create resource container_image type=string",
+                       "set resource container_image flag = m",
+                       "create resource container_mode type=string",
+                       "set resource container_mode flag = m", "create hook uctr"]
+    assert ran[-1].startswith("import hook uctr application/x-config default /")
+    second = _uctr(*args)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("# skipped, nothing to do: create") == 3
+    removed = _uctr("pbs", "uninstall", "--qmgr", str(qmgr))
+    assert removed.returncode == 0, removed.stderr
+    assert state.read_text().strip() == ""
+
+
+@pytest.mark.contract
+def test_uninstall_keeps_resources_that_jobs_still_name(tmp_path):
+    log, state = tmp_path / "qmgr.log", tmp_path / "objects"
+    qmgr = tmp_path / "qmgr"
+    qmgr.write_text(FAKE_QMGR.format(log=log, state=state))
+    qmgr.chmod(0o755)
+    assert _uctr("pbs", "install", "--qmgr", str(qmgr),
+                 "--uctr-exec", "/opt/uctr/bin/uctr-exec").returncode == 0
+    (tmp_path / "objects.busy").touch()  # finished jobs in the history still name them
+
+    removed = _uctr("pbs", "uninstall", "--qmgr", str(qmgr))
+
+    assert removed.returncode == 0, removed.stderr
+    assert "warning: kept container_image: jobs (finished ones in the job history too)" \
+        in removed.stderr
+    assert state.read_text().split("\n")[:2] == ["resource container_image",
+                                                 "resource container_mode"]
+    assert "hook uctr" not in state.read_text()
+
+
+def test_install_without_qmgr_says_so():
+    result = _uctr("pbs", "install", "--qmgr", "/nonexistent/qmgr")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: /nonexistent/qmgr not found")
+    assert "hint:" in result.stderr
+
+
+@pytest.mark.parametrize("path", ["site-config/pbs/uctr_hook.json", "hooks/pbs/uctr_hook.json"])
+def test_shipped_hook_configs_are_valid(path):
+    from uctr_batch.batch.pbs import HookConfig
+
+    example = json.loads((REPO / path).read_text())
+    config = HookConfig.from_dict(example)
+    assert os.path.isabs(config.uctr_exec) and os.path.isabs(config.python)
+
+
+def test_the_site_config_example_uses_and_explains_every_key():
+    from uctr_batch.batch.pbs import HookConfig
+
+    example = json.loads((REPO / "site-config" / "pbs" / "uctr_hook.json").read_text())
+    assert set(example) - {"comment"} == set(HookConfig.__dataclass_fields__)
+    readme = (REPO / "site-config" / "pbs" / "README.md").read_text()
+    for key in HookConfig.__dataclass_fields__:
+        assert f"| `{key}` |" in readme, f"site-config/pbs/README.md does not explain {key}"
+
+
+def test_unknown_hook_config_keys_are_refused():
+    from uctr_batch.batch.pbs import HookConfig
+    from uctr_batch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key.*job_shel"):
+        HookConfig.from_dict({"job_shel": "host"})
+    with pytest.raises(ConfigError, match="uctr_exec must be an absolute path"):
+        HookConfig.from_dict({"uctr_exec": "uctr-exec"})

@@ -1,0 +1,742 @@
+"""OpenPBS integration: the logic behind hooks/pbs/uctr_hook.py, and `uctr pbs ...`.
+
+The hook runs inside pbs_server (queuejob) or pbs_python under pbs_mom (execjob_*). It only
+turns the event into a request, runs ``python -m uctr_batch pbs hook`` with it as JSON on
+stdin, and applies the JSON answer. Everything else is here, and shared with Slurm through
+batch/common.py:
+
+    queuejob            the image reference parses and the site policy allows it
+    execjob_begin       (every node) validate on this node, start the stager, wait a little
+    execjob_prologue    (first node) wait for the stager a little longer
+    execjob_launch      job shell and TM tasks -> uctr-exec IMAGE -- CMD (env: UCTR_*)
+    execjob_end         (every node; execjob_epilogue alike) stop the stager, release, quota
+
+Staging runs in a detached *stager* (its own session, so neither MoM's alarm nor the
+`kill(-hook, SIGKILL)` MoM sends after every hook can cut it short). It stages as the job
+user (common.stage_as_user), writes the readiness record for uctr-exec and an outcome file
+for the hooks. A hook waits for it only as long as its alarm allows; what is still running
+then continues, and the next event (or uctr-exec, which takes the same locks) picks it up.
+A stager killed mid-pull leaves partial blobs that the next attempt resumes.
+
+A user error (bad reference, refused image, auth, not found) fails the job with its message
+and never touches the vnode. A node fault (unusable node-local storage, broken policy, uctr
+not working) requeues the job and, with "node_fault": "offline" (the default), offlines
+this host's vnodes, the PBS counterpart of Slurm draining a node.
+
+Standard library only at import time: `uctr` builds its parser with this module imported.
+"""
+
+import argparse
+import fcntl
+import json
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from uctr_batch import errors, log
+
+_log = log.get("pbs")
+
+QUEUEJOB = "queuejob"
+EXECJOB_BEGIN = "execjob_begin"
+EXECJOB_PROLOGUE = "execjob_prologue"
+EXECJOB_LAUNCH = "execjob_launch"
+EXECJOB_EPILOGUE = "execjob_epilogue"
+EXECJOB_END = "execjob_end"
+EVENTS = (QUEUEJOB, EXECJOB_BEGIN, EXECJOB_PROLOGUE, EXECJOB_LAUNCH, EXECJOB_EPILOGUE, EXECJOB_END)
+INSTALLED_EVENTS = (QUEUEJOB, EXECJOB_BEGIN, EXECJOB_PROLOGUE, EXECJOB_LAUNCH, EXECJOB_END)
+
+IMAGE_RESOURCE = "container_image"
+MODE_RESOURCE = "container_mode"
+# -v NAME=VALUE job variables the hook reads (the resources above win over UCTR_IMAGE/MODE)
+JOB_VARIABLES = ("UCTR_IMAGE", "UCTR_MODE", "UCTR_MPI", "UCTR_GPU", "UCTR_JOB_SHELL")
+
+ALARM_MARGIN = 8.0  # seconds kept free below the hook alarm: start-up, answer, apply
+STATE_DIR = "pbs"  # under the run dir: <job>.lock, <job>.outcome, <job>.log (root, 0700)
+
+# Programs TM starts that must stay on the host: MPI daemons start the ranks themselves.
+DEFAULT_HOST_PROGRAMS = ("orted", "prted", "prte", "prterun", "hydra_pmi_proxy",
+                         "hydra_bstrap_proxy", "pmi_proxy", "pbs_attach", "pbs_tmrsh",
+                         "uctr-exec")
+
+
+# -- configuration ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HookConfig:
+    """hooks/pbs/uctr_hook.json, as imported with `qmgr ... application/x-config`."""
+    python: str = "/usr/bin/python3"  # interpreter with uctr_batch (the hook runs it)
+    pythonpath: Optional[str] = None  # where uctr_batch lives when it is not installed
+    uctr_exec: str = "/usr/local/bin/uctr-exec"  # absolute path on the execution hosts
+    policy: Optional[str] = None  # site policy file (default /etc/uctr/policy.yaml)
+    run_dir: Optional[str] = None  # node-local readiness records (default /run/uctr)
+    stage_timeout: Optional[float] = None  # the stager's bound (default: the policy's)
+    begin_wait: float = 20.0  # execjob_begin blocks its MoM: wait at most this long there
+    alarm: float = 60.0  # the hook's alarm, when the event does not say it
+    job_shell: str = "container"  # "container": the job script runs in the image; "host"
+    node_fault: str = "offline"  # "offline": offline this host's vnodes; "requeue": only requeue
+    host_programs: Tuple[str, ...] = DEFAULT_HOST_PROGRAMS
+    environment: Dict[str, str] = field(default_factory=dict)  # extra env for uctr (proxies)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "HookConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known - {"comment"})
+        if unknown:
+            raise errors.ConfigError(f"unknown key(s) in the PBS hook config: {', '.join(unknown)}",
+                                     "keys: " + ", ".join(sorted(known)))
+        values = {k: v for k, v in data.items() if k in known and v is not None}
+        if "host_programs" in values:
+            values["host_programs"] = tuple(values["host_programs"])
+        for key in ("stage_timeout", "begin_wait", "alarm"):
+            if key in values:
+                values[key] = _number(key, values[key])
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        choices = {"job_shell": ("container", "host"), "node_fault": ("offline", "requeue")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise errors.ConfigError(
+                    f"PBS hook config: {key} is {getattr(self, key)!r}",
+                    f"use one of: {', '.join(allowed)}")
+        for key in ("python", "uctr_exec"):
+            if not os.path.isabs(getattr(self, key)):
+                raise errors.ConfigError(f"PBS hook config: {key} must be an absolute path",
+                                         "`uctr pbs install` writes the paths of this host")
+
+    def to_dict(self) -> dict:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["host_programs"] = list(self.host_programs)
+        return data
+
+    def uctr_environment(self) -> Dict[str, str]:
+        """UCTR_* settings every uctr process started for the job needs."""
+        env = {}
+        if self.policy:
+            env["UCTR_POLICY"] = self.policy
+        if self.run_dir:
+            env["UCTR_RUN_DIR"] = self.run_dir
+        return env
+
+
+def _number(key: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise errors.ConfigError(f"PBS hook config: {key} is not a number: {value!r}") from None
+    if number <= 0:
+        raise errors.ConfigError(f"PBS hook config: {key} must be positive")
+    return number
+
+
+# -- the job ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Request:
+    """What the user asked for: -l container_image/container_mode or -v UCTR_*."""
+    image: Optional[str]
+    mode: Optional[str]
+    mpi: Optional[str]
+    gpu: Optional[str]
+    job_shell: Optional[str]
+
+
+def _value(mapping: Mapping, name: str) -> Optional[str]:
+    value = (mapping or {}).get(name)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def job_request(job: Mapping) -> Request:
+    resources, variables = job.get("resources") or {}, job.get("variables") or {}
+    return Request(
+        image=_value(resources, IMAGE_RESOURCE) or _value(variables, "UCTR_IMAGE"),
+        mode=_value(resources, MODE_RESOURCE) or _value(variables, "UCTR_MODE"),
+        mpi=_value(variables, "UCTR_MPI"), gpu=_value(variables, "UCTR_GPU"),
+        job_shell=_value(variables, "UCTR_JOB_SHELL"))
+
+
+def job_context(req: Mapping):
+    """The JobContext of an execjob_* request (the job user from euser/egroup)."""
+    from uctr_batch.batch.job import JobContext
+
+    job = req["job"]
+    user = job.get("euser")
+    if not user:
+        raise errors.ConfigError(f"job {job.get('id')} has no euser")
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise errors.ConfigError(f"job user {user} has no passwd entry on this node") from None
+    gid = pw.pw_gid
+    if job.get("egroup"):
+        import grp
+
+        try:
+            gid = grp.getgrnam(job["egroup"]).gr_gid
+        except KeyError:
+            pass  # PBS already checked the group; the passwd entry's is the safe choice
+    request = job_request(job)
+    return JobContext(job_id=str(job["id"]), uid=pw.pw_uid, gid=gid, user=user,
+                      node=_short(req.get("node") or os.uname().nodename),
+                      partition=job.get("queue") or None, image=request.image,
+                      mode=request.mode, mpi=request.mpi, gpu=request.gpu)
+
+
+def _short(host: str) -> str:
+    return str(host).split(".")[0]
+
+
+# -- answers ------------------------------------------------------------------------------
+class Answer(dict):
+    """What the hook applies: action accept|reject, message, job_action (rerun|delete),
+    offline (this host's vnodes) with comment, progname/argv/env for execjob_launch, and
+    log lines [level, text] for the daemon's log."""
+
+    def __init__(self, action: str = "accept", **fields):
+        super().__init__(action=action, log=[], **fields)
+
+    def note(self, level: str, text: str) -> "Answer":
+        self["log"].append([level, text])
+        return self
+
+
+def accept(**fields) -> Answer:
+    return Answer("accept", **fields)
+
+
+def reject(message: str, job_action: Optional[str] = None, **fields) -> Answer:
+    return Answer("reject", message=message, job_action=job_action, **fields)
+
+
+def user_error(message: str, hint: Optional[str] = None, job_action: Optional[str] = "delete"
+               ) -> Answer:
+    """The job fails with the message; the vnode is left alone."""
+    text = f"uctr: {message}" + (f" (hint: {hint})" if hint else "")
+    return reject(text, job_action).note("info", text)
+
+
+def node_fault(config: HookConfig, node: str, message: str) -> Answer:
+    """Requeue the job; with node_fault=offline also take this host's vnodes out."""
+    text = f"uctr: node {node} cannot run container jobs: {message}"
+    answer = reject(text, "rerun").note("error", text)
+    if config.node_fault == "offline":
+        answer["offline"] = True
+        answer["comment"] = f"uctr: {message}"[:200]
+    return answer
+
+
+# -- dispatch -----------------------------------------------------------------------------
+def handle(req: Mapping, env: Optional[Mapping[str, str]] = None) -> Answer:
+    """The answer to one hook request (never raises)."""
+    env = os.environ if env is None else env
+    event = req.get("event")
+    node = _short(req.get("node") or os.uname().nodename)
+    try:
+        config = HookConfig.from_dict(req.get("config") or {})
+    except errors.UctrError as e:  # which vnodes to offline is in the config: only requeue
+        return failure(event, HookConfig(node_fault="requeue"), node,
+                       f"broken hook configuration: {e.message}")
+    try:
+        if job_request(req.get("job") or {}).image is None:
+            return accept()  # the hook skips these itself; this is the same rule
+        if event == QUEUEJOB:
+            return queuejob(req, config, env)
+        if event in (EXECJOB_BEGIN, EXECJOB_PROLOGUE):
+            return stage_event(req, config, env)
+        if event == EXECJOB_LAUNCH:
+            return launch(req, config, env)
+        if event in (EXECJOB_EPILOGUE, EXECJOB_END):
+            return cleanup(req, config, env)
+        return accept().note("warning", f"uctr: event {event!r} is not handled; accepted")
+    except Exception as e:  # noqa: BLE001 - a bug or a broken node: never a user's fault
+        _log.debug("hook request failed", exc_info=True)
+        message = e.message if isinstance(e, errors.UctrError) else f"{type(e).__name__}: {e}"
+        return failure(event, config, node, message)
+
+
+def failure(event: Optional[str], config: HookConfig, node: str, message: str) -> Answer:
+    """uctr could not do its part: refuse the submission, requeue (and maybe offline) for
+    a job start, only log for a job end."""
+    if event == QUEUEJOB:
+        return reject(f"uctr: cannot check the container request: {message}").note("error", message)
+    if event in (EXECJOB_EPILOGUE, EXECJOB_END):
+        return accept().note("error", f"uctr: cleanup incomplete: {message}")
+    return node_fault(config, node, message)
+
+
+# -- queuejob -----------------------------------------------------------------------------
+def queuejob(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Answer:
+    """Refuse at submission what no node would run: bad syntax, an image the site refuses,
+    a mode or MPI profile it never allows. Nodes check again with their own class."""
+    from uctr_batch.batch import common
+    from uctr_batch.policy import load_policy, resolve
+
+    request = job_request(req["job"])
+    policy = load_policy(env=_with(env, config.uctr_environment()))
+    node_policy = resolve(policy, node=_short(req.get("node") or os.uname().nodename),
+                          partition=req["job"].get("queue") or None, features=())
+    try:
+        common.validate_request(request.image, request.mode, request.mpi, node_policy)
+        _check_job_shell(request.job_shell)
+    except errors.UctrError as e:
+        return user_error(e.message, e.hint, job_action=None)
+    return accept().note("debug", f"uctr: {req['job'].get('id') or 'new job'}: "
+                                  f"container image {request.image} accepted")
+
+
+def _check_job_shell(value: Optional[str]) -> None:
+    if value not in (None, "container", "host"):
+        raise errors.UctrError(f"UCTR_JOB_SHELL={value} is not container or host",
+                               "-v UCTR_JOB_SHELL=host runs the job script on the host, "
+                               "where a PBS-aware mpiexec can start `uctr-exec IMAGE` ranks")
+
+
+def _job_shell_outcome(job: Mapping) -> Optional[dict]:
+    from uctr_batch.batch import stage
+
+    try:
+        _check_job_shell(job_request(job).job_shell)
+    except errors.UctrError as e:
+        return stage.error_outcome(e, stage.USER)
+    return None
+
+
+def _with(env: Mapping[str, str], extra: Mapping[str, str]) -> Dict[str, str]:
+    merged = dict(env)
+    merged.update(extra)
+    return merged
+
+
+# -- execjob_begin / execjob_prologue -----------------------------------------------------
+def stage_event(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Answer:
+    """Check the request on this node, make sure a stager runs (or ran), wait for it as
+    long as this event may block, and fail the job only for what its owner must fix."""
+    from uctr_batch.batch import common, readiness
+
+    env = _with(env, config.uctr_environment())
+    ctx = job_context(req)
+    node_policy = common.site_policy(ctx, env)  # broken or untrusted: a node fault
+    refused = common.check_request(ctx, node_policy) or _job_shell_outcome(req["job"])
+    if refused:
+        readiness.write_readiness(ctx.job_id, ctx.uid, common.record_fields(ctx, refused), env)
+        return user_error(refused["message"], refused.get("hint"))
+    if req.get("event") == EXECJOB_BEGIN:
+        _forget_earlier_run(ctx, env)
+    outcome = await_stager(ctx, config, env, wait_budget(req, config))
+    if outcome is None:
+        return accept().note("info", f"uctr: job {ctx.job_id} on {ctx.node}: still staging "
+                                     f"{ctx.image}; it continues in the background")
+    if outcome["status"] == "ok":
+        return accept().note("info", "uctr: " + common.describe_outcome(
+            ctx, outcome, outcome.get("seconds", 0.0)))
+    if outcome.get("fault") == "node":
+        return node_fault(config, ctx.node, outcome["message"])
+    return user_error(f"cannot stage {ctx.image} on {ctx.node}: {outcome['message']}",
+                      outcome.get("hint"))
+
+
+def _forget_earlier_run(ctx, env: Mapping[str, str]) -> None:
+    """A requeued job keeps its id: what a failed earlier run on this node recorded (a node
+    fault since fixed, say), or a root filesystem evicted since, must not decide this run."""
+    from uctr_batch.batch import readiness
+
+    outcome = read_outcome(ctx.job_id, env)
+    if outcome is None or (outcome["status"] == "ok" and os.path.isdir(outcome.get("rootfs", ""))):
+        return
+    state_path(ctx.job_id, "outcome", env).unlink(missing_ok=True)
+    readiness.remove_readiness(ctx.job_id, env)
+
+
+def wait_budget(req: Mapping, config: HookConfig) -> float:
+    """How long this event may wait for the stager and still answer before its alarm."""
+    alarm = float(req.get("alarm") or config.alarm)
+    budget = alarm - ALARM_MARGIN
+    if req.get("event") == EXECJOB_BEGIN:  # MoM itself waits for execjob_begin hooks
+        budget = min(budget, config.begin_wait)
+    return max(0.5, budget)
+
+
+def await_stager(ctx, config: HookConfig, env: Mapping[str, str], budget: float
+                 ) -> Optional[dict]:
+    """The stager's outcome for ctx.image within BUDGET seconds, else None (still running).
+
+    A stager that died without an outcome (killed with its node, or by a previous job end)
+    is started again: its partial downloads are resumed."""
+    deadline = time.monotonic() + budget
+    starts = 0
+    while True:
+        outcome = read_outcome(ctx.job_id, env)
+        if outcome is not None and outcome.get("image") == ctx.image:
+            return outcome
+        if not stager_running(ctx.job_id, env):
+            if starts >= 3:
+                raise errors.InternalError(f"the stager for job {ctx.job_id} keeps dying; "
+                                           f"see {state_path(ctx.job_id, 'log', env)}")
+            if start_stager(ctx, config, env) is not None:
+                starts += 1
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+
+
+# -- the stager ---------------------------------------------------------------------------
+def state_dir(env: Optional[Mapping[str, str]] = None) -> Path:
+    from uctr_batch.batch import readiness
+
+    return readiness.run_dir(env) / STATE_DIR
+
+
+def state_path(job_id: str, kind: str, env: Optional[Mapping[str, str]] = None) -> Path:
+    from uctr_batch.batch import readiness
+
+    name = readiness.record_path(job_id, env).name  # the same job-id checks
+    return state_dir(env) / f"{name}.{kind}"
+
+
+def _ensure_state_dir(env: Mapping[str, str]) -> Path:
+    from uctr_batch import fsutil
+
+    directory = state_dir(env)
+    fsutil.ensure_private_dir(directory, "the PBS hook state directory")
+    return directory
+
+
+def start_stager(ctx, config: HookConfig, env: Mapping[str, str]) -> Optional[int]:
+    """Start the detached stager for ctx unless one runs; return its pid (None: one ran).
+
+    The lock is taken here and handed to the stager as an inherited descriptor, so it is
+    held from this moment until the stager exits: nobody can see "not running" between."""
+    _ensure_state_dir(env)
+    lock = state_path(ctx.job_id, "lock", env)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        state_path(ctx.job_id, "outcome", env).unlink(missing_ok=True)  # another image's
+        payload = json.dumps({"job": _context_dict(ctx), "config": config.to_dict()})
+        with open(state_path(ctx.job_id, "log", env), "ab") as log_file:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "uctr_batch", "pbs", "stage", "--lock-fd", str(fd)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log_file,
+                pass_fds=(fd,), start_new_session=True,
+                env=_with(_stager_environment(env), config.environment),
+                close_fds=True)
+        child.stdin.write(payload.encode())
+        child.stdin.close()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{child.pid}\n".encode(), 0)
+        _log.debug("started stager %d for job %s", child.pid, ctx.job_id)
+        return child.pid
+    finally:
+        os.close(fd)
+
+
+def _stager_environment(env: Mapping[str, str]) -> Dict[str, str]:
+    from uctr_batch.batch.common import PROXY_VARIABLES
+
+    keep = ("PATH", "LANG", "PYTHONPATH", "UCTR_POLICY", "UCTR_RUN_DIR", "UCTR_VERBOSE")
+    return {k: env[k] for k in keep + PROXY_VARIABLES if env.get(k)}
+
+
+def _context_dict(ctx) -> dict:
+    return {k: getattr(ctx, k) for k in ("job_id", "uid", "gid", "user", "node", "partition",
+                                         "image", "mode", "mpi", "gpu")}
+
+
+def stager_running(job_id: str, env: Mapping[str, str]) -> bool:
+    """True while a stager holds the job's lock."""
+    try:
+        fd = os.open(state_path(job_id, "lock", env), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the probe's shared lock
+
+
+def read_outcome(job_id: str, env: Mapping[str, str]) -> Optional[dict]:
+    try:
+        return json.loads(state_path(job_id, "outcome", env).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_outcome(job_id: str, outcome: dict, env: Mapping[str, str]) -> None:
+    path = state_path(job_id, "outcome", env)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(outcome))
+    os.replace(tmp, path)
+
+
+def run_stager(payload: Mapping, env: Mapping[str, str]) -> dict:
+    """The stager's work (root, own session): stage as the job user, then record the
+    outcome for uctr-exec (readiness) and for the hooks (outcome file)."""
+    from uctr_batch.batch import common, readiness, stage
+    from uctr_batch.batch.job import JobContext
+
+    ctx = JobContext(**payload["job"])
+    config = HookConfig.from_dict(payload.get("config") or {})
+    started = time.monotonic()
+    try:
+        node_policy = common.site_policy(ctx, env)
+        outcome = common.check_request(ctx, node_policy) or common.stage_as_user(
+            ctx, node_policy, env, common.PBS_JOBID, timeout=config.stage_timeout)
+    except Exception as e:  # noqa: BLE001 - a broken policy or a bug: the node's problem
+        _log.debug("stager failed", exc_info=True)
+        outcome = stage.error_outcome(e, stage.NODE)
+    outcome = dict(outcome, image=ctx.image, seconds=round(time.monotonic() - started, 3))
+    readiness.write_readiness(ctx.job_id, ctx.uid, common.record_fields(ctx, outcome), env)
+    _write_outcome(ctx.job_id, outcome, env)
+    _log.info("uctr stager: %s", common.describe_outcome(ctx, outcome, outcome["seconds"]))
+    return outcome
+
+
+def stop_stager(job_id: str, env: Mapping[str, str], timeout: float = 10.0) -> bool:
+    """Kill the job's stager and everything in its session (its unprivileged child has a
+    process group of its own). Returns True if one was running."""
+    if not stager_running(job_id, env):
+        return False
+    try:
+        sid = int(state_path(job_id, "lock", env).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    if sid <= 1:
+        return False
+    deadline = time.monotonic() + timeout
+    while stager_running(job_id, env) and time.monotonic() < deadline:
+        for pid in session_members(sid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    return True
+
+
+def session_members(sid: int) -> List[int]:
+    """Pids whose session id is SID (field 6 of /proc/PID/stat)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 3 and fields[3] == str(sid):
+            members.append(int(entry))
+    return members
+
+
+# -- execjob_launch -----------------------------------------------------------------------
+def launch(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Answer:
+    """Run the job shell (unless the job shell stays on the host) and every TM task that is
+    not an MPI daemon through uctr-exec; give all of them the UCTR_* settings."""
+    job = req["job"]
+    request = job_request(job)
+    outcome = read_outcome(str(job["id"]), _with(env, config.uctr_environment()))
+    if outcome and outcome.get("image") == request.image and outcome["status"] != "ok":
+        if outcome.get("fault") == "node":
+            return node_fault(config, _short(req.get("node") or os.uname().nodename),
+                              outcome["message"])
+        return user_error(f"cannot run in {request.image}: {outcome['message']}",
+                          outcome.get("hint"))
+    rootfs = outcome.get("rootfs") if outcome and outcome["status"] == "ok" else None
+    spec = req.get("launch") or {}
+    progname, argv = spec.get("progname") or "", list(spec.get("argv") or [])
+    command = launch_command(config, request, progname, argv, rootfs)
+    env_set = launch_environment(config, request)
+    job_env = spec.get("env") or {}
+    if job_env.get("UCTR_ARGV0"):
+        env_set["UCTR_ARGV0"] = ""  # inherited (qsub -V in a Slurm step): not our argv
+    if command is not None and not argv and req.get("pbs_home"):
+        env_set["UCTR_MOUNTS"] = _with_script_dir(job_env.get("UCTR_MOUNTS"), req["pbs_home"])
+    answer = accept(env=env_set)
+    if command is not None:
+        answer.update(progname=command[0], argv=command)
+        answer.note("debug", f"uctr: {job['id']}: {' '.join(command)}")
+    return answer
+
+
+def _with_script_dir(mounts: Optional[str], pbs_home: str) -> str:
+    """UCTR_MOUNTS plus MoM's job script directory, read-only at the same place.
+
+    MoM feeds the job shell the *path* of the script on stdin (SHELL_INVOKE); the shell
+    in the container must find it there. The directory is bound, not the file, because
+    its name is not always the job id; it is mode 0751, so a job still opens only its
+    own script."""
+    scripts = os.path.join(pbs_home, "mom_priv", "jobs")
+    own = f"{scripts}:{scripts}:ro"
+    return f"{mounts},{own}" if mounts else own
+
+
+def launch_environment(config: HookConfig, request: Request) -> Dict[str, str]:
+    # UCTR_PYTHON: the launchers/uctr-exec shim runs on it; it has uctr's dependencies,
+    # which the first rank on a node needs to resolve the policy
+    env = {"UCTR_IMAGE": request.image, "UCTR_PYTHON": config.python}
+    for name, value in (("UCTR_MODE", request.mode), ("UCTR_MPI", request.mpi),
+                        ("UCTR_GPU", request.gpu)):
+        if value:
+            env[name] = value
+    env.update(config.uctr_environment())
+    return env
+
+
+def launch_command(config: HookConfig, request: Request, progname: str, argv: Sequence[str],
+                   rootfs: Optional[str]) -> Optional[List[str]]:
+    """The new argv (progname = argv[0]) or None to leave the launch alone.
+
+    MoM passes no argv for the job shell (it builds "-bash" itself afterwards); a TM task
+    (pbsdsh, tm_spawn, pbs_tmrsh) comes with its argv."""
+    prefix = [config.uctr_exec, request.image, "--"]
+    if not argv:
+        if (request.job_shell or config.job_shell) == "host":
+            return None
+        return prefix + [shell_in_image(progname or "/bin/sh", rootfs)]
+    program = os.path.basename(progname or argv[0])
+    if program in config.host_programs or program == os.path.basename(config.uctr_exec):
+        return None
+    return prefix + list(argv)
+
+
+def shell_in_image(shell: str, rootfs: Optional[str]) -> str:
+    """SHELL if the image has it (or we cannot tell yet), else /bin/sh."""
+    if not rootfs or not shell.startswith("/"):
+        return shell
+    root = Path(rootfs)
+    for candidate in (shell, "/usr" + shell):
+        if _exists_in(root, candidate):
+            return shell
+    return "/bin/sh"
+
+
+def _exists_in(root: Path, path: str, depth: int = 0) -> bool:
+    """Whether PATH exists inside ROOT, following symlinks as the container would."""
+    if depth > 16:
+        return False
+    current = root
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    for i, part in enumerate(parts):
+        candidate = current / part if part != ".." else current.parent
+        if not str(candidate).startswith(str(root)):
+            candidate = root
+        if candidate.is_symlink():
+            target = os.readlink(candidate)
+            base = "/" if target.startswith("/") else "/" + str(current.relative_to(root))
+            rest = "/".join([target] + parts[i + 1:])
+            return _exists_in(root, os.path.normpath(os.path.join(base, rest)), depth + 1)
+        if not os.path.lexists(candidate):
+            return False
+        current = candidate
+    return True
+
+
+# -- execjob_end / execjob_epilogue -------------------------------------------------------
+def cleanup(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Answer:
+    """Stop a stager still at work, drop the job's references as the job user, keep the
+    node-local quota, remove the job's records. Never fails the job or the node."""
+    from uctr_batch.batch import common, readiness
+
+    env = _with(env, config.uctr_environment())
+    ctx = job_context(req)
+    answer = accept()
+    if stop_stager(ctx.job_id, env):
+        answer.note("info", f"uctr: job {ctx.job_id} on {ctx.node}: stopped its stager; "
+                            "the next pull of the image resumes its downloads")
+    staged = readiness.remove_readiness(ctx.job_id, env)
+    staged = _remove_state(ctx.job_id, env) or staged
+    if not staged:
+        return answer  # nothing was staged for this job here
+    result = common.release_as_user(ctx, common.site_policy(ctx, env), env, common.PBS_JOBID)
+    return answer.note("info", f"uctr: job {ctx.job_id} on {ctx.node}: removed "
+                               f"{result['references']} reference(s), evicted "
+                               f"{len(result['evicted'])} bundle(s)")
+
+
+def _remove_state(job_id: str, env: Mapping[str, str]) -> bool:
+    found = False
+    for kind in ("outcome", "lock", "log"):
+        try:
+            state_path(job_id, kind, env).unlink()
+            found = True
+        except FileNotFoundError:
+            pass
+    return found
+
+
+# -- uctr pbs hook|stage|install|uninstall -------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser, parser_class) -> None:
+    sub = p.add_subparsers(dest="pbs_command", metavar="ACTION", parser_class=parser_class)
+    sub.required = True
+    for name, what in (("install", "create the resources and the hook with qmgr"),
+                       ("uninstall", "delete the hook and the resources with qmgr")):
+        action = sub.add_parser(name, help=what, description=what)
+        action.add_argument("--dry-run", action="store_true",
+                            help="print the qmgr commands (and the hook config) only")
+        action.add_argument("--hook-name", default="uctr", help="PBS hook name (default uctr)")
+        action.add_argument("--qmgr", default="qmgr", help="qmgr to run (default: from PATH)")
+        if name == "install":
+            action.add_argument("--config", metavar="FILE",
+                                help="hook config to import (default: written for this host)")
+            action.add_argument("--policy", metavar="FILE", help="site policy path for the hook")
+            action.add_argument("--uctr-exec", metavar="PATH",
+                                help="uctr-exec on the execution hosts (default: found here)")
+            action.add_argument("--alarm", type=int, default=60,
+                                help="hook alarm in seconds (default 60)")
+            action.add_argument("--no-mode-resource", action="store_true",
+                                help="do not create the container_mode resource")
+    # internal, unlisted: the hook's entry (JSON in and out) and the detached stager
+    hook = sub.add_parser("hook")
+    hook.add_argument("--event", help="for ps and logs only: the request names its event")
+    stager = sub.add_parser("stage")
+    stager.add_argument("--lock-fd", type=int, required=True)
+
+
+def cmd_pbs(args) -> int:
+    if args.pbs_command == "hook":
+        return cmd_hook(args)
+    if args.pbs_command == "stage":
+        return cmd_stage(args)
+    from uctr_batch.batch import pbs_install
+
+    if args.pbs_command == "install":
+        return pbs_install.install(args, out=sys.stdout)
+    return pbs_install.uninstall(args, out=sys.stdout)
+
+
+def cmd_hook(args) -> int:
+    """Read a request on stdin, print the answer on stdout: the hook's only call."""
+    try:
+        req = json.loads(sys.stdin.read() or "{}")
+    except ValueError as e:
+        answer = reject(f"uctr: unreadable hook request: {e}", "rerun")
+    else:
+        answer = handle(req)
+    sys.stdout.write(json.dumps(answer) + "\n")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    """The detached stager: keep the inherited lock until the outcome is written."""
+    os.set_inheritable(args.lock_fd, False)
+    payload = json.loads(sys.stdin.read())
+    run_stager(payload, os.environ)
+    os.close(args.lock_fd)
+    return 0
