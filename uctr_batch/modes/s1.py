@@ -1,0 +1,73 @@
+"""S1: apptainer (or singularity) `exec` on the rootfs directory, when one is installed.
+
+    apptainer exec --cleanenv --no-home --no-mount tmp,cwd --pwd CWD
+        --bind PASSWD:/etc/passwd:ro --bind SRC:DST[:ro] ... [--fakeroot] [--writable] ROOTFS CMD
+
+Environment: the final env is passed as APPTAINERENV_K=V (SINGULARITYENV_ for singularity)
+with --cleanenv, so host variables reach the payload only through our precedence rules.
+apptainer shares the host network, PID and IPC namespaces by default; it binds the host's
+/proc, /sys and /dev itself (the policy device list is not enforced in S1). It execs its
+starter, so this process leaves nothing behind; apptainer reports the payload's status.
+"""
+
+import os
+
+from uctr_batch.modes.base import (
+    Mode, ProbeResult, execve, find_program, program_version, register_mode,
+)
+
+PROGRAMS = ("apptainer", "singularity")
+
+
+def find_apptainer():
+    for name in PROGRAMS:
+        path = find_program(name)
+        if path:
+            return name, path
+    return None
+
+
+@register_mode("S1")
+class Apptainer(Mode):
+    summary = "apptainer/singularity exec on the rootfs directory"
+
+    def probe(self, spec=None) -> ProbeResult:
+        found = find_apptainer()
+        if not found:
+            return ProbeResult(False, "apptainer/singularity not found on PATH")
+        name, path = found
+        if spec is not None and not os.path.isdir(spec.rootfs):
+            return ProbeResult(False, "rootfs is not a directory: %s" % spec.rootfs)
+        version = program_version([path, "--version"]) if spec is None else None
+        return ProbeResult(True, name, version)
+
+    def exec(self, spec):
+        self.require(spec)
+        name, path = find_apptainer()
+        execve(path, apptainer_argv(spec, path), apptainer_env(spec, name))
+
+
+def apptainer_argv(spec, program="apptainer", host_uid=None):
+    host_uid = os.getuid() if host_uid is None else host_uid
+    argv = [program, "exec", "--cleanenv", "--no-home", "--no-mount", "tmp,cwd",
+            "--pwd", spec.cwd]
+    for host, path in ((spec.passwd, "/etc/passwd"), (spec.group, "/etc/group")):
+        if host:
+            argv += ["--bind", "%s:%s:ro" % (host, path)]
+    for src, dst, ro in spec.binds:
+        argv += ["--bind", "%s:%s:%s" % (src, dst, "ro" if ro else "rw")]
+    if spec.uid == 0 and host_uid != 0:
+        argv.append("--fakeroot")
+    if not spec.readonly:
+        argv.append("--writable")
+    return argv + [os.path.realpath(spec.rootfs)] + list(spec.argv)
+
+
+def apptainer_env(spec, name: str = "apptainer", host_env=None) -> dict:
+    """The env of the apptainer process: the host's, plus the payload's under the prefix."""
+    prefix = "SINGULARITYENV_" if name == "singularity" else "APPTAINERENV_"
+    host_env = os.environ if host_env is None else host_env
+    env = {k: v for k, v in host_env.items() if not k.startswith(prefix)}
+    for key, value in spec.env.items():
+        env[prefix + key] = value
+    return env
