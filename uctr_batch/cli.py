@@ -168,17 +168,29 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand gets its arguments, so their (sometimes
+    lazily imported) definitions cost nothing for the other commands."""
+    wanted = _command_in(sys.argv[1:] if argv is None else argv)
     parser = _Parser(prog="uctr", description="Containers for HPC batch jobs, without root.")
     parser.add_argument("--version", action="version", version=f"uctr-batch {__version__}")
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help_, target, add_args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        _common(p)
-        add_args(p)
+        if name == wanted:
+            _common(p)
+            add_args(p)
         p.set_defaults(_target=target)
     return parser
+
+
+def _command_in(argv: List[str]) -> Optional[str]:
+    """The first word that names a command (options before it belong to `uctr`)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
 
 
 def _handler(target: str) -> Callable:
@@ -187,7 +199,7 @@ def _handler(target: str) -> Callable:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     verbosity = log.setup(args.verbose - args.quiet)
     if not getattr(args, "_target", None):
