@@ -223,7 +223,7 @@ def run_handler(target: str, args, verbosity: int) -> int:
     except BrokenPipeError:
         return 0
     except Exception:  # a bug: keep the traceback visible
-        _log.exception("internal error (please report this)")
+        _log.critical("internal error (please report this)", exc_info=True)
         return EXIT_INTERNAL
 
 

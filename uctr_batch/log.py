@@ -21,11 +21,17 @@ def get(name: str = "") -> logging.Logger:
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
+        if record.exc_info and (record.levelno >= logging.CRITICAL or _debugging()):
+            msg += "\n" + self.formatException(record.exc_info)  # a bug, or asked for with -vv
         if record.levelno >= logging.ERROR:
             return "error: " + msg
         if record.levelno >= logging.WARNING:
             return "warning: " + msg
         return msg
+
+
+def _debugging() -> bool:
+    return logging.getLogger(_LOGGER_NAME).getEffectiveLevel() <= logging.DEBUG
 
 
 def level_for(verbosity: int) -> int:

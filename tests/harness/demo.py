@@ -38,7 +38,8 @@ class DemoUser:
         self.env: Dict[str, str] = {
             "PATH": users.BASE_PATH, "LANG": "C.UTF-8", "HOME": str(home),
             "PYTHONPATH": str(pythonpath), "PYTHONDONTWRITEBYTECODE": "1",
-            "UCTR_CACHE": str(workdir / "cache"), "UCTR_LOCAL_DIR": str(workdir / "local"),
+            # under HOME, which USER owns: the demo user creates them as a user would
+            "UCTR_CACHE": str(home / "cache"), "UCTR_LOCAL_DIR": str(home / "local"),
             "UCTR_INSECURE_REGISTRIES": insecure,
         }
         if user:

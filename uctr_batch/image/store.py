@@ -178,11 +178,14 @@ class Store:
         """Create the root (0700) and its subdirectories; refuse a root others control."""
         root = self.root
         if not root.exists():
-            root.parent.mkdir(parents=True, exist_ok=True)
             try:
+                root.parent.mkdir(parents=True, exist_ok=True)
                 os.mkdir(root, 0o700)
             except FileExistsError:
                 pass  # another process won the race
+            except OSError as e:
+                raise StorageError(f"cannot create the cache directory {root}: {e.strerror}",
+                                   "set UCTR_CACHE to a directory you can write") from e
         st = os.stat(root)  # an admin-provided shared root may be a symlink: follow it
         if not stat.S_ISDIR(st.st_mode):
             raise StorageError(f"cache path is not a directory: {root}",
