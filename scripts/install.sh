@@ -19,7 +19,7 @@ PACKAGES=(
     python3-venv python3-dev
     # batch systems and MPI
     slurmctld slurmd slurm-client munge libslurm-dev libpmix-dev libpmix-bin
-    openmpi-bin libopenmpi-dev mpich libmpich-dev
+    openmpi-bin libopenmpi-dev mpich libmpich-dev python3-mpi4py
     # build and inspection tools
     gcc make patchelf binutils file hyperfine util-linux procps psmisc iproute2
 )

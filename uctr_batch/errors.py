@@ -5,7 +5,8 @@ Every user-facing failure is a UctrError carrying a message and an optional hint
 exit codes. This module imports nothing from the package, so every layer may raise from it.
 """
 
-from typing import Optional
+# No typing import: this module is on the per-rank hot path (uctr-exec), where `import
+# typing` alone costs several milliseconds; the annotation below is a string.
 
 # Exit codes. Documented in README.md ("Exit codes"); keep the two in step.
 EXIT_OK = 0
@@ -32,7 +33,7 @@ class UctrError(Exception):
 
     exit_code = EXIT_USER
 
-    def __init__(self, message: str, hint: Optional[str] = None):
+    def __init__(self, message: str, hint: "Optional[str]" = None):
         super().__init__(message)
         self.message = message
         self.hint = hint

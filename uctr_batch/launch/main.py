@@ -1,0 +1,347 @@
+"""uctr-exec: one rank of a parallel job, inside an image. See docs/launcher.md.
+
+    srun --mpi=pmix uctr-exec IMAGE app ...        mpirun -np N uctr-exec IMAGE app ...
+
+Per rank: the rank context (launch.rank), the node's cached policy (policy_cache), the
+staged root filesystem (staged: hot lookup, or one rank per node stages), then the first
+mode of the site's ladder that works. In N1 the ranks of a step on a node share one
+container (sharedns): the first sets it up with the step's host injection (injection), the
+others join it. Every path ends in exec: the payload replaces this process, so its exit
+status is the rank's and no process of ours stays behind.
+
+The path of a rank whose image is staged, whose policy is cached and whose step's container
+exists imports only small stdlib-only modules: no requests, yaml, jsonschema, json, typing,
+dataclasses or logging (tests/unit/test_launch_hot_path.py watches this).
+"""
+
+import os
+import sys
+
+from uctr_batch.errors import EXIT_INTERNAL, ModeError, UctrError
+
+DEFAULT_TMP = "/tmp"
+HOST_FILES = ("/etc/hosts", "/etc/resolv.conf")
+READ_ONLY_MODES = ("N1", "R1")  # modes that can mount the shared rootfs read-only
+
+
+PMI_PREFIXES = ("PMI_", "PMIX_", "SLURM_", "OMPI_", "PRTE_", "PALS_", "PBS_", "HYDRA_")
+
+
+def needs_pmi(env) -> bool:
+    """Whether a launcher's wiring may need binds or variables (else pmi_plan is a no-op)."""
+    return any(key.startswith(PMI_PREFIXES) and not key.startswith("OMPI_ALLOW_RUN_AS_ROOT")
+               for key in env)
+
+
+def with_binds(binds, more):
+    """binds plus more, a bind of `more` replacing one to the same destination; ordered by
+    destination depth, as run.merge_binds orders them (a bind inside another lands on top)."""
+    dsts = {dst for _src, dst, _ro in more}
+    merged = [tuple(b) for b in binds if b[1] not in dsts] + [tuple(b) for b in more]
+    return sorted(merged, key=lambda b: b[1].rstrip("/").count("/"))
+
+
+class Diag:
+    """Diagnostics on stderr, prefixed 'uctr[rank R]' when the job has several ranks."""
+
+    def __init__(self, ctx=None, verbosity: int = 0):
+        self.prefix = ctx.prefix if ctx is not None else "uctr"
+        self.verbosity = verbosity
+
+    def write(self, text: str) -> None:
+        os.write(2, ("".join("%s: %s\n" % (self.prefix, line) for line in text.splitlines()))
+                 .encode(errors="replace"))
+
+    def say(self, text: str, level: int = 1) -> None:
+        if self.verbosity >= level:
+            self.write(text)
+
+    def warn(self, text: str) -> None:
+        if self.verbosity >= 0:
+            self.write("warning: " + text)
+
+    def error(self, e: UctrError) -> None:
+        self.write("error: " + e.message + ("\nhint: " + e.hint if e.hint else ""))
+
+
+def main(argv=None) -> int:
+    env = dict(os.environ)  # a copy: staging points os.environ at the policy's directories
+    args = sys.argv[1:] if argv is None else list(argv)
+    diag = Diag()
+    try:
+        from uctr_batch.launch import options, rank
+
+        ctx = rank.detect(env)
+        diag = Diag(ctx)
+        opts = options.parse(args, env)
+        if opts.help:
+            sys.stdout.write(options.USAGE)
+            return 0
+        diag.verbosity = opts.verbosity
+        Launch(opts, ctx, env, diag).run()
+        return EXIT_INTERNAL  # not reached: run() execs or raises
+    except UctrError as e:
+        diag.error(e)
+        if diag.verbosity >= 2:
+            _traceback(diag)
+        return e.exit_code
+    except KeyboardInterrupt:
+        diag.write("error: interrupted")
+        return 130
+    except Exception:  # a bug: keep the traceback visible
+        diag.write("error: internal error (please report this)")
+        _traceback(diag)
+        return EXIT_INTERNAL
+
+
+def _traceback(diag: Diag) -> None:
+    try:
+        import traceback
+    except ImportError:  # inside the container already: the host's library is out of sight
+        diag.write("%r" % (sys.exc_info()[1],))
+        return
+    diag.write(traceback.format_exc().rstrip())
+
+
+class Launch:
+    """One rank's way from options to exec."""
+
+    def __init__(self, opts, ctx, env, diag: Diag):
+        self.opts, self.ctx, self.env, self.diag = opts, ctx, env, diag
+        try:
+            self.host_cwd = os.getcwd()
+        except OSError:
+            self.host_cwd = None
+
+    def run(self) -> None:
+        from uctr_batch.launch import policy_cache, recipe, staged
+
+        policy = policy_cache.load(self.env)
+        _cache_dir, local_dir = policy_cache.storage_dirs(policy, self.env)
+        timeout = policy_cache.stage_timeout(policy, self.env)
+        image = staged.ensure(self.opts.image, local_dir, policy=policy, timeout=timeout,
+                              job_id=self.ctx.job_id, env=self.env,
+                              verbosity=self.opts.verbose_flags, say=self.diag.say)
+        self.diag.say("%s: rootfs %s (%s, %s)" % (self.opts.image, image.rootfs,
+                                                  image.manifest_digest[:19], image.source), 2)
+        self.policy, self.local_dir, self.timeout, self.image = policy, local_dir, timeout, image
+        self.argv = self.compose_argv()
+        self.image_part = recipe.image_inputs(self.opts, self.env, image, policy, self.host_cwd,
+                                              recipe.policy_bind_sources(policy, self.env))
+        self.inputs = recipe.inputs(self.image_part, self.env)
+        ladder = policy_cache.mode_ladder(policy, self.opts.mode)
+        explicit = self.opts.mode is not None
+        skipped = []
+        for index, name in enumerate(ladder):
+            if name != "N1":
+                self.run_alone(ladder[index:], explicit)  # execs or raises
+            reason = self.run_shared(explicit)  # execs, raises, or says why N1 cannot run
+            self.diag.say("mode N1 skipped: %s" % reason)
+            skipped.append("N1: " + reason)
+        raise ModeError("no execution mode works on this node (%s)"
+                        % ("; ".join(skipped) or "the ladder is empty"),
+                        "run `uctr doctor` to see what this node supports; the site policy "
+                        "sets the ladder")
+
+    def compose_argv(self):
+        from uctr_batch.launch.procspec import compose_argv
+
+        return compose_argv(self.image.config, self.opts.command)
+
+    # -- N1: one container per step and node ------------------------------------------------
+    def run_shared(self, explicit: bool) -> str:
+        """Join the step's container or create it, then exec. Returns why N1 cannot run
+        (before anything changed in this process) when another mode should be tried."""
+        from uctr_batch.launch import recipe, sharedns, staged
+        from uctr_batch.modes import get_mode, n1
+        from uctr_batch.modes.base import ModeUnavailable
+        from uctr_batch.modes.spec import RunSpec
+
+        probe = get_mode("N1").probe(RunSpec(self.image.rootfs, self.argv))
+        if not probe.ok:
+            if explicit:
+                raise ModeError("mode N1 is not usable here: %s" % probe.reason,
+                                "run `uctr doctor` to see which modes work on this node")
+            return probe.reason
+        rdv = sharedns.Rendezvous(staged.launch_dir(self.local_dir), self.ctx.step_key,
+                                  recipe.digest(self.inputs), self.timeout)
+        # Everything a joining rank needs is computed (and imported) before setns: inside,
+        # the host's files, our Python modules included, are out of sight. Computed before
+        # taking the lock from the record as it is now, so that ranks do not queue for it.
+        if not hasattr(os, "setns"):  # Python < 3.12: setns through ctypes, loaded outside
+            n1.nsutil.libc()          # the lock (a few ms)
+        peeked = rdv.peek()
+        early = self.rank_spec(peeked["extras"]) if peeked else None
+        rdv.lock()
+        try:
+            member = rdv.live_member()
+            if member is not None:
+                try:
+                    if early is not None and rdv.record["extras"] == peeked["extras"]:
+                        spec = early
+                    else:
+                        spec = self.rank_spec(rdv.record["extras"])
+                except BaseException:
+                    member.close()
+                    raise
+                self.diag.say("joining the step's container (generation %d, created by pid %d)"
+                              % (rdv.record["generation"], rdv.record["creator"]), 2)
+                rdv.join(member)
+            else:
+                entry = self.container(rdv.dir_fd, read_only=not self.opts.writable)
+                spec = self.rank_spec(entry["extras"], entry["spec"])
+                self.before_setup(entry, spec)
+                try:
+                    n1.setup_namespace(spec)
+                except ModeUnavailable as e:
+                    if explicit:
+                        raise
+                    return e.message
+                rdv.publish(entry["extras"], self.ctx.local_size)
+        finally:
+            rdv.release()
+        n1.exec_payload(spec)
+        raise ModeError("exec returned", None)  # not reached
+
+    # -- every other mode: one container per rank -------------------------------------------
+    def run_alone(self, ladder, explicit: bool) -> None:
+        from uctr_batch.launch import staged
+        from uctr_batch.launch.nodelock import open_private_dir
+        from uctr_batch.run import exec_ladder
+
+        dir_fd = open_private_dir(staged.launch_dir(self.local_dir))
+        try:
+            # The shared rootfs is read-only where a mode can enforce it (not proot/F1).
+            entry = self.container(dir_fd, read_only=not self.opts.writable
+                                   and ladder[0] in READ_ONLY_MODES)
+        finally:
+            os.close(dir_fd)
+        spec = self.rank_spec(entry["extras"], entry["spec"])
+        if self.ctx.local_rank == 0:
+            self.before_setup(entry, spec)
+        exec_ladder(ladder, spec, explicit)
+
+    # -- the container (recipe + the step's PMI part) and the rank's process ---------------
+    def container(self, dir_fd: int, read_only: bool) -> dict:
+        """What the container of this step is: the cached recipe with the step's PMI part."""
+        entry = self.recipe(dir_fd, read_only)
+        if not needs_pmi(self.env):
+            return entry
+        from uctr_batch.launch import injection
+
+        plan, pmi = injection.plan_step(self.image, entry["plan"], self.policy, self.env)
+        fields = dict(entry["spec"])
+        fields["binds"] = with_binds(fields["binds"], injection.plan_binds(pmi))
+        fields["devices"] = list(fields["devices"]) + [
+            d for d in injection.plan_devices(pmi) if d not in fields["devices"]]
+        extras = injection.extras(plan, entry["gpu_env_keys"], entry["extras"]["gpu_vendor"])
+        extras.update({k: entry["extras"][k] for k in ("cwd_for", "cwd", "binds")})
+        try:
+            path = injection.write_manifest(self.image, plan)
+        except OSError as e:
+            self.diag.warn("cannot write the injection manifest: %s" % e)
+            path = None
+        return dict(entry, spec=fields, extras=extras, manifest=plan.summary_lines(),
+                    manifest_path=path, warnings=list(plan.warnings))
+
+    def recipe(self, dir_fd: int, read_only: bool) -> dict:
+        """The container recipe: cached, or built now and cached."""
+        from uctr_batch.launch import recipe
+
+        key = recipe.recipe_key(self.image_part, (self.argv[0], read_only))
+        entry = recipe.load(dir_fd, key)
+        if entry is not None:
+            return entry
+        entry = self.build_recipe(read_only)
+        try:
+            recipe.store(dir_fd, key, entry)
+        except OSError as e:
+            self.diag.say("cannot cache the container recipe: %s" % e)
+        return entry
+
+    def build_recipe(self, read_only: bool) -> dict:
+        """run.build_spec (the semantics of `uctr run`) plus the image part of the injection."""
+        from uctr_batch import envspec, run
+        from uctr_batch.launch import injection, recipe
+        from uctr_batch.policy.model import NodePolicy
+
+        config, opts = self.image.config, self.opts
+        image_env = envspec.parse_image_env(config.get("Env") or [])
+        image_env.setdefault("PATH", envspec.DEFAULT_PATH)
+        app = injection.app_inside(self.image.rootfs, self.argv[0], image_env)
+        plan, gplan = injection.plan_image(self.image, self.policy, self.env, mpi=opts.mpi,
+                                           gpu=opts.gpu, app=app)
+        scratch = os.path.join(self.local_dir, "run")
+        os.makedirs(scratch, 0o700, exist_ok=True)
+        spec = run.build_spec(
+            run.Target(self.image.rootfs, config, self.image.reference),
+            NodePolicy.from_dict(self.policy), command=opts.command, volumes=opts.volumes,
+            user_env=opts.env, workdir=opts.workdir, read_only=read_only,
+            devices=injection.plan_devices(plan),
+            extra_binds=self.host_binds() + injection.plan_binds(plan),
+            host_env=self.env, host_cwd=self.host_cwd, scratch=scratch)
+        try:
+            manifest = injection.write_manifest(self.image, plan)
+        except OSError as e:
+            self.diag.warn("cannot write the injection manifest: %s" % e)
+            manifest = None
+        extras = injection.extras(plan, list(gplan.env), injection.gpu_vendor(gplan))
+        extras.update(cwd_for=[self.host_cwd, opts.workdir], cwd=spec.cwd,
+                      binds=[list(b) for b in spec.binds])
+        return {"spec": recipe.container_fields(spec), "extras": extras,
+                "plan": plan.to_dict(), "gpu_env_keys": list(gplan.env),
+                "manifest": plan.summary_lines(), "manifest_path": manifest,
+                "warnings": list(plan.warnings)}
+
+    def rank_spec(self, extras: dict, container=None):
+        """This rank's RunSpec: its own argv, environment and working directory in the
+        container described by `container` (recipe fields; None: joined, only the rootfs)."""
+        from uctr_batch.launch import injection, procspec
+        from uctr_batch.modes.spec import RunSpec
+
+        config, opts, env = self.image.config, self.opts, self.env
+        base = procspec.base_env(config, self.policy, env, opts.env)
+        gpu_env = injection.gpu_env(env, extras.get("gpu_vendor"), self.policy)
+        final = procspec.finish_env(base, env, extras, gpu_env, opts.env)
+        if extras.get("cwd_for") == [self.host_cwd, opts.workdir]:
+            cwd = extras["cwd"]
+        else:
+            binds = [tuple(b) for b in extras.get("binds") or ()]
+            cwd = procspec.choose_cwd(opts.workdir, self.host_cwd, binds,
+                                      config.get("WorkingDir"))
+        fields = dict(container or {"rootfs": self.image.rootfs})
+        return RunSpec(argv=self.argv, env=final, cwd=cwd, **fields)
+
+    def host_binds(self):
+        """What a rank shares with the host besides the network: its name resolution (the
+        host network is shared, so the image's /etc/hosts would be wrong: Open MPI then
+        waits 5 s for DNS to resolve the node's own name), /tmp (node-local scratch, Open
+        MPI's session directory) and $HOME."""
+        binds = [(path, path, True) for path in HOST_FILES if os.path.isfile(path)]
+        if os.path.isdir(DEFAULT_TMP):
+            binds.append((DEFAULT_TMP, DEFAULT_TMP, False))
+        home = self.env.get("HOME")
+        if self.opts.mount_home and home and home != "/" and os.path.isdir(home):
+            binds.append((home, home, False))
+        return binds
+
+    def before_setup(self, entry: dict, spec) -> None:
+        """Once per container: the command must exist (exit 127 now, not after setting up a
+        namespace); drop in-use marks of finished ranks; warnings always, the injection
+        manifest with --verbose."""
+        from uctr_batch.launch import staged
+        from uctr_batch.modes.base import check_command
+
+        check_command(spec)
+        staged.prune_dead_pids(self.local_dir, self.image.manifest_digest)
+        for warning in entry.get("warnings") or ():
+            self.diag.warn(warning)
+        if self.diag.verbosity >= 1:
+            lines = entry.get("manifest") or ["nothing injected"]
+            path = entry.get("manifest_path")
+            self.diag.write("injection manifest%s:\n%s" % (" (%s)" % path if path else "",
+                                                           "\n".join("  " + ln for ln in lines)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

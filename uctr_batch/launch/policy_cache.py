@@ -1,0 +1,268 @@
+"""This node's resolved site policy, cached per user in the node-local directory.
+
+Resolving the policy means YAML, a JSON schema check and maybe `scontrol` for node
+features: tens of milliseconds, too much for every rank of every step. The first rank on a
+node resolves it and writes the result twice, beside each other:
+
+    <local base>/policy/<node>[@<partition>].json     for people and tools (NodePolicy.to_dict)
+    <local base>/policy/<node>[@<partition>].marshal  what the ranks read (no json import)
+
+<local base> is UCTR_LOCAL_DIR, else /tmp/uctr-$UID: the policy cannot say where its own
+cache lives. A cached entry is used while the policy file, its conf.d directory and every
+drop-in keep the (mtime, ctime, size, inode) they had before the resolution; this is
+exactly what uctr_batch.policy.paths fingerprints, re-read here with plain os.stat calls
+(that module imports hashlib, json and pathlib). Node name, partition, policy path and the
+Python version (marshal's format) must match too.
+
+The hot path (load() with a valid entry) imports nothing beyond the interpreter's start-up
+set; yaml and jsonschema are loaded only by resolve_and_store().
+"""
+
+import marshal
+import os
+import sys
+
+from uctr_batch.errors import ConfigError
+
+FORMAT = 1
+DEFAULT_POLICY = "/etc/uctr/policy.yaml"  # as uctr_batch.policy.paths.DEFAULT_POLICY
+DROPIN_DIR = "conf.d"
+# ${NAME}s storage paths may use (uctr_batch.policy.model.PATH_VARIABLES)
+PATH_VARIABLES = ("UID", "GID", "USER", "HOME", "HOSTNAME", "JOB_ID", "SLURM_JOB_ID", "PBS_JOBID")
+
+
+# -- where ------------------------------------------------------------------------------
+
+def local_base(env=None) -> str:
+    """UCTR_LOCAL_DIR, else /tmp/uctr-$UID (settings.default_local_dir, without its imports)."""
+    env = os.environ if env is None else env
+    return env.get("UCTR_LOCAL_DIR") or "/tmp/uctr-%d" % os.getuid()
+
+
+def default_cache_dir(env=None) -> str:
+    """UCTR_CACHE, else $XDG_CACHE_HOME/uctr, else ~/.cache/uctr (settings.default_cache_dir)."""
+    env = os.environ if env is None else env
+    if env.get("UCTR_CACHE"):
+        return env["UCTR_CACHE"]
+    xdg = env.get("XDG_CACHE_HOME")
+    return os.path.join(xdg if xdg else os.path.join(os.path.expanduser("~"), ".cache"), "uctr")
+
+
+def policy_path(env) -> str:
+    return env.get("UCTR_POLICY") or DEFAULT_POLICY
+
+
+def current_node(env) -> str:
+    """Slurm's name for this node, else the short host name (policy.resolver.current_node)."""
+    return (env.get("SLURMD_NODENAME") or os.uname().nodename).split(".")[0]
+
+
+def current_partition(env):
+    return env.get("SLURM_JOB_PARTITION") or env.get("PBS_QUEUE") or None
+
+
+def cache_stem(env) -> str:
+    node, partition = current_node(env), current_partition(env)
+    name = node + ("@" + partition if partition else "")
+    return os.path.join(local_base(env), "policy", name.replace("/", "_"))
+
+
+# -- validity ---------------------------------------------------------------------------
+
+def watched_paths(path: str):
+    """The policy file, its drop-in directory and each drop-in (policy.paths.watched_paths)."""
+    dropins = os.path.join(os.path.dirname(path), DROPIN_DIR)
+    try:
+        names = sorted(n for n in os.listdir(dropins)
+                       if n.endswith(".yaml") and not n.startswith("."))
+    except OSError:
+        names = []
+    return [path, dropins] + [os.path.join(dropins, n) for n in names]
+
+
+def stat_rows(paths):
+    """(path, mtime, ctime, size, inode) per path, (path,) for a missing one."""
+    rows = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            rows.append((p, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
+        except OSError:
+            rows.append((p,))
+    return tuple(rows)
+
+
+def _identity(env):
+    return {"format": FORMAT, "python": tuple(sys.version_info[:2]), "node": current_node(env),
+            "partition": current_partition(env), "policy_path": policy_path(env)}
+
+
+# -- the entry points --------------------------------------------------------------------
+
+def load(env=None) -> dict:
+    """The node policy as a plain dict (NodePolicy.to_dict()), from the cache when current."""
+    env = os.environ if env is None else env
+    cached = read_cached(env)
+    if cached is not None:
+        return cached
+    return resolve_and_store(env)
+
+
+def read_cached(env):
+    """The cached policy dict if it is still current, else None."""
+    try:
+        fd = os.open(cache_stem(env) + ".marshal", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            entry = marshal.load(f)
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(entry, dict) or entry.get("key") != _identity(env):
+        return None
+    if entry.get("watch") != stat_rows(watched_paths(policy_path(env))):
+        return None
+    return entry.get("policy")
+
+
+def full_python() -> None:
+    """Make site-packages importable when the launcher shim started Python with -S.
+
+    launchers/uctr-exec runs a checkout with `python3 -S`: skipping site's .pth processing
+    saves ~2 ms on every rank, and the hot path needs nothing outside the standard library.
+    The cold paths (policy resolution: yaml, jsonschema, hostlist; staging: requests,
+    zstandard) call this first."""
+    if sys.flags.no_site and "site" not in sys.modules:
+        import site
+
+        site.main()
+
+
+def resolve_and_store(env) -> dict:
+    """Resolve the site policy for this node (yaml, schema) and cache the result."""
+    full_python()
+    from uctr_batch.policy import current_node_policy
+
+    rows = stat_rows(watched_paths(policy_path(env)))  # before reading: a change shows later
+    node_policy = current_node_policy(env=env)
+    import json
+
+    data = json.loads(json.dumps(node_policy.to_dict()))  # lists, as a cached copy has them
+    try:
+        store(env, data, rows)
+    except OSError as e:  # a cache we cannot write only costs time
+        from uctr_batch import log
+
+        log.get("launch").debug("cannot cache the node policy: %s", e)
+    return data
+
+
+def store(env, data: dict, rows) -> None:
+    import json
+
+    from uctr_batch import fsutil
+
+    stem = cache_stem(env)
+    base = local_base(env)
+    fsutil.ensure_private_dir(base, "the node-local directory")
+    fsutil.make_private_subdir(os.path.dirname(stem))
+    entry = {"key": _identity(env), "watch": rows, "policy": data}
+    _write_atomic(stem + ".json", json.dumps(data, indent=1, sort_keys=True).encode() + b"\n")
+    _write_atomic(stem + ".marshal", marshal.dumps(entry))
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+# -- reading the plain dict ---------------------------------------------------------------
+
+def section(policy: dict, name: str) -> dict:
+    return policy.get(name) or {}
+
+
+def stage_timeout(policy: dict, env=None) -> float:
+    """UCTR_STAGE_TIMEOUT, else the policy's storage.stage_timeout (600 s built in)."""
+    env = os.environ if env is None else env
+    text = env.get("UCTR_STAGE_TIMEOUT", "").strip()
+    if text:
+        try:
+            return max(0.0, float(text))
+        except ValueError:
+            raise ConfigError("UCTR_STAGE_TIMEOUT is not a number of seconds: %r" % text,
+                              "e.g. UCTR_STAGE_TIMEOUT=900") from None
+    return float(section(policy, "storage").get("stage_timeout") or 600.0)
+
+
+def storage_dirs(policy: dict, env=None):
+    """(shared cache dir, node-local dir) for this user, as batch.stage.storage_dirs decides
+    them: the policy's templates with ${...} expanded, else the defaults."""
+    env = os.environ if env is None else env
+    storage = section(policy, "storage")
+    variables = None
+    dirs = []
+    for template, default in ((storage.get("cache_dir"), default_cache_dir),
+                              (storage.get("local_dir"), local_base)):
+        if template:
+            variables = variables or path_variables(env)
+            dirs.append(expand(template, variables))
+        else:
+            dirs.append(default(env))
+    return dirs[0], dirs[1]
+
+
+def path_variables(env) -> dict:
+    """Values of ${UID} ${GID} ${USER} ${HOME} ${HOSTNAME} ${JOB_ID}... for the caller
+    (policy.model.path_variables)."""
+    import pwd
+
+    uid = os.getuid()
+    user, home, gid = str(uid), "/", os.getgid()
+    try:
+        pw = pwd.getpwuid(uid)
+        user, home, gid = pw.pw_name, pw.pw_dir, pw.pw_gid
+    except KeyError:
+        pass
+    values = {"UID": str(uid), "GID": str(gid), "USER": user, "HOME": home,
+              "HOSTNAME": os.uname().nodename.split(".")[0],
+              "JOB_ID": env.get("SLURM_JOB_ID") or env.get("PBS_JOBID") or "nojob"}
+    for name in ("SLURM_JOB_ID", "PBS_JOBID"):
+        if env.get(name):
+            values[name] = env[name]
+    return values
+
+
+def expand(template: str, variables: dict) -> str:
+    """Replace ${NAME} (policy.model.expand; the policy check already rejected unknown names)."""
+    out, rest = [], template
+    while "${" in rest:
+        head, _, tail = rest.partition("${")
+        name, closed, rest = tail.partition("}")
+        if not closed or name not in variables:
+            raise ConfigError("policy path %r uses ${%s}, which is not set here" % (template, name),
+                              "use ${JOB_ID}, which is 'nojob' outside a batch job")
+        out += [head, variables[name]]
+    out.append(rest)
+    return "".join(out)
+
+
+def mode_ladder(policy: dict, requested=None):
+    """The modes to try (NodePolicy.mode_ladder on the plain dict)."""
+    if requested is None:
+        return tuple(policy.get("modes") or ())
+    if requested in (policy.get("user_modes") or ()):
+        return (requested,)
+    from uctr_batch.policy.model import NodePolicy  # raises the ModeError that explains why
+
+    return NodePolicy.from_dict(policy).mode_ladder(requested)
