@@ -732,7 +732,7 @@ def _apply_ladder(
         fabric.emit(LEVEL_FABRIC)
         _profile_extras(plan, prof, host)
         plan.mpi_level = LEVEL_FABRIC
-        plan.warn(C, "host MPI not injected (%s); only fabric libraries were" % reason)
+        plan.warn(C, "host MPI not injected (%s); only the fabric libraries were bound" % reason)
         return
     plan.record(C, STEP, LEVEL_NONE, "image MPI untouched: " + freason)
     plan.mpi_level = LEVEL_NONE
