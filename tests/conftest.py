@@ -250,3 +250,18 @@ class UctrRunner:
 @pytest.fixture
 def uctr(harness, tmp_path, request) -> UctrRunner:
     return UctrRunner(harness, tmp_path, request)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(test_images):
+    """harness.slurm.SessionCluster: munge, slurmctld and two slurmd nodes in their own
+    namespaces, the uctr SPANK plugin and prolog/epilog, a registry on the nodes' bridge.
+    UCTR_SLURM_KEEP=1 leaves it running for the next session (re-used in well under 1 s)."""
+    from tests.harness import slurm
+
+    why = slurm.missing_prerequisites()
+    if why:
+        pytest.skip(why)
+    cluster = slurm.SessionCluster(REPO, PYTHON, test_images).start()
+    yield cluster
+    cluster.stop(keep_running=os.environ.get("UCTR_SLURM_KEEP") == "1")

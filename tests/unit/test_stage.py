@@ -1,0 +1,152 @@
+"""Node-local staging: one unpack per image, in-use references, LRU quota, error classes.
+
+Real images (OCI layouts written by the harness), the real store and rootfs code; the
+images come from oci: references, so no registry and no network are needed.
+"""
+
+import errno
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.harness.images import build_busybox, build_layers
+from uctr_batch import errors
+from uctr_batch.batch import stage
+from uctr_batch.policy.load import Policy
+from uctr_batch.policy.resolver import resolve
+
+
+def node_policy(tmp_path, **storage):
+    storage.setdefault("cache_dir", str(tmp_path / "cache"))
+    storage.setdefault("local_dir", str(tmp_path / "local"))
+    return resolve(Policy(path=tmp_path / "policy.yaml", defaults={"storage": storage}),
+                   node="n1", partition=None, features=())
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    build_busybox(root / "busybox")
+    build_layers(root / "layers")
+    return {"busybox": f"oci:{root / 'busybox'}:1", "layers": f"oci:{root / 'layers'}:1"}
+
+
+@pytest.fixture(autouse=True)
+def own_env(monkeypatch):
+    # stage() points the pipeline's defaults at the policy's dirs through the environment
+    for name in ("UCTR_CACHE", "UCTR_LOCAL_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def bundle_names(np):
+    return sorted(p.name for p in (Path(np.storage.local_dir) / "bundles").iterdir()
+                  if not p.name.startswith("."))
+
+
+def test_stage_unpacks_once_then_reuses(tmp_path, layouts):
+    np = node_policy(tmp_path)
+    first = stage.stage(layouts["busybox"], job_id="11", node_policy=np)
+    assert first.unpacked and (first.rootfs / "bin" / "busybox").is_file()
+    assert first.bundle == Path(np.storage.local_dir) / "bundles" / first.manifest_digest.split(":")[1]
+    second = stage.stage(layouts["busybox"], job_id="12", node_policy=np)
+    assert not second.unpacked and second.rootfs == first.rootfs
+    refs = stage.live_references(Path(np.storage.local_dir), first.manifest_digest)
+    assert sorted(refs) == ["job-11", "job-12"]
+
+
+def test_release_job_drops_only_that_jobs_reference(tmp_path, layouts):
+    np = node_policy(tmp_path)
+    result = stage.stage(layouts["busybox"], job_id="21", node_policy=np)
+    stage.stage(layouts["busybox"], job_id="22", node_policy=np)
+    assert stage.release_job("21", node_policy=np) == {"references": 1, "evicted": []}
+    assert stage.live_references(Path(np.storage.local_dir), result.manifest_digest) == ["job-22"]
+    assert stage.release_job("21", node_policy=np)["references"] == 0  # missing state is fine
+
+
+def test_quota_evicts_lru_bundle_without_live_references(tmp_path, layouts):
+    np = node_policy(tmp_path)
+    busybox = stage.stage(layouts["busybox"], job_id="31", node_policy=np)
+    stage.release_job("31", node_policy=np)
+    size = stage.bundle_size(busybox.bundle)
+    small = node_policy(tmp_path, local_quota=size)
+    layers = stage.stage(layouts["layers"], job_id="32", node_policy=small)
+    assert bundle_names(small) == [layers.manifest_digest.split(":")[1]]
+
+
+def test_bundles_in_use_are_kept_over_quota(tmp_path, layouts):
+    np = node_policy(tmp_path)
+    busybox = stage.stage(layouts["busybox"], job_id="41", node_policy=np)
+    small = node_policy(tmp_path, local_quota=stage.bundle_size(busybox.bundle))
+    layers = stage.stage(layouts["layers"], job_id="42", node_policy=small)
+    assert bundle_names(small) == sorted(r.manifest_digest.split(":")[1] for r in (busybox, layers))
+    # job 42 ends first: its bundle is the one nobody uses, so it goes
+    assert stage.release_job("42", node_policy=small)["evicted"] == [layers.manifest_digest]
+    assert bundle_names(small) == [busybox.manifest_digest.split(":")[1]]
+
+
+def test_image_larger_than_the_quota_is_a_user_error(tmp_path, layouts):
+    np = node_policy(tmp_path, local_quota=1024)
+    with pytest.raises(errors.StorageError, match="more than this node's quota") as info:
+        stage.stage(layouts["busybox"], job_id="51", node_policy=np)
+    assert stage.classify(info.value, Path(np.storage.local_dir)) == stage.USER
+    assert bundle_names(np) == []
+
+
+def test_pid_references_live_as_long_as_the_process(tmp_path):
+    local = tmp_path / "local"
+    digest = "sha256:" + "b" * 64
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        stage.add_reference(local, digest, f"pid-{child.pid}", pid=child.pid)
+        assert stage.live_references(local, digest) == [f"pid-{child.pid}"]
+    finally:
+        child.kill()
+        child.wait()
+    assert stage.live_references(local, digest) == []
+
+
+def test_stage_outcome_reports_instead_of_raising(tmp_path):
+    np = node_policy(tmp_path)
+    outcome = stage.stage_outcome(f"oci:{tmp_path / 'nothing-here'}:1", job_id="61", node_policy=np)
+    assert outcome["status"] == "error" and outcome["fault"] == stage.USER
+    assert outcome["message"]
+
+
+@pytest.mark.parametrize("exc,fault", [
+    (errors.ConfigError("image refused by the site policy: x"), stage.USER),
+    (errors.AuthError("unauthorized"), stage.USER),
+    (errors.ImageNotFound("not found"), stage.USER),
+    (errors.LayerRejected("bad member"), stage.USER),
+    (errors.ReferenceError_("bad reference"), stage.USER),
+    (errors.InternalError("bug"), stage.NODE),
+    (KeyError("bug"), stage.NODE),
+])
+def test_classify_by_error_class(tmp_path, exc, fault):
+    assert stage.classify(exc, tmp_path) == fault
+
+
+def storage_error_from(err: OSError) -> errors.StorageError:
+    try:
+        raise errors.StorageError("cannot unpack") from err
+    except errors.StorageError as e:
+        return e
+
+
+def test_disk_full_on_the_node_local_dir_is_a_node_fault(tmp_path):
+    local = tmp_path / "local"
+    full = OSError(errno.ENOSPC, "No space left on device", str(local / "bundles" / "x"))
+    assert stage.classify(storage_error_from(full), local) == stage.NODE
+    # the same error in the user's shared cache (quota, their home) is theirs to fix
+    elsewhere = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "x"))
+    assert stage.classify(storage_error_from(elsewhere), local) == stage.USER
+
+
+def test_local_dir_where_files_cannot_live_is_a_node_fault():
+    exc = errors.StorageError("cannot create the node-local directory")
+    assert stage.local_dir_fault(Path("/sys/uctr")) is not None  # sysfs: no space for files
+    assert stage.classify(exc, Path("/sys/uctr")) == stage.NODE
+
+
+def test_a_usable_local_dir_is_not_a_fault(tmp_path):
+    assert stage.local_dir_fault(tmp_path / "local") is None

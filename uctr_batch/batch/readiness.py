@@ -1,0 +1,128 @@
+"""Per-job readiness records: what the prolog found when it staged a job's image on a node.
+
+One record per job and node, written by the (root) prolog and read by `uctr-exec` and the
+SPANK plugin's task_init (C), so the format is deliberately trivial: KEY=VALUE lines, one
+value per line, no quoting. Two shapes:
+
+    status=ok                       status=error
+    image=<as the user wrote it>    image=<as the user wrote it>
+    reference=<canonical>           message=cannot pull ...: repository not found
+    rootfs=<bundle>/rootfs          hint=check the image name
+    bundle=<bundle dir>
+    manifest_digest=sha256:...
+
+plus version, job and uid on both. Records live in ``<run dir>/readiness/<job id>``; the run
+dir is node-local (``/run/uctr``, or ``UCTR_RUN_DIR``), the readiness dir is root-owned, so a
+user can neither create nor remove records, and each record belongs to the job's user (0600).
+
+Standard library only, and cheap: uctr-exec calls read_readiness() on every rank.
+"""
+
+import os
+from pathlib import Path
+from typing import Dict, Mapping, Optional
+
+VERSION = "1"
+DEFAULT_RUN_DIR = "/run/uctr"
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+
+def run_dir(env: Optional[Mapping[str, str]] = None) -> Path:
+    """Node-local directory for uctr's per-node runtime state."""
+    env = os.environ if env is None else env
+    return Path(env.get("UCTR_RUN_DIR") or DEFAULT_RUN_DIR)
+
+
+def record_path(job_id: str, env: Optional[Mapping[str, str]] = None) -> Path:
+    return run_dir(env) / "readiness" / _job_name(job_id)
+
+
+def _job_name(job_id) -> str:
+    text = str(job_id)
+    # job ids are digits (Slurm) or NNN.server (PBS); never let one name a path
+    if not text or "/" in text or text.startswith(".") or "\0" in text:
+        raise ValueError(f"not a job id: {text!r}")
+    return text
+
+
+def _one_line(value) -> str:
+    return " ".join(str(value).split("\n")).replace("\r", " ")
+
+
+def format_record(fields: Mapping[str, object]) -> str:
+    return "".join(f"{key}={_one_line(value)}\n" for key, value in fields.items() if value is not None)
+
+
+def parse_record(text: str) -> Dict[str, str]:
+    record: Dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            record[key] = value
+    return record
+
+
+def read_readiness(job_id, uid: int, env: Optional[Mapping[str, str]] = None) -> Optional[dict]:
+    """The record for job JOB_ID if it belongs to UID, else None (no record, or not ours).
+
+    Keys: status ("ok"|"error"), image, and reference/rootfs/bundle/manifest_digest (ok) or
+    message/hint (error); all values are strings.
+    """
+    try:
+        path = record_path(job_id, env)
+        with open(path, "r", encoding="utf-8", errors="replace") as f:
+            st = os.fstat(f.fileno())
+            text = f.read(65536)
+    except (OSError, ValueError):
+        return None
+    # written by root (the prolog) for the job's user; anything else is not a record of ours
+    if st.st_uid not in (0, uid):
+        return None
+    record = parse_record(text)
+    if record.get("uid") != str(uid) or record.get("job") != str(job_id):
+        return None
+    return record
+
+
+def write_readiness(job_id, uid: int, fields: Mapping[str, object],
+                    env: Optional[Mapping[str, str]] = None) -> Path:
+    """Atomically (re)write job JOB_ID's record, owned by UID, mode 0600 (called as root)."""
+    path = record_path(job_id, env)
+    _ensure_root_dir(path.parent)
+    record = {"version": VERSION, "job": str(job_id), "uid": str(uid)}
+    record.update(fields)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, format_record(record).encode("utf-8"))
+        if os.geteuid() == 0:
+            os.fchown(fd, uid, -1)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def remove_readiness(job_id, env: Optional[Mapping[str, str]] = None) -> bool:
+    """Remove job JOB_ID's record; False when there was none."""
+    try:
+        os.unlink(record_path(job_id, env))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _ensure_root_dir(path: Path) -> None:
+    """Create PATH (and its parent run dir) 0755; refuse one that others could write into."""
+    for directory in (path.parent, path):
+        try:
+            os.mkdir(directory, 0o755)
+        except FileExistsError:
+            pass
+        st = os.lstat(directory)
+        if not os.path.isdir(directory) or os.path.islink(directory):
+            raise OSError(f"{directory} is not a directory")
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise PermissionError(
+                f"{directory} must be owned by uid {os.geteuid()} and not writable by others")

@@ -1,0 +1,277 @@
+"""Slurm prolog/epilog logic and `uctr slurm install`.
+
+Prolog (root, every allocated node, PrologFlags=Alloc):
+  job context -> nothing to do without an image -> trusted site policy (read as root) ->
+  mode/MPI checks -> stage the image as the job user in a forked child -> readiness record.
+  User mistakes are recorded and the prolog exits 0: a failing prolog drains the node.
+  Only node faults (unusable node-local storage, broken policy, bugs) exit non-zero.
+
+Epilog (root): remove the readiness record and, as the job user, the job's in-use
+references; then enforce the node-local quota. Missing state is normal; it never fails.
+"""
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Mapping, Optional
+
+from uctr_batch import log, proc
+from uctr_batch.batch import job as jobs
+from uctr_batch.batch import readiness
+from uctr_batch.errors import EXIT_OK, ConfigError, UctrError, UsageError
+
+_log = log.get("slurm")
+
+EXIT_NODE_FAULT = 1  # Slurm drains the node
+SPANK_HEADER = "/usr/include/slurm/spank.h"
+
+
+# -- prolog -------------------------------------------------------------------------------
+def prolog_main(env: Optional[Mapping[str, str]] = None) -> int:
+    log.setup(0)
+    try:
+        return prolog(env)
+    except Exception as e:  # noqa: BLE001 - a bug or a broken node: say so, drain
+        _log.exception("uctr prolog: node fault: %s", e)
+        return EXIT_NODE_FAULT
+
+
+def prolog(env: Optional[Mapping[str, str]] = None) -> int:
+    env = os.environ if env is None else env
+    ctx = jobs.from_env(env, container_lookup=_container_or_none)
+    if not ctx.wants_container:
+        return EXIT_OK
+    started = time.monotonic()
+    node_policy = _site_policy(ctx, env)  # a broken or untrusted policy is a node fault
+    outcome = _check_request(ctx, node_policy) or _stage_as_user(ctx, node_policy, env)
+    readiness.write_readiness(ctx.job_id, ctx.uid, _record_fields(ctx, outcome), env)
+    _log_outcome(ctx, outcome, time.monotonic() - started)
+    return EXIT_NODE_FAULT if outcome.get("fault") == "node" else EXIT_OK
+
+
+def _container_or_none(job_id: str) -> Optional[str]:
+    """Slurm's --container value; None if the controller cannot tell us now. Not knowing is
+    no reason to drain a node: the steps then stage the image themselves (uctr-exec)."""
+    try:
+        return jobs.job_container(job_id)
+    except (UctrError, OSError, subprocess.SubprocessError) as e:
+        _log.warning("uctr prolog: job %s: cannot read its --container value (%s); "
+                     "its steps will stage the image themselves", job_id, e)
+        return None
+
+
+def _site_policy(ctx: jobs.JobContext, env: Mapping[str, str]):
+    from uctr_batch.policy import load_policy, resolve
+
+    return resolve(load_policy(env=env), node=ctx.node, partition=ctx.partition, env=env)
+
+
+def _check_request(ctx: jobs.JobContext, node_policy) -> Optional[dict]:
+    """A user error dict when the requested mode or MPI profile is not allowed here."""
+    from uctr_batch.batch import stage
+
+    try:
+        node_policy.mode_ladder(ctx.mode)
+        node_policy.selected_mpi(ctx.mpi)
+    except UctrError as e:
+        return stage.error_outcome(e, "user")
+    return None
+
+
+def _stage_as_user(ctx: jobs.JobContext, node_policy, env: Mapping[str, str]) -> dict:
+    from uctr_batch.batch import privdrop, stage
+
+    who = privdrop.Identity.of(ctx.uid, ctx.gid)
+    child_env = stage.job_environment(ctx.job_id, env)
+    # stage() stops itself at stage_timeout with a clear message; this is the backstop
+    timeout = node_policy.storage.stage_timeout + 30
+    try:
+        return privdrop.run_as(who, stage.stage_outcome, ctx.image, job_id=ctx.job_id,
+                               node_policy=node_policy, env=child_env, timeout=timeout)
+    except UctrError as e:  # the child timed out or died: the job's problem, not the node's
+        return stage.error_outcome(e, "user" if type(e) is UctrError else "node")
+
+
+def _record_fields(ctx: jobs.JobContext, outcome: dict) -> dict:
+    fields = {"status": outcome["status"], "image": ctx.image}
+    keys = ("reference", "rootfs", "bundle", "manifest_digest") if outcome["status"] == "ok" \
+        else ("message", "hint")
+    fields.update((k, outcome.get(k)) for k in keys)
+    return fields
+
+
+def _log_outcome(ctx: jobs.JobContext, outcome: dict, seconds: float) -> None:
+    where = f"job {ctx.job_id} on {ctx.node}"
+    if outcome["status"] == "ok":
+        how = "unpacked" if outcome.get("unpacked") else "reused"
+        _log.info("uctr prolog: %s: staged %s as %s (%s) in %.1f s", where, ctx.image,
+                  outcome["manifest_digest"], how, seconds)
+    else:
+        _log.info("uctr prolog: %s: %s error staging %s: %s", where, outcome.get("fault"),
+                  ctx.image, outcome.get("message"))
+
+
+# -- epilog -------------------------------------------------------------------------------
+def epilog_main(env: Optional[Mapping[str, str]] = None) -> int:
+    log.setup(0)
+    try:
+        epilog(env)
+    except Exception as e:  # noqa: BLE001 - never drain a node over cleanup
+        _log.exception("uctr epilog: cleanup incomplete: %s", e)
+    return EXIT_OK
+
+
+def epilog(env: Optional[Mapping[str, str]] = None) -> None:
+    env = os.environ if env is None else env
+    ctx = jobs.from_env(env, container_lookup=lambda job_id: None)
+    record = readiness.read_readiness(ctx.job_id, ctx.uid, env)
+    readiness.remove_readiness(ctx.job_id, env)
+    if record is None:
+        return  # the prolog staged nothing for this job here: no job-scoped state
+    from uctr_batch.batch import privdrop, stage
+
+    node_policy = _site_policy(ctx, env)
+    who = privdrop.Identity.of(ctx.uid, ctx.gid)
+    result = privdrop.run_as(who, stage.release_job, ctx.job_id, node_policy=node_policy,
+                             env=stage.job_environment(ctx.job_id, env),
+                             timeout=node_policy.storage.stage_timeout)
+    _log.info("uctr epilog: job %s on %s: removed %d reference(s), evicted %d bundle(s)",
+              ctx.job_id, ctx.node, result["references"], len(result["evicted"]))
+
+
+# -- uctr slurm install -------------------------------------------------------------------
+def cmd_slurm(args) -> int:
+    if args.slurm_command == "install":
+        plan = install_plan(Path(args.prefix), policy=args.policy, log_dir=args.log_dir)
+        if not args.dry_run:
+            install(plan)
+        else:
+            for step in plan.steps():
+                _log.info("would %s", step)
+        sys.stdout.write(plan.snippets())
+    return EXIT_OK
+
+
+@dataclass(frozen=True)
+class InstallPlan:
+    prefix: Path
+    source: Path  # the tree holding spank/, hooks/ (and launchers/): the package's parent
+    python: str
+    policy: Optional[str]
+    log_dir: Optional[str]
+
+    @property
+    def plugin(self) -> Path:
+        return self.prefix / "lib" / "uctr" / "uctr_spank.so"
+
+    @property
+    def libexec(self) -> Path:
+        return self.prefix / "libexec" / "uctr"
+
+    @property
+    def uctr_exec(self) -> Path:
+        return self.prefix / "bin" / "uctr-exec"
+
+    @property
+    def share(self) -> Path:
+        return self.prefix / "share" / "uctr" / "slurm"
+
+    def hook(self, kind: str) -> Path:
+        return self.libexec / f"slurm-{kind}"
+
+    def steps(self) -> List[str]:
+        return [f"build {self.source / 'spank'} and install {self.plugin}",
+                f"install {self.hook('prolog')} and {self.hook('epilog')} (python: {self.python})",
+                f"install {self.uctr_exec}",
+                f"write {self.share / 'plugstack.conf'} and {self.share / 'slurm.conf'}"]
+
+    def plugstack_line(self) -> str:
+        args = [f"uctr_exec={self.uctr_exec}"] + ([f"policy={self.policy}"] if self.policy else [])
+        return f"required {self.plugin} {' '.join(args)}\n"
+
+    def slurm_conf(self) -> str:
+        return (f"Prolog={self.hook('prolog')}\nEpilog={self.hook('epilog')}\n"
+                "PrologFlags=Alloc\n")
+
+    def snippets(self) -> str:
+        return ("# plugstack.conf (or a file in plugstack.conf.d/):\n" + self.plugstack_line()
+                + "# slurm.conf (then: scontrol reconfigure; restart slurmd):\n" + self.slurm_conf())
+
+    def wrapper(self, target: str) -> str:
+        """A hook/launcher script: this Python, this package, the site policy."""
+        lines = ["#!/bin/sh", "# written by `uctr slurm install`; re-run it to update",
+                 f"export PYTHONPATH={shlex.quote(str(self.source))}"]
+        if self.policy:
+            lines.append(f"export UCTR_POLICY={shlex.quote(self.policy)}")
+        return "\n".join(lines + [target, ""])
+
+
+def install_plan(prefix: Path, policy: Optional[str] = None,
+                 log_dir: Optional[str] = None) -> InstallPlan:
+    import uctr_batch
+
+    source = Path(uctr_batch.__file__).resolve().parent.parent
+    for needed in ("spank/Makefile", "hooks/slurm/prolog.py", "hooks/slurm/epilog.py"):
+        if not (source / needed).exists():
+            raise ConfigError(f"{source / needed} is missing: uctr slurm install needs the "
+                              "uctr-batch source tree", "run it from a checkout of uctr-batch")
+    for name, value in (("--prefix", str(prefix)), ("--policy", policy), ("--log-dir", log_dir)):
+        if value is not None and not os.path.isabs(value):
+            raise UsageError(f"{name} must be an absolute path: {value}")
+    return InstallPlan(Path(prefix), source, sys.executable, policy, log_dir)
+
+
+def install(plan: InstallPlan) -> None:
+    if not Path(SPANK_HEADER).exists():
+        raise ConfigError(f"{SPANK_HEADER} is missing: cannot build the SPANK plugin",
+                          "install Slurm's headers (Debian/Ubuntu: apt-get install libslurm-dev)")
+    _build_plugin(plan)
+    for kind in ("prolog", "epilog"):
+        script = plan.libexec / f"{kind}.py"
+        _install_file(script, (plan.source / "hooks" / "slurm" / f"{kind}.py").read_bytes(), 0o644)
+        command = f"exec {shlex.quote(plan.python)} {shlex.quote(str(script))}"
+        if plan.log_dir:  # a missing log dir must not fail the hook (that drains the node)
+            log_dir = shlex.quote(plan.log_dir)
+            command = (f"mkdir -p {log_dir} 2>/dev/null\n{command} "
+                       f"2>>{log_dir}/uctr-{kind}.\"$SLURMD_NODENAME\".log")
+        _install_file(plan.hook(kind), plan.wrapper(command).encode(), 0o755)
+    _install_file(plan.uctr_exec, plan.wrapper(_launcher_command(plan)).encode(), 0o755)
+    _install_file(plan.share / "plugstack.conf", plan.plugstack_line().encode(), 0o644)
+    _install_file(plan.share / "slurm.conf", plan.slurm_conf().encode(), 0o644)
+    for step in plan.steps():
+        log.verbose("done: %s", step)
+
+
+def _launcher_command(plan: InstallPlan) -> str:
+    shim = plan.source / "launchers" / "uctr-exec"  # a sh script that picks UCTR_PYTHON
+    if shim.exists():
+        return f'export UCTR_PYTHON={shlex.quote(plan.python)}\nexec {shlex.quote(str(shim))} "$@"'
+    _log.warning("%s is missing: %s will fail until uctr-exec is installed", shim, plan.uctr_exec)
+    return 'echo "uctr: uctr-exec is not installed" >&2; exit 127'
+
+
+def _build_plugin(plan: InstallPlan) -> None:
+    """make in a scratch copy (the source tree may be read-only), then install atomically."""
+    with tempfile.TemporaryDirectory(prefix="uctr-spank-") as scratch:
+        build = Path(scratch) / "spank"
+        shutil.copytree(plan.source / "spank", build,
+                        ignore=shutil.ignore_patterns("*.o", "*.so"))
+        proc.run(["make", "-s", "-C", str(build)], error="building the SPANK plugin failed",
+                 hint="it needs make, a C compiler and Slurm's headers (libslurm-dev)")
+        _install_file(plan.plugin, (build / "uctr_spank.so").read_bytes(), 0o755)
+
+
+def _install_file(path: Path, data: bytes, mode: int) -> None:
+    """Write next to PATH and rename over it: running slurmstepds keep the old plugin."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)

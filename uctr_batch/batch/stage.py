@@ -1,0 +1,437 @@
+"""Node-local staging, shared by the Slurm prolog, the PBS hooks and uctr-exec.
+
+    stage(image) -> StageResult(rootfs, bundle, manifest_digest, reference)
+
+pulls the image into the shared cache (each blob has one downloader across all nodes: the
+store's locks), unpacks it into the node-local bundle for its manifest digest (one unpack per
+node: rootfs.create's lock) and keeps the node-local directory under the policy's quota by
+evicting the least recently used bundles nobody uses.
+
+"In use" = a reference file ``<local dir>/inuse/<digest hex>/<key>``. Keys:
+  job-<job id>            added when staging for a job; removed by the epilog
+  pid-<pid>[-<anything>]  added by a running process (uctr-exec); dead once the pid is gone
+A bundle with at least one live reference is never evicted. Its last use (for LRU) is the
+later of its inuse directory's mtime and rootfs' completion marker's (touched on every reuse).
+A process should add its reference before it starts using a bundle.
+
+Run as the user whose cache and local dir these are: the prolog calls it in a child that
+dropped to the job user (privdrop.run_as); uctr-exec already is that user.
+"""
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+
+from uctr_batch import errors, log, settings
+
+_log = log.get("stage")
+
+INUSE_DIR = "inuse"
+JOB_REF_MAX_AGE = 30 * 86400.0  # an epilog-less job reference older than this is stale
+_NODE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EIO)
+
+# What the user can fix (recorded for the job, node stays up) vs what the node must fix.
+USER, NODE = "user", "node"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    rootfs: Path
+    bundle: Path
+    manifest_digest: str
+    reference: str
+    unpacked: bool = False  # this call created the rootfs (False: it was already there)
+
+    def to_dict(self) -> dict:
+        return {"status": "ok", "rootfs": str(self.rootfs), "bundle": str(self.bundle),
+                "manifest_digest": self.manifest_digest, "reference": self.reference,
+                "unpacked": self.unpacked}
+
+
+# -- where --------------------------------------------------------------------------------
+def storage_dirs(node_policy, env: Optional[Mapping[str, str]] = None) -> Tuple[Path, Path]:
+    """(shared cache dir, node-local dir) of the calling user under NODE_POLICY."""
+    from uctr_batch.policy.model import expand, path_variables
+
+    storage = node_policy.storage if node_policy is not None else None
+    variables = None
+    dirs = []
+    for template, default in ((getattr(storage, "cache_dir", None), settings.default_cache_dir),
+                              (getattr(storage, "local_dir", None), settings.default_local_dir)):
+        if template:
+            variables = variables or path_variables(env=env)
+            dirs.append(Path(expand(template, variables)))
+        else:
+            dirs.append(default())
+    return dirs[0], dirs[1]
+
+
+def job_environment(job_id: str, env: Mapping[str, str]) -> Dict[str, str]:
+    """What a staging child needs from a hook's environment: ${JOB_ID} in policy paths,
+    the run dir, verbosity."""
+    out = {"SLURM_JOB_ID": str(job_id)}
+    for name in ("UCTR_RUN_DIR", "UCTR_VERBOSE", "SLURMD_NODENAME"):
+        if env.get(name):
+            out[name] = env[name]
+    return out
+
+
+# -- staging ------------------------------------------------------------------------------
+def stage(image_text: str, *, job_id: Optional[str] = None, node_policy=None,
+          timeout: Optional[float] = None, platform: Optional[str] = None) -> StageResult:
+    """Pull IMAGE_TEXT, create its node-local rootfs (once per node), keep the quota, and
+    mark it in use by JOB_ID when given. Raises UctrError subclasses.
+
+    TIMEOUT (seconds) bounds the whole call, waiting for other processes' downloads and
+    unpack included (main thread only; default: the policy's storage.stage_timeout)."""
+    from uctr_batch.policy import current_node_policy
+
+    node_policy = node_policy or current_node_policy()
+    if timeout is None:
+        timeout = node_policy.storage.stage_timeout
+    with _deadline(timeout, image_text):
+        return _stage(image_text, job_id, node_policy, platform)
+
+
+def _stage(image_text: str, job_id: Optional[str], node_policy,
+           platform: Optional[str]) -> StageResult:
+    from uctr_batch.image import pull, rootfs, store
+    from uctr_batch.policy import registry_settings
+
+    cache_dir, local_dir = storage_dirs(node_policy)
+    _point_defaults_at(cache_dir, local_dir)
+    registry_config = settings.registry_config(base=registry_settings(node_policy))
+    cache = store.Store(cache_dir)
+    record = pull.ensure_image(image_text, registry_config, cache, platform=platform, pull=True)
+    quota = node_policy.storage.local_quota_bytes
+    if quota:
+        enforce_quota(local_dir, quota, keep=(record.manifest_digest,),
+                      need=sum(layer.size for layer in record.layers))
+    bundles = rootfs.BundleStore(local_dir)
+    existed = _is_complete(bundles.path_for(record.manifest_digest), record.manifest_digest)
+    rootfs_path = Path(rootfs.create(record, cache))  # one unpack per node: its lock
+    bundle = rootfs_path.parent
+    touch_use(local_dir, record.manifest_digest)
+    if job_id is not None:
+        add_reference(local_dir, record.manifest_digest, f"job-{job_id}", job=str(job_id))
+    if quota:
+        _check_fits(local_dir, record.manifest_digest, bundle, quota, image_text)
+        enforce_quota(local_dir, quota, keep=(record.manifest_digest,))
+    return StageResult(rootfs_path, bundle, record.manifest_digest, record.reference,
+                       unpacked=not existed)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: Optional[float], image_text: str):
+    """Raise UctrError in the main thread after SECONDS (SIGALRM); no-op elsewhere."""
+    usable = seconds and seconds > 0 and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def expired(signum, frame):
+        raise errors.UctrError(
+            f"staging {image_text} did not finish within {seconds:.0f} s",
+            "the registry may be slow, the image large or another process stuck unpacking it; "
+            "the site can raise storage.stage_timeout in the policy")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _point_defaults_at(cache_dir: Path, local_dir: Path) -> None:
+    """The image pipeline finds its dirs through settings: make them the policy's."""
+    os.environ["UCTR_CACHE"] = str(cache_dir)
+    os.environ["UCTR_LOCAL_DIR"] = str(local_dir)
+
+
+def _is_complete(bundle: Path, digest: str) -> bool:
+    from uctr_batch.image import rootfs
+
+    return rootfs.bundle_info(bundle)["manifest_digest"] == digest
+
+
+def _check_fits(local_dir: Path, digest: str, bundle: Path, quota: int, image_text: str) -> None:
+    size = bundle_size(bundle)
+    if size > quota:
+        remove_references(local_dir, digest, lambda key: True)
+        _remove_bundle(local_dir, bundle)
+        raise errors.StorageError(
+            f"image {image_text} needs {_human(size)} unpacked, more than this node's quota "
+            f"of {_human(quota)} for node-local root filesystems",
+            "use a smaller image or ask the site to raise storage.local_quota")
+
+
+# -- outcome for hooks (never raises) -----------------------------------------------------
+def stage_outcome(image_text: str, *, job_id: Optional[str] = None, node_policy=None,
+                  timeout: Optional[float] = None) -> dict:
+    """stage() as a JSON-able dict: {"status": "ok", ...} or {"status": "error", "fault":
+    "user"|"node", "message", "hint"}. Runs in the prolog's unprivileged child."""
+    try:
+        return stage(image_text, job_id=job_id, node_policy=node_policy, timeout=timeout).to_dict()
+    except Exception as e:  # noqa: BLE001 - classified, reported, and the hook decides
+        local_dir = None
+        try:
+            local_dir = storage_dirs(node_policy)[1]
+        except Exception:  # noqa: BLE001
+            pass
+        fault = classify(e, local_dir)
+        if fault == NODE:
+            _log.debug("staging failed", exc_info=True)
+        return error_outcome(e, fault)
+
+
+def error_outcome(exc: BaseException, fault: str) -> dict:
+    if isinstance(exc, errors.UctrError):
+        message, hint = exc.message, exc.hint
+    else:
+        message, hint = f"internal error while staging: {type(exc).__name__}: {exc}", \
+            "this is a bug in uctr-batch; the node's prolog log has details"
+    return {"status": "error", "fault": fault, "message": message, "hint": hint}
+
+
+def classify(exc: BaseException, local_dir: Optional[Path]) -> str:
+    """USER for what the job's owner can fix (bad reference, auth, not found, not allowed,
+    layer rejected, quota, slow registry); NODE for what only the node can (node-local disk
+    full or read-only or broken, unexpected exceptions = bugs)."""
+    if not isinstance(exc, errors.UctrError) or isinstance(exc, errors.InternalError):
+        return NODE
+    for cause in _chain(exc):
+        if isinstance(cause, OSError) and cause.errno in _NODE_ERRNOS \
+                and _under(cause.filename, local_dir):
+            return NODE
+    if isinstance(exc, errors.StorageError) and local_dir is not None \
+            and local_dir_fault(local_dir):
+        return NODE
+    return USER
+
+
+def _chain(exc: BaseException) -> Iterable[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _under(filename, directory: Optional[Path]) -> bool:
+    if directory is None or not filename:
+        return directory is not None  # no file named: assume the unpack target
+    try:
+        return os.path.commonpath([os.path.abspath(str(filename)),
+                                   os.path.abspath(str(directory))]) == os.path.abspath(str(directory))
+    except ValueError:
+        return False
+
+
+def local_dir_fault(local_dir: Path) -> Optional[str]:
+    """Why the node-local directory is unusable, or None if it can be written."""
+    probe_parent = local_dir if local_dir.exists() else local_dir.parent
+    try:
+        st = os.statvfs(probe_parent)
+    except OSError as e:
+        return f"cannot stat {probe_parent}: {e.strerror}"
+    if st.f_flag & os.ST_RDONLY:
+        return f"{probe_parent} is on a read-only file system"
+    if st.f_bavail * st.f_frsize < 1 << 20:
+        return f"{probe_parent} has no free space"
+    if not os.access(probe_parent, os.W_OK | os.X_OK):
+        return f"{probe_parent} is not writable"
+    return None
+
+
+# -- in-use references --------------------------------------------------------------------
+def _inuse(local_dir: Path, digest: Optional[str] = None) -> Path:
+    base = Path(local_dir) / INUSE_DIR
+    if digest is None:
+        return base
+    from uctr_batch.image.store import split_digest
+
+    algo, hexpart = split_digest(digest)
+    return base / (hexpart if algo == "sha256" else f"{algo}-{hexpart}")
+
+
+def add_reference(local_dir: Path, digest: str, key: str, *, pid: Optional[int] = None,
+                  job: Optional[str] = None) -> Path:
+    """Mark DIGEST's bundle in use under KEY (a file name: job-J, pid-P...)."""
+    if "/" in key or key.startswith("."):
+        raise errors.InternalError(f"bad reference key {key!r}")
+    directory = _inuse(local_dir, digest)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / key
+    info = {"pid": pid, "job": job, "host": socket.gethostname(), "created": time.time()}
+    tmp = directory / f".{key}.{os.getpid()}"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, path)
+    return path
+
+
+def touch_use(local_dir: Path, digest: str) -> None:
+    """Record a use of DIGEST's bundle now (the LRU clock)."""
+    directory = _inuse(local_dir, digest)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.utime(directory)
+
+
+def remove_references(local_dir: Path, digest: Optional[str], match) -> int:
+    """Remove references whose key satisfies MATCH (of DIGEST, or of every bundle)."""
+    removed = 0
+    dirs = [_inuse(local_dir, digest)] if digest else _iterdir(_inuse(local_dir))
+    for directory in dirs:
+        for ref in _iterdir(directory):
+            if not ref.name.startswith(".") and match(ref.name):
+                try:
+                    ref.unlink()
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        if removed:
+            _touch(directory)
+    return removed
+
+
+def live_references(local_dir: Path, digest: str) -> List[str]:
+    return [ref.name for ref in _iterdir(_inuse(local_dir, digest)) if _is_live(ref)]
+
+
+def _is_live(ref: Path) -> bool:
+    name = ref.name
+    if name.startswith("."):
+        return False
+    if name.startswith("pid-"):
+        pid = name[4:].split("-")[0]
+        return pid.isdigit() and os.path.exists(f"/proc/{pid}")
+    try:
+        age = time.time() - ref.stat().st_mtime
+    except OSError:
+        return False
+    return age < JOB_REF_MAX_AGE
+
+
+def release_job(job_id: str, *, node_policy=None) -> dict:
+    """Epilog side, as the job user: drop JOB_ID's references, then enforce the quota."""
+    _, local_dir = storage_dirs(node_policy)
+    key = f"job-{job_id}"
+    removed = remove_references(local_dir, None, lambda name: name == key) \
+        if _inuse(local_dir).is_dir() else 0
+    evicted: List[str] = []
+    quota = getattr(getattr(node_policy, "storage", None), "local_quota_bytes", None)
+    if quota and Path(local_dir).is_dir():
+        evicted = enforce_quota(local_dir, quota)
+    return {"references": removed, "evicted": evicted}
+
+
+# -- quota --------------------------------------------------------------------------------
+def _bundles(local_dir: Path) -> Dict[str, List[Path]]:
+    """manifest digest -> complete bundles in the node-local dir (rootfs owns the layout)."""
+    from uctr_batch.image import rootfs
+
+    found: Dict[str, List[Path]] = {}
+    for bundle in rootfs.BundleStore(local_dir).complete_bundles():
+        digest = rootfs.bundle_info(bundle)["manifest_digest"]
+        if digest:
+            found.setdefault(digest, []).append(bundle)
+    return found
+
+
+def bundle_size(bundle: Path) -> int:
+    """Unpacked bytes of a bundle, as recorded at unpack time (else counted once)."""
+    from uctr_batch.image import rootfs
+
+    size = rootfs.bundle_info(bundle).get("size")
+    return int(size) if isinstance(size, int) else _disk_usage(bundle)
+
+
+def _disk_usage(path: Path) -> int:
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _last_use(local_dir: Path, digest: str, bundle: Path) -> float:
+    """Latest of: a reference added/removed, a create() reusing it (rootfs' marker mtime)."""
+    from uctr_batch.image import rootfs
+
+    times = []
+    for p in (_inuse(local_dir, digest), bundle / rootfs.MARKER):
+        try:
+            times.append(os.stat(p).st_mtime)
+        except OSError:
+            pass
+    return max(times) if times else 0.0
+
+
+def enforce_quota(local_dir: Path, quota: int, keep: Iterable[str] = (), need: int = 0) -> List[str]:
+    """Evict least recently used bundles without live references until the bundles use at
+    most QUOTA - NEED bytes. Returns the evicted digests. Bundles in KEEP stay."""
+    keep = set(keep)
+    entries = []
+    for digest, bundles in _bundles(local_dir).items():
+        for bundle in bundles:
+            entries.append((_last_use(local_dir, digest, bundle), digest, bundle,
+                            bundle_size(bundle)))
+    used = sum(e[3] for e in entries)
+    evicted = []
+    for _, digest, bundle, size in sorted(entries, key=lambda e: e[0]):
+        if used + need <= quota:
+            break
+        if digest in keep or live_references(local_dir, digest):
+            continue
+        if _remove_bundle(local_dir, bundle):
+            used -= size
+            evicted.append(digest)
+            shutil.rmtree(_inuse(local_dir, digest), ignore_errors=True)
+            log.verbose("evicted %s (%s) from %s", digest, _human(size), local_dir)
+    return evicted
+
+
+def _remove_bundle(local_dir: Path, bundle: Path) -> bool:
+    from uctr_batch.image import rootfs
+
+    try:
+        rootfs.remove(bundle, rootfs.BundleStore(local_dir))
+        return True
+    except errors.UctrError as e:
+        _log.warning("cannot evict %s: %s", bundle, e.message)
+        return False
+
+
+def _iterdir(path: Path) -> List[Path]:
+    try:
+        return list(path.iterdir())
+    except OSError:
+        return []
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
