@@ -1,0 +1,59 @@
+/*
+ * uctr SPANK plugin: shared declarations.
+ *
+ * Structure (after pyxis): uctr_dispatch.c routes each SPANK callback to the file that owns
+ * that context: uctr_client.c (srun/sbatch/salloc), uctr_remote.c (slurmstepd). Options live
+ * in uctr_args.c, plugstack.conf arguments in uctr_config.c. The plugin itself stages and
+ * runs nothing: the prolog stages the image, `uctr-exec` runs each task in it.
+ */
+#ifndef UCTR_SPANK_H
+#define UCTR_SPANK_H
+
+#include <limits.h>
+#include <stddef.h>
+#include <stdint.h>  /* spank.h uses uint32_t without including it */
+#include <slurm/spank.h>
+
+#define UCTR_PREFIX "uctr: "
+
+struct uctr_config {
+    char uctr_exec[PATH_MAX];   /* launcher run in front of every task */
+    char policy[PATH_MAX];      /* site policy file handed to uctr-exec ("" = its default) */
+    char run_dir[PATH_MAX];     /* node-local dir where the prolog records readiness */
+    int sbatch_support;         /* register the options in sbatch/salloc */
+    int batch_in_container;     /* run the batch script itself in the container */
+};
+
+/* -1 = not given, 0/1 = given */
+struct uctr_args {
+    char *image;
+    char *mounts;
+    char *workdir;
+    char *env_names;
+    char *mode;
+    char *mpi;
+    char *gpu;
+    int writable;
+    int mount_home;
+};
+
+extern struct uctr_args uctr_args;
+
+/* uctr_config.c */
+int uctr_config_parse(int ac, char **av, struct uctr_config *cfg);
+
+/* uctr_args.c */
+int uctr_args_register(spank_t sp);
+/* get(ctx, NAME, buf, len) copies NAME's value into buf and returns 1 when it is set */
+void uctr_args_env_defaults(int (*get)(void *ctx, const char *name, char *buf, size_t len),
+                            void *ctx);
+int uctr_args_validate(void);
+int uctr_args_any_set(void);
+
+/* uctr_client.c */
+int uctr_client_post_opt(spank_t sp, const struct uctr_config *cfg);
+
+/* uctr_remote.c */
+int uctr_remote_task_init(spank_t sp, const struct uctr_config *cfg);
+
+#endif

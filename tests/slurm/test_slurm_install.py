@@ -1,0 +1,84 @@
+"""`uctr slurm install`: builds the SPANK plugin and writes the hooks and snippets.
+
+(The cluster tests use the same command to set up the cluster; these check its output.)
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not Path("/usr/include/slurm/spank.h").exists(),
+                                 reason="needs Slurm's headers (libslurm-dev)")]
+
+
+def uctr(*args):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "uctr_batch", *args], capture_output=True,
+                          text=True, env=env, cwd="/")
+
+
+def test_install_builds_the_plugin_and_prints_the_snippets(tmp_path):
+    prefix = tmp_path / "prefix"
+    result = uctr("slurm", "install", "--prefix", str(prefix), "--policy", "/etc/uctr/p.yaml",
+                  "--log-dir", "/var/log/uctr")
+    assert result.returncode == 0, result.stderr
+    plugin = prefix / "lib" / "uctr" / "uctr_spank.so"
+    assert result.stdout.splitlines() == [
+        "# plugstack.conf (or a file in plugstack.conf.d/):",
+        f"required {plugin} uctr_exec={prefix}/bin/uctr-exec policy=/etc/uctr/p.yaml",
+        "# slurm.conf (then: scontrol reconfigure; restart slurmd):",
+        f"Prolog={prefix}/libexec/uctr/slurm-prolog",
+        f"Epilog={prefix}/libexec/uctr/slurm-epilog",
+        "PrologFlags=Alloc",
+    ]
+    assert (prefix / "share" / "uctr" / "slurm" / "plugstack.conf").read_text() == \
+        result.stdout.splitlines()[1] + "\n"
+    prolog = (prefix / "libexec" / "uctr" / "slurm-prolog").read_text()
+    assert "export UCTR_POLICY=/etc/uctr/p.yaml" in prolog
+    assert f"{sys.executable} {prefix}/libexec/uctr/prolog.py" in prolog
+    assert os.access(prefix / "libexec" / "uctr" / "slurm-epilog", os.X_OK)
+
+
+def test_plugin_exports_only_what_slurm_looks_up(tmp_path):
+    prefix = tmp_path / "prefix"
+    assert uctr("slurm", "install", "--prefix", str(prefix)).returncode == 0
+    out = subprocess.run(["nm", "-D", "--defined-only", str(prefix / "lib/uctr/uctr_spank.so")],
+                         capture_output=True, text=True, check=True).stdout
+    names = sorted(line.split()[-1] for line in out.splitlines() if line.strip())
+    assert names == ["plugin_name", "plugin_type", "plugin_version", "slurm_spank_init",
+                     "slurm_spank_init_post_opt", "slurm_spank_task_init", "spank_plugin_version"]
+
+
+def test_hook_runs_without_its_log_dir(tmp_path):
+    """A missing log dir must not fail the prolog: Slurm would drain the node."""
+    prefix, logs = tmp_path / "prefix", tmp_path / "not" / "yet"
+    assert uctr("slurm", "install", "--prefix", str(prefix), "--log-dir", str(logs)).returncode == 0
+    # a job without a container: the job record (a stand-in scontrol) has no Container=
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "SLURM_JOB_ID": "1",
+           "SLURM_JOB_UID": str(os.getuid()), "SLURM_JOB_GID": str(os.getgid()),
+           "SLURMD_NODENAME": "n1"}
+    (tmp_path / "scontrol").write_text("#!/bin/sh\necho 'JobId=1 JobName=x'\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    result = subprocess.run([str(prefix / "libexec" / "uctr" / "slurm-prolog")], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, (logs / "uctr-prolog.n1.log").read_text()
+    assert (logs / "uctr-prolog.n1.log").exists()
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    prefix = tmp_path / "prefix"
+    result = uctr("slurm", "install", "--prefix", str(prefix), "--dry-run")
+    assert result.returncode == 0
+    assert "Prolog=" in result.stdout and "would build" in result.stderr
+    assert not prefix.exists()
+
+
+def test_relative_prefix_is_a_usage_error():
+    result = uctr("slurm", "install", "--prefix", "relative/dir", "--dry-run")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --prefix must be an absolute path")
