@@ -1,3 +1,3 @@
-from uctr_batch.cli import main
+from uctr_batch.cli import entry
 
-raise SystemExit(main())
+entry()

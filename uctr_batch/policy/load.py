@@ -6,7 +6,6 @@ yaml, jsonschema and hostlist are imported inside the functions: nothing on the 
 path imports this module's dependencies (uctr-exec reads a cached NodePolicy instead).
 """
 
-import difflib
 import json
 import os
 import re
@@ -253,6 +252,8 @@ def _describe(err, pf: PolicyFile) -> List[Problem]:
 
 
 def _did_you_mean(key: str, known: Sequence[str]) -> str:
+    import difflib  # only when there is a typo to explain
+
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if close:
         return f"did you mean {close[0]!r}?"
