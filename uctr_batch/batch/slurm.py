@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import List, Mapping, Optional
 
 from uctr_batch import log, proc
+from uctr_batch.batch import common
 from uctr_batch.batch import job as jobs
 from uctr_batch.batch import readiness
 from uctr_batch.errors import EXIT_OK, ConfigError, UctrError, UsageError
@@ -48,10 +49,10 @@ def prolog(env: Optional[Mapping[str, str]] = None) -> int:
     if not ctx.wants_container:
         return EXIT_OK
     started = time.monotonic()
-    node_policy = _site_policy(ctx, env)  # a broken or untrusted policy is a node fault
-    outcome = _check_request(ctx, node_policy) or _stage_as_user(ctx, node_policy, env)
-    readiness.write_readiness(ctx.job_id, ctx.uid, _record_fields(ctx, outcome), env)
-    _log_outcome(ctx, outcome, time.monotonic() - started)
+    node_policy = common.site_policy(ctx, env)  # a broken or untrusted policy is a node fault
+    outcome = common.check_request(ctx, node_policy) or common.stage_as_user(ctx, node_policy, env)
+    readiness.write_readiness(ctx.job_id, ctx.uid, common.record_fields(ctx, outcome), env)
+    _log.info("uctr prolog: %s", common.describe_outcome(ctx, outcome, time.monotonic() - started))
     return EXIT_NODE_FAULT if outcome.get("fault") == "node" else EXIT_OK
 
 
@@ -64,57 +65,6 @@ def _container_or_none(job_id: str) -> Optional[str]:
         _log.warning("uctr prolog: job %s: cannot read its --container value (%s); "
                      "its steps will stage the image themselves", job_id, e)
         return None
-
-
-def _site_policy(ctx: jobs.JobContext, env: Mapping[str, str]):
-    from uctr_batch.policy import load_policy, resolve
-
-    return resolve(load_policy(env=env), node=ctx.node, partition=ctx.partition, env=env)
-
-
-def _check_request(ctx: jobs.JobContext, node_policy) -> Optional[dict]:
-    """A user error dict when the requested mode or MPI profile is not allowed here."""
-    from uctr_batch.batch import stage
-
-    try:
-        node_policy.mode_ladder(ctx.mode)
-        node_policy.selected_mpi(ctx.mpi)
-    except UctrError as e:
-        return stage.error_outcome(e, "user")
-    return None
-
-
-def _stage_as_user(ctx: jobs.JobContext, node_policy, env: Mapping[str, str]) -> dict:
-    from uctr_batch.batch import privdrop, stage
-
-    who = privdrop.Identity.of(ctx.uid, ctx.gid)
-    child_env = stage.job_environment(ctx.job_id, env)
-    # stage() stops itself at stage_timeout with a clear message; this is the backstop
-    timeout = node_policy.storage.stage_timeout + 30
-    try:
-        return privdrop.run_as(who, stage.stage_outcome, ctx.image, job_id=ctx.job_id,
-                               node_policy=node_policy, env=child_env, timeout=timeout)
-    except UctrError as e:  # the child timed out or died: the job's problem, not the node's
-        return stage.error_outcome(e, "user" if type(e) is UctrError else "node")
-
-
-def _record_fields(ctx: jobs.JobContext, outcome: dict) -> dict:
-    fields = {"status": outcome["status"], "image": ctx.image}
-    keys = ("reference", "rootfs", "bundle", "manifest_digest") if outcome["status"] == "ok" \
-        else ("message", "hint")
-    fields.update((k, outcome.get(k)) for k in keys)
-    return fields
-
-
-def _log_outcome(ctx: jobs.JobContext, outcome: dict, seconds: float) -> None:
-    where = f"job {ctx.job_id} on {ctx.node}"
-    if outcome["status"] == "ok":
-        how = "unpacked" if outcome.get("unpacked") else "reused"
-        _log.info("uctr prolog: %s: staged %s as %s (%s) in %.1f s", where, ctx.image,
-                  outcome["manifest_digest"], how, seconds)
-    else:
-        _log.info("uctr prolog: %s: %s error staging %s: %s", where, outcome.get("fault"),
-                  ctx.image, outcome.get("message"))
 
 
 # -- epilog -------------------------------------------------------------------------------
@@ -134,13 +84,8 @@ def epilog(env: Optional[Mapping[str, str]] = None) -> None:
     readiness.remove_readiness(ctx.job_id, env)
     if record is None:
         return  # the prolog staged nothing for this job here: no job-scoped state
-    from uctr_batch.batch import privdrop, stage
-
-    node_policy = _site_policy(ctx, env)
-    who = privdrop.Identity.of(ctx.uid, ctx.gid)
-    result = privdrop.run_as(who, stage.release_job, ctx.job_id, node_policy=node_policy,
-                             env=stage.job_environment(ctx.job_id, env),
-                             timeout=node_policy.storage.stage_timeout)
+    node_policy = common.site_policy(ctx, env)
+    result = common.release_as_user(ctx, node_policy, env)
     _log.info("uctr epilog: job %s on %s: removed %d reference(s), evicted %d bundle(s)",
               ctx.job_id, ctx.node, result["references"], len(result["evicted"]))
 
