@@ -90,3 +90,39 @@ def _make_owner_writable(top: Path) -> None:
             os.chmod(directory, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
         with os.scandir(directory) as entries:
             stack.extend(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
+
+
+def write_atomic(path, data: bytes, mode: int = 0o600, *, fsync: bool = False,
+                 owner: Optional[int] = None) -> None:
+    """Replace PATH with DATA so readers see the old file or the new one, never a part.
+
+    The temporary sibling is created with O_EXCL|O_NOFOLLOW (a planted link cannot redirect
+    the write) and removed on failure. fsync for data that must survive a crash (cache
+    index); OWNER chowns the file when root writes it for a user."""
+    path = os.fspath(path)
+    tmp = "%s/.%s.%d.%d.tmp" % (os.path.dirname(path) or ".", os.path.basename(path),
+                               os.getpid(), id(data))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fchmod(fd, mode)  # the umask must not narrow (or widen) what the caller asked
+            if owner is not None:
+                os.fchown(fd, owner, -1)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

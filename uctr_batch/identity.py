@@ -110,11 +110,9 @@ def store(directory: str, name: str, text: str) -> str:
     except OSError:
         pass
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    tmp = "%s.tmp%d" % (path, os.getpid())
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    from uctr_batch import fsutil
+
+    fsutil.write_atomic(path, data, 0o644)
     return path
 
 

@@ -478,10 +478,9 @@ def read_outcome(job_id: str, env: Mapping[str, str]) -> Optional[dict]:
 
 
 def _write_outcome(job_id: str, outcome: dict, env: Mapping[str, str]) -> None:
-    path = state_path(job_id, "outcome", env)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(outcome))
-    os.replace(tmp, path)
+    from uctr_batch import fsutil
+
+    fsutil.write_atomic(state_path(job_id, "outcome", env), json.dumps(outcome).encode())
 
 
 def run_stager(payload: Mapping, env: Mapping[str, str]) -> dict:

@@ -92,15 +92,10 @@ def write_readiness(job_id, uid: int, fields: Mapping[str, object],
     _ensure_root_dir(path.parent)
     record = {"version": VERSION, "job": str(job_id), "uid": str(uid)}
     record.update(fields)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, format_record(record).encode("utf-8"))
-        if os.geteuid() == 0:
-            os.fchown(fd, uid, -1)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    from uctr_batch import fsutil
+
+    fsutil.write_atomic(path, format_record(record).encode("utf-8"), 0o600,
+                        owner=uid if os.geteuid() == 0 else None)
     return path
 
 

@@ -214,9 +214,7 @@ def _build_plugin(plan: InstallPlan) -> None:
 
 def _install_file(path: Path, data: bytes, mode: int) -> None:
     """Write next to PATH and rename over it: running slurmstepds keep the old plugin."""
+    from uctr_batch import fsutil
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    fsutil.write_atomic(path, data, mode)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
-from uctr_batch import errors, log, settings
+from uctr_batch import errors, fsutil, log, settings
 
 _log = log.get("stage")
 
@@ -274,9 +274,7 @@ def add_reference(local_dir: Path, digest: str, key: str, *, pid: Optional[int] 
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = directory / key
     info = {"pid": pid, "job": job, "host": socket.gethostname(), "created": time.time()}
-    tmp = directory / f".{key}.{os.getpid()}"
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, path)
+    fsutil.write_atomic(path, json.dumps(info).encode())
     return path
 
 

@@ -198,22 +198,10 @@ def _check_private(path: Path, is_dir: bool) -> None:
 
 def _write_auths(path: Path, auths: Dict[str, dict]) -> None:
     """Replace PATH atomically with a 0600 file: a reader sees the old or the new content."""
-    tmp = f"{path}.tmp.{os.getpid()}.{os.urandom(4).hex()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            json.dump({"auths": auths}, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from uctr_batch import fsutil
+
+    data = json.dumps({"auths": auths}, indent=1, sort_keys=True) + "\n"
+    fsutil.write_atomic(path, data.encode(), 0o600, fsync=True)
 
 
 # -- commands ----------------------------------------------------------------------------------

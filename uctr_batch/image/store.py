@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-from uctr_batch import log, settings
+from uctr_batch import fsutil, log, settings
 from uctr_batch.errors import DigestMismatch, ImageNotFound, StorageError
 from uctr_batch.image import platforms
 from uctr_batch.image import reference as references
@@ -89,12 +89,8 @@ def _fsync_path(path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # 0644 under the cache root's own permissions: a group-shared cache stays readable
+    fsutil.write_atomic(path, data, 0o644, fsync=True)
 
 
 def build_record(reference: str, manifest_digest: str, manifest: dict, config: dict,

@@ -8,8 +8,6 @@ is what ``-v`` prints.
 """
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -225,19 +223,9 @@ class InjectionPlan:
 
     def write(self, path: str) -> None:
         """Write the plan as JSON, atomically (readers never see half a file)."""
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".plan-", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        from uctr_batch import fsutil
+
+        fsutil.write_atomic(path, (self.to_json() + "\n").encode(), 0o644)
 
     @classmethod
     def read(cls, path: str) -> "InjectionPlan":

@@ -268,11 +268,9 @@ def _copy_into(rootfs: str, host: str, path: str) -> None:
                 return
     except OSError:
         pass
-    tmp = "%s.uctr%d" % (target, os.getpid())
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
+    from uctr_batch import fsutil
+
+    fsutil.write_atomic(target, data, 0o644)
 
 
 def _lib_version(lib: str):
