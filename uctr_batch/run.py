@@ -35,10 +35,12 @@ ROOTFS, IMAGE_JSON = "rootfs", "image.json"  # a bundle's layout (uctr_batch.ima
 # --- the site policy --------------------------------------------------------------------
 
 def node_policy():
-    """This node's resolved policy (uctr_batch.policy; built-in defaults without a file)."""
-    from uctr_batch.policy import current_node_policy
+    """This node's resolved policy (built-in defaults without a file), through the per-node
+    cache uctr-exec keeps: resolving YAML against the schema costs tens of ms per start."""
+    from uctr_batch.launch import policy_cache
+    from uctr_batch.policy.model import NodePolicy
 
-    return current_node_policy()
+    return NodePolicy.from_dict(policy_cache.load())
 
 
 # --- what to run ------------------------------------------------------------------------
