@@ -1,11 +1,19 @@
 """scripts/demo: the main job on an embedded default, end to end on this machine.
 
-Starts a local registry, builds the busybox demo image offline, pushes it with skopeo, then
-runs `uctr pull` and `uctr create` (as the unprivileged test user when started as root) and
-lists the root filesystem it made. Everything lives under one temporary directory, removed
-at the end, and the registry is stopped however the demo ends.
+1. Starts a local registry, builds the busybox demo image offline, pushes it with skopeo,
+   then runs `uctr pull` and `uctr create` (as the unprivileged test user when started as
+   root) and lists the root filesystem it made. Everything lives under one temporary
+   directory, removed at the end, and the registry is stopped however the demo ends.
+2. Brings up the embedded two-node Slurm cluster of the test suite (tests/harness/slurm.py:
+   munge, slurmctld, two slurmd nodes in their own namespaces, the uctr SPANK plugin and
+   prolog/epilog, a registry on the nodes' bridge), pushes the Open MPI test image (built
+   offline with mmdebstrap on the first run, cached in /var/cache/uctr-tests after), and
+   submits, as the test user, a batch script with `#SBATCH --container=IMAGE` that runs
+   mpi4py's helloworld on 2 nodes x 2 ranks. Prints the job's output. The cluster is
+   stopped at the end (UCTR_SLURM_KEEP=1 leaves it running); a second run starts afresh.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -76,15 +84,59 @@ def run_demo(workdir: Path) -> None:
         sys.stdout.write(f"{rootfs}\n")
         sys.stdout.flush()
         subprocess.run(["ls", "-l", rootfs], check=True)
-    say("registry stopped; demo done")
+    say("registry stopped")
+
+
+MPI_IMAGE = "debian-openmpi"
+MPI_JOB = """#!/bin/bash
+#SBATCH --container={image}
+#SBATCH -N 2 --ntasks-per-node=2 --time=5
+srun --mpi=pmix python3 -m mpi4py.bench helloworld
+"""
+
+
+def run_slurm_demo(workdir: Path) -> None:
+    """An MPI job in a container through `#SBATCH --container=` on the two-node cluster."""
+    from . import slurm
+
+    why = slurm.missing_prerequisites()
+    if why:
+        raise SystemExit(f"demo failed: the Slurm part cannot run here: {why}")
+    if not users.can_switch_user():
+        raise SystemExit(f"demo failed: the Slurm job runs as {users.TEST_USER}, who does "
+                         "not exist (run scripts/install.sh)")
+    say("bringing up the two-node Slurm cluster (munge, slurmctld, slurmd node1 and node2)")
+    cluster = slurm.SessionCluster(REPO, sys.executable, ImageSet(workdir / "images"))
+    cluster.start()
+    try:
+        say(f"cluster up in {cluster.bringup_seconds:.1f} s; registry at "
+            f"{cluster.registry_host}")
+        say(f"building (first run only: mmdebstrap) and pushing the {MPI_IMAGE} image")
+        image = cluster.image_ref(MPI_IMAGE, tag="demo")
+        script = MPI_JOB.format(image=image)
+        say(f"sbatch as {users.TEST_USER}:\n" + script.rstrip())
+        job_id = cluster.submit(script, name="demo-mpi")
+        result = cluster.wait(job_id, timeout=600)
+        say(f"job {job_id}: {result.state} (exit {result.exit_code}); its output:")
+        sys.stdout.write(result.output)
+        sys.stdout.flush()
+        if result.state != "COMPLETED":
+            raise SystemExit(f"demo failed: job {job_id} ended {result.state}")
+    finally:
+        keep = os.environ.get("UCTR_SLURM_KEEP") == "1"
+        say("leaving the cluster running (UCTR_SLURM_KEEP=1)" if keep
+            else "stopping the cluster")
+        cluster.stop(keep_running=keep)
 
 
 def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="uctr-demo-"))
     try:
         run_demo(workdir)
+        run_slurm_demo(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    say("demo done")
     return 0
 
 

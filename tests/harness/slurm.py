@@ -2,7 +2,8 @@
 
 munged and slurmctld run in the root namespaces. Each slurmd "node" runs in its own network
 namespace (veth on bridge uctrbr0, 10.200.0.0/24) plus private mount and UTS namespaces with
-its own hostname, /tmp, /dev/shm and /run/uctr, so node-local storage really is separate.
+its own hostname, /tmp, /dev/shm, /run/uctr and boot id, so node-local storage really is
+separate and MPI libraries do not take the two nodes for one machine.
 The recipe and its pitfalls: /work/shared/research/slurm-lab-notes.md (nsenter, never
 `ip netns exec`, which hides the cgroup mounts slurmd needs).
 
@@ -21,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -351,12 +353,19 @@ class SlurmCluster:
                   20, "slurmctld")
 
     def _start_slurmd(self, node: str) -> None:
-        """slurmd in the node's netns plus fresh mount+UTS namespaces with private tmpfs."""
+        """slurmd in the node's netns plus fresh mount+UTS namespaces with private tmpfs and
+        its own boot id."""
         Path(RUN_DIR).mkdir(parents=True, exist_ok=True)  # mount point for the node's own
         self.path("spool", node).mkdir(parents=True, exist_ok=True)
         self.path("tmpfs", node).mkdir(parents=True, exist_ok=True)
+        boot_id = self.path("run", f"boot_id.{node}")
+        self._write(boot_id, f"{uuid.uuid4()}\n")
         script = " && ".join([
             f"hostname {node}",
+            # Both nodes share one kernel, so one boot id: UCX (MPICH's ch4:ucx) takes that
+            # for "same machine" and tries shared memory between ranks of different nodes,
+            # which fails between their containers' user namespaces. Real nodes differ.
+            f"mount --bind {boot_id} /proc/sys/kernel/random/boot_id",
             "mount -t tmpfs -o mode=1777,size=4g tmpfs /tmp",
             "mount -t tmpfs -o mode=1777 tmpfs /dev/shm",
             f"mount -t tmpfs -o mode=0755,size=64m tmpfs {RUN_DIR}",

@@ -66,6 +66,22 @@ def test_ranks_of_a_step_share_one_namespace_other_steps_do_not(node, busybox):
     wait_gone(mnt_b)
 
 
+def test_ranks_share_although_slurm_gives_only_some_of_them_tmpdir(node, busybox):
+    """Slurm 22.05 exported TMPDIR=/tmp to rank 0 of a `--mpi=pmi2` step and not to rank 1;
+    each PMI_FD and rank differ too. None of that may split the step's ranks into several
+    containers: MPICH's shared memory between them failed that way."""
+    assert node.run(busybox, "true").returncode == 0
+    procs = []
+    for rank in range(3):
+        env = dict(step_env("52", "0", 3, rank), PMI_RANK=str(rank), PMI_SIZE="3",
+                   PMI_FD=str(11 + 2 * rank), PMI_JOBID="52.0")
+        if rank == 0:
+            env["TMPDIR"] = "/tmp"
+        procs.append(node.popen(busybox, "sh", "-c", NS_PROBE + "; sleep 1", env=env))
+    namespaces = {ns_inodes(out)[0] for out in finish(procs)}
+    assert len(namespaces) == 1, namespaces
+
+
 def test_short_commands_share_through_the_holder_which_then_exits(node, busybox):
     assert node.run(busybox, "true").returncode == 0
     outs = finish(start_ranks(node, busybox, "51", "0", 8, NS_PROBE))

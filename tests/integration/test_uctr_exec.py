@@ -64,6 +64,21 @@ def test_spank_argv0_contract(node, busybox):
     assert cp.stdout == "--mode -v hello\n"
 
 
+def test_spank_argv0_is_not_handed_on_to_the_payload(node, busybox):
+    """A nested `srun uctr-exec IMG CMD` in a batch script running in the container must not
+    inherit UCTR_ARGV0 (it would run the batch script again with IMG CMD as arguments)."""
+    site = node.base.parent / (node.base.name + "-site")  # beside the node: owned by root
+    site.mkdir(mode=0o755)
+    policy = site / "policy.yaml"  # a site that hands the whole environment on
+    policy.write_text('version: 1\ndefaults:\n  env:\n    passthrough: ["*"]\n')
+    policy.chmod(0o644)
+    cp = node.run("-c", 'echo "argv0=[${UCTR_ARGV0-unset}] image=[$UCTR_IMAGE]"',
+                  env={"UCTR_ARGV0": "sh", "UCTR_IMAGE": busybox, "UCTR_POLICY": policy})
+    assert cp.returncode == 0, cp.stderr
+    # The settings stay (a nested uctr-exec means the same); the hand-over does not.
+    assert cp.stdout == f"argv0=[unset] image=[{busybox}]\n"
+
+
 def test_binds_read_only_rootfs_and_working_directory(node, busybox):
     ro, rw = node.work / "ro", node.work / "rw"
     for d in (ro, rw):

@@ -68,6 +68,30 @@ def test_old_slurm_appdir_name_and_policy_spool(tmp_path):
     assert shared_dirs(env, str(tmp_path)) == []
 
 
+def test_slurm_appdir_in_tmpfs_from_slurm_conf(tmp_path):
+    """Slurm makes the PMIx client dir in its TmpFS (here with %n), which the job environment
+    does not name: Open MPI's MPI_Init failed (session_dir.c) creating its job session dir
+    there in a read-only rootfs, as the directory was not bound."""
+    env, _, _ = _slurm_env(tmp_path)
+    env.update(SLURM_CONF="/etc/slurm/slurm.conf", SLURMD_NODENAME="node1", TMPDIR="/tmp")
+    appdir = tmp_path / "var/lib/slurm-tmp/node1/spmix_appdir_1003_41.0"
+    appdir.mkdir(parents=True)
+    conf = tmp_path / "etc/slurm/slurm.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text("# TmpFS=/wrong\nClusterName=lab\nTmpFS=/var/lib/slurm-tmp/%n  # per node\n"
+                    "NodeName=node1 CPUs=2\n")
+    dst = "/var/lib/slurm-tmp/node1/spmix_appdir_1003_41.0"
+    assert dst in shared_dirs(env, str(tmp_path))
+    assert {b.dst: b.src for b in pmi_plan(env, str(tmp_path)).binds}[dst] == str(appdir)
+    # mpi.conf's PMIxCliTmpDirBase moves the dir; SLURM_PMIX_TMPDIR moves it again.
+    (tmp_path / "etc/slurm/mpi.conf").write_text("PMIxCliTmpDirBase=/scratch\n")
+    (tmp_path / "scratch/spmix_appdir_1003_41.0").mkdir(parents=True)
+    assert "/scratch/spmix_appdir_1003_41.0" in shared_dirs(env, str(tmp_path))
+    env["SLURM_PMIX_TMPDIR"] = "/elsewhere"
+    (tmp_path / "elsewhere/spmix_appdir_1003_41.0").mkdir(parents=True)
+    assert "/elsewhere/spmix_appdir_1003_41.0" in shared_dirs(env, str(tmp_path))
+
+
 def test_pmi2_fd_is_kept_open():
     env = {
         "PMI_FD": "5",

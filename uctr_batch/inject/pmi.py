@@ -6,9 +6,10 @@ the PMIx MCA mapping pyxis and Sarus do, the inherited PMI_FD, the munge socket 
 asks for it, and whether the host network is needed (PMIx and hydra talk TCP on loopback).
 """
 
+import os
 import posixpath
 import re
-from typing import List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 from uctr_batch.inject import fsroot, policyview
 from uctr_batch.inject.plan import INFO, REFUSE, InjectionPlan
@@ -134,7 +135,7 @@ def shared_dirs(env: Mapping[str, str], host_root: str = "/", policy=None) -> Li
             wanted.extend(p for p in env[key].split(":") if p)
     job, step = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"), env.get("SLURM_STEP_ID")
     if job and step:
-        wanted.extend(_slurm_pmix_dirs(env, policy, job, step))
+        wanted.extend(_slurm_pmix_dirs(env, policy, job, step, host_root))
     out: List[str] = []
     for path in sorted({posixpath.normpath(p) for p in wanted if p.startswith("/")}, key=len):
         if path in _TOO_BROAD or not fsroot.isdir(host_root, path):
@@ -145,14 +146,22 @@ def shared_dirs(env: Mapping[str, str], host_root: str = "/", policy=None) -> Li
     return out
 
 
-def _slurm_pmix_dirs(env: Mapping[str, str], policy, job: str, step: str) -> List[str]:
+def _slurm_pmix_dirs(
+    env: Mapping[str, str], policy, job: str, step: str, host_root: str = "/"
+) -> List[str]:
     spool_dirs = [d for d in [policyview.get(policy, "slurmd_spool_dir")] if d]
     server = env.get("PMIX_SERVER_TMPDIR", "")
     if _SLURM_PMIX_DIR.match(posixpath.basename(server.rstrip("/"))):
         spool_dirs.append(posixpath.dirname(server.rstrip("/")))
-    # Slurm's TmpFS is not in the job environment; TMPDIR usually points there.
+    # Where slurmstepd makes the appdir: SLURM_PMIX_TMPDIR, else mpi.conf's PMIxCliTmpDirBase,
+    # else TmpFS. Not TMPDIR: Slurm sets it to /tmp, and in some tasks of a step only, so it
+    # says nothing about TmpFS and would split the step's ranks into several containers.
     tmpfs_dirs = [
-        d for d in [policyview.get(policy, "slurm_tmpfs"), env.get("TMPDIR"), "/tmp"] if d
+        d
+        for d in [policyview.get(policy, "slurm_tmpfs"), env.get("SLURM_PMIX_TMPDIR")]
+        + slurm_tmp_dirs(env, host_root)
+        + ["/tmp"]
+        if d
     ]
     uid = env.get("SLURM_JOB_UID")
     out = ["%s/pmix.%s.%s" % (d, job, step) for d in spool_dirs]
@@ -161,6 +170,45 @@ def _slurm_pmix_dirs(env: Mapping[str, str], policy, job: str, step: str) -> Lis
             out.append("%s/spmix_appdir_%s_%s.%s" % (d, uid, job, step))
         out.append("%s/spmix_appdir_%s.%s" % (d, job, step))
     return out
+
+
+SLURM_CONF_PATHS = ("/etc/slurm/slurm.conf", "/etc/slurm-llnl/slurm.conf")
+
+
+def slurm_tmp_dirs(env: Mapping[str, str], host_root: str = "/") -> List[str]:
+    """Where this node's slurmstepd puts the PMIx client directories, as the site's Slurm
+    configuration says (the job environment does not): PMIxCliTmpDirBase from mpi.conf
+    beside slurm.conf, then TmpFS from slurm.conf, with %n (node name) and %h (host name)
+    expanded. Empty when no slurm.conf is readable."""
+    conf = env.get("SLURM_CONF")
+    for path in ([conf] if conf else []) + list(SLURM_CONF_PATHS):
+        settings = _read_slurm_conf(host_root, path)
+        if settings is not None:
+            break
+    else:
+        return []
+    mpi = _read_slurm_conf(host_root, posixpath.join(posixpath.dirname(path), "mpi.conf"))
+    found = [(mpi or {}).get("pmixclitmpdirbase"), settings.get("tmpfs")]
+    node = env.get("SLURMD_NODENAME") or env.get("PMIX_HOSTNAME") or ""
+    host = os.uname().nodename
+    return [d.replace("%n", node).replace("%h", host) for d in found if d]
+
+
+def _read_slurm_conf(host_root: str, path: str) -> Optional[Dict[str, str]]:
+    """KEY=VALUE settings of a Slurm configuration file (keys lower-cased, first wins;
+    Include lines are not followed), or None when it cannot be read."""
+    try:
+        with open(fsroot.outside(host_root, path), encoding="utf-8", errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return None
+    settings: Dict[str, str] = {}
+    for line in text.splitlines():
+        for word in line.split("#", 1)[0].split():
+            key, sep, value = word.partition("=")
+            if sep and value:
+                settings.setdefault(key.lower(), value)
+    return settings
 
 
 def _bind_munge(plan: InjectionPlan, host_root: str, socket: Optional[str]) -> None:

@@ -74,6 +74,7 @@ def main(argv=None) -> int:
         ctx = rank.detect(env)
         diag = Diag(ctx)
         opts = options.parse(args, env)
+        options.consume_handover(env)
         if opts.help:
             sys.stdout.write(options.USAGE)
             return 0

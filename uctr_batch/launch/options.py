@@ -17,6 +17,8 @@ UCTR_MOUNT_HOME=0|1, UCTR_VERBOSE=N.
 A hand-written parser: argparse costs milliseconds per rank and cannot stop at IMAGE.
 """
 
+import os
+
 from uctr_batch.errors import UsageError
 
 USAGE = """usage: uctr-exec [--mode M] [--mpi PROFILE|auto|none] [--gpu auto|nvidia|amd|none]
@@ -64,6 +66,21 @@ class Options:
         self.verbose_flags = 0
         self.verbosity = 0
         self.help = False
+
+
+# Meant for this one process only: the SPANK plugin's hand-over of the task's argv[0]. The
+# payload must not inherit it, or a nested `srun uctr-exec IMG CMD` (in a batch script that
+# runs in the container) would take IMG and CMD for arguments of the batch script. The other
+# UCTR_* settings mean what the flags mean and stay, so a nested uctr-exec behaves the same.
+HANDOVER_ONLY = ("UCTR_ARGV0",)
+
+
+def consume_handover(env) -> None:
+    """Remove the hand-over-only variables from env and from this process's environment
+    (after parse(): every mode builds the payload's environment from them)."""
+    for name in HANDOVER_ONLY:
+        env.pop(name, None)
+        os.environ.pop(name, None)
 
 
 def parse(argv, env) -> Options:

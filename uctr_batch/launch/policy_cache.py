@@ -172,18 +172,8 @@ def store(env, data: dict, rows) -> None:
     fsutil.ensure_private_dir(base, "the node-local directory")
     fsutil.make_private_subdir(os.path.dirname(stem))
     entry = {"key": _identity(env), "watch": rows, "policy": data}
-    _write_atomic(stem + ".json", json.dumps(data, indent=1, sort_keys=True).encode() + b"\n")
-    _write_atomic(stem + ".marshal", marshal.dumps(entry))
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = "%s.%d.tmp" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    fsutil.write_atomic(stem + ".json", json.dumps(data, indent=1, sort_keys=True).encode() + b"\n")
+    fsutil.write_atomic(stem + ".marshal", marshal.dumps(entry))
 
 
 # -- reading the plain dict ---------------------------------------------------------------

@@ -43,8 +43,12 @@ STEP_ENV = (
     "PMIX_SERVER_TMPDIR", "PMIX_PTL_MODULE", "PMIX_SECURITY_MODE", "PMIX_GDS_MODULE",
     "PMIX_MCA_ptl", "PMIX_MCA_psec", "PMIX_MCA_gds", "OMPI_MCA_orte_top_session_dir",
     "OMPI_MCA_prte_top_session_dir", "PRTE_MCA_prte_top_session_dir", "SLURM_JOBID",
-    "SLURM_STEP_ID", "SLURM_JOB_UID", "SLURM_TMPFS", "TMPDIR",
+    "SLURM_STEP_ID", "SLURM_JOB_UID", "SLURM_PMIX_TMPDIR", "SLURM_CONF", "SLURMD_NODENAME",
+    "PMIX_HOSTNAME",
 )
+# Only what is the same for every rank of a step on a node: a variable that differs between
+# them would give each rank its own container, and shared memory between ranks fails. So
+# not TMPDIR, which Slurm 22.05 exports to some tasks of a step and not to others.
 STEP_ENV_PREFIXES = ("PMIX_DSTORE_",)
 HOST_PATHS = ("/etc/ld.so.cache", "/dev/nvidiactl", "/dev/kfd", "/proc/driver/nvidia/version")
 

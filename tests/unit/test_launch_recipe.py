@@ -1,0 +1,35 @@
+"""The namespace key of a step's container (launch.recipe.inputs): the same for every rank
+of one step on one node, different for another step."""
+
+from uctr_batch.launch import recipe
+
+# What srun --mpi=pmi2 gave the two ranks of one step on one node (Slurm 22.05): TMPDIR
+# only for rank 0, and a PMI_FD, a rank and a local id of their own.
+RANK0 = {"SLURM_JOB_ID": "218", "SLURM_JOBID": "218", "SLURM_STEP_ID": "0",
+         "SLURM_JOB_UID": "1001", "SLURM_CONF": "/etc/slurm/slurm.conf",
+         "SLURMD_NODENAME": "node1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+         "PMI_FD": "11", "PMI_RANK": "0", "PMI_SIZE": "2", "PMI_JOBID": "218.0",
+         "TMPDIR": "/tmp", "HOME": "/home/u", "USER": "u", "PATH": "/usr/bin:/bin"}
+RANK1 = dict(RANK0, SLURM_PROCID="1", SLURM_LOCALID="1", PMI_FD="13", PMI_RANK="1")
+del RANK1["TMPDIR"]
+
+IMAGE_PART = ("image part", "/rootfs", "sha256:abc")
+
+
+def key(env):
+    return recipe.digest(recipe.inputs(IMAGE_PART, env))
+
+
+def test_ranks_of_one_step_get_one_namespace_key():
+    assert key(RANK0) == key(RANK1)
+
+
+def test_another_step_or_pmix_server_gets_another_key():
+    assert key(RANK0) != key(dict(RANK0, SLURM_STEP_ID="1"))
+    assert key(RANK0) != key(dict(RANK0, PMIX_SERVER_TMPDIR="/spool/node1/pmix.218.1"))
+
+
+def test_the_key_reads_no_per_rank_variable():
+    per_rank = {"TMPDIR", "PMI_FD", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID", "SLURM_LOCALID",
+                "SLURM_TASK_PID", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID", "PBS_TASKNUM"}
+    assert not per_rank & set(recipe.STEP_ENV + recipe.IMAGE_ENV)
