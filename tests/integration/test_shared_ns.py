@@ -43,6 +43,18 @@ def finish(procs, timeout=120):
     return outs
 
 
+def payloads_in(inode) -> list:
+    """Pids of the `sleep` payloads in mount namespace INODE."""
+    found = []
+    for pid in processes_in_mount_ns(inode):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"sleep":
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 def wait_gone(inode, timeout=10.0):
     deadline = time.monotonic() + timeout
     while processes_in_mount_ns(inode):
@@ -98,12 +110,13 @@ def test_sigkilled_ranks_leave_no_namespace_or_lock(node, busybox):
     first = procs[0].stdout.readline()
     mnt = first.split()[2]
     deadline = time.monotonic() + 30
-    while len(processes_in_mount_ns(mnt)) < 4:  # 3 ranks and the holder
-        assert time.monotonic() < deadline
+    # wait for the 3 payloads themselves: counting processes would also count a rank's
+    # short-lived `stat` children while a slower rank has not joined yet
+    while len(payloads_in(mnt)) < 3:
+        assert time.monotonic() < deadline, f"in mount ns {mnt}: {processes_in_mount_ns(mnt)}"
         time.sleep(0.05)
-    for pid in processes_in_mount_ns(mnt):
-        if "sleep" in Path(f"/proc/{pid}/cmdline").read_text():
-            os.kill(pid, signal.SIGKILL)
+    for pid in payloads_in(mnt):
+        os.kill(pid, signal.SIGKILL)
     for p in procs:
         p.communicate(timeout=30)
     wait_gone(mnt, timeout=10)  # holder: every member gone, nobody new: it exits
