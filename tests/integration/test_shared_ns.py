@@ -120,9 +120,12 @@ def test_sigkilled_ranks_leave_no_namespace_or_lock(node, busybox):
     for p in procs:
         p.communicate(timeout=30)
     wait_gone(mnt, timeout=10)  # holder: every member gone, nobody new: it exits
+    # the old namespace is empty, hence freed; a new rank of the step is not stuck behind
+    # a dead creator's lock. (Its namespace may well get the same inode number back: the
+    # kernel reuses freed ones, so comparing inodes proves nothing here.)
     again = node.run(busybox, "sh", "-c", NS_PROBE, env=step_env("52", "0", 6), timeout=30)
     assert again.returncode == 0, again.stderr
-    assert ns_inodes(again.stdout)[0].split()[2] != mnt  # a new generation, lock was free
+    assert ns_inodes(again.stdout), again.stdout
 
 
 CMA_PROGRAM = r'''

@@ -36,7 +36,7 @@ def index(local_dir, image, bundle, ref=None):
     entry = staged._staged_from_bundle(image, str(bundle), str(bundle / "rootfs"), "staged")
     fd = open_private_dir(staged.launch_dir(str(local_dir)))
     try:
-        staged._write_marshal(fd, "img-%s.idx" % staged.image_key(image), entry.entry(ref))
+        staged.write_marshal(fd, "img-%s.idx" % staged.image_key(image), entry.entry(ref))
     finally:
         os.close(fd)
 

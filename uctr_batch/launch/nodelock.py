@@ -12,6 +12,7 @@ the unlinked inode notices (the name no longer points at its inode) and starts o
 
 import errno
 import fcntl
+import marshal
 import os
 import time
 
@@ -185,3 +186,33 @@ def open_private_dir(path: str, create: bool = True) -> int:
                            "remove it if it is yours, or set UCTR_LOCAL_DIR to a directory of "
                            "your own")
     return fd
+
+
+# -- small records in a private directory -------------------------------------------------
+# marshal, not json: it is in the interpreter's start-up set, so reading costs no import.
+
+def read_marshal(dir_fd: int, name: str):
+    """The value in NAME under DIR_FD, or None when it is missing or unreadable."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return marshal.load(f)
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def write_marshal(dir_fd: int, name: str, value) -> None:
+    """Replace NAME under DIR_FD with VALUE (0600); readers see the old or the new one."""
+    tmp = "%s.%d.tmp" % (name, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=dir_fd)
+    try:
+        os.write(fd, marshal.dumps(value))
+    finally:
+        os.close(fd)
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

@@ -21,11 +21,12 @@ namespace key (inputs()) covers both, so ranks whose containers would differ in 
 never share one.
 """
 
-import marshal
 import os
 import sys
 import time
 import zlib
+
+from uctr_batch.launch.nodelock import read_marshal, write_marshal
 
 FORMAT = 2
 MAX_AGE = 3600.0
@@ -102,23 +103,7 @@ def digest(key: tuple) -> str:
 
 def load(dir_fd: int, key: tuple):
     """The cached recipe for KEY, or None."""
-    try:
-        fd = os.open("ctr-%s.rcp" % digest(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
-    except OSError:
-        return None
-    try:
-        data = b""
-        while True:
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                break
-            data += chunk
-        entry = marshal.loads(data)
-    except (OSError, EOFError, ValueError, TypeError):
-        return None
-    finally:
-        os.close(fd)
+    entry = read_marshal(dir_fd, "ctr-%s.rcp" % digest(key))
     if not isinstance(entry, dict) or entry.get("key") != key:
         return None
     if time.time() - entry.get("created", 0) > MAX_AGE:
@@ -131,15 +116,7 @@ def load(dir_fd: int, key: tuple):
 
 def store(dir_fd: int, key: tuple, entry: dict) -> None:
     entry = dict(entry, key=key, created=time.time())
-    name = "ctr-%s.rcp" % digest(key)
-    tmp = "%s.%d.tmp" % (name, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                 dir_fd=dir_fd)
-    try:
-        os.write(fd, marshal.dumps(entry))
-    finally:
-        os.close(fd)
-    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    write_marshal(dir_fd, "ctr-%s.rcp" % digest(key), entry)
     remove_expired(dir_fd)
 
 

@@ -48,7 +48,8 @@ import time
 import zlib
 
 from uctr_batch.errors import ModeError
-from uctr_batch.launch.nodelock import LockTimeout, NodeLock, open_private_dir
+from uctr_batch.launch.nodelock import (LockTimeout, NodeLock, open_private_dir, read_marshal,
+                                        write_marshal)
 
 RECORD_FORMAT = 1
 GC_AGE = 86400.0  # step records untouched this long belong to finished steps
@@ -142,38 +143,14 @@ class Rendezvous:
         return self.read_record()
 
     def read_record(self):
-        try:
-            fd = os.open(self.stem + ".ns", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=self.dir_fd)
-        except OSError:
-            return None
-        try:
-            data = b""
-            while True:
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    break
-                data += chunk
-            record = marshal.loads(data)
-        except (OSError, EOFError, ValueError, TypeError):
-            return None
-        finally:
-            os.close(fd)
+        record = read_marshal(self.dir_fd, self.stem + ".ns")
         if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT \
                 or record.get("python") != tuple(sys.version_info[:2]):
             return None
         return record
 
     def _write_record(self, record: dict) -> None:
-        name = self.stem + ".ns"
-        tmp = "%s.%d.tmp" % (name, os.getpid())
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=self.dir_fd)
-        try:
-            os.write(fd, marshal.dumps(record))
-        finally:
-            os.close(fd)
-        os.replace(tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        write_marshal(self.dir_fd, self.stem + ".ns", record)
 
     def members_name(self, generation: int) -> str:
         return "%s.g%d.members" % (self.stem, generation)

@@ -21,14 +21,14 @@ Every rank marks the bundle in use by its pid (batch.stage's ``inuse/<hex>/pid-<
 quota eviction never removes a root filesystem that a running rank uses.
 """
 
-import marshal
 import os
 import sys
 import time
 import zlib
 
 from uctr_batch.errors import StorageError, UctrError
-from uctr_batch.launch.nodelock import LockTimeout, NodeLock, open_private_dir
+from uctr_batch.launch.nodelock import (LockTimeout, NodeLock, open_private_dir, read_marshal,
+                                        write_marshal)
 
 INDEX_FORMAT = 1
 MARKER = ".uctr-complete"  # image.rootfs.MARKER: the digest of a complete bundle
@@ -88,7 +88,7 @@ def ensure(image: str, local_dir: str, *, policy: dict, timeout: float, job_id: 
 
 def lookup(dir_fd: int, key: str, image: str):
     """The index entry of IMAGE if it still describes a complete bundle, else None."""
-    entry = _read_marshal(dir_fd, "img-%s.idx" % key)
+    entry = read_marshal(dir_fd, "img-%s.idx" % key)
     if not isinstance(entry, dict) or entry.get("format") != INDEX_FORMAT \
             or entry.get("image") != image or entry.get("python") != tuple(sys.version_info[:2]):
         return None
@@ -150,7 +150,7 @@ def _stage_once(dir_fd, key, image, local_dir, policy, timeout, job_id, env, ver
         except UctrError as e:
             _record_failure(dir_fd, key, e)
             raise
-        _write_marshal(dir_fd, "img-%s.idx" % key, staged.entry(ref_stat))
+        write_marshal(dir_fd, "img-%s.idx" % key, staged.entry(ref_stat))
         _clear_failure(dir_fd, key)
         return staged
     finally:
@@ -228,7 +228,7 @@ def _ref_stat(image, staged, policy, env):
 
 def _record_failure(dir_fd, key, error: UctrError) -> None:
     try:
-        _write_marshal(dir_fd, "img-%s.failed" % key, {
+        write_marshal(dir_fd, "img-%s.failed" % key, {
             "time": time.time(), "pid": os.getpid(), "message": error.message,
             "hint": error.hint, "exit_code": error.exit_code})
     except OSError:
@@ -236,7 +236,7 @@ def _record_failure(dir_fd, key, error: UctrError) -> None:
 
 
 def _raise_recorded_failure(dir_fd, key, waiting_since: float) -> None:
-    failure = _read_marshal(dir_fd, "img-%s.failed" % key)
+    failure = read_marshal(dir_fd, "img-%s.failed" % key)
     if isinstance(failure, dict) and failure.get("time", 0) >= waiting_since:
         error = UctrError("%s (staging by pid %s on this node failed while this rank waited)"
                           % (failure.get("message"), failure.get("pid")), failure.get("hint"))
@@ -299,26 +299,3 @@ def prune_dead_pids(local_dir: str, digest: str) -> int:
 
 # -- small files --------------------------------------------------------------------------
 
-def _read_marshal(dir_fd: int, name: str):
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return marshal.load(f)
-    except (OSError, EOFError, ValueError, TypeError):
-        return None
-    finally:
-        os.close(fd)
-
-
-def _write_marshal(dir_fd: int, name: str, value) -> None:
-    tmp = "%s.%d.tmp" % (name, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                 dir_fd=dir_fd)
-    try:
-        os.write(fd, marshal.dumps(value))
-    finally:
-        os.close(fd)
-    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
