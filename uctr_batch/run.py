@@ -155,21 +155,11 @@ def merge_binds(policy_side: Sequence[Bind], user_side: Sequence[Bind]) -> List[
 
 def choose_cwd(workdir: Optional[str], host_cwd: Optional[str], binds: Sequence[Bind],
                image_workdir: Optional[str]) -> str:
-    """-w > the caller's cwd when a bind brings it in (mapped through the bind) > image > /."""
-    if workdir:
-        if not workdir.startswith("/"):
-            raise UsageError(f"working directory must be absolute: {workdir}", None)
-        return os.path.normpath(workdir)
-    if host_cwd:
-        best = None
-        for src, dst, _ro in binds:
-            if host_cwd == src or host_cwd.startswith(src.rstrip("/") + "/"):
-                if best is None or len(src) > len(best[0]):
-                    best = (src, dst)
-        if best:
-            rest = host_cwd[len(best[0]):].lstrip("/")
-            return os.path.join(best[1], rest) if rest else best[1]
-    return os.path.normpath(image_workdir) if image_workdir else "/"
+    """-w > the caller's cwd when a bind brings it in (mapped through the bind) > image > /.
+    One implementation, kept import-light in procspec for the ranks that join a namespace."""
+    from uctr_batch.launch.procspec import choose_cwd as choose
+
+    return choose(workdir, host_cwd, binds, image_workdir)
 
 
 def state_dir() -> str:

@@ -93,22 +93,3 @@ def test_finish_env_order():
     assert env == {"LD_LIBRARY_PATH": "/.uctr/lib:/usr/lib", "PATH": "/bin", "PMIX_RANK": "2",
                    "SLURM_LOCALID": "1", "ODD": "o", "PMIX_MCA_gds": "hash",
                    "CUDA_VISIBLE_DEVICES": "0", "X": "user"}
-
-
-CWDS = [
-    ("/w/x/", "/home/u/run", [], "/app"),
-    (None, "/home/u/run/sub", [("/home/u", "/home/u", False), ("/home/u/run", "/data", False)],
-     "/app"),
-    (None, "/home/u/run", [("/home/u/run", "/data", False)], None),
-    (None, "/tmp", [("/tmp", "/tmp", False)], "/app"),
-    (None, "/elsewhere", [("/tmp", "/tmp", False)], "/app/./x/"),
-    (None, "/elsewhere", [], None),
-    (None, None, [], "/app"),
-    (None, "/scratch2", [("/scratch", "/s", False)], None),
-]
-
-
-@pytest.mark.parametrize("workdir,host_cwd,binds,image_workdir", CWDS)
-def test_choose_cwd_is_runs(workdir, host_cwd, binds, image_workdir):
-    assert procspec.choose_cwd(workdir, host_cwd, binds, image_workdir) == \
-        run.choose_cwd(workdir, host_cwd, binds, image_workdir)

@@ -5,7 +5,7 @@ semantics `uctr run` has). A rank that joins it only needs its own argv and envi
 it computes them here with the same rules and without run.py's imports (typing, logging):
 
   argv  image Entrypoint + (the command given, else the image Cmd)   (run.compose_argv)
-  cwd   -w > the caller's cwd through a bind > image WorkingDir > /   (run.choose_cwd)
+  cwd   -w > the caller's cwd through a bind > image WorkingDir > /   (choose_cwd, also run's)
   env   envspec.build_env: image Env < policy rules < host passthrough < -e; then the step's
         injection (PMI/MPI: the creator's plan, recorded as `ops`; GPU: this rank's own
         visibility variables), then -e again, so the user's -e always has the last word.
@@ -67,7 +67,7 @@ def finish_env(env, host_env, extras, gpu_env, user_env):
 
 
 def choose_cwd(workdir, host_cwd, binds, image_workdir):
-    """run.choose_cwd without run.py's imports: -w > the caller's cwd when a bind brings it
+    """The working directory (also run.choose_cwd's): -w > the caller's cwd when a bind brings it
     in (mapped through the bind) > the image's WorkingDir > /."""
     if workdir:
         if not workdir.startswith("/"):
