@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.unit.inject_util import GCC, ldconfig, make_root, needs_toolchain
+from tests.unit.inject_util import GCC, ldconfig, make_root, needs_toolchain, run_in
 from uctr_batch.inject import gpu_plan
 
 NVIDIA_SMI = shutil.which("nvidia-smi")
@@ -74,30 +74,6 @@ def rootfs(tmp_path_factory):
     return root
 
 
-def _run(rootfs, plan, argv):
-    args = [
-        BWRAP,
-        "--bind",
-        str(rootfs),
-        "/",
-        "--dev",
-        "/dev",
-        "--proc",
-        "/proc",
-        "--ro-bind",
-        "/sys",
-        "/sys",
-        "--tmpfs",
-        "/tmp",
-    ]
-    for b in plan.binds:
-        args += ["--ro-bind" if b.ro else "--bind", b.src, b.dst]
-    for d in plan.devices:
-        args += ["--dev-bind", d.src, d.dst]
-    env = plan.apply_env({"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
-    return subprocess.run(args + argv, env=env, capture_output=True, text=True, timeout=120)
-
-
 @needs_toolchain
 def test_nvidia_smi_inside_sees_only_the_allocated_gpu(rootfs):
     host_gpus = _gpus_on_host()
@@ -111,7 +87,7 @@ def test_nvidia_smi_inside_sees_only_the_allocated_gpu(rootfs):
         check=True,
     ).stdout.split()[0]
     assert plan.info["gpu"]["driver"] == smi_driver
-    result = _run(rootfs, plan, ["nvidia-smi", "-L"])
+    result = run_in(rootfs, plan, ["nvidia-smi", "-L"])
     assert result.returncode == 0, result.stderr
     inside = [line for line in result.stdout.splitlines() if line.startswith("GPU ")]
     assert len(inside) == 1
@@ -123,9 +99,9 @@ def test_nvidia_smi_inside_sees_only_the_allocated_gpu(rootfs):
 @needs_toolchain
 def test_cuda_sample_runs_on_the_injected_driver(rootfs):
     plan = gpu_plan({"CUDA_VISIBLE_DEVICES": "0"}, str(rootfs), "nvidia")
-    result = _run(rootfs, plan, ["/usr/bin/cuda_sample"])
+    result = run_in(rootfs, plan, ["/usr/bin/cuda_sample"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "devices=1" in result.stdout and "copy=ok" in result.stdout
     # Without the plan's devices and libraries the same program cannot reach the GPU.
-    bare = _run(rootfs, type(plan)(), ["/usr/bin/cuda_sample"])
+    bare = run_in(rootfs, type(plan)(), ["/usr/bin/cuda_sample"])
     assert bare.returncode != 0

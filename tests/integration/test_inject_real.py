@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.inject_util import GCC, build_lib, ldconfig, libdir, make_root, needs_toolchain
+from tests.unit.inject_util import (GCC, build_lib, ldconfig, libdir, make_root, needs_toolchain,
+                                     run_in)
 from uctr_batch.inject import LIB_DIR, mpi_plan
 from uctr_batch.inject.libroot import LibRoot
 
@@ -35,34 +36,6 @@ def _bwrap_works():
 needs_bwrap = pytest.mark.skipif(
     not _bwrap_works(), reason="bubblewrap missing or no user namespaces"
 )
-
-
-def run_in(rootfs, plan, argv, timeout=120):
-    """Run argv in rootfs with the plan applied, as a launcher would."""
-    args = [
-        BWRAP,
-        "--bind",
-        str(rootfs),
-        "/",
-        "--dev",
-        "/dev",
-        "--proc",
-        "/proc",
-        "--ro-bind",
-        "/sys",
-        "/sys",
-        "--tmpfs",
-        "/tmp",
-        "--die-with-parent",
-    ]
-    for b in plan.binds:
-        args += ["--ro-bind" if b.ro else "--bind", b.src, b.dst]
-    for d in plan.devices:
-        args += ["--dev-bind", d.src, d.dst]
-    env = plan.apply_env({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LC_ALL": "C"})
-    return subprocess.run(
-        args + list(argv), env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def _copy_closure(lib, dest: Path, skip=()):

@@ -152,3 +152,31 @@ def stub_libc(directory: Path, version: str = "GLIBC_2.99") -> Path:
 
 
 NEEDS_FUTURE = "void uctr_future(void);\nvoid uctr_call_future(void) { uctr_future(); }\n"
+
+
+def run_in(rootfs, plan, argv, timeout=120, path="/usr/local/bin:/usr/bin:/bin"):
+    """Run argv in rootfs with the plan applied by bubblewrap, as a launcher would."""
+    args = [
+        shutil.which("bwrap") or "bwrap",
+        "--bind",
+        str(rootfs),
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--ro-bind",
+        "/sys",
+        "/sys",
+        "--tmpfs",
+        "/tmp",
+        "--die-with-parent",
+    ]
+    for b in plan.binds:
+        args += ["--ro-bind" if b.ro else "--bind", b.src, b.dst]
+    for d in plan.devices:
+        args += ["--dev-bind", d.src, d.dst]
+    env = plan.apply_env({"PATH": path, "HOME": "/tmp", "LC_ALL": "C"})
+    return subprocess.run(
+        args + list(argv), env=env, capture_output=True, text=True, timeout=timeout
+    )
