@@ -87,6 +87,10 @@ def test_plain_srun_uctr_exec_with_pmix(slurm_cluster, uctr_exec, openmpi):
     assert_world(result.stdout)
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "open (issue 5): about half the runs hang in MPI_Finalize: every rank has printed its "
+    "result, the three node1 ranks wait in PMI2 and the node2 rank spins in UCX progress "
+    "until Slurm's time limit; native MPICH on the same cluster passes"))
 def test_mpich_with_pmi2(slurm_cluster, uctr_exec, mpich):
     result = slurm_cluster.srun([*LIMIT, "--mpi=pmi2", "-N2", "-n4", uctr_exec, mpich, "mpi_hello"],
                                 timeout=300)
