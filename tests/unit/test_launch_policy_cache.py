@@ -115,17 +115,24 @@ def test_default_dirs_follow_settings(monkeypatch, tmp_path):
         assert policy_cache.default_cache_dir() == str(settings.default_cache_dir())
 
 
+@pytest.mark.parametrize("user_dirs", [False, True], ids=["policy", "UCTR_CACHE-set"])
 @pytest.mark.parametrize("storage", [
     {},
     {"local_dir": "/local/uctr-${UID}-${USER}", "cache_dir": "/shared/${HOSTNAME}/c"},
     {"local_dir": "/l/${JOB_ID}/${SLURM_JOB_ID}", "cache_dir": "${HOME}/cache"},
 ])
-def test_storage_dirs_are_stage_storage_dirs(storage, monkeypatch):
+def test_storage_dirs_are_stage_storage_dirs(storage, user_dirs, monkeypatch, tmp_path):
     monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    for name in ("UCTR_CACHE", "UCTR_LOCAL_DIR"):
+        monkeypatch.delenv(name, raising=False)
+        if user_dirs:
+            monkeypatch.setenv(name, str(tmp_path / name))
     body = {"storage": dict({"cache_dir": None, "local_dir": None}, **storage)}
     node_policy = NodePolicy.from_dict(_policy_dict(body))
-    expected = tuple(str(p) for p in stage.storage_dirs(node_policy, os.environ))
+    expected = tuple(str(p) for p in stage.storage_dirs(node_policy))
     assert policy_cache.storage_dirs(node_policy.to_dict(), os.environ) == expected
+    if user_dirs:  # the user's own directories beat the site's templates (docs/user-guide.md)
+        assert expected == (str(tmp_path / "UCTR_CACHE"), str(tmp_path / "UCTR_LOCAL_DIR"))
 
 
 def test_expand_is_model_expand():

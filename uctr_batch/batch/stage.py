@@ -58,21 +58,10 @@ class StageResult:
 
 
 # -- where --------------------------------------------------------------------------------
-def storage_dirs(node_policy, env: Optional[Mapping[str, str]] = None) -> Tuple[Path, Path]:
-    """(shared cache dir, node-local dir) of the calling user under NODE_POLICY."""
-    from uctr_batch.policy.model import expand, path_variables
-
-    storage = node_policy.storage if node_policy is not None else None
-    variables = None
-    dirs = []
-    for template, default in ((getattr(storage, "cache_dir", None), settings.default_cache_dir),
-                              (getattr(storage, "local_dir", None), settings.default_local_dir)):
-        if template:
-            variables = variables or path_variables(env=env)
-            dirs.append(Path(expand(template, variables)))
-        else:
-            dirs.append(default())
-    return dirs[0], dirs[1]
+def storage_dirs(node_policy) -> Tuple[Path, Path]:
+    """(shared cache dir, node-local dir) of the calling user under NODE_POLICY, by the rule
+    every command uses: UCTR_CACHE / UCTR_LOCAL_DIR > the policy's templates > defaults."""
+    return settings.cache_dir(node_policy), settings.local_dir(node_policy)
 
 
 def job_environment(job_id: str, env: Mapping[str, str]) -> Dict[str, str]:

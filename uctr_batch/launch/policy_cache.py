@@ -197,14 +197,16 @@ def stage_timeout(policy: dict, env=None) -> float:
 
 def storage_dirs(policy: dict, env=None):
     """(shared cache dir, node-local dir) for this user, as batch.stage.storage_dirs decides
-    them: the policy's templates with ${...} expanded, else the defaults."""
+    them: UCTR_CACHE / UCTR_LOCAL_DIR, else the policy's templates with ${...} expanded,
+    else the defaults."""
     env = os.environ if env is None else env
     storage = section(policy, "storage")
     variables = None
     dirs = []
-    for template, default in ((storage.get("cache_dir"), default_cache_dir),
-                              (storage.get("local_dir"), local_base)):
-        if template:
+    for override, template, default in (
+            ("UCTR_CACHE", storage.get("cache_dir"), default_cache_dir),
+            ("UCTR_LOCAL_DIR", storage.get("local_dir"), local_base)):
+        if template and not env.get(override):
             variables = variables or path_variables(env)
             dirs.append(expand(template, variables))
         else:
