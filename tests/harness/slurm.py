@@ -490,6 +490,19 @@ class SlurmCluster:
         return _run(self._as_user(user, ["srun", *args], env), check=False, cwd=str(work),
                     timeout=timeout)
 
+    def srun_background(self, args: Sequence[str], output: Path, user: str = TEST_USER,
+                        name: str = "srun") -> subprocess.Popen:
+        """Start srun as USER without waiting; its stdout and stderr go to OUTPUT (a file
+        the test can read while the step runs). The job is named NAME (for scancel -n)."""
+        work = self.work_dir(name, user)
+        with open(output, "w") as sink:
+            return subprocess.Popen(self._as_user(user, ["srun", "-J", name, *args], None),
+                                    cwd=str(work), stdout=sink, stderr=subprocess.STDOUT,
+                                    text=True)
+
+    def cancel(self, name: str, user: str = TEST_USER) -> None:
+        _run(["scancel", "-u", user, "-n", name], check=False, timeout=30)
+
     def job_record(self, job_id: str) -> Dict[str, str]:
         out = _run(["scontrol", "show", "job", "-o", str(job_id)], check=False).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))

@@ -87,16 +87,56 @@ def test_plain_srun_uctr_exec_with_pmix(slurm_cluster, uctr_exec, openmpi):
     assert_world(result.stdout)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open (issue 5): about half the runs hang in MPI_Finalize: every rank has printed its "
-    "result, the three node1 ranks wait in PMI2 and the node2 rank spins in UCX progress "
-    "until Slurm's time limit; native MPICH on the same cluster passes"))
-def test_mpich_with_pmi2(slurm_cluster, uctr_exec, mpich):
-    result = slurm_cluster.srun([*LIMIT, "--mpi=pmi2", "-N2", "-n4", uctr_exec, mpich, "mpi_hello"],
-                                timeout=300)
-    assert result.returncode == 0, result.stderr
-    ranks = assert_world(result.stdout, pattern=MPI_HELLO_RE)
-    assert {int(r[3]) for r in ranks} == {0 + 1 + 2 + 3}
+# Debian 12's MPICH 4.0 disconnects its UCX endpoints in MPI_Finalize *before* its PMI
+# barrier, and UCX 1.13's TCP transport can leave one endpoint's flush waiting for a peer that
+# has already finished its own disconnects and sits in that barrier, no longer progressing
+# (openucx/ucx#8738; newer MPICH puts the barrier first). Every rank has printed its result;
+# one rank then spins in ucp_worker_progress until the time limit. On this cluster
+# that happens in 20-40 % of runs, natively (host MPICH, no container: 6 of 30) as much as
+# through uctr-exec. It is the image's MPI, not the launcher, so a run that hangs exactly
+# there is cancelled and run again; anything else fails the test.
+FINALIZE_GRACE = 15.0  # s after the last result line; a healthy finalize takes well under 1 s
+MPICH_ATTEMPTS = 8  # all eight hanging at 40 % each: under 1 in 1000
+
+
+def run_mpich_step(cluster, argv, attempt, work):
+    """One srun of ARGV: ('exited', rc, output) or ('finalize-hang', None, output)."""
+    name, output = f"mpich-pmi2-{attempt}", work / f"mpich-{attempt}.out"
+    proc = cluster.srun_background(argv, output, name=name)
+    results_at = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            rc = proc.wait(timeout=1)
+            return "exited", rc, output.read_text(errors="replace")
+        except subprocess.TimeoutExpired:
+            pass
+        text = output.read_text(errors="replace")
+        if results_at is None and len(MPI_HELLO_RE.findall(text)) == 4:
+            results_at = time.monotonic()
+        if results_at is not None and time.monotonic() - results_at > FINALIZE_GRACE:
+            cluster.cancel(name)
+            proc.wait(timeout=60)
+            return "finalize-hang", None, output.read_text(errors="replace")
+    cluster.cancel(name)
+    proc.wait(timeout=60)
+    pytest.fail(f"the MPICH step did not finish in 300 s:\n{output.read_text(errors='replace')}")
+
+
+def test_mpich_with_pmi2(slurm_cluster, uctr_exec, mpich, tmp_path):
+    argv = [*LIMIT, "--mpi=pmi2", "-N2", "-n4", uctr_exec, mpich, "mpi_hello"]
+    hangs = []
+    for attempt in range(MPICH_ATTEMPTS):
+        how, rc, output = run_mpich_step(slurm_cluster, argv, attempt, tmp_path)
+        ranks = assert_world(output, pattern=MPI_HELLO_RE)  # PMI2 wired every rank, every time
+        assert {int(r[3]) for r in ranks} == {0 + 1 + 2 + 3}, output
+        if how == "exited":
+            assert rc == 0, output
+            print(f"MPICH: {len(hangs)} finalize hang(s) before a clean run")
+            return
+        hangs.append(output)
+    pytest.fail(f"{MPICH_ATTEMPTS} runs in a row hung in MPI_Finalize after printing their "
+                f"results:\n" + "\n---\n".join(hangs))
 
 
 def user_processes(cluster, node, uid):
