@@ -58,6 +58,10 @@ class StorageError(UctrError):
     """Unsafe or unusable cache / node-local directory, quota, lock timeout."""
 
 
+class NoSpace(StorageError):
+    """ENOSPC/EDQUOT: the disk, the user's quota or the inodes ran out (fsutil.no_space)."""
+
+
 class ImageNotFound(UctrError):
     """The image is not in the local cache (and was not pulled)."""
 

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-from uctr_batch.errors import StorageError
+from uctr_batch.errors import NoSpace, StorageError
 
 _O_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -126,3 +126,83 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+# -- running out of space -------------------------------------------------------------------
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(exc: OSError, directory, needed: Optional[int] = None, what: str = "") -> Optional[NoSpace]:
+    """The NoSpace error for EXC when it is ENOSPC/EDQUOT, else None.
+
+    Every writer (pull into the shared cache, unpack into the node-local dir, records in the
+    run dir) reports a full disk, quota or inode table in this one shape:
+        error: no space left on /dev/sda2 (/tmp/uctr-1000): needed ~120.0 MiB, free 3.1 MiB
+    NEEDED is the writer's estimate in bytes (None when unknown); WHAT names the operation."""
+    if not isinstance(exc, OSError) or exc.errno not in NO_SPACE_ERRNOS:
+        return None
+    directory = os.fspath(directory)
+    free, inodes = _free_space(directory)
+    quota = exc.errno == errno.EDQUOT
+    parts = []
+    if needed is not None:
+        parts.append(f"needed ~{human_size(needed)}")
+    if free is not None:
+        parts.append(f"free {human_size(free)}")
+    if inodes == 0:
+        parts.append("no free inodes")
+    device = _device_of(directory)
+    where = f"{device} ({directory})" if device else directory
+    detail = f": {', '.join(parts)}" if parts else ""
+    prefix = f"cannot {what}: " if what else ""
+    kind = "disk quota exceeded on" if quota else "no space left on"
+    return NoSpace(f"{prefix}{kind} {where}{detail}",
+                   f"free space{' or inodes' if inodes == 0 else ''} in {directory} "
+                   "(e.g. 'uctr rm', 'uctr gc', remove old files), or point uctr elsewhere "
+                   "(UCTR_LOCAL_DIR / UCTR_CACHE), then run the same command again")
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # not reached
+
+
+def _free_space(directory: str):
+    """(bytes available to us, inodes available) of the file system holding DIRECTORY, or
+    (None, None) when it cannot be asked (it may itself be gone)."""
+    path = directory
+    while True:
+        try:
+            st = os.statvfs(path)
+            return st.f_bavail * st.f_frsize, (st.f_favail if st.f_files else None)
+        except OSError:
+            parent = os.path.dirname(path)
+            if not parent or parent == path:
+                return None, None
+            path = parent
+
+
+def _device_of(directory: str) -> Optional[str]:
+    """The mount source of the longest mount point containing DIRECTORY (e.g. /dev/sda2,
+    tmpfs), from /proc/self/mountinfo; None when that cannot be read."""
+    real = os.path.realpath(directory)
+    best, source = "", None
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for raw in f:
+                fields = raw.decode("utf-8", "replace").split()
+                if len(fields) < 10 or "-" not in fields:
+                    continue
+                point = fields[4].replace("\\040", " ")
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, source = point, fields[fields.index("-") + 2]
+    except OSError:
+        return None
+    if source is None:
+        return None
+    return source if source not in ("none", "") else best or "/"
