@@ -116,7 +116,8 @@ def build_request(event, name, fields, config):
     if name == "execjob_launch":
         request["launch"] = {"progname": event.progname, "argv": list(event.argv or []),
                              "env": dict(event.env or {})}
-        request["pbs_home"] = pbs_home()
+    if name != "queuejob":
+        request["pbs_home"] = pbs_home()  # mom_priv/jobs: which jobs are still on this host
     if name != "queuejob":
         try:
             request["vnodes"] = list(event.vnode_list.keys())
@@ -145,8 +146,9 @@ def ask_uctr(request, config):
         if done.returncode != 0 or not isinstance(answer, dict):
             raise RuntimeError("exit %d: %s" % (done.returncode,
                                                 done.stderr.decode(errors="replace").strip()[-500:]))
-    except subprocess.TimeoutExpired:
-        return failed(request, config, "uctr did not answer within %.0f s" % timeout)
+    except subprocess.TimeoutExpired:  # in doubt (a slow registry? a slow node?): no offline
+        return failed(request, config, "uctr did not answer within %.0f s" % timeout,
+                      offline=False)
     except Exception as e:
         return failed(request, config, "cannot run uctr (%s): %s" % (argv[0], e))
     stderr = done.stderr.decode(errors="replace").strip()
@@ -155,7 +157,7 @@ def ask_uctr(request, config):
     return answer
 
 
-def failed(request, config, why):
+def failed(request, config, why, offline=True):
     """uctr itself does not work here: a problem of this host, never of the job's owner."""
     name = request["event"]
     if name == "queuejob":
@@ -165,7 +167,7 @@ def failed(request, config, why):
         return {"action": "accept", "log": [["error", "uctr: cleanup skipped: " + why]]}
     message = "uctr: node %s cannot run container jobs: %s" % (request["node"], why)
     return {"action": "reject", "message": message, "job_action": "rerun",
-            "offline": config.get("node_fault", "offline") == "offline",
+            "offline": offline and config.get("node_fault", "offline") == "offline",
             "comment": ("uctr: " + why)[:200], "log": [["error", message]]}
 
 

@@ -5,6 +5,7 @@ images come from oci: references, so no registry and no network are needed.
 """
 
 import errno
+import os
 import subprocess
 from pathlib import Path
 
@@ -113,17 +114,18 @@ def test_stage_outcome_reports_instead_of_raising(tmp_path):
     assert outcome["message"]
 
 
-@pytest.mark.parametrize("exc,fault", [
-    (errors.ConfigError("image refused by the site policy: x"), stage.USER),
-    (errors.AuthError("unauthorized"), stage.USER),
-    (errors.ImageNotFound("not found"), stage.USER),
-    (errors.LayerRejected("bad member"), stage.USER),
-    (errors.ReferenceError_("bad reference"), stage.USER),
-    (errors.InternalError("bug"), stage.NODE),
-    (KeyError("bug"), stage.NODE),
+@pytest.mark.parametrize("exc", [
+    errors.ConfigError("image refused by the site policy: x"),
+    errors.AuthError("unauthorized"),
+    errors.ImageNotFound("not found"),
+    errors.LayerRejected("bad member"),
+    errors.ReferenceError_("bad reference"),
+    errors.InternalError("bug"),  # staging runs on the user's input: a bug fails the job
+    KeyError("bug"),
+    errors.NoSpace("no space left on tmpfs (/tmp): needed ~2 GiB, free 1 MiB"),
 ])
-def test_classify_by_error_class(tmp_path, exc, fault):
-    assert stage.classify(exc, tmp_path) == fault
+def test_whatever_goes_wrong_while_staging_is_the_jobs(tmp_path, exc):
+    assert stage.classify(exc, tmp_path / "local") == stage.USER
 
 
 def storage_error_from(err: OSError) -> errors.StorageError:
@@ -133,20 +135,34 @@ def storage_error_from(err: OSError) -> errors.StorageError:
         return e
 
 
-def test_disk_full_on_the_node_local_dir_is_a_node_fault(tmp_path):
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS])
+def test_errors_in_the_users_own_local_dir_never_make_a_node_fault(tmp_path, code):
+    # a too large image or another user filling /tmp; EIO/EROFS from a FUSE mount or a
+    # symlink the user put in their own directory: all of it can be caused by a user
     local = tmp_path / "local"
-    full = OSError(errno.ENOSPC, "No space left on device", str(local / "bundles" / "x"))
-    assert stage.classify(storage_error_from(full), local) == stage.NODE
-    # the same error in the user's shared cache (quota, their home) is theirs to fix
-    elsewhere = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "x"))
-    assert stage.classify(storage_error_from(elsewhere), local) == stage.USER
+    local.mkdir(mode=0o700)
+    err = OSError(code, os.strerror(code), str(local / "bundles" / "x"))
+    assert stage.classify(storage_error_from(err), local) == stage.USER
 
 
-def test_local_dir_where_files_cannot_live_is_a_node_fault():
+@pytest.fixture
+def read_only_fs(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_only_a_root_owned_place_the_user_cannot_use_is_a_node_fault(read_only_fs):
     exc = errors.StorageError("cannot create the node-local directory")
-    assert stage.local_dir_fault(Path("/sys/uctr")) is not None  # sysfs: no space for files
-    assert stage.classify(exc, Path("/sys/uctr")) == stage.NODE
+    assert stage.classify(exc, read_only_fs / "uctr-1000") == stage.NODE
 
 
 def test_a_usable_local_dir_is_not_a_fault(tmp_path):
-    assert stage.local_dir_fault(tmp_path / "local") is None
+    from uctr_batch.batch import location
+
+    assert location.check(tmp_path / "local") is None
+    assert stage.classify(errors.StorageError("x"), tmp_path / "local") == stage.USER

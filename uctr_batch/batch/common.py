@@ -13,6 +13,7 @@ A user mistake comes back as an outcome dict {"status": "error", "fault": "user"
 scheduler fails the job with its message and leaves the node alone.
 """
 
+import os
 from typing import Mapping, Optional
 
 from uctr_batch import log
@@ -28,11 +29,113 @@ PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https
                    "no_proxy")
 
 
+class NodeFault(UctrError):
+    """What only an admin can fix and no user can cause: the root-owned policy broken or
+    untrusted, the root-owned run dir unusable, the job user unknown here. The only errors
+    that may drain (Slurm) or offline (PBS) a node; anything else fails the job alone."""
+
+
+def node_step(what: str, func, *args, **kwargs):
+    """func(*args, **kwargs), with any failure turned into NodeFault("WHAT: why")."""
+    try:
+        return func(*args, **kwargs)
+    except NodeFault:
+        raise
+    except UctrError as e:
+        raise NodeFault(f"{what}: {e.message}", e.hint) from e
+    except (OSError, ValueError) as e:
+        raise NodeFault(f"{what}: {e}") from e
+
+
 def site_policy(ctx: JobContext, env: Optional[Mapping[str, str]] = None):
-    """The trusted site policy resolved for the job's node and partition/queue."""
+    """The trusted site policy resolved for the job's node and partition/queue (NodeFault
+    when it cannot be read: it is root's file)."""
     from uctr_batch.policy import load_policy, resolve
 
-    return resolve(load_policy(env=env), node=ctx.node, partition=ctx.partition, env=env)
+    return node_step("the site policy", lambda: resolve(load_policy(env=env), node=ctx.node,
+                                                        partition=ctx.partition, env=env))
+
+
+def write_record(ctx: JobContext, fields: dict, env: Mapping[str, str]):
+    """readiness.write_readiness() for the job; NodeFault when the run dir is unusable."""
+    from uctr_batch.batch import readiness
+
+    return node_step("the run dir", readiness.write_readiness, ctx.job_id, ctx.uid, fields, env)
+
+
+# -- stale records ----------------------------------------------------------------------------
+STALE_AFTER = 3600.0  # a record younger than this is never swept (its job may be starting)
+SWEEP_LIMIT = 8  # records looked at per sweep: bounded work in every prolog/begin hook
+
+
+def sweep_stale_records(env: Mapping[str, str], job_gone, *, keep: str = "", node_policy=None,
+                        also=None,
+                        job_id_var: str = SLURM_JOB_ID, now: Optional[float] = None) -> list:
+    """Remove readiness records (and, as their users, the jobs' in-use references) of jobs
+    that ended without an epilog here: older than STALE_AFTER and job_gone(job_id) True,
+    or older than stage.JOB_REF_MAX_AGE whatever job_gone says. KEEP (the job starting now)
+    is never touched. Looks at SWEEP_LIMIT records at most, oldest first; ALSO(job_id) is
+    called for each record removed (the scheduler's own files). Never raises."""
+    import time
+
+    from uctr_batch.batch import readiness, stage
+
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        directory = readiness.run_dir(env) / "readiness"
+        entries = []
+        for entry in os.scandir(directory):
+            if entry.name.startswith(".") or entry.name == keep:
+                continue
+            try:
+                age = now - entry.stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+            if age > STALE_AFTER:
+                entries.append((age, entry.name))
+    except OSError:
+        return removed
+    for age, job_id in sorted(entries, reverse=True)[:SWEEP_LIMIT]:
+        try:
+            if age <= stage.JOB_REF_MAX_AGE and not job_gone(job_id):
+                continue
+        except Exception:  # noqa: BLE001 - in doubt, keep it
+            continue
+        record = _raw_record(directory / job_id)
+        if not readiness.remove_readiness(job_id, env):
+            continue
+        removed.append(job_id)
+        if also is not None:
+            also(job_id)
+        _release_stale(job_id, record, env, job_id_var, node_policy)
+    return removed
+
+
+def _raw_record(path) -> dict:
+    from uctr_batch.batch import readiness
+
+    try:
+        with open(path, "rb") as f:
+            return readiness.parse_record(f.read(65536).decode("utf-8", "replace"))
+    except OSError:
+        return {}
+
+
+def _release_stale(job_id: str, record: dict, env: Mapping[str, str], job_id_var: str,
+                   node_policy) -> None:
+    """Drop a vanished job's in-use references as its user (best effort, bounded)."""
+    uid = record.get("uid", "")
+    if not uid.isdigit() or int(uid) == 0 or os.geteuid() != 0:
+        return
+    from uctr_batch.batch import privdrop, stage
+
+    try:
+        who = privdrop.Identity.of(int(uid))
+        privdrop.run_as(who, stage.release_job, job_id, node_policy=node_policy,
+                        env=staging_environment(job_id, env, job_id_var), timeout=30)
+    except Exception as e:  # noqa: BLE001 - the references expire on their own
+        _log.debug("cannot release the references of vanished job %s: %s", job_id, e)
 
 
 def validate_request(image: str, mode: Optional[str], mpi: Optional[str], node_policy) -> None:
@@ -76,18 +179,35 @@ def staging_environment(job_id: str, env: Mapping[str, str],
 
 def stage_as_user(ctx: JobContext, node_policy, env: Mapping[str, str],
                   job_id_var: str = SLURM_JOB_ID, timeout: Optional[float] = None) -> dict:
-    """stage.stage_outcome() computed as the job user in a forked child (never as root)."""
-    from uctr_batch.batch import privdrop, stage
+    """stage.stage_outcome() computed as the job user in a forked child (never as root).
+
+    A node-local directory the user cannot trust (another user created it first, a
+    planted parent, the user's own chmod) is no node fault: as root, prepare the user's
+    fallback directory on this node (location.prepare_fallback) and stage again there.
+    Whatever else fails in the child (a bug, the child killed, a timeout) fails the job."""
+    from uctr_batch.batch import location, privdrop, stage
 
     who = privdrop.Identity.of(ctx.uid, ctx.gid)
     child_env = staging_environment(ctx.job_id, env, job_id_var)
     # stage() stops itself at its timeout with a clear message; this is the backstop
     backstop = (timeout or node_policy.storage.stage_timeout) + 30
-    try:
-        return privdrop.run_as(who, _stage_outcome, ctx.image, ctx.job_id, node_policy,
-                               timeout, env=child_env, timeout=backstop)
-    except UctrError as e:  # the child timed out or died: the job's problem, not the node's
-        return stage.error_outcome(e, stage.USER if type(e) is UctrError else stage.NODE)
+    for attempt in range(2):
+        try:
+            outcome = privdrop.run_as(who, _stage_outcome, ctx.image, ctx.job_id, node_policy,
+                                      timeout, env=child_env, timeout=backstop)
+        except UctrError as e:  # the child timed out, was killed or hit a bug: the job's
+            return stage.error_outcome(e, stage.USER)
+        base = outcome.get("relocate") if outcome.get("status") == "error" else None
+        if not base or attempt or os.geteuid() != 0:
+            return outcome
+        try:
+            where = location.prepare_fallback(base, ctx.uid, ctx.gid, child_env)
+        except (OSError, ValueError) as e:
+            _log.warning("job %s: cannot prepare a fallback node-local directory for uid %d "
+                         "in %s: %s", ctx.job_id, ctx.uid, base, e)
+            return outcome
+        _log.warning("job %s: %s; using %s instead", ctx.job_id, outcome.get("message"), where)
+    return outcome
 
 
 def _stage_outcome(image: str, job_id: str, node_policy, timeout: Optional[float]) -> dict:

@@ -258,15 +258,23 @@ def handle(req: Mapping, env: Optional[Mapping[str, str]] = None) -> Answer:
         if event in (EXECJOB_EPILOGUE, EXECJOB_END):
             return cleanup(req, config, env)
         return accept().note("warning", f"uctr: event {event!r} is not handled; accepted")
-    except Exception as e:  # noqa: BLE001 - a bug or a broken node: never a user's fault
+    except Exception as e:  # noqa: BLE001 - see failure(): only a NodeFault is the node's
         _log.debug("hook request failed", exc_info=True)
+        from uctr_batch.batch.common import NodeFault
+
         message = e.message if isinstance(e, errors.UctrError) else f"{type(e).__name__}: {e}"
-        return failure(event, config, node, message)
+        if isinstance(e, NodeFault) or event in (QUEUEJOB, EXECJOB_EPILOGUE, EXECJOB_END):
+            return failure(event, config, node, message)
+        # a bug or an input uctr did not expect: in doubt the job fails, the vnode stays up
+        _discard_quietly(req, config, env)
+        return user_error(f"internal error while preparing the container job: {message}",
+                          "this is a bug in uctr-batch; the MoM log has details")
 
 
 def failure(event: Optional[str], config: HookConfig, node: str, message: str) -> Answer:
-    """uctr could not do its part: refuse the submission, requeue (and maybe offline) for
-    a job start, only log for a job end."""
+    """uctr could not do its part for a reason only an admin can fix (common.NodeFault, a
+    broken hook config): refuse the submission, requeue (and maybe offline) for a job
+    start, only log for a job end."""
     if event == QUEUEJOB:
         return reject(f"uctr: cannot check the container request: {message}").note("error", message)
     if event in (EXECJOB_EPILOGUE, EXECJOB_END):
@@ -324,25 +332,128 @@ def stage_event(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Ans
     from uctr_batch.batch import common, readiness
 
     env = _with(env, config.uctr_environment())
-    ctx = job_context(req)
+    ctx = common.node_step("the job's user", job_context, req)
     node_policy = common.site_policy(ctx, env)  # broken or untrusted: a node fault
+    started = time.monotonic()
+    if req.get("event") == EXECJOB_BEGIN:
+        sweep(req, ctx, node_policy, env)
     refused = common.check_request(ctx, node_policy) or _job_shell_outcome(req["job"])
     if refused:
-        readiness.write_readiness(ctx.job_id, ctx.uid, common.record_fields(ctx, refused), env)
+        # OpenPBS runs no execjob_end for a job rejected here: keep nothing of it
+        discard_job(ctx, node_policy, env, budget=1.0)
         return user_error(refused["message"], refused.get("hint"))
     if req.get("event") == EXECJOB_BEGIN:
         _forget_earlier_run(ctx, env)
-    outcome = await_stager(ctx, config, env, wait_budget(req, config))
+    budget = wait_budget(req, config) - (time.monotonic() - started)
+    outcome = await_stager(ctx, config, env, max(0.5, budget))
     if outcome is None:
         return accept().note("info", f"uctr: job {ctx.job_id} on {ctx.node}: still staging "
                                      f"{ctx.image}; it continues in the background")
     if outcome["status"] == "ok":
         return accept().note("info", "uctr: " + common.describe_outcome(
             ctx, outcome, outcome.get("seconds", 0.0)))
+    discard_job(ctx, node_policy, env, budget=ALARM_MARGIN / 2)
     if outcome.get("fault") == "node":
         return node_fault(config, ctx.node, outcome["message"])
     return user_error(f"cannot stage {ctx.image} on {ctx.node}: {outcome['message']}",
                       outcome.get("hint"))
+
+
+def discard_job(ctx, node_policy, env: Mapping[str, str], budget: float) -> bool:
+    """A job rejected by a start event gets no execjob_end: stop its stager, remove its
+    records and (as its user, within BUDGET seconds) its in-use references. Never raises;
+    True when something was removed."""
+    from uctr_batch.batch import privdrop, readiness, stage
+
+    found = False
+    try:
+        stop_stager(ctx.job_id, env, timeout=min(budget, 2.0))
+        found = readiness.remove_readiness(ctx.job_id, env)
+        found = _remove_state(ctx.job_id, env) or found
+        if found:
+            child_env = common_staging_environment(ctx.job_id, env)
+            privdrop.run_as(privdrop.Identity.of(ctx.uid, ctx.gid), stage.release_job,
+                            ctx.job_id, node_policy=node_policy, env=child_env, timeout=budget)
+    except Exception as e:  # noqa: BLE001 - stale references expire; the sweeper helps
+        _log.debug("discarding job %s: %s", ctx.job_id, e)
+    return found
+
+
+def common_staging_environment(job_id: str, env: Mapping[str, str]) -> Dict[str, str]:
+    from uctr_batch.batch import common
+
+    return common.staging_environment(job_id, env, common.PBS_JOBID)
+
+
+def _discard_quietly(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> None:
+    """discard_job() for a request that failed half-way (no policy at hand)."""
+    try:
+        env = _with(env, config.uctr_environment())
+        ctx = job_context(req)
+        stop_stager(ctx.job_id, env, timeout=1.0)
+        from uctr_batch.batch import readiness
+
+        readiness.remove_readiness(ctx.job_id, env)
+        _remove_state(ctx.job_id, env)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def sweep(req: Mapping, ctx, node_policy, env: Mapping[str, str]) -> list:
+    """Remove what jobs that left this node without an execjob_end left behind (bounded,
+    never raises; see common.sweep_stale_records). A job is gone when MoM has no file of
+    it in mom_priv/jobs (known only when the hook passed PBS_HOME)."""
+    from uctr_batch.batch import common
+
+    jobs_dir = os.path.join(req["pbs_home"], "mom_priv", "jobs") if req.get("pbs_home") else None
+
+    def gone(job_id: str) -> bool:
+        if jobs_dir is None or not os.path.isdir(jobs_dir):
+            return False
+        if stager_running(job_id, env):
+            return False
+        prefix = job_id + "."
+        with os.scandir(jobs_dir) as entries:
+            return not any(e.name.startswith(prefix) for e in entries)
+
+    removed = common.sweep_stale_records(env, gone, keep=ctx.job_id, node_policy=node_policy,
+                                         also=lambda job_id: _remove_state(job_id, env),
+                                         job_id_var=common.PBS_JOBID)
+    removed += _sweep_state(env, gone, keep=ctx.job_id)
+    if removed:
+        _log.info("uctr: removed the records of %d vanished job(s): %s", len(removed),
+                  " ".join(removed))
+    return removed
+
+
+def _sweep_state(env: Mapping[str, str], gone, keep: str) -> list:
+    """State files (<job>.lock/.outcome/.log) of gone jobs that have no readiness record."""
+    from uctr_batch.batch import common, stage
+
+    now, jobs = time.time(), {}
+    try:
+        with os.scandir(state_dir(env)) as entries:
+            for entry in entries:
+                job_id, _, kind = entry.name.rpartition(".")
+                if kind not in ("lock", "outcome", "log") or not job_id or job_id == keep:
+                    continue
+                age = now - entry.stat(follow_symlinks=False).st_mtime
+                jobs[job_id] = min(age, jobs.get(job_id, age))
+    except OSError:
+        return []
+    removed = []
+    stale = sorted(((age, j) for j, age in jobs.items() if age > common.STALE_AFTER), reverse=True)
+    for age, job_id in stale[:common.SWEEP_LIMIT]:
+        try:
+            if age <= stage.JOB_REF_MAX_AGE and not gone(job_id):
+                continue
+            if stager_running(job_id, env):
+                continue
+            if _remove_state(job_id, env):
+                removed.append(job_id)
+        except Exception:  # noqa: BLE001 - in doubt, keep it
+            continue
+    return removed
 
 
 def _forget_earlier_run(ctx, env: Mapping[str, str]) -> None:
@@ -496,9 +607,10 @@ def run_stager(payload: Mapping, env: Mapping[str, str]) -> dict:
         node_policy = common.site_policy(ctx, env)
         outcome = common.check_request(ctx, node_policy) or common.stage_as_user(
             ctx, node_policy, env, common.PBS_JOBID, timeout=config.stage_timeout)
-    except Exception as e:  # noqa: BLE001 - a broken policy or a bug: the node's problem
+    except Exception as e:  # noqa: BLE001 - a broken policy is the node's, a bug the job's
         _log.debug("stager failed", exc_info=True)
-        outcome = stage.error_outcome(e, stage.NODE)
+        outcome = stage.error_outcome(e, stage.NODE if isinstance(e, common.NodeFault)
+                                      else stage.USER)
     outcome = dict(outcome, image=ctx.image, seconds=round(time.monotonic() - started, 3))
     readiness.write_readiness(ctx.job_id, ctx.uid, common.record_fields(ctx, outcome), env)
     _write_outcome(ctx.job_id, outcome, env)
@@ -620,9 +732,12 @@ def shell_in_image(shell: str, rootfs: Optional[str]) -> str:
     if not rootfs or not shell.startswith("/"):
         return shell
     root = Path(rootfs)
-    for candidate in (shell, "/usr" + shell):
-        if _exists_in(root, candidate):
-            return shell
+    try:
+        for candidate in (shell, "/usr" + shell):
+            if _exists_in(root, candidate):
+                return shell
+    except (OSError, ValueError):  # the image's links are the user's: never a hook failure
+        return shell
     return "/bin/sh"
 
 

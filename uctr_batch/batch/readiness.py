@@ -89,7 +89,7 @@ def write_readiness(job_id, uid: int, fields: Mapping[str, object],
                     env: Optional[Mapping[str, str]] = None) -> Path:
     """Atomically (re)write job JOB_ID's record, owned by UID, mode 0600 (called as root)."""
     path = record_path(job_id, env)
-    _ensure_root_dir(path.parent)
+    ensure_root_dir(path.parent)
     record = {"version": VERSION, "job": str(job_id), "uid": str(uid)}
     record.update(fields)
     from uctr_batch import fsutil
@@ -108,8 +108,9 @@ def remove_readiness(job_id, env: Optional[Mapping[str, str]] = None) -> bool:
         return False
 
 
-def _ensure_root_dir(path: Path) -> None:
+def ensure_root_dir(path) -> None:
     """Create PATH (and its parent run dir) 0755; refuse one that others could write into."""
+    path = Path(path)
     for directory in (path.parent, path):
         try:
             os.mkdir(directory, 0o755)

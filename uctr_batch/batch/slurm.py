@@ -38,22 +38,48 @@ def prolog_main(env: Optional[Mapping[str, str]] = None) -> int:
     log.setup(0)
     try:
         return prolog(env)
-    except Exception as e:  # noqa: BLE001 - a bug or a broken node: say so, drain
-        _log.exception("uctr prolog: node fault: %s", e)
+    except common.NodeFault as e:  # root's policy, root's run dir: an admin must look
+        _log.error("uctr prolog: node fault: %s", e.message)
         return EXIT_NODE_FAULT
+    except Exception as e:  # noqa: BLE001 - a bug: the job's steps stage (and fail) alone
+        _log.exception("uctr prolog: internal error (the node stays up): %s", e)
+        return EXIT_OK
 
 
 def prolog(env: Optional[Mapping[str, str]] = None) -> int:
+    """Exit status 0 unless a common.NodeFault (or a NODE staging outcome: the node-local
+    file system is read-only) stands in the way: a failing prolog drains the node, and
+    nothing a user does, by mistake or malice, may do that."""
     env = os.environ if env is None else env
-    ctx = jobs.from_env(env, container_lookup=_container_or_none)
+    ctx = common.node_step("the job", jobs.from_env, env, container_lookup=_container_or_none)
     if not ctx.wants_container:
         return EXIT_OK
     started = time.monotonic()
     node_policy = common.site_policy(ctx, env)  # a broken or untrusted policy is a node fault
+    common.sweep_stale_records(env, _slurm_job_gone, keep=ctx.job_id, node_policy=node_policy)
     outcome = common.check_request(ctx, node_policy) or common.stage_as_user(ctx, node_policy, env)
-    readiness.write_readiness(ctx.job_id, ctx.uid, common.record_fields(ctx, outcome), env)
     _log.info("uctr prolog: %s", common.describe_outcome(ctx, outcome, time.monotonic() - started))
-    return EXIT_NODE_FAULT if outcome.get("fault") == "node" else EXIT_OK
+    if outcome.get("fault") == "node":
+        readiness.remove_readiness(ctx.job_id, env)  # the job is requeued: keep nothing of it
+        return EXIT_NODE_FAULT
+    common.write_record(ctx, common.record_fields(ctx, outcome), env)
+    return EXIT_OK
+
+
+_LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "COMPLETING", "REQUEUED",
+                "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED")
+
+
+def _slurm_job_gone(job_id: str) -> bool:
+    """True when the controller no longer knows job JOB_ID as live (in doubt: False)."""
+    cp = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True,
+                        text=True, timeout=10)
+    if cp.returncode != 0:
+        return "invalid job id" in (cp.stderr + cp.stdout).lower()
+    for field in cp.stdout.split():
+        if field.startswith("JobState="):
+            return field[len("JobState="):] not in _LIVE_STATES
+    return False
 
 
 def _container_or_none(job_id: str) -> Optional[str]:

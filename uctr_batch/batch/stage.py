@@ -19,7 +19,6 @@ dropped to the job user (privdrop.run_as); uctr-exec already is that user.
 """
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -37,7 +36,6 @@ _log = log.get("stage")
 
 INUSE_DIR = "inuse"
 JOB_REF_MAX_AGE = 30 * 86400.0  # an epilog-less job reference older than this is stale
-_NODE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EIO)
 
 # What the user can fix (recorded for the job, node stays up) vs what the node must fix.
 USER, NODE = "user", "node"
@@ -60,8 +58,13 @@ class StageResult:
 # -- where --------------------------------------------------------------------------------
 def storage_dirs(node_policy) -> Tuple[Path, Path]:
     """(shared cache dir, node-local dir) of the calling user under NODE_POLICY, by the rule
-    every command uses: UCTR_CACHE / UCTR_LOCAL_DIR > the policy's templates > defaults."""
-    return settings.cache_dir(node_policy), settings.local_dir(node_policy)
+    every command uses: UCTR_CACHE / UCTR_LOCAL_DIR > the policy's templates > defaults;
+    a node-local dir that cannot be trusted is replaced by the fallback root prepared for
+    this user on this node, if any (location.py)."""
+    from uctr_batch.batch import location
+
+    local = settings.local_dir(node_policy)
+    return settings.cache_dir(node_policy), Path(location.usable_local_dir(local))
 
 
 def job_environment(job_id: str, env: Mapping[str, str]) -> Dict[str, str]:
@@ -171,6 +174,9 @@ def stage_outcome(image_text: str, *, job_id: Optional[str] = None, node_policy=
     """stage() as a JSON-able dict: {"status": "ok", ...} or {"status": "error", "fault":
     "user"|"node", "message", "hint"}. Runs in the prolog's unprivileged child."""
     try:
+        refused = _local_dir_outcome(node_policy)
+        if refused is not None:
+            return refused
         return stage(image_text, job_id=job_id, node_policy=node_policy, timeout=timeout).to_dict()
     except Exception as e:  # noqa: BLE001 - classified, reported, and the hook decides
         local_dir = None
@@ -193,54 +199,48 @@ def error_outcome(exc: BaseException, fault: str) -> dict:
     return {"status": "error", "fault": fault, "message": message, "hint": hint}
 
 
+def _local_dir_outcome(node_policy) -> Optional[dict]:
+    """The error outcome for a node-local directory this user cannot trust and has no
+    fallback for, else None. A USER one names the trusted base ("relocate") where root can
+    prepare a fallback (common.stage_as_user does, then stages again)."""
+    from uctr_batch.batch import location
+    from uctr_batch.policy import current_node_policy
+
+    local_dir = storage_dirs(node_policy or current_node_policy())[1]
+    problem = location.check(local_dir)
+    if problem is None:
+        return None
+    fault, why = problem
+    if fault == NODE:
+        hint = "the node-local file system or a root-owned directory above it needs an admin"
+    else:
+        hint = ("if it is yours, remove it (or chmod 700 it); if not, tell the site admin "
+                "who created it: uctr could not set up a private directory for you instead")
+    outcome = error_outcome(errors.StorageError(
+        f"refusing to use the node-local directory {local_dir}: {why}", hint), fault)
+    if fault == USER:
+        outcome["relocate"] = location.trusted_base(local_dir)
+    return outcome
+
+
 def classify(exc: BaseException, local_dir: Optional[Path]) -> str:
-    """USER for what the job's owner can fix (bad reference, auth, not found, not allowed,
-    layer rejected, quota, slow registry); NODE for what only the node can (node-local disk
-    full or read-only or broken, unexpected exceptions = bugs)."""
-    if not isinstance(exc, errors.UctrError) or isinstance(exc, errors.InternalError):
-        return NODE
-    for cause in _chain(exc):
-        if isinstance(cause, OSError) and cause.errno in _NODE_ERRNOS \
-                and _under(cause.filename, local_dir):
-            return NODE
-    if isinstance(exc, errors.StorageError) and local_dir is not None \
-            and local_dir_fault(local_dir):
-        return NODE
-    return USER
+    """USER unless the node-local directory's root-owned part is broken (NODE).
 
+    Staging runs as the job's user on the user's input (image, cache, local dir), so what
+    goes wrong there is the job's, even a bug or a child killed: a full /tmp (another user
+    may have filled it, or the image is too big), a planted or broken directory, an I/O
+    error from a file system the user mounted. Only what no user can cause and an admin
+    must fix is the node's: a read-only node-local file system, a root-owned parent where
+    the user cannot create the directory (location.check's NODE)."""
+    from uctr_batch.batch import location
 
-def _chain(exc: BaseException) -> Iterable[BaseException]:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _under(filename, directory: Optional[Path]) -> bool:
-    if directory is None or not filename:
-        return directory is not None  # no file named: assume the unpack target
+    if local_dir is None:
+        return USER
     try:
-        return os.path.commonpath([os.path.abspath(str(filename)),
-                                   os.path.abspath(str(directory))]) == os.path.abspath(str(directory))
-    except ValueError:
-        return False
-
-
-def local_dir_fault(local_dir: Path) -> Optional[str]:
-    """Why the node-local directory is unusable, or None if it can be written."""
-    probe_parent = local_dir if local_dir.exists() else local_dir.parent
-    try:
-        st = os.statvfs(probe_parent)
-    except OSError as e:
-        return f"cannot stat {probe_parent}: {e.strerror}"
-    if st.f_flag & os.ST_RDONLY:
-        return f"{probe_parent} is on a read-only file system"
-    if st.f_bavail * st.f_frsize < 1 << 20:
-        return f"{probe_parent} has no free space"
-    if not os.access(probe_parent, os.W_OK | os.X_OK):
-        return f"{probe_parent} is not writable"
-    return None
+        problem = location.check(local_dir)
+    except Exception:  # noqa: BLE001 - in doubt: the job fails, the node stays
+        return USER
+    return NODE if problem is not None and problem[0] == NODE else USER
 
 
 # -- in-use references --------------------------------------------------------------------

@@ -119,6 +119,7 @@ class Launch:
 
         policy = policy_cache.load(self.env)
         _cache_dir, local_dir = policy_cache.storage_dirs(policy, self.env)
+        local_dir = staged.usable_local_dir(local_dir, self.env)  # a planted one: the fallback
         timeout = policy_cache.stage_timeout(policy, self.env)
         image = staged.ensure(self.opts.image, local_dir, policy=policy, timeout=timeout,
                               job_id=self.ctx.job_id, env=self.env,

@@ -22,7 +22,7 @@ import marshal
 import os
 import sys
 
-from uctr_batch.errors import ConfigError
+from uctr_batch.errors import ConfigError, StorageError
 
 FORMAT = 1
 DEFAULT_POLICY = "/etc/uctr/policy.yaml"  # as uctr_batch.policy.paths.DEFAULT_POLICY
@@ -155,7 +155,7 @@ def resolve_and_store(env) -> dict:
     data = json.loads(json.dumps(node_policy.to_dict()))  # lists, as a cached copy has them
     try:
         store(env, data, rows)
-    except OSError as e:  # a cache we cannot write only costs time
+    except (OSError, StorageError) as e:  # a cache we cannot write (planted dir) only costs time
         from uctr_batch import log
 
         log.get("launch").debug("cannot cache the node policy: %s", e)

@@ -57,6 +57,15 @@ def image_key(image: str) -> str:
     return "%08x%08x" % (zlib.crc32(data), zlib.adler32(data))
 
 
+def usable_local_dir(local_dir: str, env=None) -> str:
+    """LOCAL_DIR, or the fallback root prepared for this user on this node when another
+    user (or our own chmod) made LOCAL_DIR untrustworthy: batch.location decides, for the
+    prolog, the epilog and every rank alike."""
+    from uctr_batch.batch.location import usable_local_dir as usable
+
+    return usable(local_dir, env)
+
+
 def launch_dir(local_dir: str) -> str:
     return os.path.join(local_dir, LAUNCH_DIR)
 
