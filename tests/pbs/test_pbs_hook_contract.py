@@ -250,8 +250,8 @@ def test_begin_user_error_fails_the_job_and_leaves_the_vnode_alone(site, registr
     assert result["reject_message"].startswith(f"uctr: cannot stage {missing} on node1: ")
     assert "not found" in result["reject_message"] or "unknown" in result["reject_message"]
     assert result["vnodes"] == {"node1": {"state": ND_FREE, "comment": None}}
-    record = site.readiness(job)
-    assert record["status"] == "error" and record["image"] == missing and record["message"]
+    # OpenPBS runs no execjob_end for a job rejected at execjob_begin: nothing may stay
+    assert site.readiness(job) is None and site.state_files(job) == []
 
 
 def test_begin_refuses_what_the_node_policy_refuses_without_pulling(site, registry_http, pushed):
@@ -262,6 +262,7 @@ def test_begin_refuses_what_the_node_policy_refuses_without_pulling(site, regist
     assert "refused by the site policy" in result["reject_message"]
     assert result["vnodes"]["node1"]["state"] == ND_FREE
     assert not site.dirs.cache.exists(), "nothing may be pulled for a refused image"
+    assert site.readiness(job) is None and site.state_files(job) == []
 
 
 def test_begin_refuses_a_bad_job_shell_choice_as_a_user_error(site, pushed):
@@ -502,7 +503,12 @@ def test_launch_with_v_uctr_image_only(site, pushed):
 
 def test_launch_fails_the_job_after_a_staging_user_error(site, registry_http):
     job = site.job(f"{registry_http.host}/no-such-image:1")
-    assert not site.event("execjob_begin", job)["accepted"]
+    # the stager failed after execjob_begin accepted the job (it was still staging then)
+    state = site.run_dir / "pbs"
+    state.mkdir(parents=True, mode=0o700)
+    (state / f"{job['id']}.outcome").write_text(json.dumps({
+        "status": "error", "fault": "user", "image": job["Resource_List"]["container_image"],
+        "message": "repository not found", "hint": "check the name"}))
     result = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env={})
     assert not result["accepted"] and result["job_delete"]
     assert result["reject_message"].startswith("uctr: cannot run in ")
@@ -680,3 +686,140 @@ def test_unknown_hook_config_keys_are_refused():
         HookConfig.from_dict({"job_shel": "host"})
     with pytest.raises(ConfigError, match="uctr_exec must be an absolute path"):
         HookConfig.from_dict({"uctr_exec": "uctr-exec"})
+
+
+# -- another user's doing is never a node fault (issue 10, classes 11 and 12) ---------------
+NOBODY = pwd.getpwnam("nobody").pw_uid
+
+
+@pytest.fixture
+def sticky(site):
+    """A root-owned, world-writable sticky directory every user can reach: a second /tmp."""
+    shared = site.dirs.base.parent / f"sticky-{os.getpid()}-{site.tmp.name}"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    # the run dir as on a node (/run/uctr): the job user can reach the records in it
+    site.run_dir = site.dirs.base.parent / f"run-{os.getpid()}-{site.tmp.name}"
+    site.write_config(run_dir=str(site.run_dir))
+    yield shared
+    subprocess.run(["rm", "-rf", "--one-file-system", str(shared), str(site.run_dir)],
+                   check=False)
+
+
+def _plant(target: Path, kind: str, uid: int) -> None:
+    """What user A (uid `nobody`) or the job user's own mistake leaves at TARGET."""
+    if kind == "other-users-dir":
+        target.mkdir(mode=0o755)
+        os.chown(target, NOBODY, NOBODY)
+    elif kind == "symlink":
+        target.symlink_to("/etc")
+        os.lchown(target, NOBODY, NOBODY)
+    elif kind == "file":
+        target.write_text("x")
+        os.chown(target, NOBODY, NOBODY)
+    elif kind == "world-writable-own-dir":
+        target.mkdir()
+        target.chmod(0o777)
+        os.chown(target, uid, uid)
+    elif kind == "locked-own-dir":
+        target.mkdir(mode=0o000)
+        os.chown(target, uid, uid)
+    elif kind == "planted-parent":
+        target.parent.mkdir(mode=0o777)
+        target.parent.chmod(0o777)
+        os.chown(target.parent, NOBODY, NOBODY)
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["other-users-dir", "symlink", "file", "world-writable-own-dir",
+                                  "locked-own-dir", "planted-parent"])
+def test_a_planted_node_local_dir_neither_offlines_the_vnode_nor_fails_the_job(
+        site, pushed, sticky, kind):
+    template = "uctr/${UID}" if kind == "planted-parent" else "uctr-${UID}"
+    site.write_policy(local_dir=f"{sticky}/{template}")
+    target = sticky / template.replace("${UID}", str(site.uid))
+    _plant(target, kind, site.uid)
+    before = os.lstat(target if kind != "planted-parent" else target.parent)
+    job = site.job(pushed["busybox"])
+
+    result = site.event("execjob_begin", job, vnodes=["node1", "node1[1]"])
+
+    assert result["accepted"], result
+    assert not result["job_rerun"] and not result["job_delete"]
+    assert all(v["state"] == ND_FREE for v in result["vnodes"].values()), result["vnodes"]
+    record = site.readiness(job)
+    assert record["status"] == "ok", record
+    # staged in a private directory root made for the user, beside the planted one
+    fallback = Path(record["bundle"]).parent.parent
+    assert fallback.parent.parent == sticky and fallback.name == str(site.uid)
+    assert fallback.parent.name.startswith("uctr-fallback.")
+    assert fallback.parent.stat().st_uid == 0 and fallback.stat().st_uid == site.uid
+    assert stat.S_IMODE(fallback.stat().st_mode) == 0o700
+    assert os.lstat(target if kind != "planted-parent" else target.parent).st_ino == before.st_ino
+    # uctr-exec (as the job user) finds the same directory through the root-owned record
+    probe = subprocess.run(
+        ["su", "-s", "/bin/sh", site.user, "-c",
+         f"cd / && PYTHONPATH={REPO} UCTR_RUN_DIR={site.run_dir} {sys.executable} -c "
+         f"'from uctr_batch.batch import location; "
+         f"print(location.usable_local_dir(\"{target}\"))'"],
+        capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == str(fallback), probe.stderr
+    # a second job reuses the fallback's root filesystem; the end removes the job's traces
+    second = site.job(pushed["busybox"])
+    again = site.event("execjob_begin", second)
+    assert again["accepted"] and any("(reused)" in t for _, t in again["logs"]), again["logs"]
+    for done in (job, second):
+        end = site.event("execjob_end", done)
+        assert end["accepted"] and any("removed 1 reference" in t for _, t in end["logs"]), end
+        assert site.readiness(done) is None and site.state_files(done) == []
+
+
+def test_a_full_node_local_disk_fails_only_the_job(site, pushed, tmp_path):
+    if subprocess.run(["mountpoint", "-q", "/"]).returncode != 0:
+        pytest.skip("needs mount")
+    small = site.dirs.base.parent / f"small-{os.getpid()}-{site.tmp.name}"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=1777", "tmpfs", str(small)],
+                   check=True)
+    try:
+        site.write_policy(local_dir=f"{small}/uctr-${{UID}}")
+        job = site.job(pushed["busybox"])
+        result = site.event("execjob_begin", job, vnodes=["node1"])
+        assert not result["accepted"] and result["job_delete"] and not result["job_rerun"]
+        assert result["vnodes"]["node1"]["state"] == ND_FREE, result
+        assert site.readiness(job) is None and site.state_files(job) == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+        small.rmdir()
+
+
+def test_begin_sweeps_records_of_jobs_that_left_without_an_end(site, pushed, tmp_path):
+    pbs_home = tmp_path / "pbs_home"
+    jobs = pbs_home / "mom_priv" / "jobs"
+    jobs.mkdir(parents=True)
+    readiness_dir = site.run_dir / "readiness"
+    state = site.run_dir / "pbs"
+    readiness_dir.mkdir(parents=True)
+    state.mkdir(mode=0o700)
+    old = time.time() - 7200
+    for job_id in ("90.pbs-server", "91.pbs-server", "92.pbs-server"):
+        record = readiness_dir / job_id
+        record.write_text(f"version=1\njob={job_id}\nuid={site.uid}\nstatus=error\n")
+        (state / f"{job_id}.outcome").write_text("{}")
+        (state / f"{job_id}.log").write_text("")
+        for path in (record, state / f"{job_id}.outcome", state / f"{job_id}.log"):
+            os.utime(path, (old, old))
+    (jobs / "91.pbs-server.JB").write_text("")  # still on this MoM: a long job, keep it
+    os.utime(readiness_dir / "92.pbs-server", None)  # fresh: maybe starting now, keep it
+    (state / "93.pbs-server.log").write_text("")  # an orphan state file of a gone job
+    os.utime(state / "93.pbs-server.log", (old, old))
+
+    job = site.job(pushed["busybox"])
+    result = site.event("execjob_begin", job, pbs_home=str(pbs_home))
+
+    assert result["accepted"], result
+    assert sorted(p.name for p in readiness_dir.iterdir()) == sorted(
+        ["91.pbs-server", "92.pbs-server", job["id"]])
+    assert not list(state.glob("90.pbs-server.*")) and not list(state.glob("93.pbs-server.*"))
+    assert list(state.glob("91.pbs-server.*"))
