@@ -307,7 +307,33 @@ def test_unusable_node_local_dir_is_a_node_fault(cold, busybox):
             time.sleep(0.2)
         assert "DRAIN" in cold.node_state("node2")
         assert any("node error" in line for line in cold.hook_lines("prolog", "node2", job_id))
+        # the job is requeued: its failed prolog keeps no record of it on the node
+        assert readiness(cold, "node2", job_id) is None
         subprocess.run(["scancel", job_id], check=False, capture_output=True)
     finally:
         cold.set_policy()
+        cold.resume_nodes()
+
+
+@pytest.mark.parametrize("plant", [
+    f"mkdir {LOCAL} && chown nobody: {LOCAL}",  # user A (nobody) took the name first
+    f"ln -s /etc {LOCAL} && chown -h nobody: {LOCAL}",  # ... or planted a symlink
+])
+def test_a_planted_local_dir_neither_drains_the_node_nor_fails_the_job(cold, busybox, plant):
+    """Issue 10, class 11: another user's /tmp/uctr-<uid> is no node fault: the prolog
+    stages in a private fallback root prepares, and srun's uctr-exec finds it too."""
+    planted = cold.node_exec("node2", ["sh", "-c", plant])
+    assert planted.returncode == 0, planted.stderr
+    try:
+        result = cold.srun(["-N1", "-w", "node2", f"--container-image={busybox}",
+                            "sh", "-c", "echo in-container; cat /proc/self/mountinfo | head -1"])
+        assert result.returncode == 0, result.stderr
+        assert "in-container" in result.stdout
+        assert_nodes_up(cold)
+        owner = cold.node_exec("node2", ["stat", "-c", "%U", LOCAL]).stdout.strip()
+        assert owner == "nobody", "the planted path is left as it was"
+        fallbacks = cold.node_exec("node2", ["sh", "-c", f"ls -d /tmp/uctr-fallback.*/{UID}"])
+        assert fallbacks.returncode == 0 and fallbacks.stdout.strip(), fallbacks.stderr
+    finally:
+        cold.node_exec("node2", ["sh", "-c", f"rm -rf {LOCAL} /tmp/uctr-fallback.*"])
         cold.resume_nodes()
