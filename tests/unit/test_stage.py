@@ -6,6 +6,7 @@ images come from oci: references, so no registry and no network are needed.
 
 import errno
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -166,3 +167,94 @@ def test_a_usable_local_dir_is_not_a_fault(tmp_path):
 
     assert location.check(tmp_path / "local") is None
     assert stage.classify(errors.StorageError("x"), tmp_path / "local") == stage.USER
+
+
+# -- location: a node-local dir someone else planted (issue 10, class 11) -------------------
+NOBODY = 65534
+
+
+@pytest.fixture
+def sticky_tmp(tmp_path):
+    """A root-owned sticky world-writable directory, like /tmp (needs root to own it)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the planted paths belong to another user")
+    tmp_path.chmod(0o755)
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    return shared
+
+
+def _own(path, uid=NOBODY):
+    os.lchown(path, uid, uid)
+
+
+PLANTS = {  # name -> (path under the sticky dir, how it is planted, what check() says)
+    "other-users-dir": ("uctr-1001", lambda p: (p.mkdir(), _own(p)), "belongs to nobody"),
+    "symlink": ("uctr-1001", lambda p: (p.symlink_to("/etc"), _own(p)), "symbolic link"),
+    "file": ("uctr-1001", lambda p: (p.write_text(""), _own(p)), "not a directory"),
+    "own-dir-0777": ("uctr-1001", lambda p: (p.mkdir(), p.chmod(0o777), _own(p, 1001)),
+                     "writable by others"),
+    "own-dir-0000": ("uctr-1001", lambda p: (p.mkdir(mode=0), _own(p, 1001)),
+                     "lacks owner permissions"),
+    "planted-parent": ("uctr/1001", lambda p: (p.parent.mkdir(), p.parent.chmod(0o777),
+                                               _own(p.parent)), "belongs to nobody"),
+    "symlinked-parent": ("link/1001", lambda p: (p.parent.symlink_to(p.parent.parent),
+                                                 _own(p.parent)),
+                         "symbolic link that belongs to nobody"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLANTS))
+def test_a_planted_local_dir_is_the_users_problem_never_the_nodes(sticky_tmp, name):
+    from uctr_batch.batch import location
+
+    where, plant, why = PLANTS[name]
+    target = sticky_tmp / where
+    plant(target)
+    problem = location.check(target, uid=1001)
+    assert problem is not None and problem[0] == location.USER, problem
+    assert why in problem[1]
+    assert location.trusted_base(target) == str(sticky_tmp)
+    assert stage.classify(errors.StorageError("refusing to use it"), target) == stage.USER
+
+
+def test_a_private_dir_of_the_user_is_fine(sticky_tmp):
+    from uctr_batch.batch import location
+
+    target = sticky_tmp / "uctr-1001"
+    assert location.check(target, uid=1001) is None  # missing: the user creates it
+    target.mkdir(mode=0o700)
+    os.chown(target, 1001, 1001)
+    assert location.check(target, uid=1001) is None
+
+
+def test_the_fallback_is_root_made_private_and_found_by_its_record(sticky_tmp, tmp_path):
+    from uctr_batch.batch import location
+
+    env = {"UCTR_RUN_DIR": str(tmp_path / "run")}
+    mine = location.prepare_fallback(str(sticky_tmp), 1001, 1001, env)
+    top = os.path.dirname(mine)
+    assert os.path.dirname(top) == str(sticky_tmp)
+    assert os.path.basename(top).startswith(location.FALLBACK_PREFIX)
+    assert (os.stat(top).st_uid, stat.S_IMODE(os.stat(top).st_mode)) == (0, 0o711)
+    assert (os.stat(mine).st_uid, stat.S_IMODE(os.stat(mine).st_mode)) == (1001, 0o700)
+    assert location.fallback_for(sticky_tmp / "uctr-1001", env, uid=1001) == mine
+    # the same directory for the next job; nothing for another user until root makes it
+    assert location.prepare_fallback(str(sticky_tmp), 1001, 1001, env) == mine
+    assert location.fallback_for(sticky_tmp / "uctr-1002", env, uid=1002) is None
+    # a record that points anywhere but a root-made uctr-fallback.* dir is ignored
+    record = location.record_path(str(sticky_tmp), env)
+    Path(record).write_text(str(tmp_path) + "\n")
+    assert location.fallback_for(sticky_tmp / "uctr-1001", env, uid=1001) is None
+
+
+def test_root_makes_no_fallback_in_a_directory_users_control(sticky_tmp, tmp_path):
+    from uctr_batch.batch import location
+
+    theirs = sticky_tmp / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    with pytest.raises(ValueError):
+        location.prepare_fallback(str(theirs), 1001, 1001, {"UCTR_RUN_DIR": str(tmp_path / "r")})
+    assert list(theirs.iterdir()) == []
