@@ -126,3 +126,74 @@ def test_epilog_never_fails(site):
     root, user = site
     assert slurm.epilog_main(hook_env(root, user, job_id="404")) == 0
     assert slurm.epilog_main({}) == 0  # not even outside Slurm
+
+
+# -- nothing a user does drains a node; nothing of a job stays (issue 10, classes 11, 12) --
+def test_a_local_dir_another_user_planted_does_not_drain_and_the_job_runs(site):
+    root, user = site
+    planted = root / "users" / f"local-{user.pw_uid}"
+    planted.mkdir()
+    os.chown(planted, 65534, 65534)  # user A (nobody) took B's name first
+    env = hook_env(root, user, SPANK_UCTR_IMAGE=f"oci:{root / 'busybox'}:1")
+
+    assert slurm.prolog_main(env) == 0
+    record = readiness.read_readiness("100", user.pw_uid, env)
+    assert record["status"] == "ok", record
+    fallback = Path(record["bundle"]).parent.parent
+    assert fallback.name == str(user.pw_uid) and fallback.parent.parent == root / "users"
+    assert fallback.stat().st_uid == user.pw_uid and planted.stat().st_uid == 65534
+    assert list(planted.iterdir()) == []
+    digest_hex = record["manifest_digest"].split(":")[1]
+    assert [p.name for p in (fallback / "inuse" / digest_hex).iterdir()] == ["job-100"]
+
+    assert slurm.epilog_main(env) == 0
+    assert list((fallback / "inuse" / digest_hex).iterdir()) == []
+
+
+def test_a_bug_while_staging_fails_the_job_not_the_node(site, monkeypatch):
+    from uctr_batch.batch import common
+
+    root, user = site
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug triggered by this job")
+
+    monkeypatch.setattr(common, "stage_as_user", broken)
+    env = hook_env(root, user, SPANK_UCTR_IMAGE=f"oci:{root / 'busybox'}:1")
+    assert slurm.prolog_main(env) == 0
+
+
+def test_epilog_drops_the_reference_of_a_prolog_cut_short(site):
+    root, user = site
+    env = hook_env(root, user, SPANK_UCTR_IMAGE=f"oci:{root / 'busybox'}:1")
+    assert slurm.prolog(env) == 0
+    record = readiness.read_readiness("100", user.pw_uid, env)
+    inuse = Path(record["bundle"]).parent.parent / "inuse" / record["manifest_digest"][7:]
+    readiness.remove_readiness("100", env)  # scancel'ed before the prolog wrote its record
+    assert slurm.epilog_main(env) == 0
+    assert list(inuse.iterdir()) == []
+
+
+def test_prolog_sweeps_records_of_jobs_the_controller_no_longer_knows(site, tmp_path,
+                                                                      monkeypatch):
+    import time
+
+    root, user = site
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\ncase \"$4\" in\n"
+                        "  7) echo 'JobId=7 JobState=RUNNING' ;;\n"
+                        "  *) echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1;;\n"
+                        "esac\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    env = hook_env(root, user, SPANK_UCTR_IMAGE=f"oci:{root / 'busybox'}:1")
+    old = time.time() - 7200
+    for job_id in ("6", "7", "8"):
+        path = readiness.write_readiness(job_id, user.pw_uid, {"status": "error"}, env)
+        if job_id != "8":  # 8 is fresh: maybe starting right now
+            os.utime(path, (old, old))
+
+    assert slurm.prolog(env) == 0
+
+    left = sorted(p.name for p in (root / "run" / "readiness").iterdir())
+    assert left == ["100", "7", "8"]

@@ -108,8 +108,10 @@ def epilog(env: Optional[Mapping[str, str]] = None) -> None:
     ctx = jobs.from_env(env, container_lookup=lambda job_id: None)
     record = readiness.read_readiness(ctx.job_id, ctx.uid, env)
     readiness.remove_readiness(ctx.job_id, env)
-    if record is None:
+    if record is None and not ctx.wants_container:
         return  # the prolog staged nothing for this job here: no job-scoped state
+    # no record but a container job: the prolog was cut short (scancel mid-staging) after
+    # its child may have marked the bundle in use for the job; drop that reference too
     node_policy = common.site_policy(ctx, env)
     result = common.release_as_user(ctx, node_policy, env)
     _log.info("uctr epilog: job %s on %s: removed %d reference(s), evicted %d bundle(s)",
