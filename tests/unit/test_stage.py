@@ -258,3 +258,18 @@ def test_root_makes_no_fallback_in_a_directory_users_control(sticky_tmp, tmp_pat
     with pytest.raises(ValueError):
         location.prepare_fallback(str(theirs), 1001, 1001, {"UCTR_RUN_DIR": str(tmp_path / "r")})
     assert list(theirs.iterdir()) == []
+
+
+def test_a_read_only_mount_the_user_put_on_their_own_dir_is_theirs(sticky_tmp):
+    from uctr_batch.batch import location
+
+    target = sticky_tmp / "uctr-1001"
+    target.mkdir(mode=0o700)
+    os.chown(target, 1001, 1001)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m,mode=0700,uid=1001", "tmpfs",
+                    str(target)], check=True)  # what fusermount lets a user do
+    try:
+        problem = location.check(target, uid=1001)
+        assert problem is not None and problem[0] == location.USER, problem
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)

@@ -66,20 +66,23 @@ def write_record(ctx: JobContext, fields: dict, env: Mapping[str, str]):
 # -- stale records ----------------------------------------------------------------------------
 STALE_AFTER = 3600.0  # a record younger than this is never swept (its job may be starting)
 SWEEP_LIMIT = 8  # records looked at per sweep: bounded work in every prolog/begin hook
+SWEEP_BUDGET = 5.0  # seconds a sweep may take in all; the rest waits for the next one
 
 
 def sweep_stale_records(env: Mapping[str, str], job_gone, *, keep: str = "", node_policy=None,
-                        also=None,
+                        also=None, budget: float = SWEEP_BUDGET,
                         job_id_var: str = SLURM_JOB_ID, now: Optional[float] = None) -> list:
     """Remove readiness records (and, as their users, the jobs' in-use references) of jobs
     that ended without an epilog here: older than STALE_AFTER and job_gone(job_id) True,
     or older than stage.JOB_REF_MAX_AGE whatever job_gone says. KEEP (the job starting now)
     is never touched. Looks at SWEEP_LIMIT records at most, oldest first; ALSO(job_id) is
-    called for each record removed (the scheduler's own files). Never raises."""
+    called for each record removed (the scheduler's own files). Stops after BUDGET seconds
+    (job_gone() and the releases included). Never raises."""
     import time
 
     from uctr_batch.batch import readiness, stage
 
+    deadline = time.monotonic() + budget
     now = time.time() if now is None else now
     removed = []
     try:
@@ -97,6 +100,8 @@ def sweep_stale_records(env: Mapping[str, str], job_gone, *, keep: str = "", nod
     except OSError:
         return removed
     for age, job_id in sorted(entries, reverse=True)[:SWEEP_LIMIT]:
+        if time.monotonic() >= deadline:
+            break
         try:
             if age <= stage.JOB_REF_MAX_AGE and not job_gone(job_id):
                 continue
@@ -108,7 +113,8 @@ def sweep_stale_records(env: Mapping[str, str], job_gone, *, keep: str = "", nod
         removed.append(job_id)
         if also is not None:
             also(job_id)
-        _release_stale(job_id, record, env, job_id_var, node_policy)
+        _release_stale(job_id, record, env, job_id_var, node_policy,
+                       max(0.5, deadline - time.monotonic()))
     return removed
 
 
@@ -123,7 +129,7 @@ def _raw_record(path) -> dict:
 
 
 def _release_stale(job_id: str, record: dict, env: Mapping[str, str], job_id_var: str,
-                   node_policy) -> None:
+                   node_policy, timeout: float) -> None:
     """Drop a vanished job's in-use references as its user (best effort, bounded)."""
     uid = record.get("uid", "")
     if not uid.isdigit() or int(uid) == 0 or os.geteuid() != 0:
@@ -133,7 +139,7 @@ def _release_stale(job_id: str, record: dict, env: Mapping[str, str], job_id_var
     try:
         who = privdrop.Identity.of(int(uid))
         privdrop.run_as(who, stage.release_job, job_id, node_policy=node_policy,
-                        env=staging_environment(job_id, env, job_id_var), timeout=30)
+                        env=staging_environment(job_id, env, job_id_var), timeout=timeout)
     except Exception as e:  # noqa: BLE001 - the references expire on their own
         _log.debug("cannot release the references of vanished job %s: %s", job_id, e)
 

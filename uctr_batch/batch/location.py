@@ -114,12 +114,15 @@ def check(path, uid=None):
         return USER, "%s belongs to %s" % (final, who)
     if st.st_mode & 0o022:
         return USER, "%s is writable by others (mode %04o)" % (final, stat.S_IMODE(st.st_mode))
-    if st.st_mode & 0o700 != 0o700:
-        if _read_only(final):
-            return NODE, "%s is on a read-only file system" % final
-        return USER, "%s lacks owner permissions (mode %04o)" % (final, stat.S_IMODE(st.st_mode))
+    # read-only: the node's fault only when it is the file system of the root-owned parent;
+    # a read-only mount on the directory itself (FUSE) is the user's own doing
+    own_mount = current_st is None or st.st_dev != current_st.st_dev
     if _read_only(final):
+        if own_mount or current_st.st_uid != 0:
+            return USER, "%s is a read-only mount" % final
         return NODE, "%s is on a read-only file system" % final
+    if st.st_mode & 0o700 != 0o700:
+        return USER, "%s lacks owner permissions (mode %04o)" % (final, stat.S_IMODE(st.st_mode))
     return None
 
 

@@ -58,6 +58,8 @@ MODE_RESOURCE = "container_mode"
 JOB_VARIABLES = ("UCTR_IMAGE", "UCTR_MODE", "UCTR_MPI", "UCTR_GPU", "UCTR_JOB_SHELL")
 
 ALARM_MARGIN = 8.0  # seconds kept free below the hook alarm: start-up, answer, apply
+SWEEP_BUDGET = 2.0  # seconds execjob_begin spends at most on other jobs' leftovers
+DISCARD_BUDGET = 3.0  # seconds a rejecting start event spends at most on the job's records
 STATE_DIR = "pbs"  # under the run dir: <job>.lock, <job>.outcome, <job>.log (root, 0700)
 
 # Programs TM starts that must stay on the host: MPI daemons start the ranks themselves.
@@ -340,7 +342,7 @@ def stage_event(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Ans
     refused = common.check_request(ctx, node_policy) or _job_shell_outcome(req["job"])
     if refused:
         # OpenPBS runs no execjob_end for a job rejected here: keep nothing of it
-        discard_job(ctx, node_policy, env, budget=1.0)
+        discard_job(ctx, node_policy, env, budget=DISCARD_BUDGET)
         return user_error(refused["message"], refused.get("hint"))
     if req.get("event") == EXECJOB_BEGIN:
         _forget_earlier_run(ctx, env)
@@ -352,7 +354,7 @@ def stage_event(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Ans
     if outcome["status"] == "ok":
         return accept().note("info", "uctr: " + common.describe_outcome(
             ctx, outcome, outcome.get("seconds", 0.0)))
-    discard_job(ctx, node_policy, env, budget=ALARM_MARGIN / 2)
+    discard_job(ctx, node_policy, env, budget=DISCARD_BUDGET)
     if outcome.get("fault") == "node":
         return node_fault(config, ctx.node, outcome["message"])
     return user_error(f"cannot stage {ctx.image} on {ctx.node}: {outcome['message']}",
@@ -366,14 +368,16 @@ def discard_job(ctx, node_policy, env: Mapping[str, str], budget: float) -> bool
     from uctr_batch.batch import privdrop, readiness, stage
 
     found = False
+    deadline = time.monotonic() + budget
     try:
-        stop_stager(ctx.job_id, env, timeout=min(budget, 2.0))
+        stop_stager(ctx.job_id, env, timeout=budget / 2)
         found = readiness.remove_readiness(ctx.job_id, env)
         found = _remove_state(ctx.job_id, env) or found
         if found:
             child_env = common_staging_environment(ctx.job_id, env)
             privdrop.run_as(privdrop.Identity.of(ctx.uid, ctx.gid), stage.release_job,
-                            ctx.job_id, node_policy=node_policy, env=child_env, timeout=budget)
+                            ctx.job_id, node_policy=node_policy, env=child_env,
+                            timeout=max(0.5, deadline - time.monotonic()))
     except Exception as e:  # noqa: BLE001 - stale references expire; the sweeper helps
         _log.debug("discarding job %s: %s", ctx.job_id, e)
     return found
@@ -416,9 +420,10 @@ def sweep(req: Mapping, ctx, node_policy, env: Mapping[str, str]) -> list:
         with os.scandir(jobs_dir) as entries:
             return not any(e.name.startswith(prefix) for e in entries)
 
+    # MoM blocks on execjob_begin: a small share of the hook's time, the rest goes next time
     removed = common.sweep_stale_records(env, gone, keep=ctx.job_id, node_policy=node_policy,
                                          also=lambda job_id: _remove_state(job_id, env),
-                                         job_id_var=common.PBS_JOBID)
+                                         budget=SWEEP_BUDGET, job_id_var=common.PBS_JOBID)
     removed += _sweep_state(env, gone, keep=ctx.job_id)
     if removed:
         _log.info("uctr: removed the records of %d vanished job(s): %s", len(removed),

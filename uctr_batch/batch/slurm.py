@@ -73,7 +73,7 @@ _LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "COMPLETING", 
 def _slurm_job_gone(job_id: str) -> bool:
     """True when the controller no longer knows job JOB_ID as live (in doubt: False)."""
     cp = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True,
-                        text=True, timeout=10)
+                        text=True, timeout=common.SWEEP_BUDGET)
     if cp.returncode != 0:
         return "invalid job id" in (cp.stderr + cp.stdout).lower()
     for field in cp.stdout.split():
