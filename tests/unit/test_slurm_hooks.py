@@ -197,3 +197,12 @@ def test_prolog_sweeps_records_of_jobs_the_controller_no_longer_knows(site, tmp_
 
     left = sorted(p.name for p in (root / "run" / "readiness").iterdir())
     assert left == ["100", "7", "8"]
+
+
+def test_a_run_dir_a_user_planted_fails_the_job_not_the_node(site):
+    root, user = site
+    env = hook_env(root, user, SPANK_UCTR_IMAGE=f"oci:{root / 'busybox'}:1")
+    (root / "run").mkdir()
+    os.chown(root / "run", 65534, 65534)  # a site that put UCTR_RUN_DIR in a shared place
+    assert slurm.prolog_main(env) == 0
+    assert not (root / "run" / "readiness").exists()

@@ -57,10 +57,49 @@ def site_policy(ctx: JobContext, env: Optional[Mapping[str, str]] = None):
 
 
 def write_record(ctx: JobContext, fields: dict, env: Mapping[str, str]):
-    """readiness.write_readiness() for the job; NodeFault when the run dir is unusable."""
+    """readiness.write_readiness() for the job; NodeFault when the run dir is unusable, but
+    a plain UctrError (the job fails, the node stays) when a user owns a part of it: a run
+    dir in a world-writable place that someone planted is not the node's fault either."""
     from uctr_batch.batch import readiness
 
-    return node_step("the run dir", readiness.write_readiness, ctx.job_id, ctx.uid, fields, env)
+    try:
+        return node_step("the run dir", readiness.write_readiness, ctx.job_id, ctx.uid,
+                         fields, env)
+    except NodeFault as e:
+        planted = _user_owned(readiness.run_dir(env), readiness.run_dir(env) / "readiness")
+        if planted:
+            _log.error("uctr: the run dir is unsafe: %s belongs to uid %d; set UCTR_RUN_DIR "
+                       "(or the hook's run_dir) to a root-only place such as /run/uctr",
+                       planted[0], planted[1])
+            raise UctrError(f"the run dir {planted[0]} belongs to uid {planted[1]}, not root",
+                            "the site must keep UCTR_RUN_DIR out of world-writable places")
+        raise e
+
+
+def _root_only(*paths) -> bool:
+    """Every one of PATHS is a real directory of root's that nobody else can write."""
+    import stat
+
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+            return False
+    return True
+
+
+def _user_owned(*paths):
+    """(path, uid) of the first of PATHS that exists and is not root's, else None."""
+    for path in paths:
+        try:
+            uid = os.lstat(path).st_uid
+        except OSError:
+            continue
+        if uid != 0:
+            return str(path), uid
+    return None
 
 
 # -- stale records ----------------------------------------------------------------------------
@@ -85,8 +124,10 @@ def sweep_stale_records(env: Mapping[str, str], job_gone, *, keep: str = "", nod
     deadline = time.monotonic() + budget
     now = time.time() if now is None else now
     removed = []
+    directory = readiness.run_dir(env) / "readiness"
+    if not _root_only(readiness.run_dir(env), directory):
+        return removed  # names in a directory others control are theirs to choose: never
     try:
-        directory = readiness.run_dir(env) / "readiness"
         entries = []
         for entry in os.scandir(directory):
             if entry.name.startswith(".") or entry.name == keep:

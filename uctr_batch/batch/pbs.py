@@ -435,7 +435,11 @@ def _sweep_state(env: Mapping[str, str], gone, keep: str) -> list:
     """State files (<job>.lock/.outcome/.log) of gone jobs that have no readiness record."""
     from uctr_batch.batch import common, stage
 
+    from uctr_batch.batch import readiness
+
     now, jobs = time.time(), {}
+    if not common._root_only(readiness.run_dir(env), state_dir(env)):
+        return []
     try:
         with os.scandir(state_dir(env)) as entries:
             for entry in entries:
