@@ -30,6 +30,8 @@ def ensure_private_dir(path: Path, what: str, hint: Optional[str] = None) -> Non
     The parents of PATH are created if missing (a site or user chose the path)."""
     path = Path(path)
     hint = hint or f"remove {path} if it is yours, or choose another location"
+    if not os.path.lexists(path):
+        _check_location(path, what)  # before creating anything in a planted parent
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(path, 0o700)
@@ -57,6 +59,18 @@ def ensure_private_dir(path: Path, what: str, hint: Optional[str] = None) -> Non
             f"refusing to use {what}: {path}: it is writable by others "
             f"(mode {stat.S_IMODE(st.st_mode):04o})",
             f"chmod go-w {path} if it is yours, or choose another location")
+    _check_location(path, what)  # a parent another user controls could swap PATH later
+
+
+def _check_location(path: Path, what: str) -> None:
+    """Refuse PATH when a directory or symlink on its way belongs to another user or others
+    may write there (batch.location.check, the rule the batch hooks use)."""
+    from uctr_batch.batch import location
+
+    problem = location.check(path)
+    if problem is not None:
+        raise StorageError(f"refusing to use {what}: {path}: {problem[1]}",
+                           "choose a location whose parents only root and you can change")
 
 
 def make_private_subdir(path: Path) -> None:

@@ -273,3 +273,15 @@ def test_a_read_only_mount_the_user_put_on_their_own_dir_is_theirs(sticky_tmp):
         assert problem is not None and problem[0] == location.USER, problem
     finally:
         subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def test_ensure_private_dir_creates_nothing_in_a_parent_another_user_controls(sticky_tmp):
+    from uctr_batch import fsutil
+
+    parent = sticky_tmp / "uctr"
+    parent.mkdir()
+    parent.chmod(0o777)
+    os.chown(parent, NOBODY, NOBODY)
+    with pytest.raises(errors.StorageError, match="belongs to nobody"):
+        fsutil.ensure_private_dir(parent / "0", "the node-local directory")
+    assert list(parent.iterdir()) == []

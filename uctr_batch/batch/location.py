@@ -95,7 +95,9 @@ def check(path, uid=None):
             return kind, "%s is not a directory (it belongs to %s)" % (here, _owner(st.st_uid))
         if st.st_uid not in (0, uid):
             return USER, "%s belongs to %s" % (here, _owner(st.st_uid))
-        if not _safe_dir_mode(st):
+        # the user's own directories may be group-writable (user private groups, umask 002)
+        closed = _safe_dir_mode(st) or (st.st_uid == uid != 0 and not st.st_mode & 0o002)
+        if not closed:
             kind = NODE if st.st_uid == 0 else USER
             return kind, "%s is writable by others (mode %04o)" % (here, stat.S_IMODE(st.st_mode))
         current, current_st = here, st
