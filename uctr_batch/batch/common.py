@@ -102,6 +102,11 @@ def _user_owned(*paths):
     return None
 
 
+# The job user's release child can be stopped (SIGSTOP) by that user: an epilog that waited
+# for it as long as staging may take could outlast the site's PrologEpilogTimeout (drain).
+RELEASE_TIMEOUT = 60.0
+
+
 # -- stale records ----------------------------------------------------------------------------
 STALE_AFTER = 3600.0  # a record younger than this is never swept (its job may be starting)
 SWEEP_LIMIT = 8  # records looked at per sweep: bounded work in every prolog/begin hook
@@ -293,4 +298,4 @@ def release_as_user(ctx: JobContext, node_policy, env: Mapping[str, str],
     who = privdrop.Identity.of(ctx.uid, ctx.gid)
     return privdrop.run_as(who, stage.release_job, ctx.job_id, node_policy=node_policy,
                            env=staging_environment(ctx.job_id, env, job_id_var),
-                           timeout=node_policy.storage.stage_timeout)
+                           timeout=min(RELEASE_TIMEOUT, node_policy.storage.stage_timeout))
