@@ -290,7 +290,7 @@ def describe_outcome(ctx: JobContext, outcome: dict, seconds: float) -> str:
 
 
 def release_as_user(ctx: JobContext, node_policy, env: Mapping[str, str],
-                    job_id_var: str = SLURM_JOB_ID) -> dict:
+                    job_id_var: str = SLURM_JOB_ID, timeout: Optional[float] = None) -> dict:
     """Epilogue side: as the job user, drop the job's in-use references and enforce the
     node-local quota. Returns {"references": n, "evicted": [digest, ...]}."""
     from uctr_batch.batch import privdrop, stage
@@ -298,4 +298,5 @@ def release_as_user(ctx: JobContext, node_policy, env: Mapping[str, str],
     who = privdrop.Identity.of(ctx.uid, ctx.gid)
     return privdrop.run_as(who, stage.release_job, ctx.job_id, node_policy=node_policy,
                            env=staging_environment(ctx.job_id, env, job_id_var),
-                           timeout=min(RELEASE_TIMEOUT, node_policy.storage.stage_timeout))
+                           timeout=min(timeout or RELEASE_TIMEOUT, RELEASE_TIMEOUT,
+                                       node_policy.storage.stage_timeout))

@@ -787,7 +787,8 @@ def cleanup(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Answer:
     staged = _remove_state(ctx.job_id, env) or staged
     if not staged:
         return answer  # nothing was staged for this job here
-    result = common.release_as_user(ctx, common.site_policy(ctx, env), env, common.PBS_JOBID)
+    result = common.release_as_user(ctx, common.site_policy(ctx, env), env, common.PBS_JOBID,
+                                    timeout=wait_budget(req, config))  # within the alarm
     return answer.note("info", f"uctr: job {ctx.job_id} on {ctx.node}: removed "
                                f"{result['references']} reference(s), evicted "
                                f"{len(result['evicted'])} bundle(s)")
