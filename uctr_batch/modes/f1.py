@@ -239,8 +239,9 @@ def _container_path(rootfs: str, host: str) -> str:
 
 
 def _bind_link(rootfs: str, src: str, dst: str) -> None:
-    link = inroot.resolve(rootfs, os.path.dirname(dst.rstrip("/")) or "/")
-    link = os.path.join(link, os.path.basename(dst.rstrip("/")))
+    """DST -> SRC as a link in the rootfs; DST's parent resolved (and made) inside it."""
+    parent = inroot.ensure_mountpoint(rootfs, os.path.dirname(dst.rstrip("/")) or "/", True)
+    link = os.path.join(parent, os.path.basename(dst.rstrip("/")))
     try:
         if os.readlink(link) == src:
             return
@@ -253,13 +254,12 @@ def _bind_link(rootfs: str, src: str, dst: str) -> None:
             raise UctrError("fakechroot cannot bind %s onto %s: it exists in the image" % (src, dst),
                             "bind onto a path the image does not have, or use --mode P1") from None
     else:
-        os.unlink(link)  # a link of an earlier run pointing elsewhere
-    os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.unlink(link)  # a link of an earlier run (or of the image) pointing elsewhere
     os.symlink(src, link)
 
 
 def _copy_into(rootfs: str, host: str, path: str) -> None:
-    target = inroot.resolve(rootfs, path)
+    target = inroot.ensure_mountpoint(rootfs, path, False)
     with open(host, "rb") as f:
         data = f.read()
     try:
