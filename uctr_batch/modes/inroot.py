@@ -125,22 +125,8 @@ def ensure_mountpoint(rootfs: str, path: str, is_dir: bool) -> str:
     created in it, like docker creates a missing -v target.
     """
     rootfs = os.path.realpath(rootfs)
-    host = resolve(rootfs, path)
-    try:
-        st = os.stat(host)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise UctrError("cannot use %s inside the container: %s" % (path, e.strerror),
-                        "a part of the path is not a directory in the image; choose another path")
-    if st is not None:
-        if is_dir != stat.S_ISDIR(st.st_mode):
-            found, need = ("a file", "a directory") if is_dir else ("a directory", "a file")
-            via = container_path(rootfs, host)
-            raise UctrError("%s is %s in the image, where %s is needed%s"
-                            % (path, found, need,
-                               "" if via == path else " (through the image's links: %s)" % via),
-                            "choose another destination path")
+    host = _checked_kind(rootfs, path, is_dir)
+    if os.path.lexists(host):
         return check_inside(rootfs, host, path)
     try:
         if is_dir:
@@ -155,16 +141,36 @@ def ensure_mountpoint(rootfs: str, path: str, is_dir: bool) -> str:
     return check_inside(rootfs, host, path)
 
 
-def resolved(rootfs: str, path: str) -> str:
+def resolved(rootfs: str, path: str, is_dir: bool) -> str:
     """Container path `path` with the image's links resolved inside rootfs (nothing created):
     for runtimes that make missing mount points virtually (proot) or themselves (apptainer)."""
     rootfs = os.path.realpath(rootfs)
-    host = resolve(rootfs, path)
+    host = _checked_kind(rootfs, path, is_dir)
     parent = host
     while not os.path.lexists(parent) and parent != rootfs:  # the part that exists
         parent = os.path.dirname(parent)
     check_inside(rootfs, parent, path)
     return container_path(rootfs, host)
+
+
+def _checked_kind(rootfs: str, path: str, is_dir: bool) -> str:
+    """resolve(), refusing a file where a directory is needed and the other way round."""
+    host = resolve(rootfs, path)
+    try:
+        st = os.stat(host)
+    except FileNotFoundError:
+        return host
+    except OSError as e:
+        raise UctrError("cannot use %s inside the container: %s" % (path, e.strerror),
+                        "a part of the path is not a directory in the image; choose another path")
+    if is_dir != stat.S_ISDIR(st.st_mode):
+        found, need = ("a file", "a directory") if is_dir else ("a directory", "a file")
+        via = container_path(rootfs, host)
+        raise UctrError("%s is %s in the image, where %s is needed%s"
+                        % (path, found, need,
+                           "" if via == path else " (through the image's links: %s)" % via),
+                        "choose another destination path")
+    return host
 
 
 def clean(path: str) -> str:

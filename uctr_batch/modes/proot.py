@@ -18,6 +18,7 @@ What proot cannot do, and what this mode therefore does about it:
 
 import os
 
+from uctr_batch.errors import UctrError
 from uctr_batch.modes import inroot
 from uctr_batch.modes.base import (
     Mode, ProbeResult, dev_entries, execve, find_program, program_version, register_mode,
@@ -52,7 +53,11 @@ class _Proot(Mode):
         self.require(spec)
         path = find_program("proot")
         root = os.path.realpath(spec.rootfs)
-        argv = proot_argv(spec, path, destination=lambda p: inroot.resolved(root, p))
+        try:  # proot binds /dev/null etc. into the image's /dev: a link there would hide them
+            inroot.system_dirs(root)
+        except UctrError:
+            pass  # not ours to change: proot only ever translates paths, it writes nothing there
+        argv = proot_argv(spec, path, destination=lambda p, d: inroot.resolved(root, p, d))
         execve(path, argv, proot_env(spec, self.no_seccomp))
 
 
@@ -69,19 +74,19 @@ class ProotNoSeccomp(_Proot):
 
 def proot_argv(spec, proot="proot", host_uid=None, dev=None, destination=None):
     """The proot command line; dev: (host path, is_dir) of /dev entries (default: this host's);
-    destination(path): the guest path of a bind, its links resolved inside the rootfs (exec
+    destination(path, is_dir): the guest path of a bind, its links resolved inside the rootfs (exec
     passes inroot.resolved: proot never sees the image's links for a path it binds onto)."""
     host_uid = os.getuid() if host_uid is None else host_uid
-    destination = destination or (lambda path: path)
+    destination = destination or (lambda path, _is_dir: path)
     argv = [proot, "-r", os.path.realpath(spec.rootfs), "-w", spec.cwd,
             "-b", "/proc", "-b", "/sys"]
     for host, _is_dir in dev_entries(spec) if dev is None else dev:
         argv += ["-b", host]
     for host, path in ((spec.passwd, "/etc/passwd"), (spec.group, "/etc/group")):
         if host:
-            argv += ["-b", "%s:%s" % (host, destination(path))]
+            argv += ["-b", "%s:%s" % (host, destination(path, False))]
     for src, dst, _ro in spec.binds:
-        argv += ["-b", "%s:%s" % (src, destination(dst))]
+        argv += ["-b", "%s:%s" % (src, destination(dst, os.path.isdir(src)))]
     if spec.uid == 0 and host_uid != 0:
         argv.append("-0")
     return argv + list(spec.argv)

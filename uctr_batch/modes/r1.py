@@ -26,12 +26,14 @@ import os
 from uctr_batch.errors import ModeError
 from uctr_batch.modes import inroot, nsutil
 from uctr_batch.modes.base import (
-    Mode, ProbeResult, dev_entries, execve, find_program, inherited_fds, program_version,
+    STANDARD_DEVICES, Mode, ProbeResult, dev_entries, execve, find_program, inherited_fds, program_version,
     register_mode, state_subdir,
 )
 
 RUNTIMES = ("crun", "runc")
-RUNTIME_DEV_LINKS = ("/dev/ptmx",)  # made by crun/runc themselves (a link to pts/ptmx)
+# What crun and runc create in /dev themselves (nodes bound from the host in a user namespace,
+# /dev/ptmx as a link to pts/ptmx): binding them too fights the runtime (see oci_config).
+RUNTIME_DEVICES = STANDARD_DEVICES
 
 # What root gets inside with --root (N1 gives all capabilities of the user namespace; the
 # OCI runtimes need a list). Without --root the payload has none, as in every mode.
@@ -134,10 +136,13 @@ def oci_config(spec, host_uid=None, host_gid=None, dev=None, destination=None) -
     is_dir): the container path to mount a bind on (exec passes safe_destination's).
 
     /dev is a fresh tmpfs mounted first, so the /dev entries and what the runtime adds itself
-    (fd, stdin, ..., /dev/ptmx) land in it. /dev/ptmx is not bound: crun and runc always make
-    it a link to pts/ptmx, unmounting what is there, which fails ("creating symlink for
-    /dev/ptmx: File exists") once a bind whose source contains the rootfs (/tmp, the default
-    node-local directory) has copied the rootfs's mounts into the container."""
+    land in it. The standard nodes are not bound here: crun and runc create them themselves
+    (null, zero, full, random, urandom, tty bound from the host; /dev/ptmx a link to
+    pts/ptmx), and a bind of ours under theirs breaks them: crun unmounts what is on /dev/ptmx
+    to make its link, which fails ("creating symlink for /dev/ptmx: File exists") once a bind
+    whose source contains the rootfs (/tmp, holding the default node-local directory) has
+    copied the rootfs's mounts into the container; runc opens its /dev/tty target, which is
+    the host's tty after our bind and ENXIO without a controlling terminal (batch jobs)."""
     host_uid = os.getuid() if host_uid is None else host_uid
     host_gid = os.getgid() if host_gid is None else host_gid
     destination = destination or (lambda path, _is_dir: path)
@@ -148,7 +153,7 @@ def oci_config(spec, host_uid=None, host_gid=None, dev=None, destination=None) -
          "options": ["nosuid", "noexec", "mode=755", "size=256k"]},
     ]
     for host, _is_dir in dev_entries(spec) if dev is None else dev:
-        if host in RUNTIME_DEV_LINKS:
+        if host in RUNTIME_DEVICES:
             continue
         mounts.append({"destination": host, "type": "bind", "source": host, "options": ["rbind"]})
     for host, path in ((spec.passwd, "/etc/passwd"), (spec.group, "/etc/group")):

@@ -46,22 +46,23 @@ class Apptainer(Mode):
         self.require(spec)
         name, path = find_apptainer()
         root = os.path.realpath(spec.rootfs)
-        argv = apptainer_argv(spec, path, destination=lambda p: inroot.resolved(root, p))
+        argv = apptainer_argv(spec, path, destination=lambda p, d: inroot.resolved(root, p, d))
         execve(path, argv, apptainer_env(spec, name))
 
 
 def apptainer_argv(spec, program="apptainer", host_uid=None, destination=None):
-    """destination(path): a bind's container path with the image's links resolved inside the
+    """destination(path, is_dir): a bind's container path with the image's links resolved inside the
     rootfs (exec passes inroot.resolved: apptainer creates missing bind targets itself)."""
     host_uid = os.getuid() if host_uid is None else host_uid
-    destination = destination or (lambda path: path)
+    destination = destination or (lambda path, _is_dir: path)
     argv = [program, "exec", "--cleanenv", "--no-home", "--no-mount", "tmp,cwd",
             "--pwd", spec.cwd]
     for host, path in ((spec.passwd, "/etc/passwd"), (spec.group, "/etc/group")):
         if host:
-            argv += ["--bind", "%s:%s:ro" % (host, destination(path))]
+            argv += ["--bind", "%s:%s:ro" % (host, destination(path, False))]
     for src, dst, ro in spec.binds:
-        argv += ["--bind", "%s:%s:%s" % (src, destination(dst), "ro" if ro else "rw")]
+        argv += ["--bind", "%s:%s:%s" % (src, destination(dst, os.path.isdir(src)),
+                                          "ro" if ro else "rw")]
     if spec.uid == 0 and host_uid != 0:
         argv.append("--fakeroot")
     if not spec.readonly:
