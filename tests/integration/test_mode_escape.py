@@ -65,7 +65,8 @@ def runtime_params():
 
 # --- the corpus ------------------------------------------------------------------------------
 # Each case: (name, links {container path: target}, options, must_work). "@" in a target or an
-# option stands for the canary's absolute path, "@@" for a ../ path from the rootfs to it.
+# option stands for the canary's absolute path, "@@" for a ../ path from the rootfs to it;
+# a key "+PATH" makes PATH a directory inside the rootfs.
 # F1 refuses (exit 3, the ladder's next mode) an image whose links lead /etc/passwd out:
 # libfakechroot lets the kernel follow links in parents on the host (docs/modes.md).
 REFUSED = {("etc-absolute", "F1"), ("etc-relative", "F1"), ("bind-parent-link", "F1")}
@@ -81,6 +82,10 @@ def chain(path: str, n: int, end: str):
 
 CASES = [
     ("dev-absolute", {"/dev": "@"}, (), True),
+    # the link's target also exists inside the rootfs: crun 1.8 mounts its /dev tmpfs there
+    # (resolved in the root) but then creates its nodes through "dev" as the host sees it
+    ("dev-absolute-shadowed", {"/dev": "@", "+@": ""}, (), True),
+    ("dev-relative-shadowed", {"/dev": "@@", "+@": ""}, (), True),
     ("dev-relative", {"/dev": "@@"}, (), True),
     ("dev-chain", chain("/dev", 5, "@"), (), True),
     ("dev-dangling", {"/dev": "@/no-such-dir"}, (), True),
@@ -194,6 +199,9 @@ def make_case(escape: Escape, links, options):
     (canary / "sub").mkdir()
     (src / "in").write_text("bound\n")
     for path, target in links.items():
+        if path.startswith("+"):
+            (rootfs / link_target(path[1:], rootfs, canary).lstrip("/")).mkdir(parents=True)
+            continue
         host = rootfs / path.lstrip("/")
         if host.is_dir() and not host.is_symlink():
             shutil.rmtree(host)
