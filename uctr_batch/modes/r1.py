@@ -26,8 +26,8 @@ import os
 from uctr_batch.errors import ModeError
 from uctr_batch.modes import inroot, nsutil
 from uctr_batch.modes.base import (
-    STANDARD_DEVICES, Mode, ProbeResult, dev_entries, execve, find_program, inherited_fds, program_version,
-    register_mode, state_subdir,
+    STANDARD_DEVICES, Mode, ProbeResult, dev_entries, execve, find_program, inherited_fds,
+    program_version, register_mode, state_subdir,
 )
 
 RUNTIMES = ("crun", "runc")
