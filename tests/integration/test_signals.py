@@ -8,12 +8,13 @@ and from a clean parent. The launcher's own state is what the same parent gives 
   * uctr-exec: exactly the launcher's SigIgn and SigBlk, in N1, P1, P2 and F1;
   * uctr run: the launcher's, except that SIGPIPE and SIGXFSZ are default (Python ignores
     both at start-up and cannot tell whether they were ignored before);
-  * R1: crun and runc reset every disposition to default and unblock everything in the
-    container's init (by design of the runtimes): SigIgn = SigBlk = 0.
+  * R1: crun resets every disposition to default and unblocks everything in the container's
+    init (by design): SigIgn = SigBlk = 0; runc resets the dispositions and keeps the mask.
 And `yes | head -1` from a clean parent: head prints one line, yes dies of SIGPIPE (141 in
 sh), no "Broken pipe" message.
 """
 
+import os
 import signal
 import subprocess
 
@@ -29,6 +30,17 @@ pytestmark = pytest.mark.timeout(900)
 USER = users.TEST_USER
 MODES = [pytest.param(m, marks=[pytest.mark.skip(reason=f"{m}: {missing_binary(m)}")]
                       if missing_binary(m) else [], id=m) for m in ("N1", "R1", "P1", "P2", "F1")]
+# runc: only as --root rootless, found when crun is not on PATH
+RUNC = pytest.param("R1-runc", id="R1-runc", marks=[pytest.mark.skip(reason="runc not installed")]
+                    if not os.path.exists("/usr/sbin/runc") or os.path.exists("/usr/sbin/crun")
+                    else [])
+
+
+def mode_args(mode: str):
+    """(uctr options, launcher PATH) for a mode id."""
+    if mode == "R1-runc":
+        return ["--mode", "R1", "--root"], "/usr/sbin:/sbin"
+    return ["--mode", mode], None
 POLICY = """\
 version: 1
 defaults:
@@ -73,11 +85,13 @@ def node(harness, test_images):
     return n
 
 
-def run(node, parent: str, argv, package=None):
+def run(node, parent: str, argv, package=None, path=None):
     ignored, blocked = PARENTS[parent]
     env = node.env({"UCTR_POLICY": node.policy})
     if package:
         env["PYTHONPATH"] = str(package)
+    if path:
+        env["PATH"] = path
     command = ["/usr/bin/python3", "-c", PARENT, ignored, blocked, *map(str, argv)]
     return subprocess.run(users.as_user_argv(USER, command, env), env=env, capture_output=True,
                           text=True, cwd=str(node.work), timeout=300)
@@ -90,29 +104,33 @@ def launcher_state(node, parent: str):
 
 
 def expected(mode: str, launcher, captured: bool):
-    if mode == "R1":
-        return 0, 0
     ignored, blocked = launcher
+    if mode == "R1":  # crun: every disposition default, nothing blocked
+        return 0, 0
+    if mode == "R1-runc":  # runc: every disposition default, the mask kept
+        return 0, blocked
     return (ignored if captured else ignored & ~PYTHON_IGNORES), blocked
 
 
 @pytest.mark.parametrize("parent", PARENTS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES)  # runc: uctr-exec has no --root, runc needs it
 def test_uctr_exec_hands_over_the_launchers_signal_state(node, mode, parent):
     launcher = launcher_state(node, parent)
     if parent == "hostile":
         assert launcher[0] & (1 << (signal.SIGUSR1 - 1)) and launcher[1]
-    cp = run(node, parent, [SHIM, "--mode", mode, node.ref, *PROBE])
+    opts, path = mode_args(mode)
+    cp = run(node, parent, [SHIM, *opts, node.ref, *PROBE], path=path)
     assert cp.returncode == 0, cp.stderr
     assert masks(cp.stdout) == expected(mode, launcher, captured=True), cp.stdout
 
 
 @pytest.mark.parametrize("parent", PARENTS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + [RUNC])
 def test_uctr_run_hands_over_the_launchers_signal_state(node, package_for_test_user, mode, parent):
     launcher = launcher_state(node, parent)
-    cp = run(node, parent, [PYTHON, "-m", "uctr_batch", "run", "--mode", mode, node.ref, "--",
-                            *PROBE], package=package_for_test_user)
+    opts, path = mode_args(mode)
+    cp = run(node, parent, [PYTHON, "-m", "uctr_batch", "run", *opts, node.ref, "--", *PROBE],
+             package=package_for_test_user, path=path)
     assert cp.returncode == 0, cp.stderr
     assert masks(cp.stdout) == expected(mode, launcher, captured=False), cp.stdout
 

@@ -70,7 +70,10 @@ SYSTEM_DIRS = ("/dev", "/proc", "/sys")  # covered by mounts in N1/R1, opened by
 
 
 def system_dirs(rootfs: str) -> None:
-    """Make /dev, /proc and /sys real directories of rootfs (see the module docstring)."""
+    """Make /dev, /proc and /sys real directories of rootfs (see the module docstring).
+
+    Safe against concurrent runs on the same rootfs (ranks of one job): whoever comes second
+    finds the directory the first one made."""
     for path in SYSTEM_DIRS:
         host = os.path.join(rootfs, path[1:])
         try:
@@ -84,12 +87,18 @@ def system_dirs(rootfs: str) -> None:
         try:
             if st is not None:
                 os.unlink(host)  # a link (any target), a file, a fifo: never followed
-            os.mkdir(host, 0o755)
-        except FileExistsError:  # made by a concurrent run
-            if not os.path.isdir(host) or os.path.islink(host):
-                raise _unusable(rootfs, path, None)
+        except (FileNotFoundError, IsADirectoryError):
+            pass  # replaced meanwhile by a concurrent run
         except OSError as e:
             raise _unusable(rootfs, path, e)
+        try:
+            os.mkdir(host, 0o755)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise _unusable(rootfs, path, e)
+        if not stat.S_ISDIR(os.lstat(host).st_mode):
+            raise _unusable(rootfs, path, None)
 
 
 def _unusable(rootfs: str, path: str, e):
