@@ -139,9 +139,10 @@ def oci_config(spec, host_uid=None, host_gid=None, dev=None, destination=None) -
     land in it. The standard nodes are not bound here: crun and runc create them themselves
     (null, zero, full, random, urandom, tty bound from the host; /dev/ptmx a link to
     pts/ptmx), and a bind of ours under theirs breaks them: crun unmounts what is on /dev/ptmx
-    to make its link, which fails ("creating symlink for /dev/ptmx: File exists") once a bind
-    whose source contains the rootfs (/tmp, holding the default node-local directory) has
-    copied the rootfs's mounts into the container; runc opens its /dev/tty target, which is
+    to make its link, which fails ("creating symlink for /dev/ptmx: File exists") once an
+    rbind whose source contains the rootfs (/tmp, holding the default node-local directory)
+    has copied the container's /dev tmpfs with our ptmx bind on it: the same dentry stays a
+    mount point in the copy, so after crun's umount2 the unlink is still EBUSY (strace); runc opens its /dev/tty target, which is
     the host's tty after our bind and ENXIO without a controlling terminal (batch jobs)."""
     host_uid = os.getuid() if host_uid is None else host_uid
     host_gid = os.getgid() if host_gid is None else host_gid
