@@ -213,13 +213,11 @@ def ensure_workdir(rootfs: str, cwd: str, binds: Sequence[Bind]) -> None:
 
     if any(cwd == dst or cwd.startswith(dst.rstrip("/") + "/") for _s, dst, _ro in binds):
         return
-    host = inroot.resolve(rootfs, cwd)
-    if not os.path.isdir(host):
-        try:
-            os.makedirs(host, exist_ok=True)
-        except OSError as e:
-            raise UctrError(f"working directory {cwd} does not exist in the image and cannot be "
-                            f"created: {e.strerror}", "choose an existing directory with -w") from e
+    try:  # resolved inside the rootfs: the image's links never lead it out
+        inroot.ensure_mountpoint(rootfs, cwd, True)
+    except UctrError as e:
+        raise UctrError(f"working directory {cwd}: {e.message}",
+                        "choose an existing directory of the image with -w") from e
 
 
 # --- choosing and running a mode ----------------------------------------------------------

@@ -91,7 +91,7 @@ def test_oci_config():
             {"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind"]},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
              "options": ["nosuid", "noexec", "mode=755", "size=256k"]},
-            {"destination": "/dev/null", "type": "bind", "source": "/dev/null", "options": ["rbind"]},
+            # /dev/null: made by crun/runc themselves (r1.RUNTIME_DEVICES), not bound here
             {"destination": "/dev/shm", "type": "bind", "source": "/dev/shm", "options": ["rbind"]},
             {"destination": "/dev/fuse", "type": "bind", "source": "/dev/fuse", "options": ["rbind"]},
             {"destination": "/etc/passwd", "type": "bind", "source": "/state/identity/passwd-1",
@@ -275,3 +275,42 @@ def test_proot_probe_refuses_read_only_requests_it_cannot_enforce(tmp_path):
     assert not result.ok and "read-only" in result.reason
     assert get_mode("P1").probe(spec.replace(binds=[(str(mine), "/m", False)])).ok
     assert not get_mode("P2").probe(spec.replace(binds=[], readonly=True)).ok
+
+
+def test_oci_config_leaves_the_standard_nodes_to_the_runtime():
+    """crun/runc create null, zero, ..., tty and the /dev/ptmx link themselves; a bind of ours
+    broke /dev/ptmx under a /tmp bind (issue 10) and /dev/tty without a terminal (runc)."""
+    from uctr_batch.modes.base import STANDARD_DEVICES
+
+    dev = [(d, False) for d in STANDARD_DEVICES] + [("/dev/pts", True), ("/dev/fuse", False)]
+    dests = [m["destination"] for m in oci_config(SPEC, dev=dev)["mounts"]]
+    assert not set(STANDARD_DEVICES) & set(dests)
+    assert "/dev/pts" in dests and "/dev/fuse" in dests
+
+
+def test_destinations_are_handed_over_resolved(tmp_path):
+    """R1, P1 and S1 never hand their runtime a destination through the image's links."""
+    from uctr_batch.modes import inroot
+    from uctr_batch.modes.proot import proot_argv
+    from uctr_batch.modes.r1 import safe_destination
+    from uctr_batch.modes.s1 import apptainer_argv
+
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "real").mkdir(parents=True)
+    (rootfs / "mnt").symlink_to("/real")
+    (rootfs / "dev").symlink_to(str(tmp_path / "host-dev"))
+    (rootfs / "etc").symlink_to("../../../../../../../../../../" + str(tmp_path / "host-etc"))
+    spec = SPEC.replace(rootfs=str(rootfs), binds=[(str(tmp_path), "/mnt/data", False)],
+                        passwd=str(tmp_path), group=None)
+    config = oci_config(spec, dev=[], destination=safe_destination(str(rootfs)))
+    dests = [m["destination"] for m in config["mounts"]]
+    assert "/real/data" in dests and "/mnt/data" not in dests
+    assert (rootfs / "dev").is_dir() and not (rootfs / "dev").is_symlink()
+    etc = inroot.container_path(str(rootfs), inroot.resolve(str(rootfs), "/etc/passwd"))
+    assert etc in dests and (rootfs / etc.lstrip("/")).is_file()
+    assert not (tmp_path / "host-dev").exists() and not (tmp_path / "host-etc").exists()
+    root = str(rootfs)
+    argv = proot_argv(spec, dev=[], destination=lambda p, d: inroot.resolved(root, p, d))
+    assert "%s:/real/data" % tmp_path in argv
+    argv = apptainer_argv(spec, destination=lambda p, d: inroot.resolved(root, p, d))
+    assert "%s:/real/data:rw" % tmp_path in argv

@@ -66,6 +66,9 @@ class Diag:
 
 def main(argv=None) -> int:
     env = dict(os.environ)  # a copy: staging points os.environ at the policy's directories
+    # The shim's signal capture stays in os.environ for the exec (modes.sigstate) and never
+    # enters the rank's environment, from which the payload's is built.
+    env.pop("UCTR_SIGSTATE", None)
     args = sys.argv[1:] if argv is None else list(argv)
     diag = Diag()
     try:

@@ -19,6 +19,7 @@ it) replaces this process.
 import os
 
 from uctr_batch.errors import ModeError, UctrError
+from uctr_batch.modes import sigstate
 
 # Canonical order; also the built-in ladder.
 MODE_NAMES = ("N1", "R1", "P1", "P2", "F1", "S1")
@@ -162,15 +163,22 @@ def program_version(argv, first_line_only: bool = True):
 
 
 def execve(path: str, argv, env) -> None:
-    """os.execve with errors a user can act on (exit 127/126 for the payload's own command)."""
+    """os.execve with errors a user can act on (exit 127/126 for the payload's own command).
+
+    Every mode execs through here: the launcher's signal dispositions and mask are put back
+    first (sigstate), and this process's own are put back if the exec fails."""
+    env = dict(env)
+    saved = sigstate.snapshot()
+    sigstate.restore(env)
     try:
         os.execve(path, list(argv), env)
-    except FileNotFoundError:
-        raise PayloadNotFound("command not found: %s" % path,
-                              "check the command exists in the image and is on its PATH")
-    except PermissionError:
-        raise PayloadNotExecutable("cannot execute %s: permission denied" % path, None)
     except OSError as e:
+        sigstate.undo(saved)
+        if isinstance(e, FileNotFoundError):
+            raise PayloadNotFound("command not found: %s" % path,
+                                  "check the command exists in the image and is on its PATH")
+        if isinstance(e, PermissionError):
+            raise PayloadNotExecutable("cannot execute %s: permission denied" % path, None)
         raise PayloadNotExecutable("cannot execute %s: %s" % (path, e.strerror), None)
 
 

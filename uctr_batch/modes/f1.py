@@ -98,6 +98,7 @@ class Plan:
         if writable:
             raise UctrError("fakechroot cannot make binds read-only, and you could write "
                             + ", ".join(writable), None)
+        _check_no_host_links(self.rootfs, spec)
         self.program = resolve_command(spec.argv[0], spec.env, self.rootfs)
         self.script = _shebang(self.program)
         binary = self.program
@@ -167,6 +168,25 @@ class Plan:
         for host, path in ((self.spec.passwd, "/etc/passwd"), (self.spec.group, "/etc/group")):
             if host:
                 _copy_into(self.rootfs, host, path)
+
+
+def _check_no_host_links(rootfs: str, spec) -> None:
+    """Refuse an image whose links would lead libfakechroot out of the rootfs on the paths F1
+    writes or the payload must find there (/etc, which gets
+    /etc/passwd and /etc/group, and the parents of the binds).
+
+    libfakechroot prefixes a path with the rootfs and lets the kernel follow the links in it:
+    an absolute or ../ link in a parent (/etc -> /shared/etc) is followed on the host. F1's
+    own writes are resolved inside the rootfs (inroot), but the payload would look for them
+    on the host, so such an image is refused here (the ladder goes on to the next mode)."""
+    paths = ["/etc"] if spec.passwd or spec.group else []
+    paths += [os.path.dirname(dst.rstrip("/")) or "/" for _src, dst, _ro in spec.binds]
+    for path in paths:
+        inside = inroot.resolve(rootfs, path)
+        on_host = os.path.realpath(os.path.join(rootfs, path.lstrip("/")))
+        if inside != on_host:
+            raise UctrError("the image's links lead %s out of the rootfs (to %s on the host); "
+                            "fakechroot would follow them there" % (path, on_host), None)
 
 
 def library_dirs(rootfs: str):
@@ -239,8 +259,9 @@ def _container_path(rootfs: str, host: str) -> str:
 
 
 def _bind_link(rootfs: str, src: str, dst: str) -> None:
-    link = inroot.resolve(rootfs, os.path.dirname(dst.rstrip("/")) or "/")
-    link = os.path.join(link, os.path.basename(dst.rstrip("/")))
+    """DST -> SRC as a link in the rootfs; DST's parent resolved (and made) inside it."""
+    parent = inroot.ensure_mountpoint(rootfs, os.path.dirname(dst.rstrip("/")) or "/", True)
+    link = os.path.join(parent, os.path.basename(dst.rstrip("/")))
     try:
         if os.readlink(link) == src:
             return
@@ -253,13 +274,20 @@ def _bind_link(rootfs: str, src: str, dst: str) -> None:
             raise UctrError("fakechroot cannot bind %s onto %s: it exists in the image" % (src, dst),
                             "bind onto a path the image does not have, or use --mode P1") from None
     else:
-        os.unlink(link)  # a link of an earlier run pointing elsewhere
-    os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.unlink(link)  # a link of an earlier run (or of the image) pointing elsewhere
     os.symlink(src, link)
 
 
 def _copy_into(rootfs: str, host: str, path: str) -> None:
-    target = inroot.resolve(rootfs, path)
+    """host's content as a regular file `path` of the rootfs: its parent resolved inside the
+    rootfs, a link there replaced (write_atomic renames over it, never follows it)."""
+    parent = inroot.ensure_mountpoint(rootfs, os.path.dirname(path), True)
+    target = os.path.join(parent, os.path.basename(path))
+    if os.path.islink(target):
+        os.unlink(target)
+    elif os.path.isdir(target):
+        raise UctrError("%s is a directory in the image, where a file is needed" % path,
+                        "fix the image, or use --mode P1")
     with open(host, "rb") as f:
         data = f.read()
     try:
@@ -270,7 +298,11 @@ def _copy_into(rootfs: str, host: str, path: str) -> None:
         pass
     from uctr_batch import fsutil
 
-    fsutil.write_atomic(target, data, 0o644)
+    try:
+        fsutil.write_atomic(target, data, 0o644)
+    except OSError as e:
+        raise UctrError("cannot write %s into the rootfs %s: %s" % (path, rootfs, e.strerror),
+                        "fakechroot needs a rootfs you can write; use --mode P1") from e
 
 
 def _lib_version(lib: str):

@@ -62,6 +62,7 @@ def setup_namespace(spec) -> None:
     except nsutil.UnshareRefused as e:
         # unshare() itself failed, nothing has changed yet: the ladder may try the next mode.
         raise ModeUnavailable(e.message, e.hint) from e
+    inroot.system_dirs(root)  # before anything is mounted: /dev, /proc, /sys are real dirs
     nsutil.bind(root, root, "cannot bind-mount the rootfs %s onto itself" % root)
     for path in ("/proc", "/sys"):
         nsutil.bind(path, inroot.ensure_mountpoint(root, path, True))

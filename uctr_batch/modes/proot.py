@@ -18,6 +18,8 @@ What proot cannot do, and what this mode therefore does about it:
 
 import os
 
+from uctr_batch.errors import UctrError
+from uctr_batch.modes import inroot
 from uctr_batch.modes.base import (
     Mode, ProbeResult, dev_entries, execve, find_program, program_version, register_mode,
     writable_ro_sources,
@@ -50,7 +52,13 @@ class _Proot(Mode):
     def exec(self, spec):
         self.require(spec)
         path = find_program("proot")
-        execve(path, proot_argv(spec, path), proot_env(spec, self.no_seccomp))
+        root = os.path.realpath(spec.rootfs)
+        try:  # proot binds /dev/null etc. into the image's /dev: a link there would hide them
+            inroot.system_dirs(root)
+        except UctrError:
+            pass  # not ours to change: proot only ever translates paths, it writes nothing there
+        argv = proot_argv(spec, path, destination=lambda p, d: inroot.resolved(root, p, d))
+        execve(path, argv, proot_env(spec, self.no_seccomp))
 
 
 @register_mode("P1")
@@ -64,18 +72,21 @@ class ProotNoSeccomp(_Proot):
     no_seccomp = True
 
 
-def proot_argv(spec, proot="proot", host_uid=None, dev=None):
-    """The proot command line; dev: (host path, is_dir) of /dev entries (default: this host's)."""
+def proot_argv(spec, proot="proot", host_uid=None, dev=None, destination=None):
+    """The proot command line; dev: (host path, is_dir) of /dev entries (default: this host's);
+    destination(path, is_dir): the guest path of a bind, its links resolved inside the rootfs (exec
+    passes inroot.resolved: proot never sees the image's links for a path it binds onto)."""
     host_uid = os.getuid() if host_uid is None else host_uid
+    destination = destination or (lambda path, _is_dir: path)
     argv = [proot, "-r", os.path.realpath(spec.rootfs), "-w", spec.cwd,
             "-b", "/proc", "-b", "/sys"]
     for host, _is_dir in dev_entries(spec) if dev is None else dev:
         argv += ["-b", host]
     for host, path in ((spec.passwd, "/etc/passwd"), (spec.group, "/etc/group")):
         if host:
-            argv += ["-b", "%s:%s" % (host, path)]
+            argv += ["-b", "%s:%s" % (host, destination(path, False))]
     for src, dst, _ro in spec.binds:
-        argv += ["-b", "%s:%s" % (src, dst)]
+        argv += ["-b", "%s:%s" % (src, destination(dst, os.path.isdir(src)))]
     if spec.uid == 0 and host_uid != 0:
         argv.append("-0")
     return argv + list(spec.argv)

@@ -24,13 +24,16 @@ import json
 import os
 
 from uctr_batch.errors import ModeError
-from uctr_batch.modes import nsutil
+from uctr_batch.modes import inroot, nsutil
 from uctr_batch.modes.base import (
-    Mode, ProbeResult, dev_entries, execve, find_program, inherited_fds, program_version,
-    register_mode, state_subdir,
+    STANDARD_DEVICES, Mode, ProbeResult, dev_entries, execve, find_program, inherited_fds,
+    program_version, register_mode, state_subdir,
 )
 
 RUNTIMES = ("crun", "runc")
+# What crun and runc create in /dev themselves (nodes bound from the host in a user namespace,
+# /dev/ptmx as a link to pts/ptmx): binding them too fights the runtime (see oci_config).
+RUNTIME_DEVICES = STANDARD_DEVICES
 
 # What root gets inside with --root (N1 gives all capabilities of the user namespace; the
 # OCI runtimes need a list). Without --root the payload has none, as in every mode.
@@ -97,7 +100,8 @@ class OciRuntime(Mode):
         name, path = find_runtime()
         fds = inherited_fds()
         preserve = max(fds) - 2 if fds else 0
-        config_fd = config_memfd(oci_config(spec), above=max(fds) if fds else 2)
+        config = oci_config(spec, destination=safe_destination(spec.rootfs))
+        config_fd = config_memfd(config, above=max(fds) if fds else 2)
         container_id = "uctr-%d-%s" % (os.getpid(), os.urandom(4).hex())
         state = state_subdir(spec, name + "-root")
         if name == "crun":
@@ -113,11 +117,36 @@ class OciRuntime(Mode):
         execve(path, argv, dict(os.environ))
 
 
-def oci_config(spec, host_uid=None, host_gid=None, dev=None) -> dict:
+def safe_destination(rootfs: str):
+    """destination(path, is_dir) for oci_config: every path the runtime will touch, made safe
+    first (inroot): /dev, /proc and /sys real directories of the rootfs (crun opens "dev" by
+    name and creates its nodes in whatever it is), and each bind target created and resolved
+    inside the rootfs, so the runtime only ever sees link-free paths under the rootfs."""
+    root = os.path.realpath(rootfs)
+    inroot.system_dirs(root)
+
+    def destination(path: str, is_dir: bool) -> str:
+        return inroot.container_path(root, inroot.ensure_mountpoint(root, path, is_dir))
+    return destination
+
+
+def oci_config(spec, host_uid=None, host_gid=None, dev=None, destination=None) -> dict:
     """The OCI runtime config for spec (plain data; golden-tested). dev: (host path, is_dir)
-    of the /dev entries (default: this host's, see base.dev_entries)."""
+    of the /dev entries (default: this host's, see base.dev_entries); destination(path,
+    is_dir): the container path to mount a bind on (exec passes safe_destination's).
+
+    /dev is a fresh tmpfs mounted first, so the /dev entries and what the runtime adds itself
+    land in it. The standard nodes are not bound here: crun and runc create them themselves
+    (null, zero, full, random, urandom, tty bound from the host; /dev/ptmx a link to
+    pts/ptmx), and a bind of ours under theirs breaks them: crun unmounts what is on /dev/ptmx
+    to make its link, which fails ("creating symlink for /dev/ptmx: File exists") once an
+    rbind whose source contains the rootfs (/tmp, holding the default node-local directory)
+    has copied the container's /dev tmpfs with our ptmx bind on it: the same dentry stays a
+    mount point in the copy, so after crun's umount2 the unlink is still EBUSY (strace); runc opens its /dev/tty target, which is
+    the host's tty after our bind and ENXIO without a controlling terminal (batch jobs)."""
     host_uid = os.getuid() if host_uid is None else host_uid
     host_gid = os.getgid() if host_gid is None else host_gid
+    destination = destination or (lambda path, _is_dir: path)
     mounts = [
         {"destination": "/proc", "type": "bind", "source": "/proc", "options": ["rbind"]},
         {"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind"]},
@@ -125,14 +154,16 @@ def oci_config(spec, host_uid=None, host_gid=None, dev=None) -> dict:
          "options": ["nosuid", "noexec", "mode=755", "size=256k"]},
     ]
     for host, _is_dir in dev_entries(spec) if dev is None else dev:
+        if host in RUNTIME_DEVICES:
+            continue
         mounts.append({"destination": host, "type": "bind", "source": host, "options": ["rbind"]})
     for host, path in ((spec.passwd, "/etc/passwd"), (spec.group, "/etc/group")):
         if host:
-            mounts.append({"destination": path, "type": "bind", "source": host,
-                           "options": ["bind", "ro"]})
+            mounts.append({"destination": destination(path, False), "type": "bind",
+                           "source": host, "options": ["bind", "ro"]})
     for src, dst, ro in spec.binds:
-        mounts.append({"destination": dst, "type": "bind", "source": src,
-                       "options": ["rbind", "ro" if ro else "rw"]})
+        mounts.append({"destination": destination(dst, os.path.isdir(src)), "type": "bind",
+                       "source": src, "options": ["rbind", "ro" if ro else "rw"]})
     process = {
         "terminal": False,
         "user": {"uid": spec.uid, "gid": spec.gid},

@@ -12,6 +12,7 @@ starter, so this process leaves nothing behind; apptainer reports the payload's 
 
 import os
 
+from uctr_batch.modes import inroot
 from uctr_batch.modes.base import (
     Mode, ProbeResult, execve, find_program, program_version, register_mode,
 )
@@ -44,18 +45,24 @@ class Apptainer(Mode):
     def exec(self, spec):
         self.require(spec)
         name, path = find_apptainer()
-        execve(path, apptainer_argv(spec, path), apptainer_env(spec, name))
+        root = os.path.realpath(spec.rootfs)
+        argv = apptainer_argv(spec, path, destination=lambda p, d: inroot.resolved(root, p, d))
+        execve(path, argv, apptainer_env(spec, name))
 
 
-def apptainer_argv(spec, program="apptainer", host_uid=None):
+def apptainer_argv(spec, program="apptainer", host_uid=None, destination=None):
+    """destination(path, is_dir): a bind's container path with the image's links resolved inside the
+    rootfs (exec passes inroot.resolved: apptainer creates missing bind targets itself)."""
     host_uid = os.getuid() if host_uid is None else host_uid
+    destination = destination or (lambda path, _is_dir: path)
     argv = [program, "exec", "--cleanenv", "--no-home", "--no-mount", "tmp,cwd",
             "--pwd", spec.cwd]
     for host, path in ((spec.passwd, "/etc/passwd"), (spec.group, "/etc/group")):
         if host:
-            argv += ["--bind", "%s:%s:ro" % (host, path)]
+            argv += ["--bind", "%s:%s:ro" % (host, destination(path, False))]
     for src, dst, ro in spec.binds:
-        argv += ["--bind", "%s:%s:%s" % (src, dst, "ro" if ro else "rw")]
+        argv += ["--bind", "%s:%s:%s" % (src, destination(dst, os.path.isdir(src)),
+                                          "ro" if ro else "rw")]
     if spec.uid == 0 and host_uid != 0:
         argv.append("--fakeroot")
     if not spec.readonly:
