@@ -217,3 +217,23 @@ def test_cleanup_leaves_no_job_state(pbs, marked_image):
     refs = [p.name for d in inuse.iterdir() for p in d.iterdir()] if inuse.exists() else []
     assert f"job-{job_id}" not in refs
     assert [p for p in (pbs.local / "bundles").iterdir() if not p.name.startswith(".")]
+
+
+def test_tm_task_in_the_image_sees_the_signal_state_of_a_plain_tm_task(pbs, marked_image):
+    # issue 10, class 3: a containerised task gets what MoM gives a task on the host (before,
+    # SIGPIPE and SIGXFSZ were ignored inside); grep is exec'd by pbsdsh, no shell between
+    script = "#!/bin/sh\npbsdsh -- grep -E '^Sig(Ign|Blk):' /proc/self/status\n"
+
+    def signal_state(*request):
+        sub = pbs.qsub(script, *request, "-l", "select=1:ncpus=1")
+        assert sub.returncode == 0, sub.stderr
+        job = pbs.wait(sub.stdout.strip())
+        output = sub.output_file.read_text()
+        assert job.get("Exit_status") == 0, (job, output)
+        state = dict(line.split(":", 1) for line in output.splitlines() if line.startswith("Sig"))
+        assert set(state) == {"SigIgn", "SigBlk"}, output
+        return {k: v.strip() for k, v in state.items()}
+
+    host = signal_state()
+    inside = signal_state("-l", f"container_image={marked_image}", "-v", "UCTR_JOB_SHELL=host")
+    assert inside == host
