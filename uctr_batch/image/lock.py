@@ -216,12 +216,24 @@ class FileLock:
     def _create(self, token: str) -> bool:
         directory, name = os.path.split(self.path)
         tmp = os.path.join(directory or ".", f".{name}.{uuid.uuid4().hex}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.write(fd, self._content(token))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            self._raise_no_space(e, directory)
+            raise
+        try:
+            try:
+                content = self._content(token)
+                if os.write(fd, content) != len(content):  # a short write: the disk is full
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException as e:
+            os.unlink(tmp)  # a half-written lock file must not stay behind
+            if isinstance(e, OSError):
+                self._raise_no_space(e, directory)
+            raise
         try:
             try:
                 os.link(tmp, self.path)
@@ -245,11 +257,23 @@ class FileLock:
         except FileExistsError:
             return False
         try:
-            os.write(fd, self._content(token))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                os.write(fd, self._content(token))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            os.unlink(self.path)  # ours (O_EXCL): an empty lock file would look held
+            self._raise_no_space(e, os.path.dirname(self.path))
+            raise
         return True
+
+    def _raise_no_space(self, exc: OSError, directory: str) -> None:
+        from uctr_batch.fsutil import no_space
+
+        full = no_space(exc, directory or ".", None, f"take the lock on {self.what}")
+        if full is not None:
+            raise full from exc
 
     def _won(self, token: str) -> None:
         self.token = token

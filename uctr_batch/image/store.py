@@ -88,22 +88,37 @@ def _fsync_path(path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes, what: str = "") -> None:
     # 0644 under the cache root's own permissions: a group-shared cache stays readable
-    fsutil.write_atomic(path, data, 0o644, fsync=True)
+    try:
+        fsutil.write_atomic(path, data, 0o644, fsync=True)  # removes its temp file on failure
+    except OSError as e:
+        _raise_no_space(e, path.parent, len(data), what or f"write {path.name}")
+        raise
+
+
+def _raise_no_space(exc: OSError, directory, needed: Optional[int], what: str) -> None:
+    """Raise the NoSpace error for EXC if the disk, quota or inodes ran out; else return."""
+    full = fsutil.no_space(exc, directory, needed, what)
+    if full is not None:
+        raise full from exc
 
 
 def build_record(reference: str, manifest_digest: str, manifest: dict, config: dict,
                  platform: Optional[str] = None, index_digest: Optional[str] = None) -> ImageRecord:
-    """An ImageRecord from a parsed single-platform manifest and its parsed config."""
+    """An ImageRecord from a parsed single-platform manifest and its parsed config (both are
+    checked again here: a cache entry may predate the checks on the way in)."""
+    from uctr_batch.image import manifest as mt
+
     try:
-        layers = tuple(Layer(d["digest"], d.get("mediaType", ""), int(d.get("size", 0)))
-                       for d in manifest.get("layers") or ())
-        config_digest = manifest["config"]["digest"]
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise StorageError(f"malformed image manifest {manifest_digest} of {reference}: {e}") from e
-    for digest in (config_digest,) + tuple(layer.digest for layer in layers):
-        split_digest(digest)
+        mt.check_image_manifest(manifest)
+        mt.check_image_config(config)
+    except mt.InvalidDocument as e:
+        raise StorageError(f"malformed image {manifest_digest} of {reference}: {e}",
+                           "remove it (uctr rmi) and pull or load it again") from None
+    layers = tuple(Layer(d["digest"], d.get("mediaType", ""), d["size"])
+                   for d in manifest.get("layers") or ())
+    config_digest = manifest["config"]["digest"]
     if platform is None:
         found = platforms.from_json(config)
         platform = str(found) if found else None
@@ -196,6 +211,10 @@ class Store:
                     os.chmod(path, mode)  # a group-shared cache keeps its group bits below too
                 except FileExistsError:
                     pass  # another process won the race
+                except OSError as e:
+                    _raise_no_space(e, root, None, "create the cache")
+                    raise StorageError(f"cannot create {path}: {e.strerror}",
+                                       "set UCTR_CACHE to a directory you can write") from e
         if not os.access(root, os.W_OK | os.X_OK):
             raise StorageError(
                 f"cache directory is not writable: {root}",
@@ -257,7 +276,7 @@ class Store:
             partial = self.partial_path(digest)
             if partial.exists() and not os.access(partial, os.W_OK):
                 partial.unlink()  # left by another user of a group cache: we cannot resume it
-            fetch_fn(partial)
+            fetch_fn(partial)  # a full disk raises NoSpace (kept: a retry resumes the partial)
             self._commit(partial, digest, size)
             return DOWNLOADED
         finally:
@@ -270,8 +289,12 @@ class Store:
             partial.unlink()
             raise DigestMismatch(f"blob {digest} has {actual} bytes, the manifest says {size}",
                                  "the source is corrupt; retry, or ask its maintainer")
-        _fsync_path(partial)
-        os.rename(partial, self.blob_path(digest))
+        try:
+            _fsync_path(partial)  # NFS and quotas may report a full disk only here
+            os.rename(partial, self.blob_path(digest))
+        except OSError as e:
+            _raise_no_space(e, self.root, actual, f"store blob {digest}")
+            raise
 
     def put_bytes(self, digest: str, data: bytes) -> None:
         """Store a small blob (manifest, config) after checking its digest."""
@@ -284,11 +307,20 @@ class Store:
             self.touch_blob(digest)
             return
         tmp = self.root / "tmp" / f"{digest.split(':')[1]}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.blob_path(digest))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self.blob_path(digest))
+        except BaseException as e:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                _raise_no_space(e, self.root, len(data), f"store {digest}")
+            raise
 
     def ingest_stream(self, src, digest: Optional[str] = None,
                       size: Optional[int] = None) -> Tuple[str, str]:
@@ -297,8 +329,14 @@ class Store:
         Returns (digest, outcome)."""
         if digest is not None:
             def fetch(partial: Path) -> None:
-                with open(partial, "wb") as dst:  # a stream cannot resume: start over
-                    actual, _ = copy_hashing(src, dst, split_digest(digest)[0])
+                try:
+                    with open(partial, "wb") as dst:  # a stream cannot resume: start over
+                        actual, _ = copy_hashing(src, dst, split_digest(digest)[0])
+                except BaseException as e:
+                    partial.unlink(missing_ok=True)  # a part of a stream is worth nothing
+                    if isinstance(e, OSError):
+                        _raise_no_space(e, self.root, size, f"store blob {digest}")
+                    raise
                 if actual != digest:
                     partial.unlink()
                     raise DigestMismatch(f"content of {digest} hashes to {actual}")
@@ -313,6 +351,9 @@ class Store:
             _fsync_path(tmp)
             os.rename(tmp, self.blob_path(actual))  # same bytes whoever wins: no lock needed
             return actual, DOWNLOADED
+        except OSError as e:
+            _raise_no_space(e, self.root, size, "store a blob")
+            raise
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -356,7 +397,7 @@ class Store:
             "pulled": time.time(),
         }
         data = json.dumps(entry, indent=1).encode()
-        _write_atomic(self._ref_file(rec.reference, rec.platform), data)
+        _write_atomic(self._ref_file(rec.reference, rec.platform), data, f"record {rec.reference}")
 
     def _image_size(self, rec: ImageRecord) -> int:
         config = self.blob_path(rec.config_digest)
@@ -561,7 +602,7 @@ class _Pending:
         self.path, self.digests = path, list(digests)
 
     def __enter__(self):
-        _write_atomic(self.path, json.dumps(self.digests).encode())
+        _write_atomic(self.path, json.dumps(self.digests).encode(), "start the pull")
         return self
 
     def __exit__(self, *exc):
