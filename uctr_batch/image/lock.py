@@ -241,6 +241,7 @@ class FileLock:
                 if e.errno in _NO_HARD_LINKS:
                     return self._create_exclusive(token)
                 if e.errno != errno.EEXIST:
+                    self._raise_no_space(e, directory)  # tmpfs: a link takes an inode too
                     raise
             # NFS: link() may fail on a lost reply after succeeding; the link count is the truth
             return os.stat(tmp).st_nlink == 2
