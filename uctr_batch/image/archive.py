@@ -9,6 +9,7 @@ Member names read from the archive are checked before use (no absolute paths, no
 
 import json
 import os
+import stat
 import sys
 import tarfile
 from dataclasses import replace
@@ -59,15 +60,18 @@ class _Source:
     def exists(self, name: str) -> bool:
         raise NotImplementedError
 
-    def read(self, name: str) -> bytes:
+    def read(self, name: str, limit: int = mt.MAX_DOCUMENT) -> bytes:
+        """The content of NAME, which must not exceed LIMIT bytes (only JSON documents and
+        configs are read into memory; layers are streamed)."""
         with self.open(name) as f:
-            return f.read()
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ArchiveError(f"{name} in {self.path} is larger than {limit} bytes",
+                               "no image document is that large; the archive is broken")
+        return data
 
-    def read_json(self, name: str):
-        try:
-            return json.loads(self.read(name))
-        except ValueError as e:
-            raise ArchiveError(f"{name} in {self.path} is not valid JSON: {e}") from e
+    def read_json(self, name: str, check, limit: int = mt.MAX_DOCUMENT):
+        return parse_checked(self.read(name, limit), check, f"{name} in {self.path}")
 
     def blob_name(self, digest: str) -> str:
         algo, hexpart = split_digest(digest)
@@ -89,12 +93,20 @@ class _DirSource(_Source):
 
     def open(self, name: str):
         try:
-            return open(self._path(name), "rb")
+            f = open(self._path(name), "rb")
         except FileNotFoundError:
             raise ArchiveError(f"{name} missing from {self.path}") from None
+        except OSError as e:
+            raise ArchiveError(f"cannot read {name} in {self.path}: {e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a device or FIFO never ends
+            f.close()
+            raise ArchiveError(f"{name} in {self.path} is not a regular file",
+                               "an OCI layout holds regular files only")
+        return f
 
     def size(self, name: str) -> int:
-        return os.path.getsize(self._path(name))
+        with self.open(name) as f:
+            return os.fstat(f.fileno()).st_size
 
     def exists(self, name: str) -> bool:
         return os.path.isfile(self._path(name))
@@ -143,6 +155,44 @@ class _TarSource(_Source):
         self._tar.close()
 
 
+def parse_checked(data: bytes, check, what: str):
+    """A JSON document of an archive, bounded and checked (manifest.parse_document and a
+    manifest.check_* function); ArchiveError naming WHAT and the broken rule."""
+    try:
+        return check(mt.parse_document(data, max(len(data), 1)))
+    except mt.InvalidDocument as e:
+        raise ArchiveError(f"malformed {what}: {e}",
+                           "the archive is broken or was not made by an image tool; "
+                           "export the image again") from None
+
+
+def _check_docker_manifest(doc, where: str = "manifest.json") -> list:
+    """docker save's manifest.json: [{"Config": NAME, "Layers": [NAME...], "RepoTags": [...]}]"""
+    for i, entry in enumerate(mt.check_list(doc, where, mt.MAX_INDEX_ENTRIES)):
+        mt.check_object(entry, f"{where}[{i}]")
+        mt.check_string(entry.get("Config"), f"{where}[{i}].Config", empty=False)
+        mt.check_strings(entry.get("Layers"), f"{where}[{i}].Layers", mt.MAX_LAYERS, null=False)
+        for j, layer in enumerate(entry["Layers"]):
+            mt.check_string(layer, f"{where}[{i}].Layers[{j}]", 4096, empty=False)
+        mt.check_strings(entry.get("RepoTags"), f"{where}[{i}].RepoTags")
+    if not doc:
+        raise mt.InvalidDocument(f"{where} lists no images")
+    return doc
+
+
+def _check_layout(doc, where: str = "oci-layout") -> dict:
+    mt.check_object(doc, where)
+    mt.check_string(doc.get("imageLayoutVersion"), f"{where}.imageLayoutVersion", 64)
+    return doc
+
+
+def _check_index_or_manifest(doc, where: str = "document") -> dict:
+    mt.check_object(doc, where)
+    if doc.get("mediaType") in mt.INDEX_TYPES or "manifests" in doc:
+        return mt.check_index(doc, "index")
+    return mt.check_image_manifest(doc, "manifest")
+
+
 def open_source(path: str) -> _Source:
     if os.path.isdir(path):
         return _DirSource(path)
@@ -185,9 +235,7 @@ def _record_all(store: Store, names: Sequence[str], manifest_digest: str, manife
 # docker-archive
 
 def _docker_entry(src: _Source, tag: Optional[str]) -> dict:
-    entries = src.read_json("manifest.json")
-    if not (isinstance(entries, list) and entries and all(isinstance(e, dict) for e in entries)):
-        raise ArchiveError(f"manifest.json in {src.path} is not a docker-archive manifest")
+    entries = src.read_json("manifest.json", _check_docker_manifest)
     if tag is None:
         if len(entries) > 1:
             raise ArchiveError(f"{src.path} holds {len(entries)} images",
@@ -223,12 +271,9 @@ def _sniff(f) -> str:
 
 def _load_docker(src: _Source, store: Store, names, tag, wanted) -> List:
     entry = _docker_entry(src, tag)
-    try:
-        config_name, layer_names = entry["Config"], list(entry["Layers"])
-    except (KeyError, TypeError) as e:
-        raise ArchiveError(f"manifest.json in {src.path} lacks {e}") from e
-    config_bytes = src.read(config_name)
-    config = json.loads(config_bytes)
+    config_name, layer_names = entry["Config"], list(entry["Layers"])
+    config_bytes = src.read(config_name, mt.MAX_CONFIG)
+    config = parse_checked(config_bytes, mt.check_image_config, f"{config_name} in {src.path}")
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
     if len(diff_ids) != len(layer_names):
         raise ArchiveError(f"{src.path}: {len(layer_names)} layers but {len(diff_ids)} "
@@ -286,11 +331,13 @@ def _check_platform(config: dict, wanted, path: str) -> None:
 # OCI layout / archive
 
 def _oci_descriptor(src: _Source, tag: Optional[str]) -> dict:
-    index = src.read_json("index.json")
-    entries = index.get("manifests") if isinstance(index, dict) else None
-    if not isinstance(entries, list) or not entries:
+    if src.exists("oci-layout"):
+        src.read_json("oci-layout", _check_layout, 65536)
+    index = src.read_json("index.json", mt.check_index)
+    entries = index["manifests"]
+    if not entries:
         raise ArchiveError(f"index.json in {src.path} lists no images")
-    tags = [e.get("annotations", {}).get(OCI_REF_NAME) for e in entries]
+    tags = [(e.get("annotations") or {}).get(OCI_REF_NAME) for e in entries]
     if tag is not None:
         for entry, name in zip(entries, tags):
             if name == tag:
@@ -303,8 +350,9 @@ def _oci_descriptor(src: _Source, tag: Optional[str]) -> dict:
     return entries[0]
 
 
-def _read_verified(src: _Source, store: Store, digest: str) -> bytes:
-    data = src.read(src.blob_name(digest))
+def _read_verified(src: _Source, store: Store, digest: str,
+                   limit: int = mt.MAX_DOCUMENT) -> bytes:
+    data = src.read(src.blob_name(digest), limit)
     try:
         store.put_bytes(digest, data)
     except DigestMismatch as e:
@@ -319,12 +367,15 @@ def resolve_oci(src: _Source, store: Store, descriptor: dict, wanted,
     index_digest = None
     for _ in range(_MAX_INDEX_DEPTH):
         data = _read_verified(src, store, descriptor["digest"])
-        doc = json.loads(data)
+        doc = parse_checked(data, _check_index_or_manifest, f"blob {descriptor['digest']} of {image}")
         media_type = descriptor.get("mediaType") or doc.get("mediaType")
         if media_type not in mt.INDEX_TYPES and "manifests" not in doc:
             return descriptor, data, index_digest
+        if "manifests" not in doc:
+            raise ArchiveError(f"{image}: {descriptor['digest']} is said to be an index but "
+                               "lists no manifests", "export the image again")
         index_digest = index_digest or descriptor["digest"]
-        descriptor = platforms.select(doc.get("manifests") or [], wanted, image)
+        descriptor = platforms.select(doc["manifests"], wanted, image)
     raise ArchiveError(f"{image}: image indexes nested deeper than {_MAX_INDEX_DEPTH}")
 
 
@@ -332,11 +383,13 @@ def _load_oci(src: _Source, store: Store, names, tag, wanted) -> List:
     top = _oci_descriptor(src, tag)
     image = f"{src.path}" + (f":{tag}" if tag else "")
     descriptor, manifest_bytes, index_digest = resolve_oci(src, store, top, wanted, image)
-    manifest = json.loads(manifest_bytes)
+    manifest = parse_checked(manifest_bytes, mt.check_image_manifest,
+                             f"manifest {descriptor['digest']} of {image}")
     layers = manifest.get("layers") or []
     config_digest = manifest["config"]["digest"]
     with store.pending([descriptor["digest"], config_digest] + [la["digest"] for la in layers]):
-        config = json.loads(_read_verified(src, store, config_digest))
+        config = parse_checked(_read_verified(src, store, config_digest, mt.MAX_CONFIG),
+                               mt.check_image_config, f"config {config_digest} of {image}")
         if index_digest is None:
             _check_platform(config, wanted, src.path)
         for layer in layers:
@@ -352,7 +405,7 @@ def _ingest_oci_blob(src: _Source, store: Store, layer: dict) -> None:
         return
     with src.open(src.blob_name(digest)) as f:
         try:
-            _, outcome = store.ingest_stream(f, digest, layer.get("size"))
+            _, outcome = store.ingest_stream(f, digest, layer["size"])
         except DigestMismatch as e:
             raise ArchiveError(f"layer {digest} in {src.path} is corrupt: {e}",
                                "export the image again") from e
