@@ -256,7 +256,7 @@ class RegistryClient:
     def _deadline(self) -> float:
         """When a JSON document that started arriving now must be complete (a server that
         trickles one byte per stall timeout must not hold uctr forever)."""
-        return time.monotonic() + DOCUMENT_DEADLINE * max(self.config.stall_timeout, 1.0)
+        return time.monotonic() + DOCUMENT_DEADLINE * self.config.stall_timeout
 
     @staticmethod
     def _delay(attempt: int, retry_after: Optional[float]) -> float:
@@ -294,8 +294,14 @@ class RegistryClient:
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
             connect = not isinstance(e, requests.exceptions.ReadTimeout)
             raise _Retryable(self._describe(e), url, unreachable=connect) from e
+        except requests.exceptions.TooManyRedirects as e:
+            raise TransferError(f"too many redirects (a redirect loop?): {url}",
+                                "the registry or a proxy in front of it is misconfigured; "
+                                "tell its operator") from e
         except requests.exceptions.RequestException as e:
-            raise TransferError(f"request failed: {url}: {e}") from e
+            raise TransferError(f"request failed: {url}: {str(e)[:300]}",
+                                "check the registry address and the network; run with -v "
+                                "for details") from e
         _log.debug("%s %s -> %d", method, url, resp.status_code)
         status = resp.status_code
         if status == 429 or (status >= 500 and status not in (501, 505)):  # worth another try
@@ -803,13 +809,15 @@ def _read_limited(resp, limit: int, what: str, deadline: Optional[float] = None)
     elif encoding in ("identity", ""):
         decoder = None
     else:
-        raise RegistryError(f"unsupported Content-Encoding {encoding[:40]!r}: {what}")
+        raise RegistryError(f"unsupported Content-Encoding {encoding[:40]!r}: {what}",
+                            _BAD_DOCUMENT_HINT)
     parts, size = [], 0
+    read = getattr(resp.raw, "read1", None) or resp.raw.read  # read1: what has arrived
     while True:
         if deadline is not None and time.monotonic() > deadline:
             raise _Retryable("response arrived too slowly", resp.url)
         try:
-            chunk = resp.raw.read(65536, decode_content=False)
+            chunk = read(65536, decode_content=False)
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise _Retryable("connection failed while reading the response", resp.url) from e
         if decoder is not None:
