@@ -155,11 +155,11 @@ class _TarSource(_Source):
         self._tar.close()
 
 
-def parse_checked(data: bytes, check, what: str):
+def parse_checked(data: bytes, check, what: str, limit: int = mt.MAX_CONFIG):
     """A JSON document of an archive, bounded and checked (manifest.parse_document and a
     manifest.check_* function); ArchiveError naming WHAT and the broken rule."""
     try:
-        return check(mt.parse_document(data, max(len(data), 1)))
+        return check(mt.parse_document(data, limit))
     except mt.InvalidDocument as e:
         raise ArchiveError(f"malformed {what}: {e}",
                            "the archive is broken or was not made by an image tool; "

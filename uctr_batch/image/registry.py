@@ -383,12 +383,7 @@ class RegistryClient:
             if resp.status_code != 200:
                 raise RegistryError(f"token server answered HTTP {resp.status_code}: {realm}")
             body = _read_limited(resp, MAX_TOKEN_RESPONSE, realm, self._deadline())
-        try:
-            token, lifetime = _token_response(body)
-        except manifest.InvalidDocument as e:
-            raise RegistryError(f"token server sent an unusable answer ({e}): {realm}",
-                                "the registry's token service is misbehaving; try again "
-                                "later or tell its operator") from None
+        token, lifetime = _token_response(body, realm)
         header = "Bearer " + token
         with self._lock:  # refresh a little early: a token must not expire in flight
             self._tokens[(endpoint.base, scope)] = (header, time.monotonic() + 0.9 * lifetime)
@@ -457,9 +452,8 @@ class RegistryClient:
             if resp.status_code == 404:
                 return self._repository_not_found(repository)
             try:
-                body = _read_limited(resp, MAX_MANIFEST, "tag list", self._deadline())
-                tags = _tag_list(body)
-            except (_Retryable, RegistryError, manifest.InvalidDocument):
+                tags = _tag_list(_read_limited(resp, MAX_MANIFEST, "tag list", self._deadline()))
+            except (_Retryable, RegistryError):
                 return error
         if resp.status_code == 200 and tags:
             shown = ", ".join(sorted(tags)[:10]) + (", ..." if len(tags) > 10 else "")
@@ -860,18 +854,22 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text).strip()
 
 
-def _token_response(body: bytes) -> Tuple[str, float]:
-    """(token, lifetime in seconds) from a token server's JSON answer (Docker token spec).
-
-    InvalidDocument when it is malformed or carries no usable token."""
-    doc = manifest.check_object(manifest.parse_document(body, MAX_TOKEN_RESPONSE),
-                                "token response")
-    token = doc.get("token") or doc.get("access_token")
-    if not token:
-        raise manifest.InvalidDocument("token response has no token")
-    manifest.check_string(token, "token", MAX_TOKEN)
-    if not _TOKEN.match(token):
-        raise manifest.InvalidDocument("token has characters not allowed in a header")
+def _token_response(body: bytes, realm: str) -> Tuple[str, float]:
+    """(token, lifetime in seconds) from a token server's JSON answer (Docker token spec);
+    RegistryError when it is malformed or carries no usable token."""
+    try:
+        doc = manifest.check_object(manifest.parse_document(body, MAX_TOKEN_RESPONSE),
+                                    "token response")
+        token = doc.get("token") or doc.get("access_token")
+        if not token:
+            raise manifest.InvalidDocument("token response has no token")
+        manifest.check_string(token, "token", MAX_TOKEN)
+        if not _TOKEN.match(token):
+            raise manifest.InvalidDocument("token has characters not allowed in a header")
+    except manifest.InvalidDocument as e:
+        raise RegistryError(f"token server sent an unusable answer ({e}): {realm[:200]}",
+                            "the registry's token service is misbehaving; try again later "
+                            "or tell its operator") from None
     lifetime = doc.get("expires_in")
     if type(lifetime) not in (int, float) or not 0 < lifetime < float("inf"):
         lifetime = TOKEN_LIFETIME
@@ -879,8 +877,13 @@ def _token_response(body: bytes) -> Tuple[str, float]:
 
 
 def _tag_list(body: bytes) -> List[str]:
-    doc = manifest.check_object(manifest.parse_document(body), "tag list")
-    return [_printable(t[:128]) for t in manifest.check_strings(doc.get("tags"), "tags", 100000)]
+    """The tags of a tag list answer; [] when it is malformed (it only improves a hint)."""
+    try:
+        doc = manifest.check_object(manifest.parse_document(body), "tag list")
+        tags = manifest.check_strings(doc.get("tags"), "tags", 100000)
+    except manifest.InvalidDocument:
+        return []
+    return [_printable(t[:128]) for t in tags]
 
 
 def _media_type(content_type: str, data: bytes, what: str) -> str:
