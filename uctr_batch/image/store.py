@@ -366,11 +366,23 @@ class Store:
                                 "pull the image again") from None
 
     def read_json(self, digest: str) -> dict:
+        """A cached manifest or config, parsed with the bounds of manifest.parse_document."""
+        from uctr_batch.image.manifest import MAX_CONFIG, InvalidDocument, parse_document
+
+        path = self.blob_path(digest)
         try:
-            return json.loads(self.read_blob(digest))
-        except ValueError as e:
-            raise StorageError(f"cached blob {digest} is not valid JSON",
-                               "run `uctr verify --remove`") from e
+            if path.stat().st_size > MAX_CONFIG:
+                raise InvalidDocument(f"larger than {MAX_CONFIG} bytes")
+            doc = parse_document(self.read_blob(digest), MAX_CONFIG)
+        except FileNotFoundError:
+            doc = self.read_blob(digest)  # raises ImageNotFound with its hint
+        except InvalidDocument as e:
+            raise StorageError(f"cached blob {digest} is not an image document ({e})",
+                               "remove the image (uctr rmi) and pull or load it again") from None
+        if not isinstance(doc, dict):
+            raise StorageError(f"cached blob {digest} is not a JSON object",
+                               "remove the image (uctr rmi) and pull or load it again")
+        return doc
 
     def blobs(self) -> Iterator[Tuple[str, Path]]:
         for algo in _HASHES:
@@ -439,7 +451,9 @@ class Store:
 
     def load_record(self, entry: dict) -> ImageRecord:
         manifest = self.read_json(entry["manifest_digest"])
-        config = self.read_json(manifest.get("config", {}).get("digest", entry["config_digest"]))
+        described = manifest.get("config")
+        digest = described.get("digest") if isinstance(described, dict) else None
+        config = self.read_json(digest if isinstance(digest, str) else entry["config_digest"])
         return build_record(entry["reference"], entry["manifest_digest"], manifest, config,
                             entry.get("platform"), entry.get("index_digest"))
 
