@@ -97,7 +97,7 @@ class ImageRecord:
 # Every JSON document uctr reads from a registry or an image archive (index, manifest, config,
 # token response, error body, tag list, docker-archive manifest.json, OCI index.json and
 # oci-layout) goes through parse_document() and one of the checks below before any field is
-# used. The bounds are the security model's: see docs/admin-guide.md ("What uctr checks").
+# used. The bounds below belong to the security model (docs/admin-guide.md).
 
 MAX_DOCUMENT = 4 << 20  # manifests, indexes, tokens, tag lists: containerd's manifest cap
 MAX_CONFIG = 8 << 20  # image configs (a long history makes them larger than manifests)

@@ -195,6 +195,7 @@ class Store:
             except FileExistsError:
                 pass  # another process won the race
             except OSError as e:
+                _raise_no_space(e, root.parent, None, "create the cache")
                 raise StorageError(f"cannot create the cache directory {root}: {e.strerror}",
                                    "set UCTR_CACHE to a directory you can write") from e
         st = os.stat(root)  # an admin-provided shared root may be a symlink: follow it
