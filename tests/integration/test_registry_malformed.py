@@ -206,6 +206,32 @@ def test_trickling_manifest_hits_the_document_deadline(fake, tmp_path):
     assert info.value.hint
 
 
+def test_trickling_blob_counts_as_stalled_and_keeps_its_prefix(fake, tmp_path):
+    """A byte every 0.05 s never trips the 0.3 s socket timeout; the trickle rule does."""
+    doc = fake.image(layers=(b"y" * 1000,))
+    layer = doc["layers"][0]["digest"]
+    fake.route("GET", rf"/blobs/{layer}$", trickle(b"y" * 1000, "application/octet-stream",
+                                                   interval=0.05, limit=20))
+    with pytest.raises(TransferError, match="stalled: fewer than") as info:
+        do_pull(fake, tmp_path, stall_timeout=0.3)
+    assert info.value.hint
+    partial = tmp_path / "cache" / "tmp" / (layer.split(":")[1] + ".partial")
+    assert 0 < partial.stat().st_size < 1000  # kept for the next run to resume
+
+
+def test_huge_content_range_is_not_a_traceback(fake, tmp_path):
+    doc = fake.image(layers=(b"z" * 1000,))
+    layer = doc["layers"][0]["digest"]
+    partial = tmp_path / "cache" / "tmp" / (layer.split(":")[1] + ".partial")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"z" * 10)  # a resume: the client sends Range, reads Content-Range
+    fake.route("GET", rf"/blobs/{layer}$",
+               respond(206, b"z" * 990, {"Content-Range": "bytes " + "9" * 5000 + "-1/1000"},
+                       "application/octet-stream"))
+    with pytest.raises(TransferError, match="resumed at byte None"):
+        do_pull(fake, tmp_path)
+
+
 def test_blob_larger_than_its_descriptor_stops_at_its_size(fake, tmp_path):
     doc = fake.image(layers=(b"x" * 1000,))
     layer = doc["layers"][0]["digest"]

@@ -58,6 +58,7 @@ MAX_TOKEN = 1 << 16  # characters of a bearer token (JWTs are a few KiB)
 MAX_TOKEN_LIFETIME = 86400.0  # seconds a token is cached at most, whatever the server says
 MAX_CHALLENGE = 8192  # characters of a WWW-Authenticate header that are parsed
 DOCUMENT_DEADLINE = 10  # a JSON document must arrive within this many stall timeouts
+TRICKLE_BYTES = 16384  # a blob download receiving less than this per stall timeout stalled
 RETRY_AFTER_CAP = 60.0  # seconds; a server asking for longer gets this much
 BACKOFF_BASE = 0.25  # seconds before the first retry; doubles each time, with jitter
 BACKOFF_CAP = 8.0
@@ -532,6 +533,9 @@ class RegistryClient:
         # read1 returns what has arrived (up to CHUNK) instead of waiting for a full chunk, so
         # the bytes received before a stall are kept and the retry resumes right after them.
         read = getattr(resp.raw, "read1", None) or resp.raw.read
+        # The socket timeout catches silence; a server that trickles a byte now and then
+        # defeats it, so fewer than TRICKLE_BYTES in a stall timeout counts as a stall too.
+        window_start, window_bytes = time.monotonic(), 0
         while True:
             try:
                 chunk = read(CHUNK, decode_content=False)
@@ -540,6 +544,14 @@ class RegistryClient:
             if not chunk:
                 return
             part.write(chunk)
+            window_bytes += len(chunk)
+            now = time.monotonic()
+            if window_bytes >= TRICKLE_BYTES:
+                window_start, window_bytes = now, 0
+            elif now - window_start > self.config.stall_timeout:
+                raise _Retryable(f"stalled: fewer than {TRICKLE_BYTES} bytes in "
+                                 f"{self.config.stall_timeout:g} s after {part.size} bytes",
+                                 resp.url)
 
 
 class _PartialBlob:
@@ -911,10 +923,11 @@ _BAD_DOCUMENT_HINT = ("the registry (or a mirror or proxy in between) served a m
 
 
 def _range_start(resp) -> Optional[int]:
-    match = re.match(r"bytes (\d+)-\d+/(?:\d+|\*)", resp.headers.get("Content-Range", ""))
+    match = re.match(r"bytes ([0-9]{1,19})-[0-9]{1,19}/(?:[0-9]{1,19}|\*)",
+                     resp.headers.get("Content-Range", ""))
     return int(match.group(1)) if match else None
 
 
 def _range_total(resp) -> Optional[int]:
-    match = re.match(r"bytes \*/(\d+)", resp.headers.get("Content-Range", ""))
+    match = re.match(r"bytes \*/([0-9]{1,19})", resp.headers.get("Content-Range", ""))
     return int(match.group(1)) if match else None
