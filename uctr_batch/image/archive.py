@@ -27,6 +27,8 @@ _log = log.get("archive")
 OCI_REF_NAME = "org.opencontainers.image.ref.name"
 _MAX_INDEX_DEPTH = 4  # index -> index -> manifest nesting we follow
 _GZIP_MAGIC = b"\x1f\x8b"
+_EXPORT_HINT = ("the archive is broken or was not made by an image tool; export the image "
+                "again (docker save, skopeo copy ... oci-archive:)")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
@@ -37,7 +39,7 @@ class ArchiveError(UctrError):
 def safe_name(name: str, source: str) -> str:
     """A member name from an archive's own metadata, normalised; reject escapes."""
     if not isinstance(name, str) or not name or "\0" in name:
-        raise ArchiveError(f"invalid member name {name!r} in {source}")
+        raise ArchiveError(f"invalid member name {str(name)[:200]!r} in {source}", _EXPORT_HINT)
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if name.startswith("/") or ".." in parts or not parts:
         raise ArchiveError(f"unsafe member name {name!r} in {source}",
@@ -95,9 +97,10 @@ class _DirSource(_Source):
         try:
             f = open(self._path(name), "rb")
         except FileNotFoundError:
-            raise ArchiveError(f"{name} missing from {self.path}") from None
+            raise ArchiveError(f"{name} missing from {self.path}", _EXPORT_HINT) from None
         except OSError as e:
-            raise ArchiveError(f"cannot read {name} in {self.path}: {e.strerror}") from None
+            raise ArchiveError(f"cannot read {name} in {self.path}: {e.strerror}",
+                               "check the files' permissions in the layout") from None
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a device or FIFO never ends
             f.close()
             raise ArchiveError(f"{name} in {self.path} is not a regular file",
@@ -129,7 +132,7 @@ class _TarSource(_Source):
     def _member(self, name: str) -> tarfile.TarInfo:
         member = self._members.get(safe_name(name, self.path))
         if member is None or not (member.isfile() or member.islnk() or member.issym()):
-            raise ArchiveError(f"{name} missing from {self.path}")
+            raise ArchiveError(f"{name} missing from {self.path}", _EXPORT_HINT)
         return member
 
     def open(self, name: str):
@@ -138,7 +141,8 @@ class _TarSource(_Source):
         except KeyError:
             f = None
         if f is None:
-            raise ArchiveError(f"{name} in {self.path} is a link to nothing in the archive")
+            raise ArchiveError(f"{name} in {self.path} is a link to nothing in the archive",
+                               _EXPORT_HINT)
         return f
 
     def size(self, name: str) -> int:
@@ -197,7 +201,9 @@ def open_source(path: str) -> _Source:
     if os.path.isdir(path):
         return _DirSource(path)
     if not os.path.exists(path):
-        raise ImageNotFound(f"no such file or directory: {path}")
+        raise ImageNotFound(f"no such file or directory: {path}",
+                            "give the path of a `docker save` tar, an OCI archive or an OCI "
+                            "layout directory")
     return _TarSource(path)
 
 
@@ -277,7 +283,7 @@ def _load_docker(src: _Source, store: Store, names, tag, wanted) -> List:
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
     if len(diff_ids) != len(layer_names):
         raise ArchiveError(f"{src.path}: {len(layer_names)} layers but {len(diff_ids)} "
-                           "diff_ids in the config")
+                           "diff_ids in the config", _EXPORT_HINT)
     _check_platform(config, wanted, src.path)
     config_digest = digest_of_bytes(config_bytes)
     with store.pending([config_digest] + list(diff_ids)):
@@ -336,7 +342,7 @@ def _oci_descriptor(src: _Source, tag: Optional[str]) -> dict:
     index = src.read_json("index.json", mt.check_index)
     entries = index["manifests"]
     if not entries:
-        raise ArchiveError(f"index.json in {src.path} lists no images")
+        raise ArchiveError(f"index.json in {src.path} lists no images", _EXPORT_HINT)
     tags = [(e.get("annotations") or {}).get(OCI_REF_NAME) for e in entries]
     if tag is not None:
         for entry, name in zip(entries, tags):
@@ -376,7 +382,8 @@ def resolve_oci(src: _Source, store: Store, descriptor: dict, wanted,
                                "lists no manifests", "export the image again")
         index_digest = index_digest or descriptor["digest"]
         descriptor = platforms.select(doc["manifests"], wanted, image)
-    raise ArchiveError(f"{image}: image indexes nested deeper than {_MAX_INDEX_DEPTH}")
+    raise ArchiveError(f"{image}: image indexes nested deeper than {_MAX_INDEX_DEPTH}",
+                       _EXPORT_HINT)
 
 
 def _load_oci(src: _Source, store: Store, names, tag, wanted) -> List:

@@ -104,7 +104,9 @@ class _Puller:
         repo = self.ref.repository
         data, media_type, digest = self.client.get_manifest(repo, self.ref.manifest_reference)
         if self.ref.digest and digest != self.ref.digest:
-            raise DigestMismatch(f"registry returned manifest {digest} for {self.ref}")
+            raise DigestMismatch(f"registry returned manifest {digest} for {self.ref}",
+                                 "the registry, a mirror or a proxy served other content; "
+                                 "nothing was kept")
         index_digest, chosen = None, None
         if media_type in mt.INDEX_TYPES:
             index = _document(data, f"image index {digest} of {self.ref}", mt.check_index)
@@ -119,7 +121,9 @@ class _Puller:
             data, media_type, digest = self.client.get_manifest(repo, chosen["digest"])
             if media_type not in mt.MANIFEST_TYPES:
                 raise RegistryError(f"index entry {digest} of {self.ref} is not an image "
-                                    f"manifest ({media_type})")
+                                    f"manifest ({media_type})",
+                                    "uctr follows one level of index; choose a platform image "
+                                    "by digest (IMAGE@sha256:...)")
         manifest = _document(data, f"image manifest {digest} of {self.ref}",
                              mt.check_image_manifest)
         self.store.put_bytes(digest, data)

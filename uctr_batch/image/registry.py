@@ -370,7 +370,8 @@ class RegistryClient:
         """GET the Bearer realm (Docker token spec); cache the token for (endpoint, scope)."""
         realm = params.get("realm", "")
         if not realm.startswith(("https://", "http://")):
-            raise AuthError(f"{endpoint.login_name} gave an unusable token realm {realm!r}")
+            raise AuthError(f"{endpoint.login_name} gave an unusable token realm {realm[:200]!r}",
+                            "the registry's authentication is misconfigured; tell its operator")
         query = [("service", params["service"])] if params.get("service") else []
         if scope:
             query.append(("scope", scope))
@@ -382,7 +383,8 @@ class RegistryClient:
             if resp.status_code in (401, 403):
                 raise self._denied(endpoint, None, "token")
             if resp.status_code != 200:
-                raise RegistryError(f"token server answered HTTP {resp.status_code}: {realm}")
+                raise RegistryError(f"token server answered HTTP {resp.status_code}: {realm}",
+                                    "the registry's token service is failing; try again later")
             body = _read_limited(resp, MAX_TOKEN_RESPONSE, realm, self._deadline())
         token, lifetime = _token_response(body, realm)
         header = "Bearer " + token
@@ -433,7 +435,10 @@ class RegistryClient:
                                  "remove it from the insecure registries (--insecure-registry, "
                                  "UCTR_INSECURE_REGISTRIES); give a private CA with --tls-ca")
         detail = f" ({message})" if message else ""
-        return RegistryError(f"HTTP {resp.status_code} {resp.reason}{detail}: {resp.url}")
+        return RegistryError(f"HTTP {resp.status_code} {_printable(str(resp.reason)[:100])}"
+                             f"{detail}: {resp.url}",
+                             "check the image name and the registry address; run with -v "
+                             "for the requests made")
 
     def _repository_not_found(self, repository: Optional[str]) -> RegistryError:
         return RegistryError(f"repository not found: {self.registry}/{repository}",
@@ -746,7 +751,9 @@ def _tls_error(url: str, exc: Exception) -> TransferError:
             f"TLS handshake with {host} failed (it seems to speak plain HTTP): {url}",
             f"if that is intended, allow plain HTTP with --insecure-registry {host} "
             "(or UCTR_INSECURE_REGISTRIES)")
-    return TransferError(f"TLS error with {host} ({text.splitlines()[0][:200]}): {url}")
+    return TransferError(f"TLS error with {host} ({text.splitlines()[0][:200]}): {url}",
+                         "check the registry address and its certificate; a private CA is "
+                         "given with --tls-ca FILE (or UCTR_TLS_CA)")
 
 
 def _discard(resp) -> None:
@@ -830,7 +837,8 @@ def _read_limited(resp, limit: int, what: str, deadline: Optional[float] = None)
             try:
                 chunk = decoder.decompress(chunk, limit + 1 - size) if chunk else decoder.flush()
             except zlib.error as e:
-                raise RegistryError(f"response is not valid {encoding}: {what}") from e
+                raise RegistryError(f"response is not valid {encoding}: {what}",
+                                    _BAD_DOCUMENT_HINT) from e
         if chunk:
             parts.append(chunk)
             size += len(chunk)

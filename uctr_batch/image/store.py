@@ -340,7 +340,8 @@ class Store:
                     raise
                 if actual != digest:
                     partial.unlink()
-                    raise DigestMismatch(f"content of {digest} hashes to {actual}")
+                    raise DigestMismatch(f"content of {digest} hashes to {actual}",
+                                         "the source is corrupt; nothing was kept")
             return digest, self.ingest_blob(digest, fetch, size)
         tmp = self.root / "tmp" / f"stream-{uuid.uuid4().hex}.tmp"
         try:
