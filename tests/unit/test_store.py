@@ -397,3 +397,44 @@ def test_malformed_cached_manifest_is_a_storage_error(store, manifest_bytes):
     with pytest.raises((StorageError, ImageNotFound)) as info:
         store.lookup("example.org/a/b:1", mt.Platform("linux", "amd64"))
     assert info.value.hint
+
+
+@pytest.mark.parametrize("content", [
+    b'{"reference": ' + b"[" * 50000 + b"]" * 50000 + b"}",  # RecursionError before
+    json.dumps({"reference": 5, "manifest_digest": "x"}).encode(),
+    json.dumps({"reference": "example.org/a/b:1", "platform": "x",
+                "manifest_digest": "sha256:" + "0" * 64,
+                "config_digest": "sha256:" + "0" * 64}).encode(),
+    json.dumps({"reference": "example.org/a/b:1", "platform": ["linux"],
+                "manifest_digest": "sha256:" + "0" * 64,
+                "config_digest": "sha256:" + "0" * 64}).encode(),
+    b"x" * 100000,
+])
+def test_planted_or_broken_reference_entries_are_skipped(store, content):
+    """A group-shared cache may hold ref files another member wrote by hand: they are
+    skipped by images/lookup/gc, never a traceback."""
+    add_image(store, "example.org/a/good:1")
+    (store.root / "refs" / "example.org%a%b+1#linux_amd64.json").write_bytes(content)
+    assert [e["reference"] for e in store.entries()] == ["example.org/a/good:1"]
+    assert store.lookup("example.org/a/b:1", mt.Platform("linux", "amd64")) is None
+    store.gc()
+
+
+@pytest.mark.parametrize("content", [
+    b'{"pid": "abc", "since": "yesterday", "token": "t"}',  # ValueError before
+    b'{"pid": 1e400, "since": -5}',
+    b"[" * 50000,
+    b'{"pid": ' + b"[" * 50000 + b"]" * 50000 + b"}",  # RecursionError before
+])
+def test_planted_lock_files_do_not_break_the_lock(tmp_path, content):
+    from uctr_batch.image.lock import FileLock, Holder
+
+    holder = Holder.parse(content.decode())
+    assert holder.pid == 0 and holder.since == 0.0
+    path = tmp_path / "x.lock"
+    path.write_bytes(content)
+    old = time.time() - 3600
+    os.utime(path, (old, old))  # old enough to be judged stale at first sight
+    lock = FileLock(path, timeout=5, stale_after=1)
+    lock.acquire()
+    lock.release()

@@ -41,10 +41,13 @@ _NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, er
 _MAX_POLL = 2.0  # cap on the polling interval: many nodes polling one NFS file must stay cheap
 
 
+_MAX_LOCK_FILE = 65536  # a lock file holds ~300 bytes; anything longer was planted
+
+
 def _read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(_MAX_LOCK_FILE).strip()
     except OSError:
         return ""
 
@@ -88,19 +91,21 @@ class Holder:
     half-written under the O_EXCL fallback)."""
 
     def __init__(self, data: dict):
-        self.host = str(data.get("host", "?"))
-        self.pid = int(data.get("pid", 0) or 0)
-        self.boot_id = str(data.get("boot_id", ""))
-        self.pidns = str(data.get("pidns", ""))
-        self.start_time = str(data.get("start_time", ""))
-        self.token = str(data.get("token", ""))
-        self.since = float(data.get("since", 0) or 0)
+        self.host = str(data.get("host", "?"))[:256]
+        self.pid = _number(data.get("pid"), int)
+        self.boot_id = str(data.get("boot_id", ""))[:64]
+        self.pidns = str(data.get("pidns", ""))[:64]
+        self.start_time = str(data.get("start_time", ""))[:64]
+        self.token = str(data.get("token", ""))[:64]
+        self.since = _number(data.get("since"), float)
 
     @classmethod
     def parse(cls, text: str) -> "Holder":
+        """The holder a lock file names; fields that are missing, mistyped or absurd (a
+        half-written or planted file) read as unknown, never as an error."""
         try:
             data = json.loads(text) if text else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             data = {}
         return cls(data if isinstance(data, dict) else {})
 
@@ -109,6 +114,13 @@ class Holder:
         if self.since:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
         return f"pid {self.pid} on host {self.host} since {since}"
+
+
+def _number(value, kind):
+    """VALUE as a non-negative finite KIND (int or float), else 0."""
+    if type(value) not in (int, float) or not 0 <= value < 2 ** 63:
+        return kind(0)
+    return kind(value)
 
 
 def _identity() -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from uctr_batch import fsutil, log, settings
-from uctr_batch.errors import DigestMismatch, ImageNotFound, StorageError
+from uctr_batch.errors import DigestMismatch, ImageNotFound, StorageError, UctrError
 from uctr_batch.image import platforms
 from uctr_batch.image import reference as references
 from uctr_batch.image.lock import FileLock
@@ -424,12 +424,15 @@ class Store:
         found = []
         names = sorted(n for n in os.listdir(self._ref_dir())
                        if n.startswith(prefix) and n.endswith(".json"))
+        from uctr_batch.image.manifest import InvalidDocument, parse_document
+
         for path in (self._ref_dir() / n for n in names):
             try:
-                entry = json.loads(path.read_text())
-            except (OSError, ValueError):
+                with open(path, "rb") as f:
+                    entry = parse_document(f.read(_MAX_REF_FILE + 1), _MAX_REF_FILE)
+            except (OSError, InvalidDocument):
                 continue  # removed meanwhile, or not ours
-            if not isinstance(entry, dict):
+            if not isinstance(entry, dict) or not _valid_entry(entry):
                 continue
             if reference is None or entry.get("reference") == reference:
                 entry["_file"] = path
@@ -605,6 +608,35 @@ class Store:
         except (OSError, ValueError, KeyError, TypeError):
             pass
         return digests
+
+
+_MAX_REF_FILE = 65536  # a reference entry is ~400 bytes
+
+
+def _valid_entry(entry: dict) -> bool:
+    """A reference entry whose fields have the types the commands use (a group-shared cache
+    may hold files written by hand or by another tool: those are skipped, not a traceback)."""
+    from uctr_batch.image.manifest import InvalidDocument, check_digest
+
+    try:
+        check_digest(entry.get("manifest_digest"), "manifest_digest")
+        check_digest(entry.get("config_digest"), "config_digest")
+        if entry.get("index_digest") is not None:
+            check_digest(entry["index_digest"], "index_digest")
+    except InvalidDocument:
+        return False
+    if not (isinstance(entry.get("reference"), str)
+            and isinstance(entry.get("platform"), (str, type(None)))
+            and type(entry.get("size", 0)) in (int, float)
+            and type(entry.get("pulled", 0)) in (int, float)):
+        return False
+    try:
+        references.parse(entry["reference"])
+        if entry.get("platform"):
+            platforms.parse(entry["platform"])
+    except UctrError:
+        return False
+    return True
 
 
 def _digest_matches(text: str, entry: dict) -> bool:
