@@ -256,3 +256,14 @@ def test_oci_layout_blob_that_is_a_device_is_refused(uctr, tmp_path, small_cache
     os.symlink("/dev/zero", layout / "blobs" / "sha256" / ("b" * 64))
     result = uctr("load", layout, env={"UCTR_CACHE": small_cache})
     assert_clean_failure(result, "not a regular file")
+
+
+def test_archive_with_too_many_members_is_refused(uctr, tmp_path, monkeypatch):
+    from uctr_batch.image import archive
+
+    path = tmp_path / "many.tar"
+    _tar_with(path, {f"f{i}": b"" for i in range(50)})
+    monkeypatch.setattr(archive, "MAX_MEMBERS", 20)
+    with pytest.raises(archive.ArchiveError, match="more than 20 members") as info:
+        archive.open_source(str(path))
+    assert info.value.hint

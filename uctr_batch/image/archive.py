@@ -26,6 +26,7 @@ _log = log.get("archive")
 
 OCI_REF_NAME = "org.opencontainers.image.ref.name"
 _MAX_INDEX_DEPTH = 4  # index -> index -> manifest nesting we follow
+MAX_MEMBERS = 100000  # tar members of an image archive (docker save: ~4 per layer)
 _GZIP_MAGIC = b"\x1f\x8b"
 _EXPORT_HINT = ("the archive is broken or was not made by an image tool; export the image "
                 "again (docker save, skopeo copy ... oci-archive:)")
@@ -121,7 +122,12 @@ class _TarSource(_Source):
         try:
             self._tar = tarfile.open(path, "r:*")
             self._members = {}
-            for m in self._tar.getmembers():
+            for count, m in enumerate(self._tar, 1):  # bounded: each member costs memory
+                if count > MAX_MEMBERS:
+                    self._tar.close()
+                    raise ArchiveError(f"{path} has more than {MAX_MEMBERS} members",
+                                       "an image archive holds a few files per layer; this "
+                                       "one is not an image archive")
                 key = "/".join(p for p in m.name.split("/") if p not in ("", "."))
                 self._members.setdefault(key, m)
         except (tarfile.TarError, OSError) as e:
