@@ -1,6 +1,8 @@
 """`uctr load` and oci:/oci-archive:/docker-archive: references, with archives made by skopeo."""
 
+import hashlib
 import io
+import os
 import json
 import shutil
 import subprocess
@@ -148,3 +150,120 @@ def test_docker_archive_layer_not_matching_diff_id_is_refused(uctr, tmp_path):
 def test_missing_archive_is_a_clean_error(uctr, tmp_path):
     result = uctr("load", tmp_path / "nope.tar")
     assert result.returncode == 1 and "no such file or directory" in result.stderr
+
+
+# -- malformed archive documents: error + hint, exit 1, never a traceback -------------------
+
+GOOD_CONFIG = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
+DEEP = b'{"a":' * 5000 + b"{}" + b"}" * 5000
+
+
+def assert_clean_failure(result, words):
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("error:") and words in lines[0], result.stderr
+    assert any(line.startswith("hint:") for line in lines), result.stderr
+
+
+@pytest.mark.parametrize("manifest,config,words", [
+    (b'[{"Config": 1, "Layers": []}]', GOOD_CONFIG, "Config is not a string"),
+    (b'[{"Config": "c.json", "Layers": "l.tar"}]', GOOD_CONFIG, "Layers is not a list"),
+    (b'[{"Config": "c.json", "Layers": [], "RepoTags": "a:1"}]', GOOD_CONFIG,
+     "RepoTags is not a list"),
+    (b'{"Config": "c.json"}', GOOD_CONFIG, "is not a list"),
+    (b'[]', GOOD_CONFIG, "lists no images"),
+    (DEEP, GOOD_CONFIG, "nested deeper"),
+    (b'[{"Config": "c.json", "Layers": []}]', [1], "is not a JSON object"),
+    (b'[{"Config": "c.json", "Layers": []}]', {"rootfs": "x"}, "rootfs is not a JSON object"),
+    (b'[{"Config": "c.json", "Layers": []}]', {"config": {"Env": "A=1"}}, "Env is not a list"),
+    (b'[{"Config": "c.json", "Layers": []}]', DEEP, "nested deeper"),
+    (b'[{"Config": "c.json", "Layers": []}]', b"x" * (9 << 20), "larger than"),
+])
+def test_malformed_docker_archive_documents(uctr, tmp_path, manifest, config, words):
+    config_bytes = config if isinstance(config, bytes) else json.dumps(config).encode()
+    path = tmp_path / "bad.tar"
+    _tar_with(path, {"manifest.json": manifest, "c.json": config_bytes})
+    assert_clean_failure(uctr("load", path), words)
+
+
+def _layout(tmp_path, index, blobs=()):
+    layout = tmp_path / "layout"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (layout / "index.json").write_bytes(index if isinstance(index, bytes)
+                                        else json.dumps(index).encode())
+    for data in blobs:
+        name = hashlib.sha256(data).hexdigest()
+        (layout / "blobs" / "sha256" / name).write_bytes(data)
+    return layout
+
+
+def _desc(data, media_type="application/vnd.oci.image.manifest.v1+json", **extra):
+    return {"mediaType": media_type, "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+            "size": len(data), **extra}
+
+
+@pytest.mark.parametrize("index,words", [
+    ({"schemaVersion": 2, "manifests": [{"digest": "sha256:" + "a" * 64, "size": 1,
+                                          "annotations": []}]}, "annotations is not a JSON"),
+    ({"schemaVersion": 2, "manifests": "x"}, "manifests is not a list"),
+    ({"schemaVersion": 2, "manifests": [{"digest": "sha256:../../../etc/passwd", "size": 1}]},
+     "not a valid digest"),
+    ({"schemaVersion": 2, "manifests": [{"digest": "sha256:" + "a" * 64}]},
+     "size is not an integer"),
+    (DEEP, "nested deeper"),
+    (b"[1]", "is not a JSON object"),
+])
+def test_malformed_oci_index(uctr, tmp_path, index, words):
+    assert_clean_failure(uctr("load", _layout(tmp_path, index)), words)
+
+
+def test_malformed_manifest_in_an_oci_layout(uctr, tmp_path):
+    manifest = json.dumps({"schemaVersion": 2, "config": {"digest": "sha256:" + "a" * 64,
+                                                         "size": -1}, "layers": []}).encode()
+    layout = _layout(tmp_path, {"schemaVersion": 2, "manifests": [_desc(manifest)]}, [manifest])
+    assert_clean_failure(uctr("load", layout), "config.size is negative")
+
+
+@pytest.fixture
+def small_cache(tmp_path):
+    """UCTR_CACHE on a 64 MiB tmpfs: a test of an endless input must never fill the real
+    disk, whatever the code under test does (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    point = tmp_path / "small"
+    point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    yield point / "cache"
+    subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_oci_layout_blob_that_is_a_device_is_refused(uctr, tmp_path, small_cache):
+    """A layout is a directory the user gives; a blob linked to /dev/zero must not be read
+    without end (it was: it filled the cache's disk)."""
+    config = json.dumps(GOOD_CONFIG | {"rootfs": {"type": "layers",
+                                                  "diff_ids": ["sha256:" + "b" * 64]}}).encode()
+    layer_digest = "sha256:" + "b" * 64
+    manifest = json.dumps({"schemaVersion": 2, "config": _desc(config, "application/vnd.oci.image.config.v1+json"),
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                       "digest": layer_digest, "size": 1024}]}).encode()
+    layout = _layout(tmp_path, {"schemaVersion": 2, "manifests": [_desc(manifest)]},
+                     [manifest, config])
+    os.symlink("/dev/zero", layout / "blobs" / "sha256" / ("b" * 64))
+    result = uctr("load", layout, env={"UCTR_CACHE": small_cache})
+    assert_clean_failure(result, "not a regular file")
+
+
+def test_archive_with_too_many_members_is_refused(uctr, tmp_path, monkeypatch):
+    from uctr_batch.image import archive
+
+    path = tmp_path / "many.tar"
+    _tar_with(path, {f"f{i}": b"" for i in range(50)})
+    monkeypatch.setattr(archive, "MAX_MEMBERS", 20)
+    with pytest.raises(archive.ArchiveError, match="more than 20 members") as info:
+        archive.open_source(str(path))
+    assert info.value.hint

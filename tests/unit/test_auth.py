@@ -81,6 +81,8 @@ def test_docker_config_default_location_is_home(private_dirs, monkeypatch):
     {"auth": b64(":password-without-user")},
     {"identitytoken": "abc"},
     "not an object",
+    {"auth": 12345},  # was a TypeError traceback
+    {"auth": ["x"]},
 ])
 def test_unusable_docker_entries_are_ignored(private_dirs, entry):
     write_docker_config(private_dirs, {"h.io": entry})
@@ -90,6 +92,14 @@ def test_unusable_docker_entries_are_ignored(private_dirs, entry):
 def test_broken_docker_config_is_ignored_with_a_warning(private_dirs, caplog):
     (private_dirs / "docker").mkdir()
     (private_dirs / "docker" / "config.json").write_text("{not json")
+    assert auth.lookup("h.io") is None
+    assert "not a JSON object" in caplog.text
+
+
+def test_deeply_nested_docker_config_is_ignored_with_a_warning(private_dirs, caplog):
+    """json.loads raised RecursionError (a traceback on every pull) before the depth bound."""
+    (private_dirs / "docker").mkdir()
+    (private_dirs / "docker" / "config.json").write_text('{"auths": ' + "[" * 50000 + "]" * 50000 + "}")
     assert auth.lookup("h.io") is None
     assert "not a JSON object" in caplog.text
 
@@ -203,3 +213,30 @@ def test_retry_after_forms():
     in_two_seconds = _retry_after(formatdate(time.time() + 2, usegmt=True))
     assert 0.5 < in_two_seconds <= 2.0
     assert _retry_after(formatdate(time.time() - 100, usegmt=True)) == 0.0
+
+
+@pytest.mark.parametrize("value", [
+    "\u00b2",  # str.isdigit() is True, float() refuses it: was a ValueError traceback
+    "-5", "+5", "5.5", "1e9", " ", "x" * 10000, "9" * 13,
+    "Mon, 01 Jan 99999 00:00:00 GMT",  # year out of range
+    "Mon, 32 Foo 2020 99:99:99 GMT",
+])
+def test_retry_after_garbage_is_ignored(value):
+    assert _retry_after(value) is None
+
+
+def test_retry_after_far_future_is_capped_by_the_client():
+    from uctr_batch.image.registry import RETRY_AFTER_CAP, RegistryClient
+
+    far = _retry_after(formatdate(time.time() + 10 ** 9, usegmt=True))
+    assert far > RETRY_AFTER_CAP and RegistryClient._delay(0, far) == RETRY_AFTER_CAP
+    assert RegistryClient._delay(0, _retry_after("999999999999")) == RETRY_AFTER_CAP
+
+
+@pytest.mark.parametrize("header", [
+    "Bearer " + "a=b," * 5000,  # longer than any real challenge: not parsed at all
+    'Bearer realm="' + '\\"' * 3000,  # unterminated quoted string
+])
+def test_hostile_challenges_are_bounded(header):
+    parsed = _parse_challenge(header)
+    assert parsed is None or all(isinstance(v, str) for v in parsed[1].values())

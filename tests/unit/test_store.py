@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from uctr_batch import cli
-from uctr_batch.errors import DigestMismatch, StorageError
+from uctr_batch.errors import DigestMismatch, ImageNotFound, StorageError
 from uctr_batch.image import manifest as mt
 from uctr_batch.image import platforms
 from uctr_batch.image.store import CACHED, DOWNLOADED, WAITED, Store, build_record
@@ -372,3 +372,69 @@ def test_gc_clears_the_lock_of_a_dead_downloader_but_not_a_live_one(store):
 
 def _boot_id():
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+# -- cache entries written before the documents were checked ------------------------------
+
+def _record_raw(store: Store, reference: str, manifest_bytes: bytes) -> None:
+    store.put_bytes(digest(manifest_bytes), manifest_bytes)
+    entry = {"reference": reference, "platform": "linux/amd64",
+             "manifest_digest": digest(manifest_bytes), "index_digest": None,
+             "config_digest": "sha256:" + "0" * 64, "size": 0, "pulled": 0}
+    store._ref_file(reference, "linux/amd64").write_text(json.dumps(entry))
+
+
+@pytest.mark.parametrize("manifest_bytes", [
+    b'{"config": ' + b"[" * 50000 + b"]" * 50000 + b"}",  # was a RecursionError traceback
+    b"[1, 2]",  # was an AttributeError traceback
+    json.dumps({"config": "x", "layers": []}).encode(),
+    json.dumps({"config": {"digest": "sha256:" + "0" * 64, "size": 2},
+                "layers": [{"digest": "sha256:" + "0" * 64, "size": "5"}]}).encode(),
+])
+def test_malformed_cached_manifest_is_a_storage_error(store, manifest_bytes):
+    _record_raw(store, "example.org/a/b:1", manifest_bytes)
+    store.put_bytes(digest(b"{}"), b"{}")
+    with pytest.raises((StorageError, ImageNotFound)) as info:
+        store.lookup("example.org/a/b:1", mt.Platform("linux", "amd64"))
+    assert info.value.hint
+
+
+@pytest.mark.parametrize("content", [
+    b'{"reference": ' + b"[" * 50000 + b"]" * 50000 + b"}",  # RecursionError before
+    json.dumps({"reference": 5, "manifest_digest": "x"}).encode(),
+    json.dumps({"reference": "example.org/a/b:1", "platform": "x",
+                "manifest_digest": "sha256:" + "0" * 64,
+                "config_digest": "sha256:" + "0" * 64}).encode(),
+    json.dumps({"reference": "example.org/a/b:1", "platform": ["linux"],
+                "manifest_digest": "sha256:" + "0" * 64,
+                "config_digest": "sha256:" + "0" * 64}).encode(),
+    b"x" * 100000,
+])
+def test_planted_or_broken_reference_entries_are_skipped(store, content):
+    """A group-shared cache may hold ref files another member wrote by hand: they are
+    skipped by images/lookup/gc, never a traceback."""
+    add_image(store, "example.org/a/good:1")
+    (store.root / "refs" / "example.org%a%b+1#linux_amd64.json").write_bytes(content)
+    assert [e["reference"] for e in store.entries()] == ["example.org/a/good:1"]
+    assert store.lookup("example.org/a/b:1", mt.Platform("linux", "amd64")) is None
+    store.gc()
+
+
+@pytest.mark.parametrize("content", [
+    b'{"pid": "abc", "since": "yesterday", "token": "t"}',  # ValueError before
+    b'{"pid": 1e400, "since": -5}',
+    b"[" * 50000,
+    b'{"pid": ' + b"[" * 50000 + b"]" * 50000 + b"}",  # RecursionError before
+])
+def test_planted_lock_files_do_not_break_the_lock(tmp_path, content):
+    from uctr_batch.image.lock import FileLock, Holder
+
+    holder = Holder.parse(content.decode())
+    assert holder.pid == 0 and holder.since == 0.0
+    path = tmp_path / "x.lock"
+    path.write_bytes(content)
+    old = time.time() - 3600
+    os.utime(path, (old, old))  # old enough to be judged stale at first sight
+    lock = FileLock(path, timeout=5, stale_after=1)
+    lock.acquire()
+    lock.release()

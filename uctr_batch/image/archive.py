@@ -9,6 +9,7 @@ Member names read from the archive are checked before use (no absolute paths, no
 
 import json
 import os
+import stat
 import sys
 import tarfile
 from dataclasses import replace
@@ -25,7 +26,10 @@ _log = log.get("archive")
 
 OCI_REF_NAME = "org.opencontainers.image.ref.name"
 _MAX_INDEX_DEPTH = 4  # index -> index -> manifest nesting we follow
+MAX_MEMBERS = 100000  # tar members of an image archive (docker save: ~4 per layer)
 _GZIP_MAGIC = b"\x1f\x8b"
+_EXPORT_HINT = ("the archive is broken or was not made by an image tool; export the image "
+                "again (docker save, skopeo copy ... oci-archive:)")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
@@ -36,7 +40,7 @@ class ArchiveError(UctrError):
 def safe_name(name: str, source: str) -> str:
     """A member name from an archive's own metadata, normalised; reject escapes."""
     if not isinstance(name, str) or not name or "\0" in name:
-        raise ArchiveError(f"invalid member name {name!r} in {source}")
+        raise ArchiveError(f"invalid member name {str(name)[:200]!r} in {source}", _EXPORT_HINT)
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if name.startswith("/") or ".." in parts or not parts:
         raise ArchiveError(f"unsafe member name {name!r} in {source}",
@@ -59,15 +63,18 @@ class _Source:
     def exists(self, name: str) -> bool:
         raise NotImplementedError
 
-    def read(self, name: str) -> bytes:
+    def read(self, name: str, limit: int = mt.MAX_DOCUMENT) -> bytes:
+        """The content of NAME, which must not exceed LIMIT bytes (only JSON documents and
+        configs are read into memory; layers are streamed)."""
         with self.open(name) as f:
-            return f.read()
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ArchiveError(f"{name} in {self.path} is larger than {limit} bytes",
+                               "no image document is that large; the archive is broken")
+        return data
 
-    def read_json(self, name: str):
-        try:
-            return json.loads(self.read(name))
-        except ValueError as e:
-            raise ArchiveError(f"{name} in {self.path} is not valid JSON: {e}") from e
+    def read_json(self, name: str, check, limit: int = mt.MAX_DOCUMENT):
+        return parse_checked(self.read(name, limit), check, f"{name} in {self.path}")
 
     def blob_name(self, digest: str) -> str:
         algo, hexpart = split_digest(digest)
@@ -89,12 +96,21 @@ class _DirSource(_Source):
 
     def open(self, name: str):
         try:
-            return open(self._path(name), "rb")
+            f = open(self._path(name), "rb")
         except FileNotFoundError:
-            raise ArchiveError(f"{name} missing from {self.path}") from None
+            raise ArchiveError(f"{name} missing from {self.path}", _EXPORT_HINT) from None
+        except OSError as e:
+            raise ArchiveError(f"cannot read {name} in {self.path}: {e.strerror}",
+                               "check the files' permissions in the layout") from None
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a device or FIFO never ends
+            f.close()
+            raise ArchiveError(f"{name} in {self.path} is not a regular file",
+                               "an OCI layout holds regular files only")
+        return f
 
     def size(self, name: str) -> int:
-        return os.path.getsize(self._path(name))
+        with self.open(name) as f:
+            return os.fstat(f.fileno()).st_size
 
     def exists(self, name: str) -> bool:
         return os.path.isfile(self._path(name))
@@ -106,7 +122,12 @@ class _TarSource(_Source):
         try:
             self._tar = tarfile.open(path, "r:*")
             self._members = {}
-            for m in self._tar.getmembers():
+            for count, m in enumerate(self._tar, 1):  # bounded: each member costs memory
+                if count > MAX_MEMBERS:
+                    self._tar.close()
+                    raise ArchiveError(f"{path} has more than {MAX_MEMBERS} members",
+                                       "an image archive holds a few files per layer; this "
+                                       "one is not an image archive")
                 key = "/".join(p for p in m.name.split("/") if p not in ("", "."))
                 self._members.setdefault(key, m)
         except (tarfile.TarError, OSError) as e:
@@ -117,7 +138,7 @@ class _TarSource(_Source):
     def _member(self, name: str) -> tarfile.TarInfo:
         member = self._members.get(safe_name(name, self.path))
         if member is None or not (member.isfile() or member.islnk() or member.issym()):
-            raise ArchiveError(f"{name} missing from {self.path}")
+            raise ArchiveError(f"{name} missing from {self.path}", _EXPORT_HINT)
         return member
 
     def open(self, name: str):
@@ -126,7 +147,8 @@ class _TarSource(_Source):
         except KeyError:
             f = None
         if f is None:
-            raise ArchiveError(f"{name} in {self.path} is a link to nothing in the archive")
+            raise ArchiveError(f"{name} in {self.path} is a link to nothing in the archive",
+                               _EXPORT_HINT)
         return f
 
     def size(self, name: str) -> int:
@@ -143,11 +165,51 @@ class _TarSource(_Source):
         self._tar.close()
 
 
+def parse_checked(data: bytes, check, what: str, limit: int = mt.MAX_CONFIG):
+    """A JSON document of an archive, bounded and checked (manifest.parse_document and a
+    manifest.check_* function); ArchiveError naming WHAT and the broken rule."""
+    try:
+        return check(mt.parse_document(data, limit))
+    except mt.InvalidDocument as e:
+        raise ArchiveError(f"malformed {what}: {e}",
+                           "the archive is broken or was not made by an image tool; "
+                           "export the image again") from None
+
+
+def _check_docker_manifest(doc, where: str = "manifest.json") -> list:
+    """docker save's manifest.json: [{"Config": NAME, "Layers": [NAME...], "RepoTags": [...]}]"""
+    for i, entry in enumerate(mt.check_list(doc, where, mt.MAX_INDEX_ENTRIES)):
+        mt.check_object(entry, f"{where}[{i}]")
+        mt.check_string(entry.get("Config"), f"{where}[{i}].Config", empty=False)
+        mt.check_strings(entry.get("Layers"), f"{where}[{i}].Layers", mt.MAX_LAYERS, null=False)
+        for j, layer in enumerate(entry["Layers"]):
+            mt.check_string(layer, f"{where}[{i}].Layers[{j}]", 4096, empty=False)
+        mt.check_strings(entry.get("RepoTags"), f"{where}[{i}].RepoTags")
+    if not doc:
+        raise mt.InvalidDocument(f"{where} lists no images")
+    return doc
+
+
+def _check_layout(doc, where: str = "oci-layout") -> dict:
+    mt.check_object(doc, where)
+    mt.check_string(doc.get("imageLayoutVersion"), f"{where}.imageLayoutVersion", 64)
+    return doc
+
+
+def _check_index_or_manifest(doc, where: str = "document") -> dict:
+    mt.check_object(doc, where)
+    if doc.get("mediaType") in mt.INDEX_TYPES or "manifests" in doc:
+        return mt.check_index(doc, "index")
+    return mt.check_image_manifest(doc, "manifest")
+
+
 def open_source(path: str) -> _Source:
     if os.path.isdir(path):
         return _DirSource(path)
     if not os.path.exists(path):
-        raise ImageNotFound(f"no such file or directory: {path}")
+        raise ImageNotFound(f"no such file or directory: {path}",
+                            "give the path of a `docker save` tar, an OCI archive or an OCI "
+                            "layout directory")
     return _TarSource(path)
 
 
@@ -185,9 +247,7 @@ def _record_all(store: Store, names: Sequence[str], manifest_digest: str, manife
 # docker-archive
 
 def _docker_entry(src: _Source, tag: Optional[str]) -> dict:
-    entries = src.read_json("manifest.json")
-    if not (isinstance(entries, list) and entries and all(isinstance(e, dict) for e in entries)):
-        raise ArchiveError(f"manifest.json in {src.path} is not a docker-archive manifest")
+    entries = src.read_json("manifest.json", _check_docker_manifest)
     if tag is None:
         if len(entries) > 1:
             raise ArchiveError(f"{src.path} holds {len(entries)} images",
@@ -223,16 +283,13 @@ def _sniff(f) -> str:
 
 def _load_docker(src: _Source, store: Store, names, tag, wanted) -> List:
     entry = _docker_entry(src, tag)
-    try:
-        config_name, layer_names = entry["Config"], list(entry["Layers"])
-    except (KeyError, TypeError) as e:
-        raise ArchiveError(f"manifest.json in {src.path} lacks {e}") from e
-    config_bytes = src.read(config_name)
-    config = json.loads(config_bytes)
+    config_name, layer_names = entry["Config"], list(entry["Layers"])
+    config_bytes = src.read(config_name, mt.MAX_CONFIG)
+    config = parse_checked(config_bytes, mt.check_image_config, f"{config_name} in {src.path}")
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
     if len(diff_ids) != len(layer_names):
         raise ArchiveError(f"{src.path}: {len(layer_names)} layers but {len(diff_ids)} "
-                           "diff_ids in the config")
+                           "diff_ids in the config", _EXPORT_HINT)
     _check_platform(config, wanted, src.path)
     config_digest = digest_of_bytes(config_bytes)
     with store.pending([config_digest] + list(diff_ids)):
@@ -286,11 +343,13 @@ def _check_platform(config: dict, wanted, path: str) -> None:
 # OCI layout / archive
 
 def _oci_descriptor(src: _Source, tag: Optional[str]) -> dict:
-    index = src.read_json("index.json")
-    entries = index.get("manifests") if isinstance(index, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise ArchiveError(f"index.json in {src.path} lists no images")
-    tags = [e.get("annotations", {}).get(OCI_REF_NAME) for e in entries]
+    if src.exists("oci-layout"):
+        src.read_json("oci-layout", _check_layout, 65536)
+    index = src.read_json("index.json", mt.check_index)
+    entries = index["manifests"]
+    if not entries:
+        raise ArchiveError(f"index.json in {src.path} lists no images", _EXPORT_HINT)
+    tags = [(e.get("annotations") or {}).get(OCI_REF_NAME) for e in entries]
     if tag is not None:
         for entry, name in zip(entries, tags):
             if name == tag:
@@ -303,8 +362,9 @@ def _oci_descriptor(src: _Source, tag: Optional[str]) -> dict:
     return entries[0]
 
 
-def _read_verified(src: _Source, store: Store, digest: str) -> bytes:
-    data = src.read(src.blob_name(digest))
+def _read_verified(src: _Source, store: Store, digest: str,
+                   limit: int = mt.MAX_DOCUMENT) -> bytes:
+    data = src.read(src.blob_name(digest), limit)
     try:
         store.put_bytes(digest, data)
     except DigestMismatch as e:
@@ -319,24 +379,30 @@ def resolve_oci(src: _Source, store: Store, descriptor: dict, wanted,
     index_digest = None
     for _ in range(_MAX_INDEX_DEPTH):
         data = _read_verified(src, store, descriptor["digest"])
-        doc = json.loads(data)
+        doc = parse_checked(data, _check_index_or_manifest, f"blob {descriptor['digest']} of {image}")
         media_type = descriptor.get("mediaType") or doc.get("mediaType")
         if media_type not in mt.INDEX_TYPES and "manifests" not in doc:
             return descriptor, data, index_digest
+        if "manifests" not in doc:
+            raise ArchiveError(f"{image}: {descriptor['digest']} is said to be an index but "
+                               "lists no manifests", "export the image again")
         index_digest = index_digest or descriptor["digest"]
-        descriptor = platforms.select(doc.get("manifests") or [], wanted, image)
-    raise ArchiveError(f"{image}: image indexes nested deeper than {_MAX_INDEX_DEPTH}")
+        descriptor = platforms.select(doc["manifests"], wanted, image)
+    raise ArchiveError(f"{image}: image indexes nested deeper than {_MAX_INDEX_DEPTH}",
+                       _EXPORT_HINT)
 
 
 def _load_oci(src: _Source, store: Store, names, tag, wanted) -> List:
     top = _oci_descriptor(src, tag)
     image = f"{src.path}" + (f":{tag}" if tag else "")
     descriptor, manifest_bytes, index_digest = resolve_oci(src, store, top, wanted, image)
-    manifest = json.loads(manifest_bytes)
+    manifest = parse_checked(manifest_bytes, mt.check_image_manifest,
+                             f"manifest {descriptor['digest']} of {image}")
     layers = manifest.get("layers") or []
     config_digest = manifest["config"]["digest"]
     with store.pending([descriptor["digest"], config_digest] + [la["digest"] for la in layers]):
-        config = json.loads(_read_verified(src, store, config_digest))
+        config = parse_checked(_read_verified(src, store, config_digest, mt.MAX_CONFIG),
+                               mt.check_image_config, f"config {config_digest} of {image}")
         if index_digest is None:
             _check_platform(config, wanted, src.path)
         for layer in layers:
@@ -352,7 +418,7 @@ def _ingest_oci_blob(src: _Source, store: Store, layer: dict) -> None:
         return
     with src.open(src.blob_name(digest)) as f:
         try:
-            _, outcome = store.ingest_stream(f, digest, layer.get("size"))
+            _, outcome = store.ingest_stream(f, digest, layer["size"])
         except DigestMismatch as e:
             raise ArchiveError(f"layer {digest} in {src.path} is corrupt: {e}",
                                "export the image again") from e

@@ -100,9 +100,11 @@ def _read_auths(path: Path) -> Dict[str, dict]:
     except OSError as e:
         _log.warning("cannot read credentials file %s: %s", path, e.strerror)
         return {}
+    from uctr_batch.image.manifest import InvalidDocument, parse_document
+
     try:
-        auths = json.loads(data or b"{}").get("auths", {})
-    except (ValueError, AttributeError):
+        auths = parse_document(data or b"{}", _MAX_FILE).get("auths", {})
+    except (InvalidDocument, AttributeError):  # bad JSON, too deep, or not an object
         _log.warning("ignoring credentials file %s: not a JSON object", path)
         return {}
     return auths if isinstance(auths, dict) else {}
@@ -115,7 +117,7 @@ def _decode_entry(entry, path: Path, key: str) -> Optional[Credentials]:
         try:
             decoded = base64.b64decode(entry["auth"], validate=True).decode()
             user, sep, password = decoded.partition(":")
-        except (binascii.Error, ValueError, UnicodeDecodeError):
+        except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
             user, sep, password = "", "", ""
         if sep and user:
             return Credentials(user, password, str(path))

@@ -41,10 +41,13 @@ _NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, er
 _MAX_POLL = 2.0  # cap on the polling interval: many nodes polling one NFS file must stay cheap
 
 
+_MAX_LOCK_FILE = 65536  # a lock file holds ~300 bytes; anything longer was planted
+
+
 def _read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(_MAX_LOCK_FILE).strip()
     except OSError:
         return ""
 
@@ -88,19 +91,21 @@ class Holder:
     half-written under the O_EXCL fallback)."""
 
     def __init__(self, data: dict):
-        self.host = str(data.get("host", "?"))
-        self.pid = int(data.get("pid", 0) or 0)
-        self.boot_id = str(data.get("boot_id", ""))
-        self.pidns = str(data.get("pidns", ""))
-        self.start_time = str(data.get("start_time", ""))
-        self.token = str(data.get("token", ""))
-        self.since = float(data.get("since", 0) or 0)
+        self.host = str(data.get("host", "?"))[:256]
+        self.pid = _number(data.get("pid"), int)
+        self.boot_id = str(data.get("boot_id", ""))[:64]
+        self.pidns = str(data.get("pidns", ""))[:64]
+        self.start_time = str(data.get("start_time", ""))[:64]
+        self.token = str(data.get("token", ""))[:64]
+        self.since = _number(data.get("since"), float)
 
     @classmethod
     def parse(cls, text: str) -> "Holder":
+        """The holder a lock file names; fields that are missing, mistyped or absurd (a
+        half-written or planted file) read as unknown, never as an error."""
         try:
             data = json.loads(text) if text else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             data = {}
         return cls(data if isinstance(data, dict) else {})
 
@@ -109,6 +114,13 @@ class Holder:
         if self.since:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
         return f"pid {self.pid} on host {self.host} since {since}"
+
+
+def _number(value, kind):
+    """VALUE as a non-negative finite KIND (int or float), else 0."""
+    if type(value) not in (int, float) or not 0 <= value < 2 ** 63:
+        return kind(0)
+    return kind(value)
 
 
 def _identity() -> dict:
@@ -216,12 +228,24 @@ class FileLock:
     def _create(self, token: str) -> bool:
         directory, name = os.path.split(self.path)
         tmp = os.path.join(directory or ".", f".{name}.{uuid.uuid4().hex}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.write(fd, self._content(token))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            self._raise_no_space(e, directory)
+            raise
+        try:
+            try:
+                content = self._content(token)
+                if os.write(fd, content) != len(content):  # a short write: the disk is full
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException as e:
+            os.unlink(tmp)  # a half-written lock file must not stay behind
+            if isinstance(e, OSError):
+                self._raise_no_space(e, directory)
+            raise
         try:
             try:
                 os.link(tmp, self.path)
@@ -229,6 +253,7 @@ class FileLock:
                 if e.errno in _NO_HARD_LINKS:
                     return self._create_exclusive(token)
                 if e.errno != errno.EEXIST:
+                    self._raise_no_space(e, directory)  # tmpfs: a link takes an inode too
                     raise
             # NFS: link() may fail on a lost reply after succeeding; the link count is the truth
             return os.stat(tmp).st_nlink == 2
@@ -245,11 +270,23 @@ class FileLock:
         except FileExistsError:
             return False
         try:
-            os.write(fd, self._content(token))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                os.write(fd, self._content(token))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            os.unlink(self.path)  # ours (O_EXCL): an empty lock file would look held
+            self._raise_no_space(e, os.path.dirname(self.path))
+            raise
         return True
+
+    def _raise_no_space(self, exc: OSError, directory: str) -> None:
+        from uctr_batch.fsutil import no_space
+
+        full = no_space(exc, directory or ".", None, f"take the lock on {self.what}")
+        if full is not None:
+            raise full from exc
 
     def _won(self, token: str) -> None:
         self.token = token

@@ -39,9 +39,14 @@ def normalize(p: Platform) -> Platform:
 
 def from_json(obj: Optional[dict]) -> Optional[Platform]:
     """Platform of an index entry's "platform" object or of an image config."""
-    if not obj or not obj.get("os") or not obj.get("architecture"):
+    if not isinstance(obj, dict):
         return None
-    return normalize(Platform(obj["os"], obj["architecture"], obj.get("variant") or None))
+    os_, arch, variant = obj.get("os"), obj.get("architecture"), obj.get("variant") or None
+    if not (isinstance(os_, str) and os_ and isinstance(arch, str) and arch):
+        return None  # documents are checked on the way in; a cache entry may be older
+    if variant is not None and not isinstance(variant, str):
+        variant = None
+    return normalize(Platform(os_, arch, variant))
 
 
 def rank(wanted: Platform, have: Optional[Platform]) -> Optional[int]:
@@ -77,7 +82,7 @@ def select(entries: Sequence[dict], wanted: Platform, image: str) -> dict:
     """Pick the index entry (descriptor with "platform") that best serves `wanted`."""
     best, best_rank = None, None
     for entry in entries:
-        r = rank(wanted, from_json(entry.get("platform")))
+        r = rank(wanted, from_json(entry.get("platform") if isinstance(entry, dict) else None))
         if r is not None and (best_rank is None or r < best_rank):
             best, best_rank = entry, r
     if best is None:
@@ -92,7 +97,7 @@ def select(entries: Sequence[dict], wanted: Platform, image: str) -> dict:
 def available(entries: Sequence[dict]) -> List[str]:
     names = []
     for entry in entries:
-        p = from_json(entry.get("platform"))
+        p = from_json(entry.get("platform") if isinstance(entry, dict) else None)
         if p is not None and p.os != "unknown" and str(p) not in names:
             names.append(str(p))
     return names

@@ -9,15 +9,14 @@ nodes; a partial left by a killed pull is resumed), then record the reference.
 """
 
 import fnmatch
-import json
 import sys
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import List, Optional, Tuple, Union
 
-from uctr_batch import log, settings
-from uctr_batch.errors import ConfigError, DigestMismatch, ImageNotFound, RegistryError
+from uctr_batch import fsutil, log, settings
+from uctr_batch.errors import ConfigError, DigestMismatch, ImageNotFound, NoSpace, RegistryError
 from uctr_batch.image import manifest as mt
 from uctr_batch.image import platforms
 from uctr_batch.image import reference as references
@@ -105,20 +104,28 @@ class _Puller:
         repo = self.ref.repository
         data, media_type, digest = self.client.get_manifest(repo, self.ref.manifest_reference)
         if self.ref.digest and digest != self.ref.digest:
-            raise DigestMismatch(f"registry returned manifest {digest} for {self.ref}")
+            raise DigestMismatch(f"registry returned manifest {digest} for {self.ref}",
+                                 "the registry, a mirror or a proxy served other content; "
+                                 "nothing was kept")
         index_digest, chosen = None, None
         if media_type in mt.INDEX_TYPES:
+            index = _document(data, f"image index {digest} of {self.ref}", mt.check_index)
             self.store.put_bytes(digest, data)
             index_digest = digest
-            entries = _json(data, digest).get("manifests") or []
-            chosen = platforms.select(entries, wanted, str(self.ref))
+            chosen = platforms.select(index["manifests"], wanted, str(self.ref))
             log.verbose("%s: %s manifest %s", self.ref,
                         platforms.from_json(chosen.get("platform")), chosen["digest"])
+            if not chosen["digest"].startswith("sha256:"):
+                raise RegistryError(f"unsupported digest {chosen['digest'][:16]}... in the image "
+                                    f"index of {self.ref}", "uctr verifies sha256 digests only")
             data, media_type, digest = self.client.get_manifest(repo, chosen["digest"])
             if media_type not in mt.MANIFEST_TYPES:
                 raise RegistryError(f"index entry {digest} of {self.ref} is not an image "
-                                    f"manifest ({media_type})")
-        manifest = _json(data, digest)
+                                    f"manifest ({media_type})",
+                                    "uctr follows one level of index; choose a platform image "
+                                    "by digest (IMAGE@sha256:...)")
+        manifest = _document(data, f"image manifest {digest} of {self.ref}",
+                             mt.check_image_manifest)
         self.store.put_bytes(digest, data)
         config = self._config(manifest, digest)
         platform = platforms.from_json(chosen.get("platform")) if chosen else None
@@ -128,13 +135,11 @@ class _Puller:
                             str(platform) if platform else None, index_digest)
 
     def _config(self, manifest: dict, manifest_digest: str) -> dict:
-        try:
-            desc = manifest["config"]
-            digest, size = desc["digest"], desc.get("size")
-        except (KeyError, TypeError):
-            raise RegistryError(f"manifest {manifest_digest} of {self.ref} has no config") from None
-        self._ingest(Layer(digest, desc.get("mediaType", ""), size or 0), size)
-        return _json(self.store.read_blob(digest), digest)
+        desc = manifest["config"]  # check_image_manifest: a digest and a bounded size
+        digest, size = desc["digest"], desc["size"]
+        self._ingest(Layer(digest, desc.get("mediaType", ""), size), size)
+        return _document(self.store.read_blob(digest), f"image config {digest} of {self.ref}",
+                         mt.check_image_config, mt.MAX_CONFIG)
 
     def _check_single_platform(self, config: dict, wanted: Platform, explicit: bool) -> None:
         have = platforms.from_json(config)
@@ -167,13 +172,20 @@ class _Puller:
     def _parallel(self, todo) -> None:
         workers = max(1, min(self.config.parallel, len(todo)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uctr-pull") as pool:
-            futures = [pool.submit(self._ingest, layer, layer.size or None) for layer in todo]
+            futures = [pool.submit(self._ingest, layer, layer.size) for layer in todo]
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for future in pending:
                 future.cancel()  # not started yet; running downloads finish or fail on their own
-            for future in futures:
-                if future.done() and not future.cancelled() and future.exception():
-                    raise future.exception()
+        errors = [f.exception() for f in futures
+                  if f.done() and not f.cancelled() and f.exception()]
+        if errors:
+            full = next((e for e in errors if isinstance(e, NoSpace)), None)
+            if full is not None and isinstance(full.__cause__, OSError):
+                # one blob found the disk full: say how much the whole pull still needs
+                left = sum(la.size for la in todo if not self.store.has_blob(la.digest))
+                raise fsutil.no_space(full.__cause__, self.store.root, left,
+                                      f"pull {self.ref}") from full.__cause__
+            raise errors[0]
 
     def _ingest(self, layer: Layer, size: Optional[int]) -> None:
         progress = self.progress.add if self.progress else None
@@ -187,14 +199,16 @@ class _Puller:
         log.verbose("%s: %s", layer.digest, outcome)
 
 
-def _json(data: bytes, digest: str) -> dict:
+def _document(data: bytes, what: str, check, limit: int = mt.MAX_DOCUMENT) -> dict:
+    """Parse and check a document from the registry (bounded: see manifest.parse_document);
+    RegistryError naming WHAT and the broken rule."""
     try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise RegistryError(f"manifest or config {digest} is not valid JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise RegistryError(f"manifest or config {digest} is not a JSON object")
-    return doc
+        return check(mt.parse_document(data, limit))
+    except mt.InvalidDocument as e:
+        raise RegistryError(f"malformed {what}: {e}",
+                            "the registry (or a mirror or proxy in between) served a broken "
+                            "image document; push the image again or ask the registry's "
+                            "operator") from None
 
 
 class Progress:

@@ -28,6 +28,7 @@ DEFAULT_TAG = "latest"
 DOCKER_HUB_API = "registry-1.docker.io"
 _HUB_ALIASES = ("index.docker.io",)  # Docker normalises this one to docker.io
 MAX_NAME = 255  # registry + repository, as in distribution/reference
+MAX_REFERENCE = 4096 + 512  # a path (PATH_MAX) plus a tag or an inner reference; checked first
 _MAX_PATH_NAME = 200  # for_path() length, safely below NAME_MAX with room for suffixes
 
 DOCKER = "docker"
@@ -42,7 +43,7 @@ _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*\Z")
 _TAG = re.compile(r"[\w][\w.-]{0,127}\Z", re.ASCII)
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _HOST_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_REGISTRY = re.compile(rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?\Z")
+_REGISTRY = re.compile(rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[[0-9a-fA-F:.]+\])(?::[0-9]{{1,5}})?\Z")
 
 _EXAMPLE = "docker.io/library/debian:12"
 _TAG_HINT = "a tag is 1-128 letters, digits, '_', '.' or '-' and does not start with '.' or '-'"
@@ -131,6 +132,11 @@ def parse(text: str) -> ImageRef:
     """Parse an image reference; raise ReferenceError_ naming the bad part."""
     if not isinstance(text, str) or not text:
         raise ReferenceError_("empty image reference", _EXAMPLE_HINT)
+    if len(text) > MAX_REFERENCE:  # bounds the work of every check below
+        raise ReferenceError_(f"image reference too long ({len(text)} > {MAX_REFERENCE} "
+                              "characters)", _EXAMPLE_HINT)
+    if "\0" in text:
+        raise ReferenceError_("image reference contains a NUL character", _EXAMPLE_HINT)
     transport, rest = _split_transport(text)
     if transport == DOCKER:
         return _parse_docker(rest, text)

@@ -25,7 +25,6 @@ Thread safety: one client may be shared by download threads; each thread gets it
 """
 
 import hashlib
-import json
 import os
 import queue
 import random
@@ -35,7 +34,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlencode
 
-from uctr_batch import __version__, log
+from uctr_batch import __version__, fsutil, log
 from uctr_batch.errors import (
     AuthError,
     ConfigError,
@@ -52,14 +51,21 @@ _log = log.get("registry")
 
 CHUNK = 1 << 20  # bytes per read: large enough that Python overhead per chunk vanishes
 BACKGROUND_HASH_MIN = 8 << 20  # blobs from this size on are hashed on a helper thread
-MAX_MANIFEST = 4 << 20  # same cap as containerd: a bigger "manifest" is an attack or a mistake
+MAX_MANIFEST = manifest.MAX_DOCUMENT  # containerd's cap: a bigger "manifest" is an attack
 MAX_TOKEN_RESPONSE = 1 << 20
+MAX_ERROR_BODY = 65536  # an error body only words a message
+MAX_TOKEN = 1 << 16  # characters of a bearer token (JWTs are a few KiB)
+MAX_TOKEN_LIFETIME = 86400.0  # seconds a token is cached at most, whatever the server says
+MAX_CHALLENGE = 8192  # characters of a WWW-Authenticate header that are parsed
+DOCUMENT_DEADLINE = 10  # a JSON document must arrive within this many stall timeouts
+TRICKLE_BYTES = 16384  # a blob download receiving less than this per stall timeout stalled
 RETRY_AFTER_CAP = 60.0  # seconds; a server asking for longer gets this much
 BACKOFF_BASE = 0.25  # seconds before the first retry; doubles each time, with jitter
 BACKOFF_CAP = 8.0
 TOKEN_LIFETIME = 60  # seconds, when the token server does not say (the spec's default)
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
-_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]+))')
+_TOKEN = re.compile(r"[\x21-\x7e]+\Z")  # a token goes into a header: visible ASCII only
 _HTTPS_ONLY = "Client sent an HTTP request to an HTTPS server"
 
 ProgressFn = Callable[[int], None]
@@ -135,7 +141,7 @@ class RegistryClient:
                     if resp.status_code == 404 and not endpoint.mirror:
                         error = self._explain_missing(endpoint, repository, error)
                     raise error
-                data = _read_limited(resp, MAX_MANIFEST, what)
+                data = _read_limited(resp, MAX_MANIFEST, what, self._deadline())
                 content_type = resp.headers.get("Content-Type", "")
             digest = "sha256:" + hashlib.sha256(data).hexdigest()
             if _DIGEST.match(reference) and digest != reference:
@@ -248,6 +254,11 @@ class RegistryClient:
             "blobs are kept and a partial one resumes (UCTR_RETRIES, UCTR_STALL_TIMEOUT tune this)",
         )
 
+    def _deadline(self) -> float:
+        """When a JSON document that started arriving now must be complete (a server that
+        trickles one byte per stall timeout must not hold uctr forever)."""
+        return time.monotonic() + DOCUMENT_DEADLINE * self.config.stall_timeout
+
     @staticmethod
     def _delay(attempt: int, retry_after: Optional[float]) -> float:
         if retry_after is not None:
@@ -284,8 +295,14 @@ class RegistryClient:
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
             connect = not isinstance(e, requests.exceptions.ReadTimeout)
             raise _Retryable(self._describe(e), url, unreachable=connect) from e
+        except requests.exceptions.TooManyRedirects as e:
+            raise TransferError(f"too many redirects (a redirect loop?): {url}",
+                                "the registry or a proxy in front of it is misconfigured; "
+                                "tell its operator") from e
         except requests.exceptions.RequestException as e:
-            raise TransferError(f"request failed: {url}: {e}") from e
+            raise TransferError(f"request failed: {url}: {str(e)[:300]}",
+                                "check the registry address and the network; run with -v "
+                                "for details") from e
         _log.debug("%s %s -> %d", method, url, resp.status_code)
         status = resp.status_code
         if status == 429 or (status >= 500 and status not in (501, 505)):  # worth another try
@@ -353,7 +370,8 @@ class RegistryClient:
         """GET the Bearer realm (Docker token spec); cache the token for (endpoint, scope)."""
         realm = params.get("realm", "")
         if not realm.startswith(("https://", "http://")):
-            raise AuthError(f"{endpoint.login_name} gave an unusable token realm {realm!r}")
+            raise AuthError(f"{endpoint.login_name} gave an unusable token realm {realm[:200]!r}",
+                            "the registry's authentication is misconfigured; tell its operator")
         query = [("service", params["service"])] if params.get("service") else []
         if scope:
             query.append(("scope", scope))
@@ -365,15 +383,10 @@ class RegistryClient:
             if resp.status_code in (401, 403):
                 raise self._denied(endpoint, None, "token")
             if resp.status_code != 200:
-                raise RegistryError(f"token server answered HTTP {resp.status_code}: {realm}")
-            try:
-                data = json.loads(_read_limited(resp, MAX_TOKEN_RESPONSE, realm))
-                token = data.get("token") or data.get("access_token")
-                lifetime = float(data.get("expires_in") or TOKEN_LIFETIME)
-            except (ValueError, AttributeError, TypeError):
-                token = None
-        if not token:
-            raise RegistryError(f"token server sent no token: {realm}")
+                raise RegistryError(f"token server answered HTTP {resp.status_code}: {realm}",
+                                    "the registry's token service is failing; try again later")
+            body = _read_limited(resp, MAX_TOKEN_RESPONSE, realm, self._deadline())
+        token, lifetime = _token_response(body, realm)
         header = "Bearer " + token
         with self._lock:  # refresh a little early: a token must not expire in flight
             self._tokens[(endpoint.base, scope)] = (header, time.monotonic() + 0.9 * lifetime)
@@ -422,7 +435,10 @@ class RegistryClient:
                                  "remove it from the insecure registries (--insecure-registry, "
                                  "UCTR_INSECURE_REGISTRIES); give a private CA with --tls-ca")
         detail = f" ({message})" if message else ""
-        return RegistryError(f"HTTP {resp.status_code} {resp.reason}{detail}: {resp.url}")
+        return RegistryError(f"HTTP {resp.status_code} {_printable(str(resp.reason)[:100])}"
+                             f"{detail}: {resp.url}",
+                             "check the image name and the registry address; run with -v "
+                             "for the requests made")
 
     def _repository_not_found(self, repository: Optional[str]) -> RegistryError:
         return RegistryError(f"repository not found: {self.registry}/{repository}",
@@ -442,11 +458,11 @@ class RegistryClient:
             if resp.status_code == 404:
                 return self._repository_not_found(repository)
             try:
-                tags = json.loads(_read_limited(resp, MAX_MANIFEST, "tag list")).get("tags") or []
-            except (_Retryable, RegistryError, ValueError, AttributeError):
+                tags = _tag_list(_read_limited(resp, MAX_MANIFEST, "tag list", self._deadline()))
+            except (_Retryable, RegistryError):
                 return error
         if resp.status_code == 200 and tags:
-            shown = ", ".join(sorted(map(str, tags))[:10]) + (", ..." if len(tags) > 10 else "")
+            shown = ", ".join(sorted(tags)[:10]) + (", ..." if len(tags) > 10 else "")
             error.hint = f"tags in {self.registry}/{repository}: {shown}"
         return error
 
@@ -516,18 +532,31 @@ class RegistryClient:
     def _stream_into(self, resp, part: "_PartialBlob") -> None:
         import urllib3
 
-        decode = resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", "")
+        # The bytes are hashed exactly as they arrive (we asked for identity, as Docker does):
+        # decoding a Content-Encoding a server adds anyway could turn one chunk into gigabytes
+        # in memory, and the digest names the blob as pushed, not a re-encoding of it.
         # read1 returns what has arrived (up to CHUNK) instead of waiting for a full chunk, so
         # the bytes received before a stall are kept and the retry resumes right after them.
         read = getattr(resp.raw, "read1", None) or resp.raw.read
+        # The socket timeout catches silence; a server that trickles a byte now and then
+        # defeats it, so fewer than TRICKLE_BYTES in a stall timeout counts as a stall too.
+        window_start, window_bytes = time.monotonic(), 0
         while True:
             try:
-                chunk = read(CHUNK, decode_content=decode)
+                chunk = read(CHUNK, decode_content=False)
             except (urllib3.exceptions.HTTPError, OSError) as e:
                 raise _Retryable(f"{self._describe(e)} after {part.size} bytes", resp.url) from e
             if not chunk:
                 return
             part.write(chunk)
+            window_bytes += len(chunk)
+            now = time.monotonic()
+            if window_bytes >= TRICKLE_BYTES:
+                window_start, window_bytes = now, 0
+            elif now - window_start > self.config.stall_timeout:
+                raise _Retryable(f"stalled: fewer than {TRICKLE_BYTES} bytes in "
+                                 f"{self.config.stall_timeout:g} s after {part.size} bytes",
+                                 resp.url)
 
 
 class _PartialBlob:
@@ -548,6 +577,10 @@ class _PartialBlob:
         try:
             fd = os.open(self.path, flags, 0o644)
         except OSError as e:
+            full = fsutil.no_space(e, os.path.dirname(self.path), self.expected_size,
+                                   f"download {self.digest}")
+            if full is not None:
+                raise full from e
             raise StorageError(f"cannot open the download file {self.path}: {e.strerror}",
                                "check the cache directory (UCTR_CACHE) and its permissions") from e
         self._file = os.fdopen(fd, "r+b", buffering=0)
@@ -588,14 +621,24 @@ class _PartialBlob:
             raise DigestMismatch(
                 f"registry sent more than the {self.expected_size} bytes of blob {self.digest}",
                 "the registry, a mirror or a proxy served wrong data; nothing was kept")
-        try:
-            self._file.write(chunk)
-        except OSError as e:
-            raise StorageError(f"cannot write {self.path}: {e.strerror}",
-                               "free some space in the cache or point UCTR_CACHE elsewhere") from e
-        self._hash.update(chunk)
-        self.size += len(chunk)
-        self.progress(len(chunk))
+        view = memoryview(chunk)
+        while view:  # a write can be short (a disk filling up): only what landed is counted
+            try:
+                written = os.write(self._file.fileno(), view)
+            except OSError as e:
+                needed = None
+                if self.expected_size is not None:
+                    needed = self.expected_size - self.size
+                full = fsutil.no_space(e, os.path.dirname(self.path), needed,
+                                       f"download {self.digest}")
+                if full is not None:
+                    raise full from e  # not retried: the disk stays full until someone acts
+                raise StorageError(f"cannot write {self.path}: {e.strerror}",
+                                   "check the cache directory (UCTR_CACHE)") from e
+            self._hash.update(view[:written].tobytes())
+            self.size += written
+            self.progress(written)
+            view = view[written:]
 
     def verified(self) -> bool:
         return self._hash.digest() == self.digest
@@ -708,7 +751,9 @@ def _tls_error(url: str, exc: Exception) -> TransferError:
             f"TLS handshake with {host} failed (it seems to speak plain HTTP): {url}",
             f"if that is intended, allow plain HTTP with --insecure-registry {host} "
             "(or UCTR_INSECURE_REGISTRIES)")
-    return TransferError(f"TLS error with {host} ({text.splitlines()[0][:200]}): {url}")
+    return TransferError(f"TLS error with {host} ({text.splitlines()[0][:200]}): {url}",
+                         "check the registry address and its certificate; a private CA is "
+                         "given with --tls-ca FILE (or UCTR_TLS_CA)")
 
 
 def _discard(resp) -> None:
@@ -729,7 +774,10 @@ def _with_auth(headers: Dict[str, str], authorization: Optional[str]) -> Dict[st
 
 
 def _parse_challenge(header: str) -> Optional[Tuple[str, Dict[str, str]]]:
-    """'Bearer realm="...",service="...",scope="..."' -> ('bearer', {...}); None if unusable."""
+    """'Bearer realm="...",service="...",scope="..."' -> ('bearer', {...}); None if unusable
+    (also when it is longer than MAX_CHALLENGE: no real challenge is)."""
+    if not isinstance(header, str) or len(header) > MAX_CHALLENGE:
+        return None
     scheme, _, rest = header.strip().partition(" ")
     scheme = scheme.lower()
     if scheme not in ("bearer", "basic"):
@@ -739,48 +787,123 @@ def _parse_challenge(header: str) -> Optional[Tuple[str, Dict[str, str]]]:
     return scheme, params
 
 
+_DELTA_SECONDS = re.compile(r"[0-9]{1,12}\Z")
+
+
 def _retry_after(value: Optional[str]) -> Optional[float]:
-    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if not value:
+    """Retry-After as seconds >= 0 (delta-seconds or an HTTP date); None when absent or
+    unreadable (negative, huge, garbage). The caller caps it at RETRY_AFTER_CAP."""
+    if not value or len(value) > 64:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELTA_SECONDS.match(value):
         return float(value)
     import email.utils
 
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError, AttributeError):
         return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
-def _read_limited(resp, limit: int, what: str) -> bytes:
+def _read_limited(resp, limit: int, what: str, deadline: Optional[float] = None) -> bytes:
+    """The body of a JSON response, at most LIMIT bytes after decoding, complete by DEADLINE
+    (time.monotonic()); RegistryError beyond the limit, _Retryable when cut short or late.
+    Read in chunks from the raw stream: a Content-Length that lies, an endless chunked body or
+    a gzip bomb cannot make it hold more than LIMIT (+ one chunk) in memory."""
     import urllib3
 
-    try:
-        data = resp.raw.read(limit + 1, decode_content=True)
-    except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise _Retryable("connection failed while reading the response", resp.url) from e
-    if len(data) > limit:
-        raise RegistryError(f"response larger than {limit} bytes: {what}")
-    return data
+    import zlib
+
+    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        decoder = zlib.decompressobj(zlib.MAX_WBITS | 32 if encoding != "deflate" else 0)
+    elif encoding in ("identity", ""):
+        decoder = None
+    else:
+        raise RegistryError(f"unsupported Content-Encoding {encoding[:40]!r}: {what}",
+                            _BAD_DOCUMENT_HINT)
+    parts, size = [], 0
+    read = getattr(resp.raw, "read1", None) or resp.raw.read  # read1: what has arrived
+    while True:
+        if deadline is not None and time.monotonic() > deadline:
+            raise _Retryable("response arrived too slowly", resp.url)
+        try:
+            chunk = read(65536, decode_content=False)
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise _Retryable("connection failed while reading the response", resp.url) from e
+        if decoder is not None:
+            try:
+                chunk = decoder.decompress(chunk, limit + 1 - size) if chunk else decoder.flush()
+            except zlib.error as e:
+                raise RegistryError(f"response is not valid {encoding}: {what}",
+                                    _BAD_DOCUMENT_HINT) from e
+        if chunk:
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise RegistryError(f"response larger than {limit} bytes: {what}",
+                                    "the registry sent far more than any image document needs")
+            continue
+        # (a decoder never keeps input back here: it stops early only past the limit)
+        return b"".join(parts)
 
 
 def _error_codes(resp) -> Tuple[List[str], str]:
-    """The registry's error codes and first message (Distribution API error body)."""
+    """The registry's error codes and first message (Distribution API error body); anything
+    malformed only loses the detail (the status still decides the error)."""
     try:
-        body = resp.raw.read(65536, decode_content=True) if resp.raw else b""
+        body = resp.raw.read(MAX_ERROR_BODY, decode_content=False) if resp.raw else b""
     except Exception:  # the body only improves a message; a broken one must not hide the status
         body = b""
     try:
-        errors = json.loads(body).get("errors") or []
-        return ([str(e.get("code", "")) for e in errors],
-                str(errors[0].get("message", "")) if errors else "")
-    except (ValueError, AttributeError, TypeError):
-        return [], body[:200].decode("utf-8", "replace").strip()
+        doc = manifest.parse_document(body, MAX_ERROR_BODY)
+        errors = manifest.check_list(manifest.check_object(doc, "error body").get("errors"),
+                                     "errors", 100)
+    except manifest.InvalidDocument:
+        return [], _printable(body[:200].decode("utf-8", "replace"))
+    codes = [e["code"] for e in errors if isinstance(e, dict) and isinstance(e.get("code"), str)]
+    messages = [e["message"] for e in errors
+                if isinstance(e, dict) and isinstance(e.get("message"), str)]
+    return [c[:100] for c in codes], _printable(messages[0][:200] if messages else "")
+
+
+def _printable(text: str) -> str:
+    """Text from a server, fit for one line of a message: no control characters."""
+    return "".join(c if c.isprintable() else "?" for c in text).strip()
+
+
+def _token_response(body: bytes, realm: str) -> Tuple[str, float]:
+    """(token, lifetime in seconds) from a token server's JSON answer (Docker token spec);
+    RegistryError when it is malformed or carries no usable token."""
+    try:
+        doc = manifest.check_object(manifest.parse_document(body, MAX_TOKEN_RESPONSE),
+                                    "token response")
+        token = doc.get("token") or doc.get("access_token")
+        if not token:
+            raise manifest.InvalidDocument("token response has no token")
+        manifest.check_string(token, "token", MAX_TOKEN)
+        if not _TOKEN.match(token):
+            raise manifest.InvalidDocument("token has characters not allowed in a header")
+    except manifest.InvalidDocument as e:
+        raise RegistryError(f"token server sent an unusable answer ({e}): {realm[:200]}",
+                            "the registry's token service is misbehaving; try again later "
+                            "or tell its operator") from None
+    lifetime = doc.get("expires_in")
+    if type(lifetime) not in (int, float) or not 0 < lifetime < float("inf"):
+        lifetime = TOKEN_LIFETIME
+    return token, min(float(lifetime), MAX_TOKEN_LIFETIME)
+
+
+def _tag_list(body: bytes) -> List[str]:
+    """The tags of a tag list answer; [] when it is malformed (it only improves a hint)."""
+    try:
+        doc = manifest.check_object(manifest.parse_document(body), "tag list")
+        tags = manifest.check_strings(doc.get("tags"), "tags", 100000)
+    except manifest.InvalidDocument:
+        return []
+    return [_printable(t[:128]) for t in tags]
 
 
 def _media_type(content_type: str, data: bytes, what: str) -> str:
@@ -789,23 +912,30 @@ def _media_type(content_type: str, data: bytes, what: str) -> str:
     if media_type in known:
         return media_type
     try:
-        doc = json.loads(data)
-        declared = doc.get("mediaType") if isinstance(doc, dict) else None
-    except ValueError:
-        raise RegistryError(f"manifest is not JSON: {what}") from None
-    if declared in known:
+        doc = manifest.parse_document(data)
+    except manifest.InvalidDocument as e:
+        raise RegistryError(f"manifest is {e}: {what}", _BAD_DOCUMENT_HINT) from None
+    declared = doc.get("mediaType") if isinstance(doc, dict) else None
+    if isinstance(declared, str) and declared in known:
         return declared
     if isinstance(doc, dict) and doc.get("schemaVersion") == 1:
         raise RegistryError(f"image uses the obsolete Docker schema 1 manifest: {what}",
                             "push the image again with a current tool (schema 2 or OCI)")
-    raise RegistryError(f"unsupported manifest type {declared or media_type or 'unknown'}: {what}")
+    shown = declared if isinstance(declared, str) else media_type
+    raise RegistryError(f"unsupported manifest type {_printable(shown[:100]) or 'unknown'}: {what}",
+                        "uctr pulls OCI and Docker schema 2 images")
+
+
+_BAD_DOCUMENT_HINT = ("the registry (or a mirror or proxy in between) served a malformed "
+                      "document; push the image again or ask the registry's operator")
 
 
 def _range_start(resp) -> Optional[int]:
-    match = re.match(r"bytes (\d+)-\d+/(?:\d+|\*)", resp.headers.get("Content-Range", ""))
+    match = re.match(r"bytes ([0-9]{1,19})-[0-9]{1,19}/(?:[0-9]{1,19}|\*)",
+                     resp.headers.get("Content-Range", ""))
     return int(match.group(1)) if match else None
 
 
 def _range_total(resp) -> Optional[int]:
-    match = re.match(r"bytes \*/(\d+)", resp.headers.get("Content-Range", ""))
+    match = re.match(r"bytes \*/([0-9]{1,19})", resp.headers.get("Content-Range", ""))
     return int(match.group(1)) if match else None

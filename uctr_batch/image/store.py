@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from uctr_batch import fsutil, log, settings
-from uctr_batch.errors import DigestMismatch, ImageNotFound, StorageError
+from uctr_batch.errors import DigestMismatch, ImageNotFound, StorageError, UctrError
 from uctr_batch.image import platforms
 from uctr_batch.image import reference as references
 from uctr_batch.image.lock import FileLock
@@ -88,22 +88,37 @@ def _fsync_path(path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes, what: str = "") -> None:
     # 0644 under the cache root's own permissions: a group-shared cache stays readable
-    fsutil.write_atomic(path, data, 0o644, fsync=True)
+    try:
+        fsutil.write_atomic(path, data, 0o644, fsync=True)  # removes its temp file on failure
+    except OSError as e:
+        _raise_no_space(e, path.parent, len(data), what or f"write {path.name}")
+        raise
+
+
+def _raise_no_space(exc: OSError, directory, needed: Optional[int], what: str) -> None:
+    """Raise the NoSpace error for EXC if the disk, quota or inodes ran out; else return."""
+    full = fsutil.no_space(exc, directory, needed, what)
+    if full is not None:
+        raise full from exc
 
 
 def build_record(reference: str, manifest_digest: str, manifest: dict, config: dict,
                  platform: Optional[str] = None, index_digest: Optional[str] = None) -> ImageRecord:
-    """An ImageRecord from a parsed single-platform manifest and its parsed config."""
+    """An ImageRecord from a parsed single-platform manifest and its parsed config (both are
+    checked again here: a cache entry may predate the checks on the way in)."""
+    from uctr_batch.image import manifest as mt
+
     try:
-        layers = tuple(Layer(d["digest"], d.get("mediaType", ""), int(d.get("size", 0)))
-                       for d in manifest.get("layers") or ())
-        config_digest = manifest["config"]["digest"]
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise StorageError(f"malformed image manifest {manifest_digest} of {reference}: {e}") from e
-    for digest in (config_digest,) + tuple(layer.digest for layer in layers):
-        split_digest(digest)
+        mt.check_image_manifest(manifest)
+        mt.check_image_config(config)
+    except mt.InvalidDocument as e:
+        raise StorageError(f"malformed image {manifest_digest} of {reference}: {e}",
+                           "remove it (uctr rmi) and pull or load it again") from None
+    layers = tuple(Layer(d["digest"], d.get("mediaType", ""), d["size"])
+                   for d in manifest.get("layers") or ())
+    config_digest = manifest["config"]["digest"]
     if platform is None:
         found = platforms.from_json(config)
         platform = str(found) if found else None
@@ -180,6 +195,7 @@ class Store:
             except FileExistsError:
                 pass  # another process won the race
             except OSError as e:
+                _raise_no_space(e, root.parent, None, "create the cache")
                 raise StorageError(f"cannot create the cache directory {root}: {e.strerror}",
                                    "set UCTR_CACHE to a directory you can write") from e
         st = os.stat(root)  # an admin-provided shared root may be a symlink: follow it
@@ -196,6 +212,10 @@ class Store:
                     os.chmod(path, mode)  # a group-shared cache keeps its group bits below too
                 except FileExistsError:
                     pass  # another process won the race
+                except OSError as e:
+                    _raise_no_space(e, root, None, "create the cache")
+                    raise StorageError(f"cannot create {path}: {e.strerror}",
+                                       "set UCTR_CACHE to a directory you can write") from e
         if not os.access(root, os.W_OK | os.X_OK):
             raise StorageError(
                 f"cache directory is not writable: {root}",
@@ -257,7 +277,7 @@ class Store:
             partial = self.partial_path(digest)
             if partial.exists() and not os.access(partial, os.W_OK):
                 partial.unlink()  # left by another user of a group cache: we cannot resume it
-            fetch_fn(partial)
+            fetch_fn(partial)  # a full disk raises NoSpace (kept: a retry resumes the partial)
             self._commit(partial, digest, size)
             return DOWNLOADED
         finally:
@@ -270,8 +290,12 @@ class Store:
             partial.unlink()
             raise DigestMismatch(f"blob {digest} has {actual} bytes, the manifest says {size}",
                                  "the source is corrupt; retry, or ask its maintainer")
-        _fsync_path(partial)
-        os.rename(partial, self.blob_path(digest))
+        try:
+            _fsync_path(partial)  # NFS and quotas may report a full disk only here
+            os.rename(partial, self.blob_path(digest))
+        except OSError as e:
+            _raise_no_space(e, self.root, actual, f"store blob {digest}")
+            raise
 
     def put_bytes(self, digest: str, data: bytes) -> None:
         """Store a small blob (manifest, config) after checking its digest."""
@@ -284,11 +308,20 @@ class Store:
             self.touch_blob(digest)
             return
         tmp = self.root / "tmp" / f"{digest.split(':')[1]}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.blob_path(digest))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self.blob_path(digest))
+        except BaseException as e:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                _raise_no_space(e, self.root, len(data), f"store {digest}")
+            raise
 
     def ingest_stream(self, src, digest: Optional[str] = None,
                       size: Optional[int] = None) -> Tuple[str, str]:
@@ -297,11 +330,18 @@ class Store:
         Returns (digest, outcome)."""
         if digest is not None:
             def fetch(partial: Path) -> None:
-                with open(partial, "wb") as dst:  # a stream cannot resume: start over
-                    actual, _ = copy_hashing(src, dst, split_digest(digest)[0])
+                try:
+                    with open(partial, "wb") as dst:  # a stream cannot resume: start over
+                        actual, _ = copy_hashing(src, dst, split_digest(digest)[0])
+                except BaseException as e:
+                    partial.unlink(missing_ok=True)  # a part of a stream is worth nothing
+                    if isinstance(e, OSError):
+                        _raise_no_space(e, self.root, size, f"store blob {digest}")
+                    raise
                 if actual != digest:
                     partial.unlink()
-                    raise DigestMismatch(f"content of {digest} hashes to {actual}")
+                    raise DigestMismatch(f"content of {digest} hashes to {actual}",
+                                         "the source is corrupt; nothing was kept")
             return digest, self.ingest_blob(digest, fetch, size)
         tmp = self.root / "tmp" / f"stream-{uuid.uuid4().hex}.tmp"
         try:
@@ -313,6 +353,9 @@ class Store:
             _fsync_path(tmp)
             os.rename(tmp, self.blob_path(actual))  # same bytes whoever wins: no lock needed
             return actual, DOWNLOADED
+        except OSError as e:
+            _raise_no_space(e, self.root, size, "store a blob")
+            raise
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -325,11 +368,23 @@ class Store:
                                 "pull the image again") from None
 
     def read_json(self, digest: str) -> dict:
+        """A cached manifest or config, parsed with the bounds of manifest.parse_document."""
+        from uctr_batch.image.manifest import MAX_CONFIG, InvalidDocument, parse_document
+
+        path = self.blob_path(digest)
         try:
-            return json.loads(self.read_blob(digest))
-        except ValueError as e:
-            raise StorageError(f"cached blob {digest} is not valid JSON",
-                               "run `uctr verify --remove`") from e
+            if path.stat().st_size > MAX_CONFIG:
+                raise InvalidDocument(f"larger than {MAX_CONFIG} bytes")
+            doc = parse_document(self.read_blob(digest), MAX_CONFIG)
+        except FileNotFoundError:
+            doc = self.read_blob(digest)  # raises ImageNotFound with its hint
+        except InvalidDocument as e:
+            raise StorageError(f"cached blob {digest} is not an image document ({e})",
+                               "remove the image (uctr rmi) and pull or load it again") from None
+        if not isinstance(doc, dict):
+            raise StorageError(f"cached blob {digest} is not a JSON object",
+                               "remove the image (uctr rmi) and pull or load it again")
+        return doc
 
     def blobs(self) -> Iterator[Tuple[str, Path]]:
         for algo in _HASHES:
@@ -356,7 +411,7 @@ class Store:
             "pulled": time.time(),
         }
         data = json.dumps(entry, indent=1).encode()
-        _write_atomic(self._ref_file(rec.reference, rec.platform), data)
+        _write_atomic(self._ref_file(rec.reference, rec.platform), data, f"record {rec.reference}")
 
     def _image_size(self, rec: ImageRecord) -> int:
         config = self.blob_path(rec.config_digest)
@@ -369,12 +424,15 @@ class Store:
         found = []
         names = sorted(n for n in os.listdir(self._ref_dir())
                        if n.startswith(prefix) and n.endswith(".json"))
+        from uctr_batch.image.manifest import InvalidDocument, parse_document
+
         for path in (self._ref_dir() / n for n in names):
             try:
-                entry = json.loads(path.read_text())
-            except (OSError, ValueError):
+                with open(path, "rb") as f:
+                    entry = parse_document(f.read(_MAX_REF_FILE + 1), _MAX_REF_FILE)
+            except (OSError, InvalidDocument):
                 continue  # removed meanwhile, or not ours
-            if not isinstance(entry, dict):
+            if not isinstance(entry, dict) or not _valid_entry(entry):
                 continue
             if reference is None or entry.get("reference") == reference:
                 entry["_file"] = path
@@ -398,7 +456,9 @@ class Store:
 
     def load_record(self, entry: dict) -> ImageRecord:
         manifest = self.read_json(entry["manifest_digest"])
-        config = self.read_json(manifest.get("config", {}).get("digest", entry["config_digest"]))
+        described = manifest.get("config")
+        digest = described.get("digest") if isinstance(described, dict) else None
+        config = self.read_json(digest if isinstance(digest, str) else entry["config_digest"])
         return build_record(entry["reference"], entry["manifest_digest"], manifest, config,
                             entry.get("platform"), entry.get("index_digest"))
 
@@ -550,6 +610,35 @@ class Store:
         return digests
 
 
+_MAX_REF_FILE = 65536  # a reference entry is ~400 bytes
+
+
+def _valid_entry(entry: dict) -> bool:
+    """A reference entry whose fields have the types the commands use (a group-shared cache
+    may hold files written by hand or by another tool: those are skipped, not a traceback)."""
+    from uctr_batch.image.manifest import InvalidDocument, check_digest
+
+    try:
+        check_digest(entry.get("manifest_digest"), "manifest_digest")
+        check_digest(entry.get("config_digest"), "config_digest")
+        if entry.get("index_digest") is not None:
+            check_digest(entry["index_digest"], "index_digest")
+    except InvalidDocument:
+        return False
+    if not (isinstance(entry.get("reference"), str)
+            and isinstance(entry.get("platform"), (str, type(None)))
+            and type(entry.get("size", 0)) in (int, float)
+            and type(entry.get("pulled", 0)) in (int, float)):
+        return False
+    try:
+        references.parse(entry["reference"])
+        if entry.get("platform"):
+            platforms.parse(entry["platform"])
+    except UctrError:
+        return False
+    return True
+
+
 def _digest_matches(text: str, entry: dict) -> bool:
     hexpart = text.split(":", 1)[1]
     full = entry.get("manifest_digest", "")
@@ -561,7 +650,7 @@ class _Pending:
         self.path, self.digests = path, list(digests)
 
     def __enter__(self):
-        _write_atomic(self.path, json.dumps(self.digests).encode())
+        _write_atomic(self.path, json.dumps(self.digests).encode(), "start the pull")
         return self
 
     def __exit__(self, *exc):
