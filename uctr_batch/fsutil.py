@@ -144,6 +144,9 @@ def _write_all(fd: int, data: bytes) -> None:
 
 # -- running out of space -------------------------------------------------------------------
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Below this many free inodes the inode table is the likely cause (tmpfs keeps one back, so
+# "0 free" is not what a full table shows).
+_FEW_INODES = 64
 
 
 def no_space(exc: OSError, directory, needed: Optional[int] = None, what: str = "") -> Optional[NoSpace]:
@@ -163,15 +166,16 @@ def no_space(exc: OSError, directory, needed: Optional[int] = None, what: str = 
         parts.append(f"needed ~{human_size(needed)}")
     if free is not None:
         parts.append(f"free {human_size(free)}")
-    if inodes == 0:
-        parts.append("no free inodes")
+    few_inodes = inodes is not None and inodes < _FEW_INODES
+    if few_inodes:
+        parts.append(f"{inodes} free inodes")
     device = _device_of(directory)
     where = f"{device} ({directory})" if device else directory
     detail = f": {', '.join(parts)}" if parts else ""
     prefix = f"cannot {what}: " if what else ""
     kind = "disk quota exceeded on" if quota else "no space left on"
     return NoSpace(f"{prefix}{kind} {where}{detail}",
-                   f"free space{' or inodes' if inodes == 0 else ''} in {directory} "
+                   f"free space{' or inodes (files)' if few_inodes else ''} in {directory} "
                    "(e.g. 'uctr rm', 'uctr gc', remove old files), or point uctr elsewhere "
                    "(UCTR_LOCAL_DIR / UCTR_CACHE), then run the same command again")
 
