@@ -178,11 +178,11 @@ def test_planted_symlink_cannot_redirect_a_write(unpack, outside, monkeypatch):
     directory with O_NOFOLLOW: the write fails instead of following the planted link."""
     original = flatten._Writer.apply
 
-    def plant_then_apply(self, ops, layer):
+    def plant_then_apply(self, ops, layer, *rest):
         if any(op[0] == flatten._OP_FILE and op[1] == "d" for op in ops):
             os.rmdir(unpack.dest / "d")
             os.symlink(outside.dir, unpack.dest / "d")
-        return original(self, ops, layer)
+        return original(self, ops, layer, *rest)
 
     monkeypatch.setattr(flatten._Writer, "apply", plant_then_apply)
     with pytest.raises(StorageError):

@@ -42,7 +42,7 @@ def make_image(
             "Labels": {"a": "b"},
             "ExposedPorts": {"80/tcp": {}},
         },
-        "rootfs": {"type": "layers", "diff_ids": []},
+        "rootfs": {"type": "layers", "diff_ids": [digest_of_bytes(t) for t in layer_tars]},
     }
     config_bytes = json.dumps(config).encode()
     store.put_bytes(digest_of_bytes(config_bytes), config_bytes)
@@ -172,7 +172,7 @@ def test_existing_private_directory_is_accepted(local):
 def test_create_unpacks_once_then_reuses(local, store, image, monkeypatch):
     calls = []
     real = flatten.unpack_layers
-    monkeypatch.setattr(flatten, "unpack_layers", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(flatten, "unpack_layers", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     path = rootfs.create(image, store)
     bundle = bundle_of(local, image)
     assert path == bundle / "rootfs"
@@ -333,7 +333,7 @@ from uctr_batch.image.store import Store
 log.setup(1)
 spec = json.loads(sys.argv[2])
 record = manifest.ImageRecord(reference=spec["reference"], manifest_digest=spec["manifest"],
-    config_digest=spec["config"], config={},
+    config_digest=spec["config"], config=spec["config_doc"],
     layers=tuple(manifest.Layer(*layer) for layer in spec["layers"]))
 if len(sys.argv) > 3:  # hang after the first layer is written: the test kills us there
     real = flatten._Writer.apply
@@ -352,6 +352,7 @@ def _spec(record) -> str:
             "reference": record.reference,
             "manifest": record.manifest_digest,
             "config": record.config_digest,
+            "config_doc": record.config,
             "layers": [[la.digest, la.media_type, la.size] for la in record.layers],
         }
     )
