@@ -9,13 +9,15 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tests.harness import users
 from tests.unit.layer_tars import compress, dir_, layer_for, reg, sym, tar
-from uctr_batch.errors import DigestMismatch, StorageError, UsageError
+from uctr_batch import fsutil
+from uctr_batch.errors import DigestMismatch, LayerRejected, StorageError, UsageError
 from uctr_batch.image import flatten, manifest, rootfs
 from uctr_batch.image.store import Store, digest_of_bytes
 
@@ -408,3 +410,78 @@ def test_concurrent_creates_unpack_once(local, store, image):
     unpacks = sum(err.count("\nunpacking ") + err.startswith("unpacking ") for _, err in outputs)
     assert unpacks == 1
     assert work_dirs(local / "bundles") == []
+
+
+# -- issue 10, class 4: deep trees and leftovers never break a later create or rm ---------------
+def deep_tree(top: Path, levels: int, mode: int = 0o500) -> None:
+    """LEVELS nested directories under TOP (made through directory fds: the path is far
+    beyond PATH_MAX), each with a file, a symlink out of the tree, and mode MODE."""
+    os.makedirs(top, exist_ok=True)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir("d", dir_fd=fd)
+            os.symlink("/etc", "out", dir_fd=fd)
+            os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o400, dir_fd=fd))
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.fchmod(fd, mode)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+
+
+def test_remove_tree_handles_any_depth_and_never_follows_links(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    top = tmp_path / "tree"
+    deep_tree(top, 5000, mode=0o000)
+    os.symlink(outside, top / "link-out")
+    fsutil.remove_tree(top)
+    assert not top.exists() and (outside / "keep").read_text() == "keep"
+    with pytest.raises(OSError):
+        os.symlink(outside, tmp_path / "alink")
+        fsutil.remove_tree(tmp_path / "alink")  # a symlink is never a tree to remove
+    assert (outside / "keep").read_text() == "keep"
+
+
+def test_deep_leftover_of_a_killed_create_is_cleaned_by_the_next(local, store, image):
+    """A 2500-level temp tree left by a killed unpack made every later create exit 70."""
+    rootfs.BundleStore().prepare()
+    key = image.manifest_digest.split(":")[1]
+    leftover = local / "bundles" / rootfs.work_name("tmp", key, _dead_pid())
+    deep_tree(leftover / "rootfs", 2500)
+    other = make_image(store, tar(reg("x", b"x")))
+    stale_other = local / "bundles" / rootfs.work_name("rm", "f" * 64, _dead_pid())
+    deep_tree(stale_other, 1500)
+    path = rootfs.create(image, store)
+    assert (path / "etc/hostname").read_text() == "test\n"
+    assert rootfs.create(other, store).is_dir()
+    assert work_dirs(local / "bundles") == []
+
+
+def test_rm_of_a_bundle_holding_a_deep_tree(local, store, image):
+    """What a payload left in its rootfs (any depth, 0500 dirs) never stops `uctr rm`."""
+    path = rootfs.create(image, store)
+    deep_tree(path / "tmp-deep", 2500)
+    local_store = rootfs.BundleStore().existing()
+    rootfs.remove(path.parent, local_store)
+    assert not path.parent.exists() and work_dirs(local / "bundles") == []
+
+
+def test_image_without_diff_ids_is_rejected(local, store):
+    record = make_image(store, tar(reg("f", b"f")))
+    record = replace(record, config={k: v for k, v in record.config.items() if k != "rootfs"})
+    with pytest.raises(LayerRejected, match="diff_ids"):
+        rootfs.create(record, store)
+    assert work_dirs(local / "bundles") == []
+
+
+def test_image_whose_diff_ids_do_not_match_is_rejected(local, store):
+    record = make_image(store, tar(reg("f", b"f")))
+    config = dict(record.config, rootfs={"type": "layers", "diff_ids": ["sha256:" + "0" * 64]})
+    with pytest.raises(LayerRejected, match="diff_id"):
+        rootfs.create(replace(record, config=config), store)
+    assert work_dirs(local / "bundles") == []
+    assert rootfs.create(record, store).is_dir()  # the good one still works after

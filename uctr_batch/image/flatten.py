@@ -66,6 +66,7 @@ _log = log.get("flatten")
 _CHUNK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_SKIPPABLE = range(0x184D2A50, 0x184D2A60)  # skippable frames' magic numbers
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
 _DIGESTS = ("sha256", "sha384", "sha512")  # the OCI image spec's registered algorithms
@@ -310,7 +311,8 @@ def _sniff(raw: IO[bytes]) -> str:
     raw.seek(0)
     if magic.startswith(_GZIP_MAGIC):
         return "gzip"
-    if magic == _ZSTD_MAGIC:
+    if magic == _ZSTD_MAGIC or (len(magic) == 4 and
+                                int.from_bytes(magic, "little") in _ZSTD_SKIPPABLE):
         return "zstd"
     return "none"
 
@@ -322,9 +324,6 @@ def _hasher_for(layer: Optional[Layer], label: str):
     if algorithm not in _DIGESTS:
         raise LayerRejected(f"layer {label} rejected: unsupported digest algorithm: {algorithm}")
     return hashlib.new(algorithm)
-
-
-_ZSTD_SKIPPABLE = range(0x184D2A50, 0x184D2A60)
 
 
 def _check_zstd_frames(raw: IO[bytes]) -> None:
@@ -507,7 +506,9 @@ class _LayerTar:
                                 "Report it to its maintainer.") from None
         except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError,
                 IndexError) as e:
-            raise LayerRejected(f"layer {self.label} rejected: not a valid tar archive: {e}") from e
+            raise LayerRejected(f"layer {self.label} rejected: not a valid tar archive: {e}",
+                                "the image is damaged; pull it again or report it to its "
+                                "maintainer") from e
         self._check_end(size)
         self._check_data(size)
 
