@@ -444,7 +444,8 @@ class _LayerTar:
                     break
                 self.size += len(chunk)
                 if bound is not None and self.size > bound:
-                    raise budget.stream_too_big(self.label, self.size)
+                    self._give_back()  # the error shows the free space as it will be
+                    raise budget.stream_too_big(self.label, _count_rest(stream, self.size))
                 if diff_hasher is not None:
                     diff_hasher.update(chunk)
                 self._write(chunk, budget)
@@ -465,10 +466,19 @@ class _LayerTar:
                 "the image is damaged or inconsistent; nothing of it is used. "
                 "Report it to its maintainer.")
 
+    def _give_back(self) -> None:
+        """Free the temp file's blocks now (it is closed by the caller)."""
+        try:
+            self.file.seek(0)
+            self.file.truncate(0)
+        except (OSError, ValueError):
+            pass
+
     def _write(self, chunk: bytes, budget: "_Budget") -> None:
         try:
             self.file.write(chunk)
         except OSError as e:
+            self._give_back()
             raise fsutil.no_space(e, budget.space_dir, self.size, f"unpack layer {self.label}") \
                 or StorageError(
                     f"cannot write the uncompressed layer {self.label}: {e.strerror}") from e
@@ -544,6 +554,25 @@ class _LayerTar:
 
     def close(self) -> None:
         self.file.close()
+
+
+_COUNT_AFTER_LIMIT = 1 << 30  # inflated (not written) past a limit to tell the size needed
+
+
+def _count_rest(stream, size: int) -> int:
+    """SIZE plus what is left in STREAM, counting at most _COUNT_AFTER_LIMIT more bytes (a
+    decompression bomb can expand to terabytes): the size a too-big layer needs, or a lower
+    bound of it."""
+    end = size + _COUNT_AFTER_LIMIT
+    try:
+        while size < end:
+            chunk = stream.read(_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+    except _decompress_errors():
+        pass
+    return size
 
 
 def _diff_hasher(diff_id: Optional[str], label: str):

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from uctr_batch import __version__, fsutil, log, settings
-from uctr_batch.errors import ImageNotFound, LayerRejected, StorageError, UctrError, UsageError
+from uctr_batch.errors import (ImageNotFound, LayerRejected, NoSpace, StorageError, UctrError,
+                               UsageError)
 from uctr_batch.image.lock import FileLock, pid_alive
 from uctr_batch.image.manifest import ImageRecord
 
@@ -134,12 +135,19 @@ def create(record: ImageRecord, store, dest: Optional[Path] = None,
                     _remove_stale_work(bundle.parent, None if dest is None else bundle.name)
                     _unpack(record, store, bundle, limit, base)
         return bundle / ROOTFS
-    except OSError as e:
-        where = os.path.dirname(e.filename) if isinstance(e.filename, str) and e.filename \
-            else base or settings.default_local_dir()
-        full = fsutil.no_space(e, where, None, f"create the bundle of {record.reference}")
+    except (OSError, StorageError) as e:
+        cause = e if isinstance(e, OSError) else e.__cause__  # e.g. the base dir's mkdir
+        if isinstance(e, NoSpace) or not isinstance(cause, OSError):
+            raise
+        where = base or settings.default_local_dir()
+        name = cause.filename if isinstance(cause.filename, str) else ""
+        if name and not name.startswith(str(where) + "/"):  # e.g. the cache's pull marker
+            where = os.path.dirname(name)
+        full = fsutil.no_space(cause, where, None, f"create the bundle of {record.reference}")
         if full is not None:
             raise full from e
+        if isinstance(e, StorageError):
+            raise
         raise StorageError(f"cannot create the bundle of {record.reference}: {e}") from e
 
 
