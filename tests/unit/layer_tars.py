@@ -149,7 +149,7 @@ def _header(name: bytes, kind: bytes, size: int, mode: int = 0o644, mtime: int =
             linkname: bytes = b"") -> bytes:
     info = tarfile.TarInfo("x")
     info.type, info.size, info.mode, info.mtime = kind, size, mode, mtime
-    block = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+    block = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))  # base-256 for huge sizes
     block[0:100] = name[:100].ljust(100, b"\0")
     block[157:257] = linkname[:100].ljust(100, b"\0")
     block[148:156] = b" " * 8

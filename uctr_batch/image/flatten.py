@@ -167,7 +167,7 @@ def unpack_layers(layers: Sequence[LayerInput], dest: Union[str, Path], *,
             finally:
                 current.close()
             stats.layers += 1
-        writer.finish_dirs(tree.dir_meta)
+        writer.finish_dirs(tree)
     finally:
         os.umask(old_umask)
         if pending is not None:
@@ -1058,24 +1058,55 @@ class _Writer:
         self._forget_fds(_join(parent, name))
         fsutil.remove_tree_at(dir_fd, name)
 
-    def finish_dirs(self, dir_meta: Dict[str, Tuple[int, Optional[int]]]) -> None:
-        """Final directory modes and mtimes, deepest first (children before a 0500 parent
-        loses u+w; the parent's mtime after its children stopped changing)."""
-        order = sorted(dir_meta, key=lambda p: p.count("/") if p else -1, reverse=True)
-        for path in order:
-            mode, mtime = dir_meta[path]
-            if path:
-                parent, _, name = path.rpartition("/")
-                fd = os.open(name, _O_DIR, dir_fd=self.dir_fd(parent))
-            else:
-                fd = self.root_fd
-            try:
-                os.fchmod(fd, mode)
-                if mtime is not None:
-                    os.utime(fd, ns=(mtime, mtime))
-            finally:
-                if fd != self.root_fd:
+    def finish_dirs(self, tree: "_Tree") -> None:
+        """Final directory modes and mtimes, children before parents (a 0500 directory
+        still receives its children; a parent's mtime is set after they stopped changing).
+
+        A post-order walk of the model holding one directory fd at a time: down by name
+        (O_NOFOLLOW), back up through '..', checked to be the directory it came from, so
+        depth costs neither open files nor repeated walks from the root."""
+        while self.fds:  # the walk below is the last user of the tree
+            os.close(self.fds.popitem()[1])
+        fd = os.dup(self.root_fd)
+        frames = [("", None, self._subdirs(tree, ""))]  # (path, (dev, ino) of parent, todo)
+        try:
+            while frames:
+                path, parent_id, todo = frames[-1]
+                if todo:
+                    name = todo.pop()
+                    child = os.open(name, _O_DIR, dir_fd=fd)
+                    here = _identity(fd)
                     os.close(fd)
+                    fd = child
+                    child_path = _join(path, name)
+                    frames.append((child_path, here, self._subdirs(tree, child_path)))
+                    continue
+                frames.pop()
+                meta = tree.dir_meta.get(path)
+                if meta is not None:
+                    os.fchmod(fd, meta[0])
+                    if meta[1] is not None:
+                        os.utime(fd, ns=(meta[1], meta[1]))
+                if frames:
+                    up = os.open("..", _O_DIR, dir_fd=fd)
+                    if _identity(up) != parent_id:
+                        os.close(up)
+                        raise OSError(errno.ESTALE, "directory moved during the unpack",
+                                      "/" + path)
+                    os.close(fd)
+                    fd = up
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _subdirs(tree: "_Tree", path: str) -> List[str]:
+        return [name for name in tree.children.get(path, ())
+                if tree.kind.get(_join(path, name)) == _DIR]
+
+
+def _identity(fd: int) -> Tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, size: int) -> None:
