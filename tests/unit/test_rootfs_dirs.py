@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from argparse import Namespace
 from dataclasses import replace
@@ -485,3 +486,49 @@ def test_image_whose_diff_ids_do_not_match_is_rejected(local, store):
         rootfs.create(replace(record, config=config), store)
     assert work_dirs(local / "bundles") == []
     assert rootfs.create(record, store).is_dir()  # the good one still works after
+
+
+REMOVE_AS_USER = r"""
+import os, sys
+from pathlib import Path
+from uctr_batch import fsutil
+base = Path(sys.argv[1])
+outside = base / "outside"
+outside.mkdir(mode=0o500)
+top = base / "tree"
+top.mkdir()
+fd = os.open(top, os.O_RDONLY)
+for level in range(3000):
+    os.mkdir("d", dir_fd=fd)
+    os.symlink(str(outside), "out", dir_fd=fd)
+    os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0, dir_fd=fd))
+    child = os.open("d", os.O_RDONLY, dir_fd=fd)
+    os.fchmod(fd, 0o000 if level % 2 else 0o500)
+    os.close(fd)
+    fd = child
+os.fchmod(fd, 0)
+os.close(fd)
+fsutil.remove_tree(top)
+print(top.exists(), oct(outside.stat().st_mode & 0o777))
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not users.can_switch_user(), reason="needs root and uctrtest"
+)
+def test_unprivileged_remove_tree_of_locked_deep_dirs(tmp_path):
+    """As a plain user (no CAP_DAC_OVERRIDE): 3000 levels of 0000/0500 directories are
+    removed; the symlinked directory outside keeps its mode (chmod goes through an O_PATH
+    fd of the entry itself, never through a link)."""
+    base = Path(tempfile.mkdtemp(prefix="uctr-rm-user-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        shutil.chown(base, users.TEST_USER)
+        result = users.run_as(users.TEST_USER,
+                              [sys.executable, "-c", REMOVE_AS_USER, str(base)],
+                              env={"PYTHONPATH": str(REPO), "PATH": os.environ["PATH"]},
+                              cwd="/")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.split() == ["False", "0o500"]
+    finally:
+        fsutil.remove_tree(base)
