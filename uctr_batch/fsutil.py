@@ -156,7 +156,10 @@ def _open_dir_for_removal(parent_fd: int, name: str) -> int:
     try:
         mode = os.fstat(path_fd).st_mode
         if mode & stat.S_IRWXU != stat.S_IRWXU:  # the magic link names exactly this inode
-            os.chmod(f"/proc/self/fd/{path_fd}", stat.S_IMODE(mode) | stat.S_IRWXU)
+            try:
+                os.chmod(f"/proc/self/fd/{path_fd}", stat.S_IMODE(mode) | stat.S_IRWXU)
+            except FileNotFoundError:  # no /proc: by name (checked above to be a directory)
+                os.chmod(name, stat.S_IMODE(mode) | stat.S_IRWXU, dir_fd=parent_fd)
         return os.open(".", _O_DIR_NOFOLLOW, dir_fd=path_fd)
     finally:
         os.close(path_fd)

@@ -532,3 +532,16 @@ def test_unprivileged_remove_tree_of_locked_deep_dirs(tmp_path):
         assert result.stdout.split() == ["False", "0o500"]
     finally:
         fsutil.remove_tree(base)
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_dest_that_cannot_be_created_is_a_user_error(tmp_path, store, image, where):
+    """An OSError on the way (here: a parent that is a file, or /proc) was a traceback."""
+    if where == "file":
+        (tmp_path / "afile").write_text("x")
+        dest = tmp_path / "afile" / "bundle"
+    else:
+        dest = Path("/proc/uctr-no-such-dir/bundle")
+    with pytest.raises(StorageError, match="cannot create the bundle of") as info:
+        rootfs.create(image, store, dest)
+    assert info.value.exit_code == 1

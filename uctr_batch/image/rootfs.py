@@ -17,6 +17,7 @@ next create on the same host (the host is in the name because --dest may be on a
 filesystem, where only this host can tell whether the pid is gone).
 """
 
+import errno
 import json
 import os
 import re
@@ -148,7 +149,12 @@ def create(record: ImageRecord, store, dest: Optional[Path] = None,
             raise full from e
         if isinstance(e, StorageError):
             raise
-        raise StorageError(f"cannot create the bundle of {record.reference}: {e}") from e
+        what = f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
+        hint = None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = ("choose a directory you can write: --dest DIR, or UCTR_LOCAL_DIR for the "
+                    "node-local bundles")
+        raise StorageError(f"cannot create the bundle of {record.reference}: {what}", hint) from e
 
 
 def _is_complete(bundle: Path, record: ImageRecord) -> bool:
