@@ -515,7 +515,7 @@ class _LayerTar:
                                 "the image is damaged or malicious; nothing of it is used. "
                                 "Report it to its maintainer.") from None
         except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError,
-                IndexError) as e:
+                IndexError, OSError) as e:  # OSError: a size seeking past the largest file
             raise LayerRejected(f"layer {self.label} rejected: not a valid tar archive: {e}",
                                 "the image is damaged; pull it again or report it to its "
                                 "maintainer") from e
