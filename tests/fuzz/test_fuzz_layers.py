@@ -14,7 +14,6 @@ run; add new crashers there (a file is one layer blob, compressed or not)."""
 
 import gzip
 import hashlib
-import io
 import os
 import stat
 import subprocess

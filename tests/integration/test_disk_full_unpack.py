@@ -154,7 +154,7 @@ def test_full_disk_at_each_point_is_a_clean_error_then_success(small_fs, store, 
                                    during_big_file)
         monkeypatch.setattr(flatten, "_copy_range", wrapper)
     elif point == "records":  # the rootfs fits, image.json and the marker do not
-        wrapper, state = fill_then(flatten, "unpack_layers", lambda: None)
+        state = {"done": False}
         real_unpack = flatten.unpack_layers
 
         def unpack_then_fill(*args, **kwargs):
