@@ -4,7 +4,6 @@ control, and removal of trees whose modes lock their owner out (a rootfs has 050
 import errno
 import os
 import pwd
-import shutil
 import stat
 from pathlib import Path
 from typing import Optional
@@ -83,27 +82,101 @@ def make_private_subdir(path: Path) -> None:
             raise StorageError(f"not a directory: {path}", f"remove {path}")
 
 
-def remove_tree(path: Path) -> None:
-    """rm -rf PATH, also when directories inside lack u+w or u+x. PATH itself must not be a
-    symlink (shutil.rmtree refuses it)."""
-    _make_owner_writable(Path(path))
-    shutil.rmtree(path)
-
-
-def _make_owner_writable(top: Path) -> None:
-    stack = [top]
-    while stack:
-        directory = stack.pop()
-        try:
-            st = os.lstat(directory)
-        except FileNotFoundError:
-            continue
+def remove_tree(path) -> None:
+    """rm -rf PATH, also when directories inside lack u+w or u+x, at any depth, with a
+    bounded number of open files and without ever following a symlink (PATH itself must
+    not be one). FileNotFoundError when PATH is missing."""
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    if not name:
+        raise OSError(errno.EBUSY, "refusing to remove /", path)
+    parent_fd = os.open(parent, _O_DIR_NOFOLLOW if parent != "/" else os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        st = os.lstat(name, dir_fd=parent_fd)
+        if stat.S_ISLNK(st.st_mode):
+            raise OSError(errno.ELOOP, "refusing to remove a symbolic link as a tree", path)
         if not stat.S_ISDIR(st.st_mode):
-            continue
-        if st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
-            os.chmod(directory, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
-        with os.scandir(directory) as entries:
-            stack.extend(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
+            os.unlink(name, dir_fd=parent_fd)
+            return
+        remove_tree_at(parent_fd, name)
+    finally:
+        os.close(parent_fd)
+
+
+def remove_tree_at(parent_fd: int, name: str) -> None:
+    """rm -rf NAME in the directory PARENT_FD: no recursion, no symlink followed, and at most
+    three open files whatever the depth (the walk goes back up through '..', checked to be
+    the directory it came from, so a tree moved meanwhile stops the removal instead of
+    redirecting it). Directories without u+rwx are chmodded first (through an O_PATH fd)."""
+    top_fd = os.dup(parent_fd)
+    fd = _open_dir_for_removal(top_fd, name)
+    # one frame per level: (name in parent, (dev, ino) of parent, subdirectories left)
+    frames = [(name, _identity(os.fstat(top_fd)), None)]
+    try:
+        while frames:
+            entry, parent_id, todo = frames[-1]
+            if todo is None:  # first visit: unlink the non-directories, list the others
+                todo = []
+                with os.scandir(fd) as listing:
+                    for child in listing:
+                        if child.is_dir(follow_symlinks=False):
+                            todo.append(child.name)
+                        else:
+                            _unlink_at(fd, child.name)
+                frames[-1] = (entry, parent_id, todo)
+            if todo:
+                child = todo.pop()
+                try:
+                    child_fd = _open_dir_for_removal(fd, child)
+                except FileNotFoundError:
+                    continue
+                except NotADirectoryError:  # replaced by a file meanwhile
+                    _unlink_at(fd, child)
+                    continue
+                here = _identity(os.fstat(fd))
+                os.close(fd)
+                fd = child_fd
+                frames.append((child, here, None))
+                continue
+            frames.pop()
+            up = top_fd if not frames else os.open("..", _O_DIR_NOFOLLOW, dir_fd=fd)
+            if up != top_fd and _identity(os.fstat(up)) != parent_id:
+                os.close(up)
+                raise OSError(errno.ESTALE, "directory moved during removal", entry)
+            os.close(fd)
+            fd = up if frames else -1
+            os.rmdir(entry, dir_fd=up)
+    finally:
+        if fd not in (-1, top_fd):
+            os.close(fd)
+        os.close(top_fd)
+
+
+def _identity(st: os.stat_result):
+    return st.st_dev, st.st_ino
+
+
+def _unlink_at(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def _open_dir_for_removal(parent_fd: int, name: str) -> int:
+    """Open directory NAME (no symlink followed), first giving it u+rwx if it lacks them."""
+    path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC,
+                      dir_fd=parent_fd)
+    try:
+        mode = os.fstat(path_fd).st_mode
+        if mode & stat.S_IRWXU != stat.S_IRWXU:  # the magic link names exactly this inode
+            try:
+                os.chmod(f"/proc/self/fd/{path_fd}", stat.S_IMODE(mode) | stat.S_IRWXU)
+            except FileNotFoundError:  # no /proc: by name (checked above to be a directory)
+                os.chmod(name, stat.S_IMODE(mode) | stat.S_IRWXU, dir_fd=parent_fd)
+        return os.open(".", _O_DIR_NOFOLLOW, dir_fd=path_fd)
+    finally:
+        os.close(path_fd)
 
 
 def write_atomic(path, data: bytes, mode: int = 0o600, *, fsync: bool = False,

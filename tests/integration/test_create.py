@@ -12,7 +12,7 @@ import pytest
 from tests.harness import users
 from tests.harness.images import TestImage
 from tests.harness.oci import TAG, ImageConfig, Layer, LayerBuilder, LayoutWriter
-from tests.unit.layer_tars import reg, sym, tar
+from tests.unit.layer_tars import dir_, reg, sym, tar
 
 N = 8
 
@@ -179,3 +179,49 @@ def test_create_dest(uctr, pushed):
     ok(uctr("rm", dest))
     assert not dest.exists() and os.listdir(dest.parent) == []
     shutil.rmtree(dest.parent)
+
+
+# -- issue 10 ---------------------------------------------------------------------------------
+def test_deep_tree_image_creates_and_removes_as_the_user(uctr, push, registry_http, tmp_path,
+                                                         user, pushed):
+    """A 1100-level tree (a legal 2.2k-character name) in 0500 directories: create, then
+    other creates, then rm all work (it was exit 70, and every later create too)."""
+    deep = "d/" * 1100
+    image = _hostile_image(tmp_path, "deep", tar(dir_("top", mode=0o500),
+                                                 reg("top/" + deep + "f", b"deep")))
+    ref = push(image, registry_http)
+    created = uctr("create", ref, user=user)
+    assert created.returncode == 0, created.stderr
+    rootfs = Path(created.stdout.strip())
+    assert ok(uctr("create", pushed["busybox"], user=user))
+    assert ok(uctr("rm", rootfs.parent.name[:12], user=user)) == f"{rootfs.parent}\n"
+    assert not rootfs.parent.exists()
+    assert work_dirs(uctr.dirs(user).local / "bundles") == []
+
+
+def test_truncated_zstd_layer_is_rejected_end_to_end(uctr, push, registry_http, tmp_path):
+    body = tar(reg("a", os.urandom(100_000)), reg("b", b"last"))
+    whole = Layer.from_tar(body, "zstd")
+    cut = Layer(whole.blob[: len(whole.blob) // 2], whole.media_type, whole.diff_id)
+    image = _hostile_image_layers(tmp_path, "cutzstd", cut)
+    result = uctr("create", push(image, registry_http))
+    assert result.returncode == 5, result.stderr
+    assert "error: layer sha256:" in result.stderr and "hint:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert work_dirs(uctr.dirs().local / "bundles") == []
+
+
+def test_layer_not_matching_its_diff_id_is_rejected_end_to_end(uctr, push, registry_http,
+                                                                tmp_path):
+    real = Layer.from_tar(tar(reg("f", b"real")))
+    lying = Layer(real.blob, real.media_type, Layer.from_tar(tar(reg("f", b"other"))).diff_id)
+    result = uctr("create", push(_hostile_image_layers(tmp_path, "lying", lying), registry_http))
+    assert result.returncode == 5, result.stderr
+    assert "diff_id" in result.stderr and "hint:" in result.stderr
+    assert work_dirs(uctr.dirs().local / "bundles") == []
+
+
+def _hostile_image_layers(root: Path, name: str, *layers: Layer) -> TestImage:
+    writer = LayoutWriter(root / name)
+    writer.tag(writer.add_image(ImageConfig(cmd=["/bin/sh"]), list(layers)), TAG)
+    return TestImage(name, root / name)

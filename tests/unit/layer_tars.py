@@ -132,3 +132,45 @@ def snapshot(root: Path) -> Dict[str, Tuple]:
 
 def names(root: Path) -> List[str]:
     return sorted(snapshot(root))
+
+
+# -- raw headers (values tarfile would never write itself) ---------------------------------------
+def pax_record(keyword: str, value) -> bytes:
+    """One PAX record, "<len> keyword=value\\n", with VALUE as given (str or bytes)."""
+    body = b" " + keyword.encode() + b"=" + (value if isinstance(value, bytes) else value.encode())
+    body += b"\n"
+    length = len(body)
+    while length != len(body) + len(str(length)):  # the length counts its own digits
+        length = len(body) + len(str(length))
+    return str(length).encode() + body
+
+
+def _header(name: bytes, kind: bytes, size: int, mode: int = 0o644, mtime: int = MTIME,
+            linkname: bytes = b"") -> bytes:
+    info = tarfile.TarInfo("x")
+    info.type, info.size, info.mode, info.mtime = kind, size, mode, mtime
+    block = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))  # base-256 for huge sizes
+    block[0:100] = name[:100].ljust(100, b"\0")
+    block[157:257] = linkname[:100].ljust(100, b"\0")
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _padded(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+
+
+def raw_member(name: bytes, data: bytes = b"", kind: bytes = tarfile.REGTYPE,
+               pax: bytes = b"", linkname: bytes = b"", size: Optional[int] = None,
+               mode: int = 0o644) -> bytes:
+    """A member with an optional PAX header made of the raw records PAX, exactly as given."""
+    out = b""
+    if pax:
+        out += _header(b"PaxHeaders/x", tarfile.XHDTYPE, len(pax)) + _padded(pax)
+    out += _header(name, kind, len(data) if size is None else size, mode, linkname=linkname)
+    return out + _padded(data)
+
+
+def raw_tar(*members: bytes) -> bytes:
+    return b"".join(members) + b"\0" * (2 * tarfile.BLOCKSIZE)

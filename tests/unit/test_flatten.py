@@ -450,3 +450,206 @@ def test_stats_are_counted(unpack):
         bytes=5,
     )
     assert isinstance(stats, flatten.Stats)
+
+
+# -- issue 10, class 7: every stream checked to its end and against the config's diff_ids -------
+import gzip as _gzip_mod  # noqa: E402
+import hashlib  # noqa: E402
+import io  # noqa: E402
+
+import zstandard  # noqa: E402
+
+from tests.unit.layer_tars import compress  # noqa: E402
+from uctr_batch.errors import LayerRejected, NoSpace  # noqa: E402
+
+_BIG = tar(reg("a", os.urandom(300_000)), reg("b", b"b" * 300_000), reg("c", b"last"))
+
+
+def _diff_id(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _zstd_frames(data: bytes, size: int = 100_000) -> bytes:
+    """DATA as several zstd frames (as parallel compressors write them)."""
+    out = zstandard.ZstdCompressor(write_checksum=True)
+    return b"".join(out.compress(data[i:i + size]) for i in range(0, len(data), size))
+
+
+@pytest.mark.parametrize("cut", [0.1, 0.5, 0.9, -3, -1])
+def test_truncated_zstd_layer_is_rejected(unpack, cut):
+    """It was accepted as a shorter (or empty) layer: files silently missing."""
+    blob = compress(_BIG, "zstd")
+    end = int(len(blob) * cut) if isinstance(cut, float) else len(blob) + cut
+    with pytest.raises(LayerRejected, match="cannot decompress|truncated") as info:
+        unpack.unpack([unpack.blob(b"", "zstd", raw=blob[:end])])
+    assert info.value.hint
+    assert names(unpack.dest) == []
+
+
+def test_truncated_multi_frame_zstd_layer_is_rejected(unpack):
+    blob = _zstd_frames(_BIG)
+    frame = len(zstandard.ZstdCompressor(write_checksum=True).compress(_BIG[:100_000]))
+    with pytest.raises(LayerRejected):
+        unpack.unpack([unpack.blob(b"", "zstd", raw=blob[:frame + 10])])
+
+
+@pytest.mark.parametrize("tail", [b"garbage!", b"\0" * 16, b"\x28\xb5\x2f\xfd"])
+def test_zstd_trailing_bytes_are_rejected(unpack, tail):
+    with pytest.raises(LayerRejected):
+        unpack.unpack([unpack.blob(b"", "zstd", raw=compress(_BIG, "zstd") + tail)])
+
+
+def test_concatenated_zstd_frames_and_skippable_frames_are_one_stream(unpack):
+    skippable = (0x184D2A50).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"12345"
+    blob = skippable + _zstd_frames(_BIG) + skippable
+    unpack.unpack([unpack.blob(b"", "zstd", raw=blob)])
+    assert (unpack.dest / "c").read_bytes() == b"last"
+
+
+def test_zstd_with_a_wrong_checksum_is_rejected(unpack):
+    blob = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(_BIG))
+    blob[-1] ^= 0xFF
+    with pytest.raises(LayerRejected, match="cannot decompress"):
+        unpack.unpack([unpack.blob(b"", "zstd", raw=bytes(blob))])
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage", "crc"])
+def test_damaged_gzip_layer_is_rejected(unpack, damage):
+    blob = compress(_BIG, "gzip")
+    if damage == "cut":
+        blob = blob[:-20]
+    elif damage == "garbage":
+        blob += b"garbage!"
+    else:
+        blob = blob[:-8] + bytes([blob[-8] ^ 1]) + blob[-7:]
+    with pytest.raises(LayerRejected):
+        unpack.unpack([unpack.blob(b"", "gzip", raw=blob)])
+
+
+def test_concatenated_gzip_members_are_one_stream(unpack):
+    half = len(_BIG) // 2
+    blob = _gzip_mod.compress(_BIG[:half]) + _gzip_mod.compress(_BIG[half:])
+    unpack.unpack([unpack.blob(b"", "gzip", raw=blob)])
+    assert (unpack.dest / "c").read_bytes() == b"last"
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
+def test_diff_ids_are_checked(unpack, compression):
+    good, other = tar(reg("f", b"f")), tar(reg("g", b"g"))
+    inputs = [unpack.blob(good, compression), unpack.blob(other, compression)]
+    unpack.dest.mkdir(parents=True)
+    with pytest.raises(LayerRejected, match="diff_id") as info:
+        flatten.unpack_layers(inputs, unpack.dest, diff_ids=[_diff_id(good), _diff_id(good)])
+    assert info.value.hint
+    shutil.rmtree(unpack.dest)
+    unpack.dest.mkdir()
+    stats = flatten.unpack_layers(inputs, unpack.dest, diff_ids=[_diff_id(good), _diff_id(other)])
+    assert stats.layers == 2
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_diff_ids_must_match_the_layers_one_to_one(unpack, count):
+    layer = tar(reg("f", b"f"))
+    unpack.dest.mkdir(parents=True)
+    with pytest.raises(LayerRejected, match="diff_ids"):
+        flatten.unpack_layers([unpack.blob(layer), unpack.blob(layer)], unpack.dest,
+                              diff_ids=[_diff_id(layer)] * count)
+    assert names(unpack.dest) == []
+
+
+# -- issue 10, class 10: holes stay holes; size bounded by the quota and the free space --------
+def test_sparse_file_keeps_its_holes(unpack, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.truncate(2 << 30)
+        f.seek(1 << 30)
+        f.write(b"middle" * 50_000)
+    archive = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "--format=posix", "-cf", str(archive), "-C", str(src),
+                    "sparse"], check=True)
+    assert archive.stat().st_size < 1 << 20
+    stats = unpack(archive.read_bytes())
+    out = unpack.dest / "sparse"
+    st = os.stat(out)
+    assert st.st_size == 2 << 30
+    assert st.st_blocks * 512 < 4 << 20  # was 2 GiB of zeros
+    with open(out, "rb") as f:
+        f.seek((1 << 30) - 2)
+        assert f.read(8) == b"\0\0middle"
+    assert 300_000 <= stats.bytes < 1 << 20  # data, not the apparent size
+
+
+def test_unpack_over_the_policy_limit_stops_before_writing(unpack):
+    layer = tar(reg("small", b"s"), reg("big", b"b" * (3 << 20)))
+    unpack.dest.mkdir(parents=True)
+    with pytest.raises(StorageError, match="quota") as info:
+        flatten.unpack_layers([unpack.blob(layer)], unpack.dest, limit=1 << 20)
+    assert "local_quota" in info.value.hint
+    assert names(unpack.dest) == []
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_decompression_bomb_stops_at_the_limit(unpack, compression):
+    """64 MiB of zeros in a few KiB: inflating stops once past the limit."""
+    bomb = tar(reg("zeros", b"\0" * (64 << 20)))
+    blob = compress(bomb, compression)
+    assert len(blob) < 1 << 20
+    unpack.dest.mkdir(parents=True)
+    with pytest.raises(StorageError, match="quota"):
+        flatten.unpack_layers([unpack.blob(b"", compression, raw=blob)], unpack.dest,
+                              limit=8 << 20)
+    assert names(unpack.dest) == []
+
+
+def test_layer_larger_than_the_free_space_is_refused_before_writing(unpack, monkeypatch):
+    """The free-space check (statvfs) runs before the first write of a layer."""
+    real = os.statvfs
+
+    class Small:
+        def __init__(self, st):
+            self.f_blocks, self.f_frsize, self.f_files = st.f_blocks, st.f_frsize, st.f_files
+            self.f_bavail, self.f_favail = 64, st.f_favail  # 64 blocks left
+
+    monkeypatch.setattr(flatten.os, "statvfs", lambda p: Small(real(p)))
+    layer = tar(reg("big", b"b" * (4 << 20)))
+    unpack.dest.mkdir(parents=True)
+    with pytest.raises(NoSpace, match="no space left") as info:
+        flatten.unpack_layers([unpack.blob(layer, "none")], unpack.dest)
+    assert info.value.hint and "free" in info.value.message
+    assert names(unpack.dest) == []
+
+
+# -- issue 10, class 4: any depth, bounded open files -------------------------------------------
+DEEP_CHILD = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+from pathlib import Path
+from uctr_batch import fsutil
+from uctr_batch.image import flatten
+blobs, dest = sys.argv[1:-1], Path(sys.argv[-1])
+dest.mkdir(parents=True)
+stats = flatten.unpack_layers([(b, None) for b in blobs], dest)
+print(stats.files)
+fsutil.remove_tree(dest)
+print(dest.exists())
+"""
+
+
+def test_deep_trees_unpack_and_are_removed_with_few_open_files(tmp_path):
+    """1100 levels (a legal 2.2k-character name) and, through a symlink, a real path of
+    ~4400 levels (far beyond PATH_MAX): unpacked and removed with at most 400 open files
+    (the old writer opened one fd per level and rmtree recursed: exit 70)."""
+    deep = "a/" * 1100
+    far = "b/" * 1999
+    lower = tar(reg(deep + "file", b"deep"), sym("s", deep.rstrip("/")))
+    upper = tar(reg("s/" + far + "f2", b"far"), reg("s/" + far + "f3", b"far"))
+    blobs = []
+    for index, layer in enumerate((lower, upper)):
+        blob = tmp_path / f"layer{index}"
+        blob.write_bytes(layer)
+        blobs.append(str(blob))
+    result = subprocess.run([sys.executable, "-c", DEEP_CHILD, *blobs, str(tmp_path / "root")],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["3", "False"]

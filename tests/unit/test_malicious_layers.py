@@ -3,6 +3,7 @@ the rootfs stay byte-for-byte the same with no new file beside them."""
 
 import gzip
 import hashlib
+import io
 import os
 import tarfile
 from pathlib import Path
@@ -178,11 +179,11 @@ def test_planted_symlink_cannot_redirect_a_write(unpack, outside, monkeypatch):
     directory with O_NOFOLLOW: the write fails instead of following the planted link."""
     original = flatten._Writer.apply
 
-    def plant_then_apply(self, ops, layer):
+    def plant_then_apply(self, ops, layer, *rest):
         if any(op[0] == flatten._OP_FILE and op[1] == "d" for op in ops):
             os.rmdir(unpack.dest / "d")
             os.symlink(outside.dir, unpack.dest / "d")
-        return original(self, ops, layer)
+        return original(self, ops, layer, *rest)
 
     monkeypatch.setattr(flatten._Writer, "apply", plant_then_apply)
     with pytest.raises(StorageError):
@@ -379,3 +380,159 @@ def test_every_rejection_is_a_clean_user_error(unpack):
     with pytest.raises(UctrError) as info:
         unpack(tar(reg("../x", PWNED)))
     assert info.value.exit_code == 5
+
+
+# -- layer metadata (issue 10, class 6): rejected with error + hint, or clamped; never a traceback
+from tests.unit.layer_tars import pax_record, raw_member, raw_tar  # noqa: E402
+
+
+def pax_file(name: bytes, records: bytes, data: bytes = b"data") -> bytes:
+    return raw_tar(raw_member(name, data, pax=records))
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "Infinity"])
+def test_non_finite_pax_mtime_is_rejected(unpack, value):
+    """Go's archive/tar (docker, umoci) rejects these headers; so do we."""
+    rejected(unpack, pax_file(b"f", pax_record("mtime", value)), match="invalid mtime")
+    assert names(unpack.dest) == []
+
+
+@pytest.mark.parametrize("value,expect", [
+    ("1e30", flatten._MAX_MTIME), ("-1e30", -flatten._MAX_MTIME),
+    ("99999999999999999999999", flatten._MAX_MTIME), ("-99999999999999999999", -flatten._MAX_MTIME),
+    ("1700000000.5", 1700000000),
+])
+def test_huge_pax_mtime_is_clamped(unpack, value, expect):
+    """Finite but out of range: clamped to what utimensat takes (the kernel then clamps to
+    the file system's range), like an mtime from the far future in any tar."""
+    unpack(pax_file(b"f", pax_record("mtime", value)))
+    assert (unpack.dest / "f").read_bytes() == b"data"
+    mtime = os.lstat(unpack.dest / "f").st_mtime
+    assert (mtime > 4e9) if expect > 0 and expect > 2e9 else (mtime < 0 if expect < 0 else True)
+
+
+@pytest.mark.parametrize("keyword", ["path", "linkpath"])
+def test_nul_byte_in_a_pax_name_is_rejected(unpack, keyword):
+    kind = tarfile.SYMTYPE if keyword == "linkpath" else tarfile.REGTYPE
+    member = raw_member(b"f", b"", kind=kind, pax=pax_record(keyword, b"a\0b"), linkname=b"t")
+    rejected(unpack, raw_tar(member), match="NUL byte")
+
+
+@pytest.mark.parametrize("records", [
+    pax_record("uname", b"ro\0ot") + pax_record("gname", b"\xff\xfe"),
+    pax_record("uid", "-1") + pax_record("gid", "abc"),
+    pax_record("uid", "1" * 40) + pax_record("gid", "1e99"),
+    pax_record("atime", "nan") + pax_record("ctime", "inf"),
+    pax_record("comment", "x" * 10000),
+])
+def test_ignored_ownership_and_times_are_harmless(unpack, records):
+    """Rootless unpacks own everything and keep only mtime: odd uid/gid/uname/atime values
+    change nothing (tarfile turns unparsable numbers into 0), they never crash."""
+    unpack(pax_file(b"f", records))
+    assert (unpack.dest / "f").read_bytes() == b"data"
+
+
+@pytest.mark.parametrize("value", ["-5", "-1", "-99999999999999999999"])
+def test_negative_pax_size_is_rejected(unpack, value):
+    """A negative size made tarfile seek backwards (a loop over the same headers)."""
+    rejected(unpack, pax_file(b"f", pax_record("size", value)), match="invalid size")
+
+
+@pytest.mark.parametrize("value", ["abc", "1e3", "99999999999"])
+def test_unparsable_or_huge_pax_size_never_crashes(unpack, value):
+    try:
+        unpack(pax_file(b"f", pax_record("size", value)))
+    except LayerRejected as e:
+        assert e.hint
+    else:
+        assert names(unpack.dest) in (["f"], [])
+
+
+def test_bad_mode_field_is_rejected(unpack):
+    member = bytearray(raw_member(b"f", b"x"))
+    member[100:108] = b"zz\0\0\0\0\0\0"
+    member[148:156] = b" " * 8
+    member[148:156] = b"%06o\0 " % sum(member[:512])
+    with pytest.raises(LayerRejected, match="not a valid tar"):
+        unpack(raw_tar(bytes(member)))
+
+
+def test_non_utf8_names_are_kept_byte_for_byte(unpack):
+    unpack(raw_tar(raw_member(b"caf\xe9", b"latin1"),
+                   raw_member(b"x", b"", pax=pax_record("path", b"\xff\xfe-pax"))))
+    assert sorted(os.listdir(os.fsencode(unpack.dest))) == [b"caf\xe9", b"\xff\xfe-pax"]
+
+
+def test_gnu_long_names_and_links(unpack):
+    deep = "d/" * 60 + "long-file-name-" + "x" * 150
+    info, data = reg(deep, b"long")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as out:
+        out.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("l" * 200)
+        link.type, link.linkname = tarfile.SYMTYPE, deep
+        out.addfile(link)
+    unpack(buffer.getvalue())
+    assert (unpack.dest / deep).read_bytes() == b"long"
+    assert os.readlink(unpack.dest / ("l" * 200)) == deep
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME])
+def test_huge_extended_header_is_rejected_before_it_is_read(unpack, kind):
+    """tarfile reads a PAX header or GNU long name into memory whole: 1 MiB at most (Go's
+    archive/tar limit)."""
+    head = raw_member(b"h", b"", kind=kind, size=flatten._MAX_EXT_HEADER + 1)
+    body = b"x" * (flatten._MAX_EXT_HEADER + 1024)
+    rejected(unpack, raw_tar(head + body + raw_member(b"f", b"x")),
+             match="extended tar header")
+
+
+@pytest.mark.parametrize("sparse_map", [
+    "100,10,50,10",  # out of order
+    "0,10,5,10",  # overlapping
+    "0,10,1000000,10",  # past the declared size
+    "-10,10",  # negative offset
+    "0,-5",  # negative length
+])
+def test_bad_pax_sparse_maps_are_rejected(unpack, sparse_map):
+    records = (pax_record("GNU.sparse.map", sparse_map) + pax_record("GNU.sparse.realsize", "200")
+               + pax_record("GNU.sparse.name", "sparse"))
+    with pytest.raises(LayerRejected) as info:
+        unpack(pax_file(b"GNUSparseFile.0/sparse", records, b"z" * 20))
+    assert info.value.hint
+
+
+def _sparse10(map_text: bytes, realsize: int = 4096, data: bytes = b"") -> bytes:
+    records = (pax_record("GNU.sparse.major", "1") + pax_record("GNU.sparse.minor", "0")
+               + pax_record("GNU.sparse.name", "sparse")
+               + pax_record("GNU.sparse.realsize", str(realsize)))
+    payload = map_text + b"\0" * (-len(map_text) % 512) + data
+    return raw_member(b"GNUSparseFile.0/sparse", payload, pax=records)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("map_text,end", [
+    (b"3\n0\n", b""),  # 3 extents announced, the archive ends
+    (b"99999999999\n", b""),  # an absurd count
+    (b"1\nabc\n5\n", b""),  # not a number
+])
+def test_cut_or_absurd_gnu_1_0_sparse_map_is_rejected(unpack, map_text, end):
+    # PAX header, its records, the member header, one block of map: then the archive ends
+    tail = _sparse10(map_text)[:2048] + end
+    with pytest.raises(LayerRejected):
+        unpack(tail, compression="none")
+
+
+def test_truncated_last_file_is_rejected_not_half_copied(unpack):
+    whole = raw_tar(raw_member(b"a", b"a"), raw_member(b"big", b"b" * 4096))
+    cut = whole[:512 * 3 + 1000]  # the header of 'big' and part of its data
+    rejected(unpack, cut, match="truncated|end of data")
+    assert names(unpack.dest) == []
+
+
+def test_file_data_overlapping_the_next_header_is_rejected(unpack):
+    """A size that reaches into the next member's header: its data would be that header."""
+    first = raw_member(b"a", b"a" * 10, size=700)  # claims 700 bytes, 512 are stored
+    with pytest.raises(LayerRejected) as info:
+        unpack(raw_tar(first, raw_member(b"b", b"b")))
+    assert info.value.hint

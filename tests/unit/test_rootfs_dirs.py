@@ -7,15 +7,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tests.harness import users
 from tests.unit.layer_tars import compress, dir_, layer_for, reg, sym, tar
-from uctr_batch.errors import DigestMismatch, StorageError, UsageError
+from uctr_batch import fsutil
+from uctr_batch.errors import DigestMismatch, LayerRejected, StorageError, UsageError
 from uctr_batch.image import flatten, manifest, rootfs
 from uctr_batch.image.store import Store, digest_of_bytes
 
@@ -42,7 +45,7 @@ def make_image(
             "Labels": {"a": "b"},
             "ExposedPorts": {"80/tcp": {}},
         },
-        "rootfs": {"type": "layers", "diff_ids": []},
+        "rootfs": {"type": "layers", "diff_ids": [digest_of_bytes(t) for t in layer_tars]},
     }
     config_bytes = json.dumps(config).encode()
     store.put_bytes(digest_of_bytes(config_bytes), config_bytes)
@@ -172,7 +175,7 @@ def test_existing_private_directory_is_accepted(local):
 def test_create_unpacks_once_then_reuses(local, store, image, monkeypatch):
     calls = []
     real = flatten.unpack_layers
-    monkeypatch.setattr(flatten, "unpack_layers", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(flatten, "unpack_layers", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     path = rootfs.create(image, store)
     bundle = bundle_of(local, image)
     assert path == bundle / "rootfs"
@@ -333,7 +336,7 @@ from uctr_batch.image.store import Store
 log.setup(1)
 spec = json.loads(sys.argv[2])
 record = manifest.ImageRecord(reference=spec["reference"], manifest_digest=spec["manifest"],
-    config_digest=spec["config"], config={},
+    config_digest=spec["config"], config=spec["config_doc"],
     layers=tuple(manifest.Layer(*layer) for layer in spec["layers"]))
 if len(sys.argv) > 3:  # hang after the first layer is written: the test kills us there
     real = flatten._Writer.apply
@@ -352,6 +355,7 @@ def _spec(record) -> str:
             "reference": record.reference,
             "manifest": record.manifest_digest,
             "config": record.config_digest,
+            "config_doc": record.config,
             "layers": [[la.digest, la.media_type, la.size] for la in record.layers],
         }
     )
@@ -407,3 +411,137 @@ def test_concurrent_creates_unpack_once(local, store, image):
     unpacks = sum(err.count("\nunpacking ") + err.startswith("unpacking ") for _, err in outputs)
     assert unpacks == 1
     assert work_dirs(local / "bundles") == []
+
+
+# -- issue 10, class 4: deep trees and leftovers never break a later create or rm ---------------
+def deep_tree(top: Path, levels: int, mode: int = 0o500) -> None:
+    """LEVELS nested directories under TOP (made through directory fds: the path is far
+    beyond PATH_MAX), each with a file, a symlink out of the tree, and mode MODE."""
+    os.makedirs(top, exist_ok=True)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir("d", dir_fd=fd)
+            os.symlink("/etc", "out", dir_fd=fd)
+            os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o400, dir_fd=fd))
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.fchmod(fd, mode)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+
+
+def test_remove_tree_handles_any_depth_and_never_follows_links(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    top = tmp_path / "tree"
+    deep_tree(top, 5000, mode=0o000)
+    os.symlink(outside, top / "link-out")
+    fsutil.remove_tree(top)
+    assert not top.exists() and (outside / "keep").read_text() == "keep"
+    with pytest.raises(OSError):
+        os.symlink(outside, tmp_path / "alink")
+        fsutil.remove_tree(tmp_path / "alink")  # a symlink is never a tree to remove
+    assert (outside / "keep").read_text() == "keep"
+
+
+def test_deep_leftover_of_a_killed_create_is_cleaned_by_the_next(local, store, image):
+    """A 2500-level temp tree left by a killed unpack made every later create exit 70."""
+    rootfs.BundleStore().prepare()
+    key = image.manifest_digest.split(":")[1]
+    leftover = local / "bundles" / rootfs.work_name("tmp", key, _dead_pid())
+    deep_tree(leftover / "rootfs", 2500)
+    other = make_image(store, tar(reg("x", b"x")))
+    stale_other = local / "bundles" / rootfs.work_name("rm", "f" * 64, _dead_pid())
+    deep_tree(stale_other, 1500)
+    path = rootfs.create(image, store)
+    assert (path / "etc/hostname").read_text() == "test\n"
+    assert rootfs.create(other, store).is_dir()
+    assert work_dirs(local / "bundles") == []
+
+
+def test_rm_of_a_bundle_holding_a_deep_tree(local, store, image):
+    """What a payload left in its rootfs (any depth, 0500 dirs) never stops `uctr rm`."""
+    path = rootfs.create(image, store)
+    deep_tree(path / "tmp-deep", 2500)
+    local_store = rootfs.BundleStore().existing()
+    rootfs.remove(path.parent, local_store)
+    assert not path.parent.exists() and work_dirs(local / "bundles") == []
+
+
+def test_image_without_diff_ids_is_rejected(local, store):
+    record = make_image(store, tar(reg("f", b"f")))
+    record = replace(record, config={k: v for k, v in record.config.items() if k != "rootfs"})
+    with pytest.raises(LayerRejected, match="diff_ids"):
+        rootfs.create(record, store)
+    assert work_dirs(local / "bundles") == []
+
+
+def test_image_whose_diff_ids_do_not_match_is_rejected(local, store):
+    record = make_image(store, tar(reg("f", b"f")))
+    config = dict(record.config, rootfs={"type": "layers", "diff_ids": ["sha256:" + "0" * 64]})
+    with pytest.raises(LayerRejected, match="diff_id"):
+        rootfs.create(replace(record, config=config), store)
+    assert work_dirs(local / "bundles") == []
+    assert rootfs.create(record, store).is_dir()  # the good one still works after
+
+
+REMOVE_AS_USER = r"""
+import os, sys
+from pathlib import Path
+from uctr_batch import fsutil
+base = Path(sys.argv[1])
+outside = base / "outside"
+outside.mkdir(mode=0o500)
+top = base / "tree"
+top.mkdir()
+fd = os.open(top, os.O_RDONLY)
+for level in range(3000):
+    os.mkdir("d", dir_fd=fd)
+    os.symlink(str(outside), "out", dir_fd=fd)
+    os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0, dir_fd=fd))
+    child = os.open("d", os.O_RDONLY, dir_fd=fd)
+    os.fchmod(fd, 0o000 if level % 2 else 0o500)
+    os.close(fd)
+    fd = child
+os.fchmod(fd, 0)
+os.close(fd)
+fsutil.remove_tree(top)
+print(top.exists(), oct(outside.stat().st_mode & 0o777))
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not users.can_switch_user(), reason="needs root and uctrtest"
+)
+def test_unprivileged_remove_tree_of_locked_deep_dirs(tmp_path):
+    """As a plain user (no CAP_DAC_OVERRIDE): 3000 levels of 0000/0500 directories are
+    removed; the symlinked directory outside keeps its mode (chmod goes through an O_PATH
+    fd of the entry itself, never through a link)."""
+    base = Path(tempfile.mkdtemp(prefix="uctr-rm-user-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        shutil.chown(base, users.TEST_USER)
+        result = users.run_as(users.TEST_USER,
+                              [sys.executable, "-c", REMOVE_AS_USER, str(base)],
+                              env={"PYTHONPATH": str(REPO), "PATH": os.environ["PATH"]},
+                              cwd="/")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.split() == ["False", "0o500"]
+    finally:
+        fsutil.remove_tree(base)
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_dest_that_cannot_be_created_is_a_user_error(tmp_path, store, image, where):
+    """An OSError on the way (here: a parent that is a file, or /proc) was a traceback."""
+    if where == "file":
+        (tmp_path / "afile").write_text("x")
+        dest = tmp_path / "afile" / "bundle"
+    else:
+        dest = Path("/proc/uctr-no-such-dir/bundle")
+    with pytest.raises(StorageError, match="cannot create the bundle of") as info:
+        rootfs.create(image, store, dest)
+    assert info.value.exit_code == 1

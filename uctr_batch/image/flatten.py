@@ -39,16 +39,18 @@ deepest first, so a 0500 directory still receives its children; mtimes kept like
 
 import errno
 import hashlib
+import math
 import os
 import tarfile
 import tempfile
 import zlib
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from uctr_batch import log
+from uctr_batch import fsutil, log
 from uctr_batch.errors import DigestMismatch, LayerRejected, StorageError
 from uctr_batch.image.manifest import Layer
 
@@ -64,13 +66,20 @@ _log = log.get("flatten")
 _CHUNK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_SKIPPABLE = range(0x184D2A50, 0x184D2A60)  # skippable frames' magic numbers
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
 _DIGESTS = ("sha256", "sha384", "sha512")  # the OCI image spec's registered algorithms
 _MAX_SYMLINK_HOPS = 40  # like the kernel's ELOOP limit
 _NAME_MAX = 255
 _PATH_MAX = 4096
-_FD_CACHE = 256  # directory fds kept open; tar members come grouped by directory
+_FD_CACHE = 256  # directory fds kept open (LRU); tar members come grouped by directory
+# Bounds on what one layer may make tarfile hold in memory (Go's archive/tar, used by docker
+# and umoci, caps PAX and GNU long-name records and sparse maps at 1 MiB the same way).
+_MAX_EXT_HEADER = 1 << 20  # a PAX record set, a GNU long name/link, a GNU 1.0 sparse map
+_MAX_MEMBERS = 1 << 20  # members in one layer (each costs ~1 KiB of memory while planned)
+_MAX_MTIME = (2 ** 63 - 1) // 1_000_000_000  # seconds whose nanoseconds fit utimensat
+_BLOCK = 4096  # allocation unit assumed when estimating the space a layer needs
 
 # kinds of entries in the model
 _DIR, _FILE, _SYMLINK, _OTHER, _DEVICE = range(5)
@@ -107,38 +116,58 @@ class Stats:
         return asdict(self)
 
 
-def unpack_layers(layers: Sequence[LayerInput], dest: Union[str, Path]) -> Stats:
+def unpack_layers(layers: Sequence[LayerInput], dest: Union[str, Path], *,
+                  diff_ids: Optional[Sequence[str]] = None, limit: Optional[int] = None,
+                  space_dir: Union[str, Path, None] = None) -> Stats:
     """Apply LAYERS, (blob path, Layer or None) in order, into the existing empty directory
-    DEST. A Layer's digest is verified against the blob; None skips that check.
+    DEST. A Layer's digest is verified against the blob; None skips that check. DIFF_IDS
+    (the image config's rootfs.diff_ids), when given, must match the layers one to one:
+    each uncompressed stream is hashed to its end and compared. LIMIT bounds the bytes an
+    unpack may put on disk (the policy's node-local quota); the free space of DEST's file
+    system bounds them too, checked before each layer is written. SPACE_DIR names the
+    directory shown in a no-space error (default DEST).
 
-    Raises LayerRejected, DigestMismatch or StorageError; DEST is then left half-written and
-    the caller discards it."""
+    Raises LayerRejected, DigestMismatch or StorageError (NoSpace when the disk, a quota or
+    the inodes run out); DEST is then left half-written and the caller discards it."""
     dest = Path(dest)
+    items = list(layers)
+    if diff_ids is not None and len(diff_ids) != len(items):
+        raise LayerRejected(
+            f"the image config lists {len(diff_ids)} layer diff_ids for {len(items)} layers",
+            "the image is damaged or malicious; nothing of it is used. "
+            "Report it to its maintainer.")
+    budget = _Budget(dest, limit, space_dir if space_dir is not None else dest)
     root_fd = _open_empty_dir(dest)
     stats = Stats()
     writer = _Writer(root_fd)
     tree = _Tree()
-    items = list(layers)
     old_umask = os.umask(0)  # modes are given explicitly to every create
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uctr-layer")
     pending: Optional[Future] = None
+
+    def prepare(index: int) -> Future:
+        blob, layer = items[index]
+        diff_id = diff_ids[index] if diff_ids is not None else None
+        return pool.submit(_LayerTar.prepare, blob, layer, dest, diff_id, budget)
+
     try:
         if items:
-            pending = pool.submit(_LayerTar.prepare, items[0][0], items[0][1], dest)
-        for index, (blob, layer) in enumerate(items):
+            pending = prepare(0)
+        for index in range(len(items)):
             future, pending = pending, None
             current = future.result()
             try:
                 if index + 1 < len(items):  # decompress the next layer during this one's writes
-                    pending = pool.submit(_LayerTar.prepare, *items[index + 1], dest)
+                    pending = prepare(index + 1)
                 _log.log(log.VERBOSE, "layer %d/%d: %s (%s, %d members)", index + 1, len(items),
                          current.label, current.compression, len(current.members))
                 ops = _Planner(tree, stats, current.label).plan(current.members)
-                writer.apply(ops, current)
+                budget.check_plan(ops, stats, current)
+                writer.apply(ops, current, budget)
             finally:
                 current.close()
             stats.layers += 1
-        writer.finish_dirs(tree.dir_meta)
+        writer.finish_dirs(tree)
     finally:
         os.umask(old_umask)
         if pending is not None:
@@ -151,6 +180,85 @@ def unpack_layers(layers: Sequence[LayerInput], dest: Union[str, Path]) -> Stats
         _log.log(log.VERBOSE, "stripped set-user/group-ID bits from %d file(s)",
                  stats.setid_stripped)
     return stats
+
+
+class _Budget:
+    """Space an unpack may use: the policy LIMIT (bytes of file data, None: no limit) and
+    the free space and inodes of DEST's file system, checked before anything is written so
+    a layer that cannot fit (a decompression bomb, a huge file) stops with a clean error
+    instead of filling the disk. Writes that still hit ENOSPC/EDQUOT are reported alike."""
+
+    def __init__(self, dest: Path, limit: Optional[int], space_dir):
+        self.dest, self.limit, self.space_dir = dest, limit, space_dir
+
+    def free(self) -> Tuple[Optional[int], Optional[int], int]:
+        """(free bytes, free inodes or None, reserve): the reserve is kept free so that
+        the records written after the unpack and other users still find room."""
+        try:
+            st = os.statvfs(self.dest)
+        except OSError:
+            return None, None, 0
+        reserve = min(st.f_blocks * st.f_frsize // 100, 64 << 20)
+        return st.f_bavail * st.f_frsize, (st.f_favail if st.f_files else None), reserve
+
+    def stream_limit(self) -> Optional[int]:
+        """Most bytes one uncompressed layer stream may have: it is written to a temporary
+        file beside the rootfs, so it needs that much disk itself."""
+        free, _, reserve = self.free()
+        bounds = [b for b in (self.limit, None if free is None else max(free - reserve, 0))
+                  if b is not None]
+        return min(bounds) if bounds else None
+
+    def stream_too_big(self, label: str, written: int) -> StorageError:
+        if self.limit is not None and written > self.limit:
+            return self.over_limit(label, written)
+        return self.full(label, written)
+
+    def over_limit(self, label: str, needed: int) -> StorageError:
+        return StorageError(
+            f"cannot unpack layer {label}: it needs more than {fsutil.human_size(needed)}, "
+            f"more than this node's quota of {fsutil.human_size(self.limit)} for node-local "
+            "root filesystems",
+            "use a smaller image or ask the site to raise storage.local_quota")
+
+    def full(self, label: str, needed: Optional[int], exc: Optional[OSError] = None
+             ) -> StorageError:
+        exc = exc or OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fsutil.no_space(exc, self.space_dir, needed, f"unpack layer {label}")
+
+    def check_plan(self, ops: List[tuple], stats: "Stats", layer: "_LayerTar") -> None:
+        data, inodes = _plan_space(ops)
+        if self.limit is not None and stats.bytes > self.limit:
+            raise self.over_limit(layer.label, stats.bytes)
+        free, free_inodes, reserve = self.free()
+        if free is not None and data > max(free - reserve, 0):
+            raise self.full(layer.label, data)
+        if free_inodes is not None and inodes > free_inodes:
+            exc = OSError(errno.ENOSPC, "no free inodes")
+            raise fsutil.no_space(exc, self.space_dir, data,
+                                  f"unpack layer {layer.label} ({inodes} new files)")
+
+
+def _plan_space(ops: List[tuple]) -> Tuple[int, int]:
+    """(bytes, inodes) a plan will allocate, estimated: file data rounded up to blocks
+    (holes of sparse files take none), one block per directory and long symlink."""
+    data = inodes = 0
+    for op in ops:
+        code = op[0]
+        if code == _OP_FILE:
+            inodes += 1
+            data += -(-_data_size(op[4], op[7]) // _BLOCK) * _BLOCK
+        elif code == _OP_MKDIR:
+            inodes += 1
+            data += _BLOCK
+        elif code in (_OP_SYMLINK, _OP_FIFO):
+            inodes += 1
+    return data, inodes
+
+
+def _data_size(size: int, sparse: Optional[tarfile.TarInfo]) -> int:
+    """Bytes of a file's data in the archive: all of it, or only a sparse file's extents."""
+    return size if sparse is None else sum(n for _, n in sparse.sparse)
 
 
 def _discard(future: Future) -> None:
@@ -203,7 +311,8 @@ def _sniff(raw: IO[bytes]) -> str:
     raw.seek(0)
     if magic.startswith(_GZIP_MAGIC):
         return "gzip"
-    if magic == _ZSTD_MAGIC:
+    if magic == _ZSTD_MAGIC or (len(magic) == 4 and
+                                int.from_bytes(magic, "little") in _ZSTD_SKIPPABLE):
         return "zstd"
     return "none"
 
@@ -215,6 +324,54 @@ def _hasher_for(layer: Optional[Layer], label: str):
     if algorithm not in _DIGESTS:
         raise LayerRejected(f"layer {label} rejected: unsupported digest algorithm: {algorithm}")
     return hashlib.new(algorithm)
+
+
+def _check_zstd_frames(raw: IO[bytes]) -> None:
+    """Walk the zstd frames of RAW (block headers only, no decompression) and raise
+    ValueError unless they are complete and nothing else follows: the zstd reader returns
+    what it could decode of a cut frame and then a silent end. Rewinds RAW."""
+    def need(count: int) -> bytes:
+        data = raw.read(count)
+        if len(data) != count:
+            raise ValueError("truncated zstd frame")
+        return data
+
+    try:
+        while True:
+            magic = raw.read(4)
+            if not magic:
+                return
+            if len(magic) != 4:
+                raise ValueError("trailing bytes after the last zstd frame")
+            number = int.from_bytes(magic, "little")
+            if number in _ZSTD_SKIPPABLE:
+                length = int.from_bytes(need(4), "little")
+                raw.seek(length, os.SEEK_CUR)
+                need(0)
+                if raw.tell() > os.fstat(raw.fileno()).st_size:
+                    raise ValueError("truncated zstd skippable frame")
+                continue
+            if magic != _ZSTD_MAGIC:
+                raise ValueError("trailing bytes after the last zstd frame")
+            descriptor = need(1)[0]
+            single = descriptor & 0x20
+            size_field = (0, 2, 4, 8)[descriptor >> 6] or (1 if single else 0)
+            header = (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3] + size_field
+            need(header)
+            while True:
+                block = int.from_bytes(need(3), "little")
+                kind, length = (block >> 1) & 3, block >> 3
+                if kind == 3:
+                    raise ValueError("reserved zstd block type")
+                raw.seek(1 if kind == 1 else length, os.SEEK_CUR)
+                if block & 1:
+                    break
+            if descriptor & 4:
+                raw.seek(4, os.SEEK_CUR)
+            if raw.tell() > os.fstat(raw.fileno()).st_size:
+                raise ValueError("truncated zstd frame")
+    finally:
+        raw.seek(0)
 
 
 def _decompressed(src: _HashingReader, compression: str):
@@ -244,10 +401,13 @@ class _LayerTar:
         self.fd = tmp.fileno()
         self.tar: Optional[tarfile.TarFile] = None
         self.members: List[tarfile.TarInfo] = []
+        self.size = 0  # bytes of the uncompressed stream
 
     @classmethod
-    def prepare(cls, blob, layer: Optional[Layer], scratch: Path) -> "_LayerTar":
+    def prepare(cls, blob, layer: Optional[Layer], scratch: Path, diff_id: Optional[str] = None,
+                budget: Optional["_Budget"] = None) -> "_LayerTar":
         label = layer.digest if layer is not None and layer.digest else str(blob)
+        budget = budget or _Budget(scratch, None, scratch)
         try:
             raw = open(blob, "rb")
         except OSError as e:
@@ -257,26 +417,38 @@ class _LayerTar:
             try:  # O_TMPFILE where the filesystem has it: no name, gone on close or kill
                 tmp = tempfile.TemporaryFile(dir=scratch)
             except OSError as e:
-                raise StorageError(
+                full = fsutil.no_space(e, budget.space_dir, None, f"unpack layer {label}")
+                raise full or StorageError(
                     f"cannot create a temporary file in {scratch}: {e.strerror}") from e
             this = cls(label, compression, tmp)
             try:
-                this._inflate(raw, layer)
-                this._list_members()
+                this._inflate(raw, layer, diff_id, budget)
+                this._list_members(budget)
             except BaseException:
                 this.close()
                 raise
         return this
 
-    def _inflate(self, raw: IO[bytes], layer: Optional[Layer]) -> None:
+    def _inflate(self, raw: IO[bytes], layer: Optional[Layer], diff_id: Optional[str],
+                 budget: "_Budget") -> None:
         src = _HashingReader(raw, _hasher_for(layer, self.label))
+        diff_hasher = _diff_hasher(diff_id, self.label)
+        bound = budget.stream_limit()
         try:
+            if self.compression == "zstd":
+                _check_zstd_frames(raw)  # the zstd reader ends silently at a cut frame
             stream = _decompressed(src, self.compression)
             while True:
                 chunk = stream.read(_CHUNK)
                 if not chunk:
                     break
-                self._write(chunk)
+                self.size += len(chunk)
+                if bound is not None and self.size > bound:
+                    self._give_back()  # the error shows the free space as it will be
+                    raise budget.stream_too_big(self.label, _count_rest(stream, self.size))
+                if diff_hasher is not None:
+                    diff_hasher.update(chunk)
+                self._write(chunk, budget)
             src.drain()  # the digest covers bytes after the end of the compressed stream too
         except _decompress_errors() as e:
             src.drain()
@@ -286,14 +458,30 @@ class _LayerTar:
                 "the blob is corrupt or truncated; check the cache with `uctr verify --remove` "
                 "and pull the image again") from e
         self._verify(src.hasher, layer)
+        if diff_hasher is not None and diff_hasher.hexdigest() != diff_id.partition(":")[2]:
+            raise LayerRejected(
+                f"layer {self.label} rejected: its uncompressed content does not match the "
+                f"image config's diff_id {diff_id}: got "
+                f"{diff_hasher.name}:{diff_hasher.hexdigest()}",
+                "the image is damaged or inconsistent; nothing of it is used. "
+                "Report it to its maintainer.")
 
-    def _write(self, chunk: bytes) -> None:
+    def _give_back(self) -> None:
+        """Free the temp file's blocks now (it is closed by the caller)."""
+        try:
+            self.file.seek(0)
+            self.file.truncate(0)
+        except (OSError, ValueError):
+            pass
+
+    def _write(self, chunk: bytes, budget: "_Budget") -> None:
         try:
             self.file.write(chunk)
         except OSError as e:
-            raise StorageError(
-                f"cannot write the uncompressed layer {self.label}: {e.strerror}",
-                "node-local storage is full; free space or set UCTR_LOCAL_DIR") from e
+            self._give_back()
+            raise fsutil.no_space(e, budget.space_dir, self.size, f"unpack layer {self.label}") \
+                or StorageError(
+                    f"cannot write the uncompressed layer {self.label}: {e.strerror}") from e
 
     def _verify(self, hasher, layer: Optional[Layer]) -> None:
         if hasher is None:
@@ -305,18 +493,34 @@ class _LayerTar:
                 f"{hasher.name}:{hasher.hexdigest()}",
                 "the cached blob is damaged; run `uctr verify --remove` and pull the image again")
 
-    def _list_members(self) -> None:
-        self.file.flush()
+    def _list_members(self, budget: "_Budget") -> None:
+        try:
+            self.file.flush()
+        except OSError as e:  # buffered bytes hit a full disk only now
+            raise fsutil.no_space(e, budget.space_dir, self.size,
+                                  f"unpack layer {self.label}") or StorageError(
+                f"cannot write the uncompressed layer {self.label}: {e.strerror}") from e
         size = os.fstat(self.fd).st_size
         if size == 0:  # an empty blob is an empty layer
             return
         self.file.seek(0)
         try:
-            self.tar = tarfile.open(fileobj=self.file, mode="r:")
-            self.members = self.tar.getmembers()
-        except (tarfile.TarError, EOFError, ValueError) as e:
-            raise LayerRejected(f"layer {self.label} rejected: not a valid tar archive: {e}") from e
+            self.tar = tarfile.open(fileobj=self.file, mode="r:", tarinfo=_SafeTarInfo)
+            for member in self.tar:
+                self.members.append(member)
+                if len(self.members) > _MAX_MEMBERS:
+                    raise _BadHeader(f"more than {_MAX_MEMBERS} members in one layer")
+        except _BadHeader as e:
+            raise LayerRejected(f"layer {self.label} rejected: {e}",
+                                "the image is damaged or malicious; nothing of it is used. "
+                                "Report it to its maintainer.") from None
+        except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError,
+                IndexError, OSError) as e:  # OSError: a size seeking past the largest file
+            raise LayerRejected(f"layer {self.label} rejected: not a valid tar archive: {e}",
+                                "the image is damaged; pull it again or report it to its "
+                                "maintainer") from e
         self._check_end(size)
+        self._check_data(size)
 
     def _check_end(self, size: int) -> None:
         """tarfile ends silently at a bad header after the first one: insist that what follows
@@ -330,8 +534,136 @@ class _LayerTar:
                 f"layer {self.label} rejected: corrupt or truncated tar data at offset {offset}",
                 "the image is damaged; pull it again or report it to its maintainer")
 
+    def _check_data(self, size: int) -> None:
+        """Every file's data lies inside the archive, before the next header (a truncated last
+        file, or a header whose size overlaps the next one, is rejected, not half-copied),
+        and every sparse map is ordered, non-overlapping and inside the file."""
+        members = self.members
+        for index, member in enumerate(members):
+            if not member.isreg():
+                continue
+            end = members[index + 1].offset if index + 1 < len(members) else size
+            if member.sparse is not None:
+                _check_sparse_map(member, self.label)
+            if member.offset_data + _data_size(member.size, member if member.sparse is not None
+                                               else None) > end:
+                raise LayerRejected(
+                    f"layer {self.label} rejected: truncated or overlapping file data: "
+                    f"{member.name}",
+                    "the image is damaged; pull it again or report it to its maintainer")
+
     def close(self) -> None:
         self.file.close()
+
+
+_COUNT_AFTER_LIMIT = 1 << 30  # inflated (not written) past a limit to tell the size needed
+
+
+def _count_rest(stream, size: int) -> int:
+    """SIZE plus what is left in STREAM, counting at most _COUNT_AFTER_LIMIT more bytes (a
+    decompression bomb can expand to terabytes): the size a too-big layer needs, or a lower
+    bound of it."""
+    end = size + _COUNT_AFTER_LIMIT
+    try:
+        while size < end:
+            chunk = stream.read(_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+    except _decompress_errors():
+        pass
+    return size
+
+
+def _diff_hasher(diff_id: Optional[str], label: str):
+    if diff_id is None:
+        return None
+    algorithm, _, hexpart = str(diff_id).partition(":")
+    if algorithm not in _DIGESTS or not hexpart:
+        raise LayerRejected(f"layer {label} rejected: invalid diff_id in the image config: "
+                            f"{str(diff_id)[:100]!r}",
+                            "the image config is damaged; report it to its maintainer")
+    return hashlib.new(algorithm)
+
+
+def _check_sparse_map(member: tarfile.TarInfo, label: str) -> None:
+    """Like Go's archive/tar: offsets and lengths non-negative, in order, not overlapping,
+    and inside the file's declared size."""
+    position = 0
+    for extent in member.sparse:
+        try:
+            offset, length = extent
+            good = (isinstance(offset, int) and isinstance(length, int) and length >= 0
+                    and 0 <= offset and offset + length <= member.size
+                    and (length == 0 or offset >= position))  # empty slots carry no data
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise LayerRejected(f"layer {label} rejected: invalid sparse map: {member.name}",
+                                "the image is damaged or malicious; nothing of it is used. "
+                                "Report it to its maintainer.")
+        if length:
+            position = offset + length
+
+
+class _BadHeader(Exception):
+    """A tar header outside the bounds below (turned into LayerRejected by the caller)."""
+
+
+_EXT_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+              tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
+class _SafeTarInfo(tarfile.TarInfo):
+    """tarfile's parser with bounds: extended headers and sparse maps of at most
+    _MAX_EXT_HEADER bytes (tarfile reads them into memory whole, and loops forever on a GNU
+    1.0 sparse map cut short), and PAX values that keep the member usable: a size >= 0
+    (a negative one makes tarfile seek backwards) and a finite mtime."""
+
+    def _proc_member(self, tarfile_):
+        if self.type in _EXT_TYPES and self.size > _MAX_EXT_HEADER:
+            raise _BadHeader(f"extended tar header of {self.size} bytes "
+                             f"(more than {_MAX_EXT_HEADER}) at offset {self.offset}")
+        return super()._proc_member(tarfile_)
+
+    def _proc_gnusparse_10(self, next, pax_headers, tarfile_):
+        fileobj = tarfile_.fileobj
+        buf = b""
+        numbers: List[int] = []
+        count = None
+        while count is None or len(numbers) < count * 2:
+            if b"\n" not in buf:
+                if len(buf) > _MAX_EXT_HEADER:
+                    raise _BadHeader(f"sparse map too large: {next.name}")
+                block = fileobj.read(tarfile.BLOCKSIZE)
+                if len(block) < tarfile.BLOCKSIZE:
+                    raise _BadHeader(f"truncated sparse map: {next.name}")
+                buf += block
+                continue
+            line, buf = buf.split(b"\n", 1)
+            try:
+                value = int(line)
+            except ValueError:
+                raise _BadHeader(f"invalid sparse map: {next.name}") from None
+            if count is None:
+                if not 0 <= value <= _MAX_EXT_HEADER // 4:
+                    raise _BadHeader(f"invalid sparse map: {next.name}")
+                count = value
+            else:
+                numbers.append(value)
+        next.offset_data = fileobj.tell()
+        next.sparse = list(zip(numbers[::2], numbers[1::2]))
+
+    def _apply_pax_info(self, pax_headers, encoding, errors):
+        try:
+            super()._apply_pax_info(pax_headers, encoding, errors)
+        except (ValueError, OverflowError):
+            raise _BadHeader(f"invalid PAX header values at offset {self.offset}") from None
+        if not isinstance(self.size, int) or self.size < 0:
+            raise _BadHeader(f"invalid size {self.size!r} in a PAX header: {self.name!r}")
+        mtime = self.mtime
+        if isinstance(mtime, float) and not math.isfinite(mtime):
+            raise _BadHeader(f"invalid mtime {mtime!r} in a PAX header: {self.name!r}")
 
 
 # -- step 2: plan -----------------------------------------------------------------------------
@@ -421,7 +753,14 @@ def _components(name: str) -> List[str]:
 
 
 def _mtime_ns(member: tarfile.TarInfo) -> int:
+    """The member's mtime in ns, clamped to what utimensat takes (the kernel clamps further
+    to the file system's range). Non-finite PAX mtimes were rejected while parsing."""
     mtime = member.mtime
+    if not isinstance(mtime, int):
+        mtime = float(mtime)
+        if not math.isfinite(mtime):  # a TarInfo made elsewhere
+            return 0
+    mtime = min(max(mtime, -_MAX_MTIME), _MAX_MTIME)
     return mtime * 1_000_000_000 if isinstance(mtime, int) else int(round(mtime * 1e9))
 
 
@@ -436,6 +775,8 @@ class _Planner:
         entries, whiteouts = [], []
         for member in members:
             self.stats.members += 1
+            if "\0" in member.name or "\0" in member.linkname:
+                self.reject("NUL byte in a name", member)
             components = self._checked_components(member.name, member)
             if not components:
                 self._root_entry(member)
@@ -455,6 +796,7 @@ class _Planner:
         name = member.name
         if member.issym() or member.islnk():
             name += f" -> {member.linkname}"
+        name = ascii(name)[1:-1] if len(name) <= 300 else ascii(name[:300])[1:-1] + "..."
         raise LayerRejected(
             f"layer {self.label} rejected: {why}: {name}",
             "the image is damaged or malicious; nothing of it is used. "
@@ -578,7 +920,7 @@ class _Planner:
                          self._mode(member), _mtime_ns(member), sparse))
         self.tree.add(parent, name, path, _FILE)
         self.stats.files += 1
-        self.stats.bytes += member.size
+        self.stats.bytes += _data_size(member.size, sparse)
 
     def _symlink(self, parent: str, name: str, path: str, member: tarfile.TarInfo) -> None:
         target = member.linkname
@@ -627,25 +969,34 @@ def _dir_mode(mode: int) -> int:
 # -- step 3: act ------------------------------------------------------------------------------
 class _Writer:
     """Runs plans. Every system call names one entry in a directory fd opened with
-    O_NOFOLLOW from the root down, so no symlink is ever followed."""
+    O_NOFOLLOW from the root down, so no symlink is ever followed. At most _FD_CACHE
+    directory fds stay open (least recently used closed first), whatever the depth."""
 
     def __init__(self, root_fd: int):
         self.root_fd = root_fd
-        self.fds: Dict[str, int] = {"": root_fd}
+        self.fds: "OrderedDict[str, int]" = OrderedDict()
 
     def dir_fd(self, path: str) -> int:
+        if not path:
+            return self.root_fd
         fd = self.fds.get(path)
         if fd is not None:
+            self.fds.move_to_end(path)
             return fd
         missing = []  # walk up to the nearest open directory, then open down (no recursion)
+        base = path
         while fd is None:
-            path, _, name = path.rpartition("/")
+            base, _, name = base.rpartition("/")
             missing.append(name)
-            fd = self.fds.get(path)
-        for name in reversed(missing):
-            fd = os.open(name, _O_DIR, dir_fd=fd)
-            path = _join(path, name)
-            self.fds[path] = fd
+            fd = self.fds.get(base) if base else self.root_fd
+        for index, name in enumerate(reversed(missing)):
+            child = os.open(name, _O_DIR, dir_fd=fd)
+            if index:  # an intermediate level opened here: only the last one is kept
+                os.close(fd)
+            fd = child
+        self.fds[path] = fd
+        while len(self.fds) > _FD_CACHE:
+            os.close(self.fds.popitem(last=False)[1])
         return fd
 
     def _forget_fds(self, top: str) -> None:
@@ -653,20 +1004,15 @@ class _Writer:
         for path in [p for p in self.fds if p == top or p.startswith(prefix)]:
             os.close(self.fds.pop(path))
 
-    def _trim_fds(self) -> None:
-        for path in [p for p in self.fds if p]:
-            os.close(self.fds.pop(path))
-
     def close(self) -> None:
-        self._trim_fds()
+        while self.fds:
+            os.close(self.fds.popitem()[1])
         os.close(self.root_fd)
 
-    def apply(self, ops: List[tuple], layer: _LayerTar) -> None:
+    def apply(self, ops: List[tuple], layer: _LayerTar, budget: Optional[_Budget] = None) -> None:
         op = None
         try:
             for op in ops:
-                if len(self.fds) > _FD_CACHE:
-                    self._trim_fds()
                 code, parent, name = op[0], op[1], op[2]
                 fd = self.dir_fd(parent)
                 if code == _OP_FILE:
@@ -679,25 +1025,26 @@ class _Writer:
                 elif code == _OP_REMOVE:
                     self._remove(fd, parent, name, op[3])
                 elif code == _OP_LINK:
-                    os.link(op[4], name, src_dir_fd=self.dir_fd(op[3]), dst_dir_fd=fd,
-                            follow_symlinks=False)
+                    os.link(op[4], name, src_dir_fd=self.dir_fd(op[3]),
+                            dst_dir_fd=self.dir_fd(parent), follow_symlinks=False)
                 elif code == _OP_FIFO:
                     os.mkfifo(name, op[3], dir_fd=fd)
                     os.utime(name, ns=(op[4], op[4]), dir_fd=fd, follow_symlinks=False)
         except OSError as e:
             path = _join(op[1], op[2]) if op else ""
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise StorageError(
-                f"cannot unpack layer {layer.label}: {e.strerror}: /{path}",
-                "free space or inodes in the node-local directory, or set UCTR_LOCAL_DIR"
-                if full else None) from e
+            if budget is not None:
+                full = fsutil.no_space(e, budget.space_dir, _plan_space(ops)[0],
+                                       f"unpack layer {layer.label}")
+                if full is not None:
+                    raise full from e
+            raise StorageError(f"cannot unpack layer {layer.label}: {e.strerror}: /{path}") from e
 
     def _file(self, dir_fd: int, op: tuple, layer: _LayerTar) -> None:
         _, _, name, offset, size, mode, mtime, sparse = op
         fd = os.open(name, _O_CREATE, mode, dir_fd=dir_fd)
         try:
             if sparse is not None:
-                _copy_member(layer.tar, sparse, fd)
+                _copy_sparse(layer.fd, fd, offset, sparse.sparse, size)
             elif size:
                 _copy_range(layer.fd, fd, offset, size)
             os.utime(fd, ns=(mtime, mtime))
@@ -709,28 +1056,57 @@ class _Writer:
             os.unlink(name, dir_fd=dir_fd)
             return
         self._forget_fds(_join(parent, name))
-        _remove_tree_at(dir_fd, name)
+        fsutil.remove_tree_at(dir_fd, name)
 
-    def finish_dirs(self, dir_meta: Dict[str, Tuple[int, Optional[int]]]) -> None:
-        """Final directory modes and mtimes, deepest first (children before a 0500 parent
-        loses u+w; the parent's mtime after its children stopped changing)."""
-        order = sorted(dir_meta, key=lambda p: p.count("/") if p else -1, reverse=True)
-        for path in order:
-            if len(self.fds) > _FD_CACHE:
-                self._trim_fds()
-            mode, mtime = dir_meta[path]
-            if path:
-                parent, _, name = path.rpartition("/")
-                fd = os.open(name, _O_DIR, dir_fd=self.dir_fd(parent))
-            else:
-                fd = self.root_fd
-            try:
-                os.fchmod(fd, mode)
-                if mtime is not None:
-                    os.utime(fd, ns=(mtime, mtime))
-            finally:
-                if fd != self.root_fd:
+    def finish_dirs(self, tree: "_Tree") -> None:
+        """Final directory modes and mtimes, children before parents (a 0500 directory
+        still receives its children; a parent's mtime is set after they stopped changing).
+
+        A post-order walk of the model holding one directory fd at a time: down by name
+        (O_NOFOLLOW), back up through '..', checked to be the directory it came from, so
+        depth costs neither open files nor repeated walks from the root."""
+        while self.fds:  # the walk below is the last user of the tree
+            os.close(self.fds.popitem()[1])
+        fd = os.dup(self.root_fd)
+        frames = [("", None, self._subdirs(tree, ""))]  # (path, (dev, ino) of parent, todo)
+        try:
+            while frames:
+                path, parent_id, todo = frames[-1]
+                if todo:
+                    name = todo.pop()
+                    child = os.open(name, _O_DIR, dir_fd=fd)
+                    here = _identity(fd)
                     os.close(fd)
+                    fd = child
+                    child_path = _join(path, name)
+                    frames.append((child_path, here, self._subdirs(tree, child_path)))
+                    continue
+                frames.pop()
+                meta = tree.dir_meta.get(path)
+                if meta is not None:
+                    os.fchmod(fd, meta[0])
+                    if meta[1] is not None:
+                        os.utime(fd, ns=(meta[1], meta[1]))
+                if frames:
+                    up = os.open("..", _O_DIR, dir_fd=fd)
+                    if _identity(up) != parent_id:
+                        os.close(up)
+                        raise OSError(errno.ESTALE, "directory moved during the unpack",
+                                      "/" + path)
+                    os.close(fd)
+                    fd = up
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _subdirs(tree: "_Tree", path: str) -> List[str]:
+        return [name for name in tree.children.get(path, ())
+                if tree.kind.get(_join(path, name)) == _DIR]
+
+
+def _identity(fd: int) -> Tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, size: int) -> None:
@@ -743,33 +1119,12 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, size: int) -> None:
         size -= sent
 
 
-def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dst_fd: int) -> None:
-    """GNU sparse members: tarfile knows their map; holes are written as zeros."""
-    source = tar.extractfile(member)
-    while True:
-        chunk = source.read(_CHUNK)
-        if not chunk:
-            return
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst_fd, view):]
-
-
-def _remove_tree_at(dir_fd: int, name: str) -> None:
-    """rm -r NAME in DIR_FD without following symlinks and without recursion (deep trees).
-    Every directory is still 0700 here: final modes are applied after the last layer."""
-    stack = [(dir_fd, name, None)]  # (parent fd, name, fd once opened)
-    while stack:
-        parent_fd, entry, fd = stack.pop()
-        if fd is None:
-            fd = os.open(entry, _O_DIR, dir_fd=parent_fd)
-            stack.append((parent_fd, entry, fd))
-            with os.scandir(fd) as listing:
-                for child in listing:
-                    if child.is_dir(follow_symlinks=False):
-                        stack.append((fd, child.name, None))
-                    else:
-                        os.unlink(child.name, dir_fd=fd)
-            continue
-        os.close(fd)
-        os.rmdir(entry, dir_fd=parent_fd)
+def _copy_sparse(src_fd: int, dst_fd: int, offset: int, extents, size: int) -> None:
+    """A sparse file: its extents are stored one after the other from OFFSET in the archive;
+    each goes to its place in the file and the holes stay holes (ftruncate sets the size)."""
+    for position, length in extents:
+        if length:
+            os.lseek(dst_fd, position, os.SEEK_SET)
+            _copy_range(src_fd, dst_fd, offset, length)
+            offset += length
+    os.ftruncate(dst_fd, size)

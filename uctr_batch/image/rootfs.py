@@ -17,6 +17,7 @@ next create on the same host (the host is in the name because --dest may be on a
 filesystem, where only this host can tell whether the pid is gone).
 """
 
+import errno
 import json
 import os
 import re
@@ -28,7 +29,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from uctr_batch import __version__, fsutil, log, settings
-from uctr_batch.errors import ImageNotFound, StorageError, UsageError
+from uctr_batch.errors import (ImageNotFound, LayerRejected, NoSpace, StorageError, UctrError,
+                               UsageError)
 from uctr_batch.image.lock import FileLock, pid_alive
 from uctr_batch.image.manifest import ImageRecord
 
@@ -104,28 +106,55 @@ def _marker_digest(bundle: Path) -> Optional[str]:
 
 
 # -- create -----------------------------------------------------------------------------------
-def create(record: ImageRecord, store, dest: Optional[Path] = None) -> Path:
+def create(record: ImageRecord, store, dest: Optional[Path] = None,
+           limit: Optional[int] = None) -> Path:
     """Unpack RECORD's layers (blobs from STORE) into a bundle; return its rootfs path.
 
     A complete bundle is reused. Otherwise one process per bundle unpacks (lock), into a
     temporary sibling renamed into place once complete, so concurrent creates on a node do
-    exactly one unpack and a killed one never leaves a bundle that looks complete."""
-    if dest is None:
-        local = BundleStore().prepare()
-        bundle = local.path_for(record.manifest_digest)
-        lock = local.lock_for(record.manifest_digest)
-    else:
-        bundle = Path(os.path.abspath(dest))
-        bundle.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(bundle.parent / f".{bundle.name}.uctr-lock", timeout=LOCK_TIMEOUT,
-                        stale_after=STALE_AFTER, what=f"bundle {bundle}")
-    if not _is_complete(bundle, record):
-        with lock:
-            if not _is_complete(bundle, record):
-                _clear_target(bundle, dest is not None)
-                _remove_stale_work(bundle.parent, None if dest is None else bundle.name)
-                _unpack(record, store, bundle)
-    return bundle / ROOTFS
+    exactly one unpack and a killed one never leaves a bundle that looks complete. LIMIT
+    (bytes, the policy's storage.local_quota) bounds what one unpack may write.
+
+    A full disk, quota or inode table anywhere on the way (the lock, the temp tree, the
+    records after the unpack) is an errors.NoSpace; nothing half-made stays behind."""
+    base = Path(dest).parent if dest is not None else None
+    try:
+        if dest is None:
+            local = BundleStore().prepare()
+            base = local.base
+            bundle = local.path_for(record.manifest_digest)
+            lock = local.lock_for(record.manifest_digest)
+        else:
+            bundle = Path(os.path.abspath(dest))
+            bundle.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(bundle.parent / f".{bundle.name}.uctr-lock", timeout=LOCK_TIMEOUT,
+                            stale_after=STALE_AFTER, what=f"bundle {bundle}")
+        if not _is_complete(bundle, record):
+            with lock:
+                if not _is_complete(bundle, record):
+                    _clear_target(bundle, dest is not None)
+                    _remove_stale_work(bundle.parent, None if dest is None else bundle.name)
+                    _unpack(record, store, bundle, limit, base)
+        return bundle / ROOTFS
+    except (OSError, StorageError) as e:
+        cause = e if isinstance(e, OSError) else e.__cause__  # e.g. the base dir's mkdir
+        if isinstance(e, NoSpace) or not isinstance(cause, OSError):
+            raise
+        where = base or settings.default_local_dir()
+        name = cause.filename if isinstance(cause.filename, str) else ""
+        if name and not name.startswith(str(where) + "/"):  # e.g. the cache's pull marker
+            where = os.path.dirname(name)
+        full = fsutil.no_space(cause, where, None, f"create the bundle of {record.reference}")
+        if full is not None:
+            raise full from e
+        if isinstance(e, StorageError):
+            raise
+        what = f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
+        hint = None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = ("choose a directory you can write: --dest DIR, or UCTR_LOCAL_DIR for the "
+                    "node-local bundles")
+        raise StorageError(f"cannot create the bundle of {record.reference}: {what}", hint) from e
 
 
 def _is_complete(bundle: Path, record: ImageRecord) -> bool:
@@ -159,9 +188,24 @@ def _clear_target(bundle: Path, is_dest: bool) -> None:
     _discard(bundle)
 
 
-def _unpack(record: ImageRecord, store, bundle: Path) -> None:
+def _diff_ids(record: ImageRecord) -> List[str]:
+    """The config's rootfs.diff_ids: one per layer, each uncompressed stream's digest (the
+    OCI image spec requires them; containerd and docker refuse an image without)."""
+    rootfs = (record.config or {}).get("rootfs") if isinstance(record.config, dict) else None
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+        raise LayerRejected(
+            f"the image config of {record.reference} has no valid rootfs.diff_ids",
+            "the image is damaged or not an OCI/docker image; nothing of it is used. "
+            "Report it to its maintainer.")
+    return diff_ids
+
+
+def _unpack(record: ImageRecord, store, bundle: Path, limit: Optional[int] = None,
+            base: Optional[Path] = None) -> None:
     from uctr_batch.image import flatten  # only when an unpack really happens
 
+    diff_ids = _diff_ids(record)
     work = bundle.parent / work_name("tmp", bundle.name)
     if os.path.lexists(work):  # a previous process with our pid was killed
         _discard(work)
@@ -180,7 +224,8 @@ def _unpack(record: ImageRecord, store, bundle: Path) -> None:
                     f"{len(missing)} layer(s) of {record.reference} missing from the cache: "
                     f"{missing[0]}", f"pull it again: uctr pull {record.reference}")
             layers = [(store.blob_path(layer.digest), layer) for layer in record.layers]
-            stats = flatten.unpack_layers(layers, rootfs)
+            stats = flatten.unpack_layers(layers, rootfs, diff_ids=diff_ids, limit=limit,
+                                          space_dir=base or bundle.parent)
         _write_file(work / IMAGE_JSON, json.dumps(_image_json(record, stats), indent=1) + "\n")
         _write_file(work / MARKER, record.manifest_digest + "\n")
         os.rename(work, bundle)
@@ -192,9 +237,15 @@ def _unpack(record: ImageRecord, store, bundle: Path) -> None:
 
 
 def _write_file(path: Path, text: str) -> None:
+    """Write and fsync a record: a full disk shows at write or close, here, never later."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    try:
+        view = memoryview(text.encode())
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _image_json(record: ImageRecord, stats) -> dict:
@@ -216,11 +267,13 @@ def _image_json(record: ImageRecord, stats) -> dict:
 
 
 def _discard(path: Path) -> None:
+    """Remove a temp or half-made tree; a failure is a warning, never the caller's error
+    (a leftover must not break the create that found it)."""
     try:
         fsutil.remove_tree(path)
     except FileNotFoundError:
         pass
-    except OSError as e:
+    except (OSError, UctrError) as e:
         _log.warning("could not remove %s: %s", path, e)
 
 
@@ -334,12 +387,20 @@ def remove(bundle: Path, local: BundleStore) -> None:
         lock = FileLock(bundle.parent / f".{bundle.name}.uctr-lock", timeout=LOCK_TIMEOUT,
                         stale_after=STALE_AFTER, what=f"bundle {bundle}")
     aside = bundle.parent / work_name("rm", bundle.name)
-    with lock:
-        try:
-            os.rename(bundle, aside)
-        except FileNotFoundError:
-            raise UsageError(f"no such bundle: {bundle}") from None
-    fsutil.remove_tree(aside)
+    try:
+        with lock:
+            _remove_stale_work(bundle.parent, None if local.contains(bundle) else bundle.name)
+            try:
+                os.rename(bundle, aside)
+            except FileNotFoundError:
+                raise UsageError(f"no such bundle: {bundle}") from None
+        fsutil.remove_tree(aside)
+    except OSError as e:
+        full = fsutil.no_space(e, bundle.parent, None, f"remove {bundle}")
+        raise full or StorageError(
+            f"cannot remove {bundle}: {e.strerror or e}",
+            f"what is left is {aside}; `uctr rm` or `uctr create` removes it later" if
+            os.path.lexists(aside) else None) from e
 
 
 def cmd_rm(args) -> int:
@@ -355,8 +416,12 @@ def cmd_rm(args) -> int:
 def cmd_create(args) -> int:
     from uctr_batch.image import pull
 
+    from uctr_batch.policy import current_node_policy
+
     store, config = pull.command_context(args)
     record = pull.ensure_image(args.image, config, store, args.platform, pull=not args.no_pull)
-    rootfs = create(record, store, Path(args.dest) if args.dest else None)
+    storage = getattr(current_node_policy(), "storage", None)
+    rootfs = create(record, store, Path(args.dest) if args.dest else None,
+                    limit=getattr(storage, "local_quota_bytes", None))
     sys.stdout.write(f"{rootfs}\n")
     return 0
