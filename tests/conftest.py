@@ -64,6 +64,29 @@ class HarnessState:
         return next((r.ca_file for r in self.registries if r.ca_file), None)
 
 
+@pytest.fixture(autouse=True)
+def _remove_deep_trees(request):
+    """Tests marked `deep` build trees deeper than shutil.rmtree can remove (it recurses):
+    left behind by a failure, such a tree would break pytest's own clean-up of old tmp
+    dirs in a later run, and the harness's. Their directories go with the product's own
+    fsutil.remove_tree, pass or fail."""
+    if request.node.get_closest_marker("deep") is None:
+        yield
+        return
+    from uctr_batch import fsutil
+
+    # asked for now, so that they are torn down after this fixture
+    tmp_path = request.getfixturevalue("tmp_path")
+    runner = request.getfixturevalue("uctr") if "uctr" in request.fixturenames else None
+    yield
+    targets = [tmp_path] + ([dirs.base for dirs in runner.all_dirs()] if runner else [])
+    for target in targets:
+        try:
+            fsutil.remove_tree(target)
+        except FileNotFoundError:
+            pass
+
+
 @pytest.fixture(scope="session")
 def harness():
     # World-traversable (0755) so the unprivileged test user reaches its own subdirectories.
@@ -183,6 +206,9 @@ class UctrRunner:
         if user not in self._dirs:
             self._dirs[user] = self._make_dirs(user)
         return self._dirs[user]
+
+    def all_dirs(self) -> List[UctrDirs]:
+        return list(self._dirs.values())
 
     def _make_dirs(self, user: Optional[str]) -> UctrDirs:
         if user is None:

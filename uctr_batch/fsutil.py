@@ -105,33 +105,88 @@ def remove_tree(path) -> None:
 
 def remove_tree_at(parent_fd: int, name: str) -> None:
     """rm -rf NAME in the directory PARENT_FD: no recursion, no symlink followed, and at most
-    three open files whatever the depth (the walk goes back up through '..', checked to be
-    the directory it came from, so a tree moved meanwhile stops the removal instead of
-    redirecting it). Directories without u+rwx are chmodded first (through an O_PATH fd)."""
-    top_fd = os.dup(parent_fd)
-    fd = _open_dir_for_removal(top_fd, name)
+    three open files whatever the depth (see walk_at). Directories without u+rwx are
+    chmodded first (through an O_PATH fd)."""
+    def empty_files(fd):
+        subdirs = []
+        with os.scandir(fd) as listing:
+            for child in listing:
+                if child.is_dir(follow_symlinks=False):
+                    subdirs.append(child.name)
+                else:
+                    _unlink_at(fd, child.name)
+        return subdirs
+
+    def open_child(fd, child):
+        try:
+            return _open_dir_for_removal(fd, child)
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:  # replaced by a file meanwhile
+            _unlink_at(fd, child)
+            return None
+
+    walk_at(parent_fd, name, empty_files, open_child,
+            leave=lambda up_fd, entry: os.rmdir(entry, dir_fd=up_fd),
+            top_fd=_open_dir_for_removal(parent_fd, name))
+
+
+def disk_usage(path) -> int:
+    """Bytes allocated under directory PATH (du -s), at any depth, with bounded open files;
+    symlinks are not followed and entries that vanish meanwhile are skipped."""
+    total = 0
+
+    def add_entries(fd):
+        nonlocal total
+        subdirs = []
+        with os.scandir(fd) as listing:
+            for child in listing:
+                try:
+                    total += child.stat(follow_symlinks=False).st_blocks * 512
+                except OSError:
+                    continue
+                if child.is_dir(follow_symlinks=False):
+                    subdirs.append(child.name)
+        return subdirs
+
+    def open_child(fd, child):
+        try:
+            return os.open(child, _O_DIR_NOFOLLOW, dir_fd=fd)
+        except OSError:
+            return None
+
+    path = os.path.abspath(os.fspath(path))
+    parent_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        walk_at(parent_fd, os.path.basename(path), add_entries, open_child,
+                top_fd=os.open(os.path.basename(path), _O_DIR_NOFOLLOW, dir_fd=parent_fd))
+    finally:
+        os.close(parent_fd)
+    return total
+
+
+def walk_at(parent_fd: int, name: str, visit, open_child, leave=None, *, top_fd: int) -> None:
+    """Depth-first walk of directory NAME in PARENT_FD (already opened as TOP_FD, which the
+    walk closes) without recursion and with at most three open files at any depth.
+
+    VISIT(fd) lists the subdirectory names to enter; OPEN_CHILD(fd, name) opens one (None:
+    skip it); LEAVE(up_fd, name), if given, runs once a directory is done. The walk goes
+    back up through '..', checked to be the directory it came from, so a tree moved
+    meanwhile stops the walk (ESTALE) instead of redirecting it."""
+    base_fd = os.dup(parent_fd)
+    fd = top_fd
     # one frame per level: (name in parent, (dev, ino) of parent, subdirectories left)
-    frames = [(name, _identity(os.fstat(top_fd)), None)]
+    frames = [(name, _identity(os.fstat(base_fd)), None)]
     try:
         while frames:
             entry, parent_id, todo = frames[-1]
-            if todo is None:  # first visit: unlink the non-directories, list the others
-                todo = []
-                with os.scandir(fd) as listing:
-                    for child in listing:
-                        if child.is_dir(follow_symlinks=False):
-                            todo.append(child.name)
-                        else:
-                            _unlink_at(fd, child.name)
+            if todo is None:
+                todo = visit(fd)
                 frames[-1] = (entry, parent_id, todo)
             if todo:
                 child = todo.pop()
-                try:
-                    child_fd = _open_dir_for_removal(fd, child)
-                except FileNotFoundError:
-                    continue
-                except NotADirectoryError:  # replaced by a file meanwhile
-                    _unlink_at(fd, child)
+                child_fd = open_child(fd, child)
+                if child_fd is None:
                     continue
                 here = _identity(os.fstat(fd))
                 os.close(fd)
@@ -139,17 +194,18 @@ def remove_tree_at(parent_fd: int, name: str) -> None:
                 frames.append((child, here, None))
                 continue
             frames.pop()
-            up = top_fd if not frames else os.open("..", _O_DIR_NOFOLLOW, dir_fd=fd)
-            if up != top_fd and _identity(os.fstat(up)) != parent_id:
+            up = base_fd if not frames else os.open("..", _O_DIR_NOFOLLOW, dir_fd=fd)
+            if up != base_fd and _identity(os.fstat(up)) != parent_id:
                 os.close(up)
-                raise OSError(errno.ESTALE, "directory moved during removal", entry)
+                raise OSError(errno.ESTALE, "directory moved during the walk", entry)
             os.close(fd)
             fd = up if frames else -1
-            os.rmdir(entry, dir_fd=up)
+            if leave is not None:
+                leave(up, entry)
     finally:
-        if fd not in (-1, top_fd):
+        if fd not in (-1, base_fd):
             os.close(fd)
-        os.close(top_fd)
+        os.close(base_fd)
 
 
 def _identity(st: os.stat_result):

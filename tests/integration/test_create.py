@@ -182,6 +182,7 @@ def test_create_dest(uctr, pushed):
 
 
 # -- issue 10 ---------------------------------------------------------------------------------
+@pytest.mark.deep
 def test_deep_tree_image_creates_and_removes_as_the_user(uctr, push, registry_http, tmp_path,
                                                          user, pushed):
     """A 1100-level tree (a legal 2.2k-character name) in 0500 directories: create, then

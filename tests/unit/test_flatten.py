@@ -636,6 +636,7 @@ print(dest.exists())
 """
 
 
+@pytest.mark.deep
 def test_deep_trees_unpack_and_are_removed_with_few_open_files(tmp_path):
     """1100 levels (a legal 2.2k-character name) and, through a symlink, a real path of
     ~4400 levels (far beyond PATH_MAX): unpacked and removed with at most 400 open files

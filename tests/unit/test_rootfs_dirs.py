@@ -432,6 +432,7 @@ def deep_tree(top: Path, levels: int, mode: int = 0o500) -> None:
         os.close(fd)
 
 
+@pytest.mark.deep
 def test_remove_tree_handles_any_depth_and_never_follows_links(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -447,6 +448,7 @@ def test_remove_tree_handles_any_depth_and_never_follows_links(tmp_path):
     assert (outside / "keep").read_text() == "keep"
 
 
+@pytest.mark.deep
 def test_deep_leftover_of_a_killed_create_is_cleaned_by_the_next(local, store, image):
     """A 2500-level temp tree left by a killed unpack made every later create exit 70."""
     rootfs.BundleStore().prepare()
@@ -462,6 +464,7 @@ def test_deep_leftover_of_a_killed_create_is_cleaned_by_the_next(local, store, i
     assert work_dirs(local / "bundles") == []
 
 
+@pytest.mark.deep
 def test_rm_of_a_bundle_holding_a_deep_tree(local, store, image):
     """What a payload left in its rootfs (any depth, 0500 dirs) never stops `uctr rm`."""
     path = rootfs.create(image, store)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.images import build_busybox, build_layers
-from uctr_batch import errors
+from uctr_batch import errors, fsutil
 from uctr_batch.batch import stage
 from uctr_batch.policy.load import Policy
 from uctr_batch.policy.resolver import resolve
@@ -93,6 +93,56 @@ def test_image_larger_than_the_quota_is_a_user_error(tmp_path, layouts):
         stage.stage(layouts["busybox"], job_id="51", node_policy=np)
     assert stage.classify(info.value, Path(np.storage.local_dir)) == stage.USER
     assert bundle_names(np) == []
+
+
+def test_an_image_over_the_quota_is_stopped_before_it_is_unpacked(tmp_path, layouts):
+    # issue 10, class 10: the quota bounds the unpack itself (before: the whole image was
+    # written, possibly filling the disk, and only then measured against the quota)
+    np = node_policy(tmp_path, local_quota=1024)
+    with pytest.raises(errors.StorageError, match=r"cannot unpack layer .*quota") as info:
+        stage.stage(layouts["busybox"], job_id="52", node_policy=np)
+    assert stage.classify(info.value, Path(np.storage.local_dir)) == stage.USER
+    assert bundle_names(np) == []
+
+
+@pytest.mark.deep
+def test_disk_usage_of_a_tree_deeper_than_the_recursion_limit(tmp_path):
+    top = tmp_path / "deep"
+    fd = os.open(tmp_path, os.O_RDONLY)
+    expected = 0
+    try:
+        os.mkdir("deep", dir_fd=fd)
+        for _ in range(1500):  # relative steps: the full path is longer than PATH_MAX
+            child = os.open("deep", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            os.mkdir("deep", dir_fd=fd)
+        bottom = os.open("f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd)
+        os.write(bottom, b"x" * 65536)
+        os.fsync(bottom)
+        os.close(bottom)
+        expected = os.stat("f", dir_fd=fd).st_blocks * 512
+    finally:
+        os.close(fd)
+    expected += sum(os.stat(p).st_blocks * 512 for p in _dirs_below(top))
+    assert fsutil.disk_usage(top) == expected
+    fsutil.remove_tree(top)
+
+
+def _dirs_below(top: Path):
+    """Every directory under TOP (TOP excluded), by fd-relative steps."""
+    fd = os.open(top, os.O_RDONLY)
+    try:
+        while True:
+            try:
+                child = os.open("deep", os.O_RDONLY, dir_fd=fd)
+            except FileNotFoundError:
+                return
+            os.close(fd)
+            fd = child
+            yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def test_pid_references_live_as_long_as_the_process(tmp_path):

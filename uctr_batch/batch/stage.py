@@ -110,7 +110,8 @@ def _stage(image_text: str, job_id: Optional[str], node_policy,
                       need=sum(layer.size for layer in record.layers))
     bundles = rootfs.BundleStore(local_dir)
     existed = _is_complete(bundles.path_for(record.manifest_digest), record.manifest_digest)
-    rootfs_path = Path(rootfs.create(record, cache))  # one unpack per node: its lock
+    # one unpack per node (its lock); the quota stops an unpack before it fills the disk
+    rootfs_path = Path(rootfs.create(record, cache, limit=quota or None))
     bundle = rootfs_path.parent
     touch_use(local_dir, record.manifest_digest)
     if job_id is not None:
@@ -340,18 +341,7 @@ def bundle_size(bundle: Path) -> int:
     from uctr_batch.image import rootfs
 
     size = rootfs.bundle_info(bundle).get("size")
-    return int(size) if isinstance(size, int) else _disk_usage(bundle)
-
-
-def _disk_usage(path: Path) -> int:
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
+    return int(size) if isinstance(size, int) else fsutil.disk_usage(bundle)
 
 
 def _last_use(local_dir: Path, digest: str, bundle: Path) -> float:
