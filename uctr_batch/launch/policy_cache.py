@@ -25,6 +25,7 @@ import sys
 from uctr_batch.errors import ConfigError
 
 FORMAT = 1
+MAX_CACHE_BYTES = 4 << 20  # a cached NodePolicy is a few KiB; anything bigger is not ours
 DEFAULT_POLICY = "/etc/uctr/policy.yaml"  # as uctr_batch.policy.paths.DEFAULT_POLICY
 DROPIN_DIR = "conf.d"
 # ${NAME}s storage paths may use (uctr_batch.policy.model.PATH_VARIABLES)
@@ -111,14 +112,19 @@ def load(env=None) -> dict:
 def read_cached(env):
     """The cached policy dict if it is still current, else None."""
     try:
-        fd = os.open(cache_stem(env) + ".marshal", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(cache_stem(env) + ".marshal",
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        if os.fstat(fd).st_uid != os.geteuid():
+        st = os.fstat(fd)
+        # our own regular file of sane size only: a FIFO, device or huge file is not a cache
+        if st.st_uid != os.geteuid() or (st.st_mode & 0o170000) != 0o100000:
+            return None
+        if st.st_size > MAX_CACHE_BYTES:
             return None
         with os.fdopen(fd, "rb", closefd=False) as f:
-            entry = marshal.load(f)
+            entry = marshal.loads(f.read(MAX_CACHE_BYTES))
     except (OSError, EOFError, ValueError, TypeError):
         return None
     finally:
