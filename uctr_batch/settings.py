@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+from uctr_batch.envnum import number  # the one checked reader of numeric UCTR_* values
+
 
 def _split(value: str) -> Tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
@@ -93,13 +95,13 @@ def registry_config(args=None, base: Optional[RegistryConfig] = None) -> Registr
     mirrors = dict(cfg.mirrors)
     mirrors.update(_parse_mirrors(env.get("UCTR_REGISTRY_MIRRORS", "")))
     ca_file = env.get("UCTR_TLS_CA") or cfg.ca_file
-    parallel = int(env.get("UCTR_PARALLEL") or cfg.parallel)
-    stall = float(env.get("UCTR_STALL_TIMEOUT") or cfg.stall_timeout)
-    retries = int(env.get("UCTR_RETRIES") or cfg.retries)
+    parallel = number("UCTR_PARALLEL", env, cfg.parallel)
+    stall = number("UCTR_STALL_TIMEOUT", env, cfg.stall_timeout)
+    retries = number("UCTR_RETRIES", env, cfg.retries)
     if args is not None:
         insecure += tuple(getattr(args, "insecure_registry", None) or ())
         ca_file = getattr(args, "tls_ca", None) or ca_file
-        parallel = getattr(args, "parallel", None) or parallel
+        parallel = getattr(args, "parallel", None) or parallel  # checked by cli's flag type
     return RegistryConfig(
         insecure=insecure, mirrors=mirrors, ca_file=ca_file, parallel=max(1, parallel),
         connect_timeout=cfg.connect_timeout, stall_timeout=stall, retries=retries,

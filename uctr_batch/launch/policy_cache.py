@@ -191,13 +191,11 @@ def section(policy: dict, name: str) -> dict:
 def stage_timeout(policy: dict, env=None) -> float:
     """UCTR_STAGE_TIMEOUT, else the policy's storage.stage_timeout (600 s built in)."""
     env = os.environ if env is None else env
-    text = env.get("UCTR_STAGE_TIMEOUT", "").strip()
-    if text:
-        try:
-            return max(0.0, float(text))
-        except ValueError:
-            raise ConfigError("UCTR_STAGE_TIMEOUT is not a number of seconds: %r" % text,
-                              "e.g. UCTR_STAGE_TIMEOUT=900") from None
+    from uctr_batch.envnum import number  # errors only: fine on the per-rank path
+
+    value = number("UCTR_STAGE_TIMEOUT", env, None)
+    if value is not None:
+        return value
     return float(section(policy, "storage").get("stage_timeout") or 600.0)
 
 

@@ -405,6 +405,8 @@ def _describe(err, pf: PolicyFile) -> List[Problem]:
         return [pf.problem(kp, "lists the same entry twice", "remove the repeated entry")]
     if kind == "exclusiveMinimum":
         return [pf.problem(kp, f"{inst!r} is too small (must be more than {value})", hint)]
+    if kind == "maximum":
+        return [pf.problem(kp, f"{inst!r} is too large (maximum {value})", hint)]
     if kind == "minimum":
         return [pf.problem(kp, f"{inst!r} is too small (minimum {value})", hint)]
     return [pf.problem(kp, err.message, hint)]
