@@ -59,3 +59,21 @@ def flag_type(name: str):
 
     convert.__name__ = NUMERIC[name][0].__name__  # argparse shows "invalid int value"
     return convert
+
+
+def bounded_int(low: int, high: int):
+    """An argparse type: a whole number from low to high (other flags' bounds)."""
+
+    def convert(text: str) -> int:
+        import argparse
+
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number from {low} to {high}")
+        return value
+
+    convert.__name__ = "int"
+    return convert

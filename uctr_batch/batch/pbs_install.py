@@ -115,9 +115,9 @@ def load_config(path: str) -> pbs.HookConfig:
         with open(path, encoding="utf-8") as f:
             return pbs.HookConfig.from_dict(json.load(f))
     except OSError as e:
-        raise errors.ConfigError(f"cannot read the hook config {path}: {e.strerror}") from e
+        raise errors.ConfigError(f"cannot read the hook config {path}: {e.strerror}", "check the --config path, or leave --config out to write one for this host") from e
     except ValueError as e:
-        raise errors.ConfigError(f"the hook config {path} is not JSON: {e}") from e
+        raise errors.ConfigError(f"the hook config {path} is not JSON: {e}", "give the JSON file `uctr pbs install --dry-run` prints, or leave --config out") from e
 
 
 def config_json(config: pbs.HookConfig) -> str:

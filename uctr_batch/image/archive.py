@@ -147,7 +147,9 @@ def open_source(path: str) -> _Source:
     if os.path.isdir(path):
         return _DirSource(path)
     if not os.path.exists(path):
-        raise ImageNotFound(f"no such file or directory: {path}")
+        raise ImageNotFound(f"no such file or directory: {path}", "give a docker-archive or OCI archive tar file, or an OCI layout directory")
+    if not os.path.isfile(path):  # /dev/zero, a FIFO: never read one as an archive
+        raise ImageNotFound(f"not a regular file or directory: {path}", "give a docker-archive or OCI archive tar file, or an OCI layout directory")
     return _TarSource(path)
 
 

@@ -77,7 +77,7 @@ class BundleStore:
     def complete_bundles(self) -> List[Path]:
         try:
             names = sorted(os.listdir(self.bundles))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # e.g. UCTR_LOCAL_DIR=/dev/null/x
             return []
         paths = (self.bundles / n for n in names if _HEX.match(n))
         return [p for p in paths if _marker_digest(p) is not None]
@@ -116,7 +116,12 @@ def create(record: ImageRecord, store, dest: Optional[Path] = None) -> Path:
         lock = local.lock_for(record.manifest_digest)
     else:
         bundle = Path(os.path.abspath(dest))
-        bundle.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            bundle.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file, a loop or no permission in the path
+            raise fsutil.no_space(e, bundle.parent.parent, None, "creating --dest") or StorageError(f"cannot create the --dest directory {bundle.parent}: {e.strerror}", "give --dest a new path in a directory you can write") from e
+        if not os.access(bundle.parent, os.W_OK | os.X_OK):  # the lock and the temp tree go there
+            raise StorageError(f"cannot write in {bundle.parent}: permission denied (--dest {dest})", "give --dest a new path in a directory you can write")
         lock = FileLock(bundle.parent / f".{bundle.name}.uctr-lock", timeout=LOCK_TIMEOUT,
                         stale_after=STALE_AFTER, what=f"bundle {bundle}")
     if not _is_complete(bundle, record):

@@ -37,14 +37,23 @@ PATH_VARIABLES = ("UID", "GID", "USER", "HOME", "HOSTNAME", "JOB_ID", "SLURM_JOB
 def local_base(env=None) -> str:
     """UCTR_LOCAL_DIR, else /tmp/uctr-$UID (settings.default_local_dir, without its imports)."""
     env = os.environ if env is None else env
-    return env.get("UCTR_LOCAL_DIR") or "/tmp/uctr-%d" % os.getuid()
+    return _env_dir(env, "UCTR_LOCAL_DIR") or "/tmp/uctr-%d" % os.getuid()
+
+
+def _env_dir(env, name: str):
+    """env[name] when set; it must be absolute (settings.env_dir, without its imports)."""
+    value = env.get(name)
+    if value and not value.startswith("/"):
+        raise ConfigError("%s must be an absolute path: %r" % (name, value[:80]),
+                          "e.g. %s=/scratch/$USER/uctr, or unset %s for the default" % (name, name))
+    return value
 
 
 def default_cache_dir(env=None) -> str:
     """UCTR_CACHE, else $XDG_CACHE_HOME/uctr, else ~/.cache/uctr (settings.default_cache_dir)."""
     env = os.environ if env is None else env
     if env.get("UCTR_CACHE"):
-        return env["UCTR_CACHE"]
+        return _env_dir(env, "UCTR_CACHE")
     xdg = env.get("XDG_CACHE_HOME")
     return os.path.join(xdg if xdg else os.path.join(os.path.expanduser("~"), ".cache"), "uctr")
 
