@@ -131,9 +131,9 @@ def _number(key: str, value) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise errors.ConfigError(f"PBS hook config: {key} is not a number: {value!r}") from None
+        raise errors.ConfigError(f"PBS hook config: {key} is not a number: {value!r}", f"fix {key} in the hook config (`uctr pbs install --dry-run` prints a good one)") from None
     if number <= 0:
-        raise errors.ConfigError(f"PBS hook config: {key} must be positive")
+        raise errors.ConfigError(f"PBS hook config: {key} must be positive", f"fix {key} in the hook config (`uctr pbs install --dry-run` prints a good one)")
     return number
 
 
@@ -176,7 +176,7 @@ def job_context(req: Mapping):
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
-        raise errors.ConfigError(f"job user {user} has no passwd entry on this node") from None
+        raise errors.ConfigError(f"job user {user} has no passwd entry on this node", "the user must resolve on every execution host (check nsswitch.conf, sssd or LDAP there)") from None
     gid = pw.pw_gid
     if job.get("egroup"):
         import grp

@@ -136,7 +136,7 @@ def install(args, out: TextIO) -> int:
         config = default_config(args.policy, args.uctr_exec, args.alarm)
     hook_file = REPO_HOOK_DIR / HOOK_FILE
     if not hook_file.is_file():
-        raise errors.ConfigError(f"the hook file is missing: {hook_file}")
+        raise errors.ConfigError(f"the hook file is missing: {hook_file}", "run `uctr pbs install` from a complete uctr-batch checkout or installation")
     if not os.access(config.uctr_exec, os.X_OK):
         _log.warning("uctr-exec is not at %s on this host; it must be there on every "
                      "execution host (--uctr-exec PATH)", config.uctr_exec)

@@ -36,7 +36,7 @@ class ArchiveError(UctrError):
 def safe_name(name: str, source: str) -> str:
     """A member name from an archive's own metadata, normalised; reject escapes."""
     if not isinstance(name, str) or not name or "\0" in name:
-        raise ArchiveError(f"invalid member name {name!r} in {source}")
+        raise ArchiveError(f"invalid member name {name!r} in {source}", "re-create the archive with `docker save` or `skopeo copy ... oci-archive:FILE`")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if name.startswith("/") or ".." in parts or not parts:
         raise ArchiveError(f"unsafe member name {name!r} in {source}",

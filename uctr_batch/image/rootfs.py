@@ -343,7 +343,7 @@ def remove(bundle: Path, local: BundleStore) -> None:
         try:
             os.rename(bundle, aside)
         except FileNotFoundError:
-            raise UsageError(f"no such bundle: {bundle}") from None
+            raise UsageError(f"no such bundle: {bundle}", "`uctr ps` lists the bundles of this node") from None
     fsutil.remove_tree(aside)
 
 

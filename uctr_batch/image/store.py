@@ -101,7 +101,7 @@ def build_record(reference: str, manifest_digest: str, manifest: dict, config: d
                        for d in manifest.get("layers") or ())
         config_digest = manifest["config"]["digest"]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise StorageError(f"malformed image manifest {manifest_digest} of {reference}: {e}") from e
+        raise StorageError(f"malformed image manifest {manifest_digest} of {reference}: {e}", f"remove it and pull it again: uctr rmi {reference}") from e
     for digest in (config_digest,) + tuple(layer.digest for layer in layers):
         split_digest(digest)
     if platform is None:
@@ -304,7 +304,7 @@ class Store:
                     actual, _ = copy_hashing(src, dst, split_digest(digest)[0])
                 if actual != digest:
                     partial.unlink()
-                    raise DigestMismatch(f"content of {digest} hashes to {actual}")
+                    raise DigestMismatch(f"content of {digest} hashes to {actual}", "the download or the source is corrupt: run the command again")
             return digest, self.ingest_blob(digest, fetch, size)
         tmp = self.root / "tmp" / f"stream-{uuid.uuid4().hex}.tmp"
         try:
