@@ -218,13 +218,15 @@ FILE_USES = [  # argv template (FILE replaced), env template, as the test user
     (("create", "--dest", "FILE", IMAGE), None),
     (("run", "--rootfs", "FILE", "true"), None),
     (("run", "-v", "FILE:/mnt", IMAGE, "true"), None),
+    (("pbs", "install", "--dry-run", "--config", "FILE"), None),
 ]
+ALL_KINDS = ("load", "policy", "--dest", "--config")  # uses that get every kind of file
 
 
 def file_cases() -> List[Case]:
     cases = []
     for n, (argv, env_name) in enumerate(FILE_USES):
-        kinds = FILE_KINDS if n < 4 or "--dest" in argv else FILE_KINDS[n % 3::3]
+        kinds = FILE_KINDS if set(argv) & set(ALL_KINDS) or env_name else FILE_KINDS[n % 3::3]
         for kind in kinds:
             label = f"{' '.join(argv)} with {kind}"
             if argv[0] == "run" and "--rootfs" in argv and not _run_has_rootfs():

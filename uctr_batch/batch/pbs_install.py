@@ -111,13 +111,16 @@ def find_uctr_exec() -> str:
 
 
 def load_config(path: str) -> pbs.HookConfig:
+    from uctr_batch import fsutil  # a regular file of at most 1 MiB: not /dev/zero, no FIFO
+
+    data = fsutil.read_regular_file(path, 1 << 20, "the hook config", "check the --config path, or leave --config out to write one for this host")
     try:
-        with open(path, encoding="utf-8") as f:
-            return pbs.HookConfig.from_dict(json.load(f))
-    except OSError as e:
-        raise errors.ConfigError(f"cannot read the hook config {path}: {e.strerror}", "check the --config path, or leave --config out to write one for this host") from e
-    except ValueError as e:
+        parsed = json.loads(data)
+    except (ValueError, RecursionError) as e:
         raise errors.ConfigError(f"the hook config {path} is not JSON: {e}", "give the JSON file `uctr pbs install --dry-run` prints, or leave --config out") from e
+    if not isinstance(parsed, dict):
+        raise errors.ConfigError(f"the hook config {path} is not a JSON object", "give the JSON file `uctr pbs install --dry-run` prints, or leave --config out")
+    return pbs.HookConfig.from_dict(parsed)
 
 
 def config_json(config: pbs.HookConfig) -> str:
