@@ -39,7 +39,8 @@ def _registry_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", metavar="FILE", help="CA bundle for registry TLS (also UCTR_TLS_CA)")
     from uctr_batch.envnum import flag_type
 
-    p.add_argument("--parallel", type=flag_type("UCTR_PARALLEL"), metavar="N", help="concurrent layer downloads (default 4; UCTR_PARALLEL)")
+    p.add_argument("--parallel", type=flag_type("UCTR_PARALLEL"), metavar="N",
+                   help="concurrent layer downloads (default 4; UCTR_PARALLEL)")
 
 
 def _args_pull(p):

@@ -15,8 +15,10 @@ DAY = 86400.0
 NUMERIC = {
     "UCTR_PARALLEL": (int, 1, 64, "4", "concurrent layer downloads"),
     "UCTR_RETRIES": (int, 0, 100, "5", "retries of a failed transfer"),
-    "UCTR_STALL_TIMEOUT": (float, 0.1, DAY, "30", "seconds without data before a transfer is retried"),
-    "UCTR_STAGE_TIMEOUT": (float, 0.0, 7 * DAY, "900", "seconds a rank waits for the image to be staged"),
+    "UCTR_STALL_TIMEOUT": (float, 0.1, DAY, "30",
+                           "seconds without data before a transfer is retried"),
+    "UCTR_STAGE_TIMEOUT": (float, 0.0, 7 * DAY, "900",
+                           "seconds a rank waits for the image to be staged"),
 }
 
 
@@ -55,7 +57,8 @@ def flag_type(name: str):
             return parse(name, text)
         except ConfigError as e:
             low, high = NUMERIC[name][1:3]
-            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not from {low:g} to {high:g}") from e
+            raise argparse.ArgumentTypeError(
+                f"{text[:40]!r} is not from {low:g} to {high:g}") from e
 
     convert.__name__ = NUMERIC[name][0].__name__  # argparse shows "invalid int value"
     return convert
@@ -72,7 +75,8 @@ def bounded_int(low: int, high: int):
         except ValueError:
             value = None
         if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number from {low} to {high}")
+            raise argparse.ArgumentTypeError(
+                f"{text[:40]!r} is not a whole number from {low} to {high}")
         return value
 
     convert.__name__ = "int"

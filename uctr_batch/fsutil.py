@@ -68,7 +68,10 @@ def make_private_subdir(path: Path) -> None:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             raise StorageError(f"not a directory: {path}", f"remove {path}")
     except OSError as e:  # e.g. a read-only or pseudo file system (UCTR_LOCAL_DIR=/proc/1)
-        raise no_space(e, os.path.dirname(path), None, f"creating {path}") or StorageError(f"cannot create {path}: {e.strerror}", "set UCTR_LOCAL_DIR (or UCTR_CACHE) to a directory of yours on a writable file system") from e
+        raise no_space(e, os.path.dirname(path), None, f"creating {path}") or StorageError(
+            f"cannot create {path}: {e.strerror}",
+            "set UCTR_LOCAL_DIR (or UCTR_CACHE) to a directory of yours on a writable file system"
+        ) from e
 
 
 def remove_tree(path: Path) -> None:

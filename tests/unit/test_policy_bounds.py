@@ -236,3 +236,12 @@ def test_file_that_grows_after_fstat_is_cut(tmp_path):
     with pytest.raises(ConfigError) as e:
         load.read_file(path, require_trusted=False)
     assert "larger than" in e.value.message
+
+
+@pytest.mark.parametrize("name", ["billion-laughs", "merge-key-bomb"])
+def test_pull_with_a_bomb_policy(tmp_path, name):
+    """The issue's report: `uctr pull` hung for minutes on a 600-byte alias bomb."""
+    path = _write_cases(tmp_path)[name]
+    env = {"UCTR_POLICY": str(path), "UCTR_CACHE": str(tmp_path / "cache"),
+           "UCTR_LOCAL_DIR": str(tmp_path / "local"), "HOME": str(tmp_path), "UCTR_RETRIES": "0"}
+    assert_clean_error(uctr("pull", "127.0.0.1:9/x:1", env=env), path)

@@ -131,9 +131,13 @@ def _number(key: str, value) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise errors.ConfigError(f"PBS hook config: {key} is not a number: {value!r}", f"fix {key} in the hook config (`uctr pbs install --dry-run` prints a good one)") from None
+        raise errors.ConfigError(f"PBS hook config: {key} is not a number: {value!r}",
+                                 f"fix {key} in the hook config (`uctr pbs install --dry-run` "
+                                 f"prints a good one)") from None
     if number <= 0:
-        raise errors.ConfigError(f"PBS hook config: {key} must be positive", f"fix {key} in the hook config (`uctr pbs install --dry-run` prints a good one)")
+        raise errors.ConfigError(f"PBS hook config: {key} must be positive",
+                                 f"fix {key} in the hook config (`uctr pbs install --dry-run` "
+                                 f"prints a good one)")
     return number
 
 
@@ -176,7 +180,9 @@ def job_context(req: Mapping):
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
-        raise errors.ConfigError(f"job user {user} has no passwd entry on this node", "the user must resolve on every execution host (check nsswitch.conf, sssd or LDAP there)") from None
+        raise errors.ConfigError(f"job user {user} has no passwd entry on this node",
+                                 "the user must resolve on every execution host (check "
+                                 "nsswitch.conf, sssd or LDAP there)") from None
     gid = pw.pw_gid
     if job.get("egroup"):
         import grp
@@ -738,7 +744,9 @@ def cmd_stage(args) -> int:
         os.set_inheritable(args.lock_fd, False)
         payload = json.loads(sys.stdin.read())
     except (OSError, ValueError) as e:
-        raise errors.UsageError(f"not started by the PBS hook: {e}", "`uctr pbs stage` is internal to the hook; do not run it by hand") from None
+        raise errors.UsageError(f"not started by the PBS hook: {e}",
+                                "`uctr pbs stage` is internal to the hook; do not run it by "
+                                "hand") from None
     run_stager(payload, os.environ)
     os.close(args.lock_fd)
     return 0

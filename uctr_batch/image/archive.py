@@ -36,7 +36,9 @@ class ArchiveError(UctrError):
 def safe_name(name: str, source: str) -> str:
     """A member name from an archive's own metadata, normalised; reject escapes."""
     if not isinstance(name, str) or not name or "\0" in name:
-        raise ArchiveError(f"invalid member name {name!r} in {source}", "re-create the archive with `docker save` or `skopeo copy ... oci-archive:FILE`")
+        raise ArchiveError(f"invalid member name {name!r} in {source}",
+                           "re-create the archive with `docker save` or `skopeo copy ... "
+                           "oci-archive:FILE`")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if name.startswith("/") or ".." in parts or not parts:
         raise ArchiveError(f"unsafe member name {name!r} in {source}",
@@ -147,9 +149,13 @@ def open_source(path: str) -> _Source:
     if os.path.isdir(path):
         return _DirSource(path)
     if not os.path.exists(path):
-        raise ImageNotFound(f"no such file or directory: {path}", "give a docker-archive or OCI archive tar file, or an OCI layout directory")
+        raise ImageNotFound(f"no such file or directory: {path}",
+                            "give a docker-archive or OCI archive tar file, or an OCI layout "
+                            "directory")
     if not os.path.isfile(path):  # /dev/zero, a FIFO: never read one as an archive
-        raise ImageNotFound(f"not a regular file or directory: {path}", "give a docker-archive or OCI archive tar file, or an OCI layout directory")
+        raise ImageNotFound(f"not a regular file or directory: {path}",
+                            "give a docker-archive or OCI archive tar file, or an OCI layout "
+                            "directory")
     return _TarSource(path)
 
 

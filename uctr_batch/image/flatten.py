@@ -165,7 +165,8 @@ def _open_empty_dir(dest: Path) -> int:
     try:
         fd = os.open(dest, _O_DIR)
     except OSError as e:
-        raise StorageError(f"cannot open the unpack target: {dest}: {e.strerror}", "give a directory you own and can write") from e
+        raise StorageError(f"cannot open the unpack target: {dest}: {e.strerror}",
+                           "give a directory you own and can write") from e
     if os.listdir(fd):
         os.close(fd)
         raise StorageError(f"unpack target is not empty: {dest}", "give a new or empty directory")
@@ -213,7 +214,8 @@ def _hasher_for(layer: Optional[Layer], label: str):
         return None
     algorithm = layer.digest.partition(":")[0]
     if algorithm not in _DIGESTS:
-        raise LayerRejected(f"layer {label} rejected: unsupported digest algorithm: {algorithm}", "push the image with sha256 or sha512 digests")
+        raise LayerRejected(f"layer {label} rejected: unsupported digest algorithm: {algorithm}",
+                            "push the image with sha256 or sha512 digests")
     return hashlib.new(algorithm)
 
 
@@ -251,14 +253,17 @@ class _LayerTar:
         try:
             raw = open(blob, "rb")
         except OSError as e:
-            raise StorageError(f"cannot read layer {label}: {blob}: {e.strerror}", "check the cache: `uctr verify --remove`, then pull the image again") from e
+            raise StorageError(f"cannot read layer {label}: {blob}: {e.strerror}",
+                               "check the cache: `uctr verify --remove`, then pull the image "
+                               "again") from e
         with raw:
             compression = _sniff(raw)
             try:  # O_TMPFILE where the filesystem has it: no name, gone on close or kill
                 tmp = tempfile.TemporaryFile(dir=scratch)
             except OSError as e:
                 raise StorageError(
-                    f"cannot create a temporary file in {scratch}: {e.strerror}", "the node-local directory must be yours and writable (UCTR_LOCAL_DIR)") from e
+                    f"cannot create a temporary file in {scratch}: {e.strerror}",
+                    "the node-local directory must be yours and writable (UCTR_LOCAL_DIR)") from e
             this = cls(label, compression, tmp)
             try:
                 this._inflate(raw, layer)
@@ -315,7 +320,9 @@ class _LayerTar:
             self.tar = tarfile.open(fileobj=self.file, mode="r:")
             self.members = self.tar.getmembers()
         except (tarfile.TarError, EOFError, ValueError) as e:
-            raise LayerRejected(f"layer {self.label} rejected: not a valid tar archive: {e}", "the image is damaged: rebuild or re-push it, then `uctr rmi` and pull it again") from e
+            raise LayerRejected(f"layer {self.label} rejected: not a valid tar archive: {e}",
+                                "the image is damaged: rebuild or re-push it, then `uctr rmi` "
+                                "and pull it again") from e
         self._check_end(size)
 
     def _check_end(self, size: int) -> None:

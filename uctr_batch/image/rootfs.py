@@ -119,9 +119,13 @@ def create(record: ImageRecord, store, dest: Optional[Path] = None) -> Path:
         try:
             bundle.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # a file, a loop or no permission in the path
-            raise fsutil.no_space(e, bundle.parent.parent, None, "creating --dest") or StorageError(f"cannot create the --dest directory {bundle.parent}: {e.strerror}", "give --dest a new path in a directory you can write") from e
+            raise fsutil.no_space(e, bundle.parent.parent, None, "creating --dest") or StorageError(
+                f"cannot create the --dest directory {bundle.parent}: {e.strerror}",
+                "give --dest a new path in a directory you can write") from e
         if not os.access(bundle.parent, os.W_OK | os.X_OK):  # the lock and the temp tree go there
-            raise StorageError(f"cannot write in {bundle.parent}: permission denied (--dest {dest})", "give --dest a new path in a directory you can write")
+            raise StorageError(
+                f"cannot write in {bundle.parent}: permission denied (--dest {dest})",
+                "give --dest a new path in a directory you can write")
         lock = FileLock(bundle.parent / f".{bundle.name}.uctr-lock", timeout=LOCK_TIMEOUT,
                         stale_after=STALE_AFTER, what=f"bundle {bundle}")
     if not _is_complete(bundle, record):
@@ -343,7 +347,8 @@ def remove(bundle: Path, local: BundleStore) -> None:
         try:
             os.rename(bundle, aside)
         except FileNotFoundError:
-            raise UsageError(f"no such bundle: {bundle}", "`uctr ps` lists the bundles of this node") from None
+            raise UsageError(f"no such bundle: {bundle}",
+                             "`uctr ps` lists the bundles of this node") from None
     fsutil.remove_tree(aside)
 
 

@@ -101,7 +101,8 @@ def build_record(reference: str, manifest_digest: str, manifest: dict, config: d
                        for d in manifest.get("layers") or ())
         config_digest = manifest["config"]["digest"]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise StorageError(f"malformed image manifest {manifest_digest} of {reference}: {e}", f"remove it and pull it again: uctr rmi {reference}") from e
+        raise StorageError(f"malformed image manifest {manifest_digest} of {reference}: {e}",
+                           f"remove it and pull it again: uctr rmi {reference}") from e
     for digest in (config_digest,) + tuple(layer.digest for layer in layers):
         split_digest(digest)
     if platform is None:
@@ -185,7 +186,8 @@ class Store:
         try:
             st = os.stat(root)  # an admin-provided shared root may be a symlink: follow it
         except OSError as e:  # e.g. UCTR_CACHE=/dev/null/x: a file in the path
-            raise StorageError(f"cannot use the cache directory {root}: {e.strerror}", "set UCTR_CACHE to a directory you can write") from e
+            raise StorageError(f"cannot use the cache directory {root}: {e.strerror}",
+                               "set UCTR_CACHE to a directory you can write") from e
         if not stat.S_ISDIR(st.st_mode):
             raise StorageError(f"cache path is not a directory: {root}",
                                "set UCTR_CACHE to a directory")
@@ -304,7 +306,9 @@ class Store:
                     actual, _ = copy_hashing(src, dst, split_digest(digest)[0])
                 if actual != digest:
                     partial.unlink()
-                    raise DigestMismatch(f"content of {digest} hashes to {actual}", "the download or the source is corrupt: run the command again")
+                    raise DigestMismatch(f"content of {digest} hashes to {actual}",
+                                         "the download or the source is corrupt: run the command "
+                                         "again")
             return digest, self.ingest_blob(digest, fetch, size)
         tmp = self.root / "tmp" / f"stream-{uuid.uuid4().hex}.tmp"
         try:

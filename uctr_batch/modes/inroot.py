@@ -38,7 +38,8 @@ def resolve(rootfs: str, path: str) -> str:
             continue
         links += 1
         if links > _MAX_LINKS:
-            raise UctrError("too many levels of symbolic links in %s" % path, "the image has a symbolic link loop there: use another path")
+            raise UctrError("too many levels of symbolic links in %s" % path,
+                            "the image has a symbolic link loop there: use another path")
         target = os.readlink(candidate)
         if target.startswith("/"):
             done = []
@@ -62,7 +63,8 @@ def ensure_mountpoint(rootfs: str, path: str, is_dir: bool) -> str:
     except FileNotFoundError:
         st = None
     except OSError as e:
-        raise UctrError("cannot use %s inside the container: %s" % (path, e.strerror), "use another path in the container, or fix the image")
+        raise UctrError("cannot use %s inside the container: %s" % (path, e.strerror),
+                        "use another path in the container, or fix the image")
     if st is not None:
         if is_dir and not stat.S_ISDIR(st.st_mode):
             raise UctrError("cannot bind a directory onto %s: it is a file in the image" % path,
@@ -88,5 +90,6 @@ def ensure_mountpoint(rootfs: str, path: str, is_dir: bool) -> str:
 def clean(path: str) -> str:
     """Normalise an absolute container path ('/a/./b/' -> '/a/b'); raise if relative."""
     if not path.startswith("/"):
-        raise UctrError("container path must be absolute: %s" % path, "give a path that starts with /")
+        raise UctrError("container path must be absolute: %s" % path,
+                        "give a path that starts with /")
     return os.path.normpath(path).replace("//", "/")
