@@ -7,6 +7,7 @@ path imports this module's dependencies (uctr-exec reads a cached NodePolicy ins
 """
 
 import errno
+import functools
 import json
 import os
 import re
@@ -171,32 +172,28 @@ class _TooDeep(Exception):
         self.line, self.too_many = line, too_many
 
 
-_LOADER = None
-
-
+@functools.lru_cache(maxsize=None)  # one class, built on first use: yaml is imported lazily
 def _bounded_loader():
-    """yaml.SafeLoader whose composer stops at MAX_DEPTH levels, before recursing deeper:
-    Python's recursion limit is never what stops a deep document."""
-    global _LOADER  # a class built once, on first use (yaml is imported lazily)
-    if _LOADER is None:
-        import yaml
+    """yaml.SafeLoader whose composer stops at MAX_DEPTH levels, before recursing deeper
+    (Python's recursion limit is never what stops a deep document), and after MAX_NODES
+    nodes (aliases count once here; _check_expansion counts them expanded)."""
+    import yaml
 
-        class BoundedLoader(yaml.SafeLoader):
-            _depth = 0
-            _nodes = 0
+    class BoundedLoader(yaml.SafeLoader):
+        _depth = 0  # per instance once assigned
+        _nodes = 0
 
-            def compose_node(self, parent, index):
-                self._nodes += 1
-                if self._depth >= MAX_DEPTH or self._nodes > MAX_NODES:
-                    raise _TooDeep(self.peek_event().start_mark.line + 1, self._nodes > MAX_NODES)
-                self._depth += 1
-                try:
-                    return super().compose_node(parent, index)
-                finally:
-                    self._depth -= 1
+        def compose_node(self, parent, index):
+            self._nodes += 1
+            if self._depth >= MAX_DEPTH or self._nodes > MAX_NODES:
+                raise _TooDeep(self.peek_event().start_mark.line + 1, self._nodes > MAX_NODES)
+            self._depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
 
-        _LOADER = BoundedLoader
-    return _LOADER
+    return BoundedLoader
 
 
 def _check_expansion(path: str, root) -> None:
