@@ -249,7 +249,10 @@ def _run_has_rootfs() -> bool:
     return any("--rootfs" in a.option_strings for a in parser._actions)
 
 
-EXEC_CASES = [
+EXTRA_CASES = [  # uctr-exec, and bundles with a junk image.json
+    Case("run: bundle whose image.json is a list", ("run", "@bundle-list", "true")),
+    Case("run: bundle whose image.json nests deeply", ("run", "@bundle-deep", "true")),
+    Case("run: bundle whose image.json is /dev/zero", ("run", "@bundle-zero", "true")),
     Case("uctr-exec: no arguments", (), exec_=True),
     Case("uctr-exec: unknown flag", ("--no-such-flag", IMAGE, "true"), exec_=True),
     Case("uctr-exec: --mode without value", ("--mode",), exec_=True),
@@ -270,7 +273,7 @@ EXEC_CASES = [
 ]
 
 
-ALL_CASES = flag_cases() + env_cases() + file_cases() + EXEC_CASES
+ALL_CASES = flag_cases() + env_cases() + file_cases() + EXTRA_CASES
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -309,6 +312,14 @@ class World:
         self.files["unwritable-dir"] = str(odd / "unwritable-dir")
         (odd / "symlink-to-dir").symlink_to(base)
         self.files["symlink-to-dir"] = str(odd / "symlink-to-dir")
+        for kind, meta in (("bundle-list", "[1]"), ("bundle-deep", "[" * 100_000),
+                           ("bundle-zero", None)):  # bundles whose image.json is junk
+            (odd / kind / "rootfs").mkdir(parents=True)
+            if meta is None:
+                (odd / kind / "image.json").symlink_to("/dev/zero")
+            else:
+                (odd / kind / "image.json").write_text(meta)
+            self.files[kind] = str(odd / kind)
         (base / "policy.yaml").write_text("version: 1\n")
         self.root_env = self._dirs(base / "root")
         self.user_env: Optional[Dict[str, str]] = None
