@@ -69,7 +69,9 @@ class _Source:
         try:
             return json.loads(self.read(name))
         except ValueError as e:
-            raise ArchiveError(f"{name} in {self.path} is not valid JSON: {e}") from e
+            raise ArchiveError(f"{name} in {self.path} is not valid JSON: {e}",
+                               "re-create the archive with `docker save` or "
+                               "`skopeo copy ... oci-archive:FILE`") from e
 
     def blob_name(self, digest: str) -> str:
         algo, hexpart = split_digest(digest)
@@ -93,7 +95,9 @@ class _DirSource(_Source):
         try:
             return open(self._path(name), "rb")
         except FileNotFoundError:
-            raise ArchiveError(f"{name} missing from {self.path}") from None
+            raise ArchiveError(f"{name} missing from {self.path}",
+                               "re-create the archive with `docker save` or "
+                               "`skopeo copy ... oci-archive:FILE`") from None
 
     def size(self, name: str) -> int:
         return os.path.getsize(self._path(name))
@@ -119,7 +123,9 @@ class _TarSource(_Source):
     def _member(self, name: str) -> tarfile.TarInfo:
         member = self._members.get(safe_name(name, self.path))
         if member is None or not (member.isfile() or member.islnk() or member.issym()):
-            raise ArchiveError(f"{name} missing from {self.path}")
+            raise ArchiveError(f"{name} missing from {self.path}",
+                               "re-create the archive with `docker save` or "
+                               "`skopeo copy ... oci-archive:FILE`")
         return member
 
     def open(self, name: str):
@@ -128,7 +134,9 @@ class _TarSource(_Source):
         except KeyError:
             f = None
         if f is None:
-            raise ArchiveError(f"{name} in {self.path} is a link to nothing in the archive")
+            raise ArchiveError(f"{name} in {self.path} is a link to nothing in the archive",
+                               "re-create the archive with `docker save` or "
+                               "`skopeo copy ... oci-archive:FILE`")
         return f
 
     def size(self, name: str) -> int:
@@ -195,7 +203,9 @@ def _record_all(store: Store, names: Sequence[str], manifest_digest: str, manife
 def _docker_entry(src: _Source, tag: Optional[str]) -> dict:
     entries = src.read_json("manifest.json")
     if not (isinstance(entries, list) and entries and all(isinstance(e, dict) for e in entries)):
-        raise ArchiveError(f"manifest.json in {src.path} is not a docker-archive manifest")
+        raise ArchiveError(f"manifest.json in {src.path} is not a docker-archive manifest",
+                           "re-create the archive with `docker save` or "
+                           "`skopeo copy ... oci-archive:FILE`")
     if tag is None:
         if len(entries) > 1:
             raise ArchiveError(f"{src.path} holds {len(entries)} images",
@@ -234,13 +244,17 @@ def _load_docker(src: _Source, store: Store, names, tag, wanted) -> List:
     try:
         config_name, layer_names = entry["Config"], list(entry["Layers"])
     except (KeyError, TypeError) as e:
-        raise ArchiveError(f"manifest.json in {src.path} lacks {e}") from e
+        raise ArchiveError(f"manifest.json in {src.path} lacks {e}",
+                           "re-create the archive with `docker save` or "
+                           "`skopeo copy ... oci-archive:FILE`") from e
     config_bytes = src.read(config_name)
     config = json.loads(config_bytes)
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
     if len(diff_ids) != len(layer_names):
         raise ArchiveError(f"{src.path}: {len(layer_names)} layers but {len(diff_ids)} "
-                           "diff_ids in the config")
+                           "diff_ids in the config",
+                           "re-create the archive with `docker save` or "
+                           "`skopeo copy ... oci-archive:FILE`")
     _check_platform(config, wanted, src.path)
     config_digest = digest_of_bytes(config_bytes)
     with store.pending([config_digest] + list(diff_ids)):
@@ -297,7 +311,9 @@ def _oci_descriptor(src: _Source, tag: Optional[str]) -> dict:
     index = src.read_json("index.json")
     entries = index.get("manifests") if isinstance(index, dict) else None
     if not isinstance(entries, list) or not entries:
-        raise ArchiveError(f"index.json in {src.path} lists no images")
+        raise ArchiveError(f"index.json in {src.path} lists no images",
+                           "re-create the archive with `docker save` or "
+                           "`skopeo copy ... oci-archive:FILE`")
     tags = [e.get("annotations", {}).get(OCI_REF_NAME) for e in entries]
     if tag is not None:
         for entry, name in zip(entries, tags):
@@ -333,7 +349,9 @@ def resolve_oci(src: _Source, store: Store, descriptor: dict, wanted,
             return descriptor, data, index_digest
         index_digest = index_digest or descriptor["digest"]
         descriptor = platforms.select(doc.get("manifests") or [], wanted, image)
-    raise ArchiveError(f"{image}: image indexes nested deeper than {_MAX_INDEX_DEPTH}")
+    raise ArchiveError(f"{image}: image indexes nested deeper than {_MAX_INDEX_DEPTH}",
+                       "re-create the archive with `docker save` or "
+                       "`skopeo copy ... oci-archive:FILE`")
 
 
 def _load_oci(src: _Source, store: Store, names, tag, wanted) -> List:
