@@ -18,8 +18,6 @@ look at the results, so the sweep costs a few python start-ups per core, not one
 import argparse
 import concurrent.futures
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,14 +35,11 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON = os.environ.get("UCTR_TEST_PYTHON", sys.executable)
 HANG = 120  # seconds: only a hang gets near this
 WORKERS = 4
-PAYLOAD_COMMANDS = ("run", "uctr-exec")  # these may exit with the payload's own status
 IMAGE = "local/sweep:1"  # loaded into the private cache by the fixture
 CLOSED = "127.0.0.1:9/nothing/here:1"  # a registry that refuses at once
 
-# Failures whose message is the whole story: nothing the user could change would help.
-NO_HINT = {
-    # argparse's own --help/--version print no error at all; nothing listed yet
-}
+# Case ids whose error has no fix a hint could name. Empty today: every swept error has one.
+NO_HINT: Dict[str, str] = {}
 
 HUGE = "a" * 100_000
 ODD = "\u202e\ufeffé\u0301\U0001f642\u200b名前"  # bidi override, BOM, combining, emoji, ZWSP, CJK
@@ -52,7 +47,7 @@ ODD = "\u202e\ufeffé\u0301\U0001f642\u200b名前"  # bidi override, BOM, combin
 
 class Case(NamedTuple):
     id: str
-    argv: Tuple[str, ...]  # after `uctr` (or after uctr-exec for EXEC cases)
+    argv: Tuple[str, ...]  # after `uctr` (after `uctr-exec` when exec_)
     env: Tuple[Tuple[str, str], ...] = ()
     exec_: bool = False  # uctr-exec instead of uctr
     user: bool = False  # as the unprivileged test user
