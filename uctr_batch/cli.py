@@ -12,7 +12,7 @@ import sys
 from typing import Callable, List, Optional
 
 from uctr_batch import __version__, log
-from uctr_batch.errors import EXIT_INTERNAL, EXIT_USAGE, UctrError
+from uctr_batch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, UctrError
 
 _log = log.get()
 
@@ -37,7 +37,10 @@ def _registry_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
                    help="allow plain HTTP for this registry (repeatable; also UCTR_INSECURE_REGISTRIES)")
     p.add_argument("--tls-ca", metavar="FILE", help="CA bundle for registry TLS (also UCTR_TLS_CA)")
-    p.add_argument("--parallel", type=int, metavar="N", help="concurrent layer downloads (default 4; UCTR_PARALLEL)")
+    from uctr_batch.envnum import flag_type
+
+    p.add_argument("--parallel", type=flag_type("UCTR_PARALLEL"), metavar="N",
+                   help="concurrent layer downloads (default 4; UCTR_PARALLEL)")
 
 
 def _args_pull(p):
@@ -223,7 +226,7 @@ def run_handler(target: str, args, verbosity: int) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
     except Exception:  # a bug: keep the traceback visible

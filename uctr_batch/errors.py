@@ -16,6 +16,7 @@ EXIT_MODE = 3  # execution mode not allowed or not available on this node
 EXIT_REGISTRY = 4  # registry, network or pull failure
 EXIT_LAYER = 5  # an image layer was rejected by the safety checks
 EXIT_INTERNAL = 70  # a bug in uctr-batch (traceback with -vv)
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C) before a payload ran: 128+2, as a shell reports it
 
 EXIT_CODES = {
     EXIT_OK: "ok",
@@ -25,7 +26,11 @@ EXIT_CODES = {
     EXIT_REGISTRY: "registry or pull failure",
     EXIT_LAYER: "image layer rejected by the safety checks",
     EXIT_INTERNAL: "internal error",
+    EXIT_INTERRUPTED: "interrupted (SIGINT, Ctrl-C)",
 }
+# `uctr run` and `uctr-exec` also exit with the payload's own status: 126 (not executable),
+# 127 (not found in the image) or 128+N (killed by signal N) come from the payload side.
+PAYLOAD_CODES = (126, 127)  # plus 128+N, N a signal number
 
 
 class UctrError(Exception):

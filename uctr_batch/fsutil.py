@@ -80,6 +80,11 @@ def make_private_subdir(path: Path) -> None:
     except FileExistsError:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             raise StorageError(f"not a directory: {path}", f"remove {path}")
+    except OSError as e:  # e.g. a read-only or pseudo file system (UCTR_LOCAL_DIR=/proc/1)
+        raise no_space(e, os.path.dirname(path), None, f"creating {path}") or StorageError(
+            f"cannot create {path}: {e.strerror}",
+            "set UCTR_LOCAL_DIR (or UCTR_CACHE) to a directory of yours on a writable file system"
+        ) from e
 
 
 def remove_tree(path) -> None:
@@ -353,3 +358,33 @@ def _device_of(directory: str) -> Optional[str]:
     if source is None:
         return None
     return source if source not in ("none", "") else best or "/"
+
+
+def read_regular_file(path, limit: int, what: str, hint: str) -> bytes:
+    """The bytes of PATH, which must be a regular file of at most LIMIT bytes: opened with
+    O_NONBLOCK (a FIFO cannot hang the open), checked with fstat, read at most LIMIT + 1
+    bytes (/dev/zero, a growing file). Anything else is a ConfigError naming WHAT."""
+    from uctr_batch.errors import ConfigError
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}", hint) from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file", hint)
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}", hint) from e
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise ConfigError(f"{what} {path} is larger than {limit} bytes", hint)
+    return data

@@ -77,7 +77,9 @@ def target_from_path(text: str) -> Target:
     try:
         with open(os.path.join(bundle, IMAGE_JSON), encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, ValueError) as e:
+        if not isinstance(meta, dict):  # a bundle dir anyone made: no traceback for `[1]`
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, RecursionError) as e:
         raise UctrError(f"cannot read the image config of bundle {bundle}: {e}",
                         f"recreate it: uctr rm {bundle} && uctr create IMAGE") from e
     return Target(rootfs, meta.get("config") or {}, meta.get("reference") or "")

@@ -9,15 +9,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+from uctr_batch.envnum import number  # the one checked reader of numeric UCTR_* values
+
 
 def _split(value: str) -> Tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def env_dir(name: str) -> Optional[Path]:
+    """The directory in environment variable NAME (UCTR_CACHE, UCTR_LOCAL_DIR,
+    UCTR_CONFIG_DIR), or None when unset; it must be absolute (a relative one would depend
+    on each process's working directory, and ranks start in different ones)."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    if not value.startswith("/") or "\0" in value:
+        from uctr_batch.errors import ConfigError
+
+        shown = value if len(value) <= 80 else value[:80] + "..."
+        raise ConfigError(f"{name} must be an absolute path: {shown!r}",
+                          f"e.g. {name}=/scratch/$USER/uctr, or unset {name} for the default")
+    return Path(value)
+
+
 def default_cache_dir() -> Path:
     """Shared cache of compressed blobs: UCTR_CACHE, else $XDG_CACHE_HOME/uctr, else ~/.cache/uctr."""
     if os.environ.get("UCTR_CACHE"):
-        return Path(os.environ["UCTR_CACHE"])
+        return env_dir("UCTR_CACHE")
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".cache"
     return base / "uctr"
@@ -26,7 +44,7 @@ def default_cache_dir() -> Path:
 def default_local_dir() -> Path:
     """Node-local root filesystems: UCTR_LOCAL_DIR, else /tmp/uctr-$UID."""
     if os.environ.get("UCTR_LOCAL_DIR"):
-        return Path(os.environ["UCTR_LOCAL_DIR"])
+        return env_dir("UCTR_LOCAL_DIR")
     return Path("/tmp") / f"uctr-{os.getuid()}"
 
 
@@ -57,7 +75,7 @@ def local_dir(node_policy=None) -> Path:
 def default_config_dir() -> Path:
     """Per-user configuration (credentials): UCTR_CONFIG_DIR, else ~/.config/uctr."""
     if os.environ.get("UCTR_CONFIG_DIR"):
-        return Path(os.environ["UCTR_CONFIG_DIR"])
+        return env_dir("UCTR_CONFIG_DIR")
     xdg = os.environ.get("XDG_CONFIG_HOME")
     return (Path(xdg) if xdg else Path.home() / ".config") / "uctr"
 
@@ -93,13 +111,13 @@ def registry_config(args=None, base: Optional[RegistryConfig] = None) -> Registr
     mirrors = dict(cfg.mirrors)
     mirrors.update(_parse_mirrors(env.get("UCTR_REGISTRY_MIRRORS", "")))
     ca_file = env.get("UCTR_TLS_CA") or cfg.ca_file
-    parallel = int(env.get("UCTR_PARALLEL") or cfg.parallel)
-    stall = float(env.get("UCTR_STALL_TIMEOUT") or cfg.stall_timeout)
-    retries = int(env.get("UCTR_RETRIES") or cfg.retries)
+    parallel = number("UCTR_PARALLEL", env, cfg.parallel)
+    stall = number("UCTR_STALL_TIMEOUT", env, cfg.stall_timeout)
+    retries = number("UCTR_RETRIES", env, cfg.retries)
     if args is not None:
         insecure += tuple(getattr(args, "insecure_registry", None) or ())
         ca_file = getattr(args, "tls_ca", None) or ca_file
-        parallel = getattr(args, "parallel", None) or parallel
+        parallel = getattr(args, "parallel", None) or parallel  # checked by cli's flag type
     return RegistryConfig(
         insecure=insecure, mirrors=mirrors, ca_file=ca_file, parallel=max(1, parallel),
         connect_timeout=cfg.connect_timeout, stall_timeout=stall, retries=retries,

@@ -55,7 +55,8 @@ def _int(env: Mapping[str, str], name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ConfigError(f"{name} is not a number: {value!r}")
+        raise ConfigError(f"{name} is not a number: {value!r}",
+                          f"set {name} to a number, or unset it")
 
 
 def _gid(env: Mapping[str, str], uid: int) -> int:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from uctr_batch import errors, log
+from uctr_batch import envnum, errors, log
 
 _log = log.get("pbs")
 
@@ -133,9 +133,13 @@ def _number(key: str, value) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise errors.ConfigError(f"PBS hook config: {key} is not a number: {value!r}") from None
+        raise errors.ConfigError(f"PBS hook config: {key} is not a number: {value!r}",
+                                 f"fix {key} in the hook config (`uctr pbs install --dry-run` "
+                                 f"prints a good one)") from None
     if number <= 0:
-        raise errors.ConfigError(f"PBS hook config: {key} must be positive")
+        raise errors.ConfigError(f"PBS hook config: {key} must be positive",
+                                 f"fix {key} in the hook config (`uctr pbs install --dry-run` "
+                                 f"prints a good one)")
     return number
 
 
@@ -178,7 +182,9 @@ def job_context(req: Mapping):
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
-        raise errors.ConfigError(f"job user {user} has no passwd entry on this node") from None
+        raise errors.ConfigError(f"job user {user} has no passwd entry on this node",
+                                 "the user must resolve on every execution host (check "
+                                 "nsswitch.conf, sssd or LDAP there)") from None
     gid = pw.pw_gid
     if job.get("egroup"):
         import grp
@@ -822,7 +828,7 @@ def add_arguments(p: argparse.ArgumentParser, parser_class) -> None:
             action.add_argument("--policy", metavar="FILE", help="site policy path for the hook")
             action.add_argument("--uctr-exec", metavar="PATH",
                                 help="uctr-exec on the execution hosts (default: found here)")
-            action.add_argument("--alarm", type=int, default=60,
+            action.add_argument("--alarm", type=envnum.bounded_int(10, 3600), default=60,
                                 help="hook alarm in seconds (default 60)")
             action.add_argument("--no-mode-resource", action="store_true",
                                 help="do not create the container_mode resource")
@@ -830,7 +836,7 @@ def add_arguments(p: argparse.ArgumentParser, parser_class) -> None:
     hook = sub.add_parser("hook")
     hook.add_argument("--event", help="for ps and logs only: the request names its event")
     stager = sub.add_parser("stage")
-    stager.add_argument("--lock-fd", type=int, required=True)
+    stager.add_argument("--lock-fd", type=envnum.bounded_int(0, 1 << 20), required=True)
 
 
 def cmd_pbs(args) -> int:
@@ -859,8 +865,13 @@ def cmd_hook(args) -> int:
 
 def cmd_stage(args) -> int:
     """The detached stager: keep the inherited lock until the outcome is written."""
-    os.set_inheritable(args.lock_fd, False)
-    payload = json.loads(sys.stdin.read())
+    try:  # only the hook starts it: by hand, a clean error and not a traceback
+        os.set_inheritable(args.lock_fd, False)
+        payload = json.loads(sys.stdin.read())
+    except (OSError, ValueError) as e:
+        raise errors.UsageError(f"not started by the PBS hook: {e}",
+                                "`uctr pbs stage` is internal to the hook; do not run it by "
+                                "hand") from None
     run_stager(payload, os.environ)
     os.close(args.lock_fd)
     return 0

@@ -111,13 +111,22 @@ def find_uctr_exec() -> str:
 
 
 def load_config(path: str) -> pbs.HookConfig:
+    from uctr_batch import fsutil  # a regular file of at most 1 MiB: not /dev/zero, no FIFO
+
+    data = fsutil.read_regular_file(path, 1 << 20, "the hook config",
+                                    "check the --config path, or leave --config out to write one "
+                                    "for this host")
     try:
-        with open(path, encoding="utf-8") as f:
-            return pbs.HookConfig.from_dict(json.load(f))
-    except OSError as e:
-        raise errors.ConfigError(f"cannot read the hook config {path}: {e.strerror}") from e
-    except ValueError as e:
-        raise errors.ConfigError(f"the hook config {path} is not JSON: {e}") from e
+        parsed = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise errors.ConfigError(f"the hook config {path} is not JSON: {e}",
+                                 "give the JSON file `uctr pbs install --dry-run` prints, or "
+                                 "leave --config out") from e
+    if not isinstance(parsed, dict):
+        raise errors.ConfigError(f"the hook config {path} is not a JSON object",
+                                 "give the JSON file `uctr pbs install --dry-run` prints, or "
+                                 "leave --config out")
+    return pbs.HookConfig.from_dict(parsed)
 
 
 def config_json(config: pbs.HookConfig) -> str:
@@ -136,7 +145,9 @@ def install(args, out: TextIO) -> int:
         config = default_config(args.policy, args.uctr_exec, args.alarm)
     hook_file = REPO_HOOK_DIR / HOOK_FILE
     if not hook_file.is_file():
-        raise errors.ConfigError(f"the hook file is missing: {hook_file}")
+        raise errors.ConfigError(f"the hook file is missing: {hook_file}",
+                                 "run `uctr pbs install` from a complete uctr-batch checkout or "
+                                 "installation")
     if not os.access(config.uctr_exec, os.X_OK):
         _log.warning("uctr-exec is not at %s on this host; it must be there on every "
                      "execution host (--uctr-exec PATH)", config.uctr_exec)

@@ -38,7 +38,9 @@ class Identity:
             pw = pwd.getpwuid(uid)
         except KeyError:
             if gid is None:
-                raise errors.ConfigError(f"user {uid} has no passwd entry on this node")
+                raise errors.ConfigError(f"user {uid} has no passwd entry on this node",
+                                         "the user must resolve on this node (check "
+                                         "nsswitch.conf, sssd or LDAP)")
             return cls(uid, gid, None, "/")
         return cls(uid, pw.pw_gid if gid is None else gid, pw.pw_name, pw.pw_dir)
 

@@ -196,7 +196,8 @@ def install_plan(prefix: Path, policy: Optional[str] = None,
                               "uctr-batch source tree", "run it from a checkout of uctr-batch")
     for name, value in (("--prefix", str(prefix)), ("--policy", policy), ("--log-dir", log_dir)):
         if value is not None and not os.path.isabs(value):
-            raise UsageError(f"{name} must be an absolute path: {value}")
+            raise UsageError(f"{name} must be an absolute path: {value}",
+                             f"give a path that starts with /, e.g. {name} /opt/uctr")
     return InstallPlan(Path(prefix), source, sys.executable, policy, log_dir)
 
 

@@ -210,6 +210,10 @@ def open_source(path: str) -> _Source:
         raise ImageNotFound(f"no such file or directory: {path}",
                             "give the path of a `docker save` tar, an OCI archive or an OCI "
                             "layout directory")
+    if not os.path.isfile(path):  # /dev/zero, a FIFO: never read one as an archive
+        raise ImageNotFound(f"not a regular file or directory: {path}",
+                            "give the path of a `docker save` tar, an OCI archive or an OCI "
+                            "layout directory")
     return _TarSource(path)
 
 

@@ -273,10 +273,11 @@ def _open_empty_dir(dest: Path) -> int:
     try:
         fd = os.open(dest, _O_DIR)
     except OSError as e:
-        raise StorageError(f"cannot open the unpack target: {dest}: {e.strerror}") from e
+        raise StorageError(f"cannot open the unpack target: {dest}: {e.strerror}",
+                           "give a directory you own and can write") from e
     if os.listdir(fd):
         os.close(fd)
-        raise StorageError(f"unpack target is not empty: {dest}")
+        raise StorageError(f"unpack target is not empty: {dest}", "give a new or empty directory")
     return fd
 
 
@@ -322,7 +323,8 @@ def _hasher_for(layer: Optional[Layer], label: str):
         return None
     algorithm = layer.digest.partition(":")[0]
     if algorithm not in _DIGESTS:
-        raise LayerRejected(f"layer {label} rejected: unsupported digest algorithm: {algorithm}")
+        raise LayerRejected(f"layer {label} rejected: unsupported digest algorithm: {algorithm}",
+                            "push the image with sha256 or sha512 digests")
     return hashlib.new(algorithm)
 
 
@@ -411,7 +413,9 @@ class _LayerTar:
         try:
             raw = open(blob, "rb")
         except OSError as e:
-            raise StorageError(f"cannot read layer {label}: {blob}: {e.strerror}") from e
+            raise StorageError(f"cannot read layer {label}: {blob}: {e.strerror}",
+                               "check the cache: `uctr verify --remove`, then pull the image "
+                               "again") from e
         with raw:
             compression = _sniff(raw)
             try:  # O_TMPFILE where the filesystem has it: no name, gone on close or kill
@@ -419,7 +423,8 @@ class _LayerTar:
             except OSError as e:
                 full = fsutil.no_space(e, budget.space_dir, None, f"unpack layer {label}")
                 raise full or StorageError(
-                    f"cannot create a temporary file in {scratch}: {e.strerror}") from e
+                    f"cannot create a temporary file in {scratch}: {e.strerror}",
+                    "the node-local directory must be yours and writable (UCTR_LOCAL_DIR)") from e
             this = cls(label, compression, tmp)
             try:
                 this._inflate(raw, layer, diff_id, budget)

@@ -79,7 +79,7 @@ class BundleStore:
     def complete_bundles(self) -> List[Path]:
         try:
             names = sorted(os.listdir(self.bundles))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # e.g. UCTR_LOCAL_DIR=/dev/null/x
             return []
         paths = (self.bundles / n for n in names if _HEX.match(n))
         return [p for p in paths if _marker_digest(p) is not None]
@@ -106,6 +106,19 @@ def _marker_digest(bundle: Path) -> Optional[str]:
 
 
 # -- create -----------------------------------------------------------------------------------
+
+def _prepare_dest_parent(bundle: Path, dest) -> None:
+    """--dest's directory exists and is writable: the lock and the temp tree go there."""
+    try:
+        bundle.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file, a loop or no permission in the path
+        raise fsutil.no_space(e, bundle.parent.parent, None, "create --dest") or StorageError(
+            f"cannot create the --dest directory {bundle.parent}: {e.strerror}",
+            "give --dest a new path in a directory you can write") from e
+    if not os.access(bundle.parent, os.W_OK | os.X_OK):
+        raise StorageError(f"cannot write in {bundle.parent}: permission denied (--dest {dest})",
+                           "give --dest a new path in a directory you can write")
+
 def create(record: ImageRecord, store, dest: Optional[Path] = None,
            limit: Optional[int] = None) -> Path:
     """Unpack RECORD's layers (blobs from STORE) into a bundle; return its rootfs path.
@@ -126,7 +139,7 @@ def create(record: ImageRecord, store, dest: Optional[Path] = None,
             lock = local.lock_for(record.manifest_digest)
         else:
             bundle = Path(os.path.abspath(dest))
-            bundle.parent.mkdir(parents=True, exist_ok=True)
+            _prepare_dest_parent(bundle, dest)
             lock = FileLock(bundle.parent / f".{bundle.name}.uctr-lock", timeout=LOCK_TIMEOUT,
                             stale_after=STALE_AFTER, what=f"bundle {bundle}")
         if not _is_complete(bundle, record):
@@ -393,7 +406,8 @@ def remove(bundle: Path, local: BundleStore) -> None:
             try:
                 os.rename(bundle, aside)
             except FileNotFoundError:
-                raise UsageError(f"no such bundle: {bundle}") from None
+                raise UsageError(f"no such bundle: {bundle}",
+                                 "`uctr ps` lists the bundles of this node") from None
         fsutil.remove_tree(aside)
     except OSError as e:
         full = fsutil.no_space(e, bundle.parent, None, f"remove {bundle}")

@@ -198,7 +198,11 @@ class Store:
                 _raise_no_space(e, root.parent, None, "create the cache")
                 raise StorageError(f"cannot create the cache directory {root}: {e.strerror}",
                                    "set UCTR_CACHE to a directory you can write") from e
-        st = os.stat(root)  # an admin-provided shared root may be a symlink: follow it
+        try:
+            st = os.stat(root)  # an admin-provided shared root may be a symlink: follow it
+        except OSError as e:  # e.g. UCTR_CACHE=/dev/null/x: a file in the path
+            raise StorageError(f"cannot use the cache directory {root}: {e.strerror}",
+                               "set UCTR_CACHE to a directory you can write") from e
         if not stat.S_ISDIR(st.st_mode):
             raise StorageError(f"cache path is not a directory: {root}",
                                "set UCTR_CACHE to a directory")

@@ -17,7 +17,7 @@ dataclasses or logging (tests/unit/test_launch_hot_path.py watches this).
 import os
 import sys
 
-from uctr_batch.errors import EXIT_INTERNAL, ModeError, UctrError
+from uctr_batch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, ModeError, UctrError
 
 DEFAULT_TMP = "/tmp"
 HOST_FILES = ("/etc/hosts", "/etc/resolv.conf")
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         diag.write("error: interrupted")
-        return 130
+        return EXIT_INTERRUPTED
     except Exception:  # a bug: keep the traceback visible
         diag.write("error: internal error (please report this)")
         _traceback(diag)

@@ -186,5 +186,7 @@ def _checked(opts: Options, env) -> Options:
     if opts.gpu is not None and opts.gpu not in GPU_WORDS:
         raise UsageError("unknown --gpu value: %s" % opts.gpu, "use auto, nvidia, amd or none")
     if opts.workdir is not None and not opts.workdir.startswith("/"):
-        raise UsageError("working directory must be absolute: %s" % opts.workdir, None)
+        raise UsageError("working directory must be absolute: %s" % opts.workdir,
+                         "give a path inside the container that starts with /, e.g. -w /work "
+                         "(or UCTR_WORKDIR=/work)")
     return opts

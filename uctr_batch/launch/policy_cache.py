@@ -25,6 +25,7 @@ import sys
 from uctr_batch.errors import ConfigError, StorageError
 
 FORMAT = 1
+MAX_CACHE_BYTES = 4 << 20  # a cached NodePolicy is a few KiB; anything bigger is not ours
 DEFAULT_POLICY = "/etc/uctr/policy.yaml"  # as uctr_batch.policy.paths.DEFAULT_POLICY
 DROPIN_DIR = "conf.d"
 # ${NAME}s storage paths may use (uctr_batch.policy.model.PATH_VARIABLES)
@@ -36,14 +37,23 @@ PATH_VARIABLES = ("UID", "GID", "USER", "HOME", "HOSTNAME", "JOB_ID", "SLURM_JOB
 def local_base(env=None) -> str:
     """UCTR_LOCAL_DIR, else /tmp/uctr-$UID (settings.default_local_dir, without its imports)."""
     env = os.environ if env is None else env
-    return env.get("UCTR_LOCAL_DIR") or "/tmp/uctr-%d" % os.getuid()
+    return _env_dir(env, "UCTR_LOCAL_DIR") or "/tmp/uctr-%d" % os.getuid()
+
+
+def _env_dir(env, name: str):
+    """env[name] when set; it must be absolute (settings.env_dir, without its imports)."""
+    value = env.get(name)
+    if value and not value.startswith("/"):
+        raise ConfigError("%s must be an absolute path: %r" % (name, value[:80]),
+                          "e.g. %s=/scratch/$USER/uctr, or unset %s for the default" % (name, name))
+    return value
 
 
 def default_cache_dir(env=None) -> str:
     """UCTR_CACHE, else $XDG_CACHE_HOME/uctr, else ~/.cache/uctr (settings.default_cache_dir)."""
     env = os.environ if env is None else env
     if env.get("UCTR_CACHE"):
-        return env["UCTR_CACHE"]
+        return _env_dir(env, "UCTR_CACHE")
     xdg = env.get("XDG_CACHE_HOME")
     return os.path.join(xdg if xdg else os.path.join(os.path.expanduser("~"), ".cache"), "uctr")
 
@@ -111,14 +121,19 @@ def load(env=None) -> dict:
 def read_cached(env):
     """The cached policy dict if it is still current, else None."""
     try:
-        fd = os.open(cache_stem(env) + ".marshal", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(cache_stem(env) + ".marshal",
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        if os.fstat(fd).st_uid != os.geteuid():
+        st = os.fstat(fd)
+        # our own regular file of sane size only: a FIFO, device or huge file is not a cache
+        if st.st_uid != os.geteuid() or (st.st_mode & 0o170000) != 0o100000:
+            return None
+        if st.st_size > MAX_CACHE_BYTES:
             return None
         with os.fdopen(fd, "rb", closefd=False) as f:
-            entry = marshal.load(f)
+            entry = marshal.loads(f.read(MAX_CACHE_BYTES))
     except (OSError, EOFError, ValueError, TypeError):
         return None
     finally:
@@ -185,13 +200,11 @@ def section(policy: dict, name: str) -> dict:
 def stage_timeout(policy: dict, env=None) -> float:
     """UCTR_STAGE_TIMEOUT, else the policy's storage.stage_timeout (600 s built in)."""
     env = os.environ if env is None else env
-    text = env.get("UCTR_STAGE_TIMEOUT", "").strip()
-    if text:
-        try:
-            return max(0.0, float(text))
-        except ValueError:
-            raise ConfigError("UCTR_STAGE_TIMEOUT is not a number of seconds: %r" % text,
-                              "e.g. UCTR_STAGE_TIMEOUT=900") from None
+    from uctr_batch.envnum import number  # errors only: fine on the per-rank path
+
+    value = number("UCTR_STAGE_TIMEOUT", env, None)
+    if value is not None:
+        return value
     return float(section(policy, "storage").get("stage_timeout") or 600.0)
 
 

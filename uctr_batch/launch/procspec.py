@@ -71,7 +71,8 @@ def choose_cwd(workdir, host_cwd, binds, image_workdir):
     in (mapped through the bind) > the image's WorkingDir > /."""
     if workdir:
         if not workdir.startswith("/"):
-            raise UsageError("working directory must be absolute: %s" % workdir, None)
+            raise UsageError("working directory must be absolute: %s" % workdir,
+                             "give a path inside the container that starts with /, e.g. -w /work")
         return _normpath(workdir)
     if host_cwd:
         best = None

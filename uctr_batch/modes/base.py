@@ -178,8 +178,12 @@ def execve(path: str, argv, env) -> None:
             raise PayloadNotFound("command not found: %s" % path,
                                   "check the command exists in the image and is on its PATH")
         if isinstance(e, PermissionError):
-            raise PayloadNotExecutable("cannot execute %s: permission denied" % path, None)
-        raise PayloadNotExecutable("cannot execute %s: %s" % (path, e.strerror), None)
+            raise PayloadNotExecutable("cannot execute %s: permission denied" % path,
+                                       "make it executable in the image (chmod +x), or run it "
+                                       "through its interpreter, e.g. sh FILE")
+        raise PayloadNotExecutable("cannot execute %s: %s" % (path, e.strerror),
+                                   "check that it is a program for this architecture, or run "
+                                   "it through its interpreter")
 
 
 def exec_in_path(argv, env, root: str = "/") -> None:
@@ -212,7 +216,9 @@ def resolve_command(command: str, env, root: str = "/") -> str:
                 return candidate
             denied = denied or candidate
     if denied:
-        raise PayloadNotExecutable("cannot execute %s: permission denied" % command, None)
+        raise PayloadNotExecutable("cannot execute %s: permission denied" % command,
+                                   "make it executable in the image (chmod +x), or run it "
+                                   "through its interpreter, e.g. sh FILE")
     raise PayloadNotFound("command not found in the container: %s" % command,
                           "check the image has it on its PATH (PATH=%s)" % env.get("PATH", ""))
 

@@ -80,7 +80,8 @@ class FakeChroot(Mode):
             os.chdir(container_to_host(spec, spec.cwd))
         except OSError as e:
             raise UctrError("cannot change to working directory %s in the container: %s"
-                            % (spec.cwd, e.strerror), None) from e
+                            % (spec.cwd, e.strerror),
+                            "give an existing directory with -w, or bind one there with -v") from e
         execve(plan.loader, plan.argv(), plan.env())
 
 
@@ -93,7 +94,8 @@ class Plan:
         self.spec, self.lib = spec, lib
         self.rootfs = os.path.realpath(spec.rootfs)
         if spec.uid == 0 and os.getuid() != 0:
-            raise UctrError("fakechroot cannot run the payload as root (--root)", None)
+            raise UctrError("fakechroot cannot run the payload as root (--root)",
+                            "choose another mode, e.g. --mode P1 (`uctr doctor` lists them)")
         writable = writable_ro_sources(spec)
         if writable:
             raise UctrError("fakechroot cannot make binds read-only, and you could write "
@@ -119,7 +121,8 @@ class Plan:
         self.glibc = container_glibc(elf, self.lib_dirs)
         needed = _read_elf(elf, lib, lib).glibc_needed()
         if self.glibc is None:
-            raise UctrError("cannot find the image's glibc (libc.so.6)", None)
+            raise UctrError("cannot find the image's glibc (libc.so.6)",
+                            "choose another mode, e.g. --mode P1 (`uctr doctor` lists them)")
         if needed and self.glibc < needed:
             raise UctrError("the image's glibc %s is older than the %s the host's %s needs"
                             % (elf.version_text(self.glibc), elf.version_text(needed), lib), None)
@@ -246,7 +249,8 @@ def _shebang(path: str):
         with open(path, "rb") as f:
             head = f.read(256)
     except OSError as e:
-        raise PayloadNotFound("cannot read %s: %s" % (path, e.strerror), None) from e
+        raise PayloadNotFound("cannot read %s: %s" % (path, e.strerror),
+                              "check the command's path in the image") from e
     if not head.startswith(b"#!"):
         return None
     line = head[2:].split(b"\n", 1)[0].decode(errors="replace").strip()

@@ -185,5 +185,6 @@ def _checked_kind(rootfs: str, path: str, is_dir: bool) -> str:
 def clean(path: str) -> str:
     """Normalise an absolute container path ('/a/./b/' -> '/a/b'); raise if relative."""
     if not path.startswith("/"):
-        raise UctrError("container path must be absolute: %s" % path, None)
+        raise UctrError("container path must be absolute: %s" % path,
+                        "give a path that starts with /")
     return os.path.normpath(path).replace("//", "/")

@@ -56,7 +56,8 @@ def setup_namespace(spec) -> None:
     """Make this process live in the container described by spec (everything but exec)."""
     root = os.path.realpath(spec.rootfs)
     if not os.path.isdir(root):
-        raise UctrError("rootfs is not a directory: %s" % spec.rootfs, None)
+        raise UctrError("rootfs is not a directory: %s" % spec.rootfs,
+                        "give the rootfs directory that `uctr create` prints")
     try:
         nsutil.enter_user_mount_ns(spec.uid, spec.gid)
     except nsutil.UnshareRefused as e:

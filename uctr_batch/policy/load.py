@@ -6,9 +6,12 @@ yaml, jsonschema and hostlist are imported inside the functions: nothing on the 
 path imports this module's dependencies (uctr-exec reads a cached NodePolicy instead).
 """
 
+import errno
+import functools
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -19,6 +22,13 @@ from uctr_batch.policy import paths
 from uctr_batch.policy.model import PATH_VARIABLES, template_variables
 
 _log = log.get("policy")
+
+# Bounds on what a policy file may cost to read (docs/admin.md, "Security model"). A real
+# policy is a few KiB, a few hundred YAML nodes and about 6 levels deep.
+MAX_FILE_BYTES = 1 << 20  # per file: the main policy and each drop-in
+MAX_DROPINS = paths.MAX_DROPINS  # conf.d/*.yaml files
+MAX_DEPTH = 64  # nesting of mappings and lists, aliases expanded
+MAX_NODES = 50_000  # YAML nodes per file, every alias (and `<<:` merge) expanded
 
 TRUST_HINT = ("the policy must be owned by root and not writable by group or others, "
               "nor may any directory above it: chown root: FILE && chmod go-w FILE")
@@ -36,7 +46,7 @@ class Problem:
     hint: Optional[str] = None
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}: "
+        where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
         return where + (f"{self.path}: " if self.path else "") + self.message
 
 
@@ -100,13 +110,24 @@ def format_path(key_path: Sequence) -> str:
 # --- parsing ---------------------------------------------------------------------------
 
 def parse_text(path: str, text: str) -> PolicyFile:
-    """YAML -> PolicyFile; syntax errors and duplicate keys raise PolicyInvalid."""
+    """YAML -> PolicyFile; syntax errors, duplicate keys and documents beyond the bounds
+    (MAX_DEPTH, MAX_NODES: an alias bomb, a cyclic alias) raise PolicyInvalid."""
     import yaml
 
-    loader = yaml.SafeLoader(text)
+    loader = None
+    node = None
     try:
+        loader = _bounded_loader()(text)  # the reader rejects control characters here
         node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(path, node)
         data = loader.construct_document(node) if node is not None else None
+    except PolicyInvalid:
+        raise
+    except _TooDeep as e:
+        what = (f"more than {MAX_NODES} values" if e.too_many
+                else f"nested more than {MAX_DEPTH} levels deep")
+        raise PolicyInvalid([Problem(path, e.line, "", what, _BOUNDS_HINT)]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
@@ -117,9 +138,17 @@ def parse_text(path: str, text: str) -> PolicyFile:
                 "quote values that contain ${...}, '{', ': ' or ' #'")
         raise PolicyInvalid([Problem(path, line, "", f"invalid YAML: {what}", hint)]) from e
     except yaml.YAMLError as e:
-        raise PolicyInvalid([Problem(path, 1, "", f"invalid YAML: {e}")]) from e
+        what = " ".join(str(e).split())  # ReaderError spans lines
+        raise PolicyInvalid([Problem(path, 1, "", f"invalid YAML: {what}",
+                                     "save the policy as UTF-8 text without control characters")
+                             ]) from e
+    except (ValueError, TypeError, OverflowError) as e:
+        # a typed scalar that does not convert, e.g. `!!timestamp 2001-02-30` or `!!int x`
+        raise PolicyInvalid([Problem(path, 1, "", f"invalid YAML value: {e}",
+                                     "remove the explicit !!tag, or quote the value")]) from e
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     pf = PolicyFile(path, data, {})
     duplicates: List[Problem] = []
     if node is not None:
@@ -128,6 +157,87 @@ def parse_text(path: str, text: str) -> PolicyFile:
     if duplicates:
         raise PolicyInvalid(duplicates)
     return pf
+
+
+_BOUNDS_HINT = (f"a policy may nest at most {MAX_DEPTH} levels and expand to at most "
+                f"{MAX_NODES} values with its aliases (&name, *name, <<: *name) expanded; "
+                "write the repeated parts out, or use fewer aliases")
+
+
+class _TooDeep(Exception):
+    """Raised by the composer: too deep, or (too_many) too many nodes."""
+
+    def __init__(self, line: int, too_many: bool = False):
+        super().__init__(line)
+        self.line, self.too_many = line, too_many
+
+
+@functools.lru_cache(maxsize=None)  # one class, built on first use: yaml is imported lazily
+def _bounded_loader():
+    """yaml.SafeLoader whose composer stops at MAX_DEPTH levels, before recursing deeper
+    (Python's recursion limit is never what stops a deep document), and after MAX_NODES
+    nodes (aliases count once here; _check_expansion counts them expanded)."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        _depth = 0  # per instance once assigned
+        _nodes = 0
+
+        def compose_node(self, parent, index):
+            self._nodes += 1
+            if self._depth >= MAX_DEPTH or self._nodes > MAX_NODES:
+                raise _TooDeep(self.peek_event().start_mark.line + 1, self._nodes > MAX_NODES)
+            self._depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+    return BoundedLoader
+
+
+def _check_expansion(path: str, root) -> None:
+    """Reject a node graph whose alias-expanded size or depth is beyond the bounds, or
+    that is cyclic (`&a [*a]`), before anything walks it expanded (constructor merges,
+    line index, schema). Linear in the composed graph: each node's expanded (size, height)
+    is computed once. An alias points to a node composed earlier, so the recursion goes no
+    deeper than the composed document (MAX_DEPTH)."""
+    import yaml
+
+    done: Dict[int, Tuple[int, int]] = {}
+    active = set()
+
+    def measure(node) -> Tuple[int, int]:
+        key = id(node)
+        if key in done:
+            return done[key]
+        if key in active:
+            raise PolicyInvalid([Problem(path, node.start_mark.line + 1, "",
+                                         "an alias refers to a node that contains it",
+                                         "a policy cannot be recursive: remove the alias")])
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            done[key] = (1, 0)
+            return done[key]
+        active.add(key)
+        size, height = 1, 0
+        for child in children:
+            s, h = measure(child)
+            size, height = size + s, max(height, h + 1)
+        active.discard(key)
+        if size > MAX_NODES or height > MAX_DEPTH:
+            what = (f"expands to more than {MAX_NODES} values" if size > MAX_NODES
+                    else f"nests more than {MAX_DEPTH} levels deep")
+            raise PolicyInvalid([Problem(path, node.start_mark.line + 1, "",
+                                         f"with its aliases expanded, this part {what}",
+                                         _BOUNDS_HINT)])
+        done[key] = (size, height)
+        return done[key]
+
+    measure(root)
 
 
 def _index_lines(node, key_path: KeyPath, pf: PolicyFile, duplicates: List[Problem]) -> None:
@@ -152,26 +262,72 @@ def _index_lines(node, key_path: KeyPath, pf: PolicyFile, duplicates: List[Probl
             _index_lines(item, key_path + (i,), pf, duplicates)
 
 
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"))
+
+
 def read_file(path: Path, require_trusted: bool) -> Tuple[str, Optional[str]]:
-    """(text, why untrusted or None). Reads the resolved path and checks the opened file."""
+    """(text, why untrusted or None). Reads the resolved path and checks the opened file:
+    only a regular file of at most MAX_FILE_BYTES is read. The last component is opened
+    with O_NOFOLLOW (a symlink swapped in after realpath is refused, not followed) and
+    O_NONBLOCK (a FIFO cannot hang the open); trust is judged on the fstat of that fd."""
     real = os.path.realpath(path)
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
     try:
-        with open(real, "rb") as f:
-            reason = None
-            if require_trusted:
-                reason = paths.untrusted_reason(Path(real), os.fstat(f.fileno()))
-            raw = f.read()
+        fd = os.open(real, flags)
     except FileNotFoundError as e:
         raise ConfigError(f"policy file not found: {path}",
                           "check the path, or unset UCTR_POLICY") from e
     except OSError as e:
-        raise ConfigError(f"cannot read policy file: {path}: {e.strerror}",
-                          "the policy must be readable by every user (mode 0644)") from e
+        raise ConfigError(f"cannot read policy file: {path}: {e.strerror}", _open_hint(e)) from e
+    try:
+        st = os.fstat(fd)
+        kind = next((word for test, word in _NOT_REGULAR if test(st.st_mode)), None)
+        if kind or not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"policy file is {kind or 'not a regular file'}: {path}",
+                              "UCTR_POLICY and conf.d/*.yaml must name regular files")
+        if st.st_size > MAX_FILE_BYTES:
+            raise _too_big(path)
+        reason = paths.untrusted_reason(Path(real), st) if require_trusted else None
+        raw = _read_at_most(fd, MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read policy file: {path}: {e.strerror}", _open_hint(e)) from e
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_FILE_BYTES:  # it grew after the fstat
+        raise _too_big(path)
     try:
         return raw.decode("utf-8"), reason
     except UnicodeDecodeError as e:
         problem = Problem(str(path), 1, "", "not UTF-8 text", "save the file as UTF-8")
         raise PolicyInvalid([problem]) from e
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks, left = [], limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 16))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _too_big(path) -> ConfigError:
+    return ConfigError(f"policy file is larger than {MAX_FILE_BYTES // 1024} KiB: {path}",
+                       "a policy is a few KiB of YAML: check that UCTR_POLICY names the policy")
+
+
+def _open_hint(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "the path is a symbolic link loop, or was replaced by a link: fix the link"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "the policy must be readable by every user (mode 0644)"
+    if e.errno == errno.ENOTDIR:
+        return "a directory in the path is a file: check the path"
+    return "check the path, or unset UCTR_POLICY"
 
 
 # --- validation ------------------------------------------------------------------------
@@ -246,6 +402,8 @@ def _describe(err, pf: PolicyFile) -> List[Problem]:
         return [pf.problem(kp, "lists the same entry twice", "remove the repeated entry")]
     if kind == "exclusiveMinimum":
         return [pf.problem(kp, f"{inst!r} is too small (must be more than {value})", hint)]
+    if kind == "maximum":
+        return [pf.problem(kp, f"{inst!r} is too large (maximum {value})", hint)]
     if kind == "minimum":
         return [pf.problem(kp, f"{inst!r} is too small (minimum {value})", hint)]
     return [pf.problem(kp, err.message, hint)]
@@ -444,7 +602,7 @@ def check_file(path: Path) -> Tuple[List[Problem], Optional[Policy], List[str]]:
     """
     path = Path(path)
     is_dropin = path.parent.name == paths.DROPIN_DIR
-    targets = [path] if is_dropin else [path] + paths.dropin_paths(path)
+    targets = [path] if is_dropin else [path] + paths.dropin_paths(path)  # ConfigError: > MAX
     notes, files, problems = [], [], []
     for p in targets:
         try:
@@ -452,6 +610,9 @@ def check_file(path: Path) -> Tuple[List[Problem], Optional[Policy], List[str]]:
             files.append(parse_text(str(p), text))
         except PolicyInvalid as e:
             problems += e.problems
+        except ConfigError as e:  # missing, not a regular file, too big, unreadable
+            problems.append(Problem(str(p), 0, "", e.message.replace(f": {p}", ""), e.hint))
+            continue
         reason = paths.untrusted_reason(p)
         if reason:
             notes.append(f"{p} is not trusted ({reason}): root would refuse it, users ignore it")

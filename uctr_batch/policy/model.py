@@ -89,6 +89,7 @@ def _bind_dst(b: Mapping) -> str:
     return b.get("dst") or b["src"]
 
 
+MAX_SIZE = 1 << 60  # 1 EiB, the schema's bound too
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
@@ -101,7 +102,10 @@ def parse_size(text) -> int:
         raise ConfigError(f"not a size: {text!r}",
                           "use a number with an optional K, M, G, T or P suffix, e.g. 20G")
     power = "KMGTP".find(m.group(2).upper()) + 1 if m.group(2) else 0
-    return int(float(m.group(1)) * 1024 ** power)
+    size = float(m.group(1)) * 1024 ** power  # inf for 400 digits: refused below
+    if not size <= MAX_SIZE:
+        raise ConfigError(f"size too large: {str(text)[:40]!r}", "sizes go up to 1024P (1 EiB)")
+    return int(size)
 
 
 def template_variables(template: str) -> List[str]:

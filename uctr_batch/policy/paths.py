@@ -13,6 +13,7 @@ from typing import List, Mapping, Optional, Sequence
 
 DEFAULT_POLICY = Path("/etc/uctr/policy.yaml")
 DROPIN_DIR = "conf.d"  # beside the policy file: /etc/uctr/conf.d/*.yaml
+MAX_DROPINS = 64  # more conf.d/*.yaml files than this is a ConfigError
 
 
 def policy_path(env: Optional[Mapping[str, str]] = None) -> Path:
@@ -25,13 +26,29 @@ def dropin_dir(path: Path) -> Path:
     return Path(path).parent / DROPIN_DIR
 
 
+def _dropin_names(d: Path) -> List[str]:
+    names = sorted(n for n in os.listdir(d) if n.endswith(".yaml") and not n.startswith("."))
+    return names
+
+
 def dropin_paths(path: Path) -> List[Path]:
-    """The drop-ins of policy file `path`, in the lexical order they are merged in."""
+    """The drop-ins of policy file `path`, in the lexical order they are merged in.
+    An unreadable conf.d or more than MAX_DROPINS files is a ConfigError."""
     d = dropin_dir(path)
     try:
-        names = sorted(n for n in os.listdir(d) if n.endswith(".yaml") and not n.startswith("."))
+        names = _dropin_names(d)
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as e:
+        from uctr_batch.errors import ConfigError
+
+        raise ConfigError(f"cannot list the policy drop-ins in {d}: {e.strerror}",
+                          f"make {d} readable by every user (chmod 0755), or remove it") from None
+    if len(names) > MAX_DROPINS:
+        from uctr_batch.errors import ConfigError
+
+        raise ConfigError(f"too many policy drop-ins in {d}: {len(names)} (at most {MAX_DROPINS})",
+                          "merge them into fewer files")
     return [d / n for n in names]
 
 
@@ -39,7 +56,12 @@ def watched_paths(path: Path) -> List[Path]:
     """Everything whose change invalidates a resolved policy: the file, the drop-in
     directory (a drop-in added or removed changes its mtime) and each drop-in."""
     path = Path(path)
-    return [path, dropin_dir(path)] + dropin_paths(path)
+    d = dropin_dir(path)
+    try:
+        names = _dropin_names(d)[:MAX_DROPINS + 1]  # the fingerprint must not fail
+    except OSError:
+        names = []
+    return [path, d] + [d / n for n in names]
 
 
 def policy_fingerprint(paths: Sequence[Path]) -> str:
