@@ -52,7 +52,8 @@ def make_image(
     manifest_doc = {
         "schemaVersion": 2,
         "mediaType": manifest.OCI_MANIFEST,
-        "config": {"digest": digest_of_bytes(config_bytes)},
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": digest_of_bytes(config_bytes), "size": len(config_bytes)},
         "layers": [
             {"digest": la.digest, "mediaType": la.media_type, "size": la.size} for la in layers
         ],

@@ -107,17 +107,6 @@ def _marker_digest(bundle: Path) -> Optional[str]:
 
 # -- create -----------------------------------------------------------------------------------
 
-def _prepare_dest_parent(bundle: Path, dest) -> None:
-    """--dest's directory exists and is writable: the lock and the temp tree go there."""
-    try:
-        bundle.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file, a loop or no permission in the path
-        raise fsutil.no_space(e, bundle.parent.parent, None, "create --dest") or StorageError(
-            f"cannot create the --dest directory {bundle.parent}: {e.strerror}",
-            "give --dest a new path in a directory you can write") from e
-    if not os.access(bundle.parent, os.W_OK | os.X_OK):
-        raise StorageError(f"cannot write in {bundle.parent}: permission denied (--dest {dest})",
-                           "give --dest a new path in a directory you can write")
 
 def create(record: ImageRecord, store, dest: Optional[Path] = None,
            limit: Optional[int] = None) -> Path:
@@ -139,7 +128,7 @@ def create(record: ImageRecord, store, dest: Optional[Path] = None,
             lock = local.lock_for(record.manifest_digest)
         else:
             bundle = Path(os.path.abspath(dest))
-            _prepare_dest_parent(bundle, dest)
+            bundle.parent.mkdir(parents=True, exist_ok=True)
             lock = FileLock(bundle.parent / f".{bundle.name}.uctr-lock", timeout=LOCK_TIMEOUT,
                             stale_after=STALE_AFTER, what=f"bundle {bundle}")
         if not _is_complete(bundle, record):
@@ -162,11 +151,12 @@ def create(record: ImageRecord, store, dest: Optional[Path] = None,
             raise full from e
         if isinstance(e, StorageError):
             raise
-        what = f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
-        hint = None
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            hint = ("choose a directory you can write: --dest DIR, or UCTR_LOCAL_DIR for the "
-                    "node-local bundles")
+        why = "not a directory" if e.errno == errno.EEXIST else (e.strerror or str(e))
+        what = f"{why}: {e.filename}" if e.filename else why
+        hint = ("choose a directory you can write: --dest DIR, or UCTR_LOCAL_DIR for the "
+                "node-local bundles")
+        if e.errno in (errno.EEXIST, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
+            hint = "a part of that path is not a directory; " + hint
         raise StorageError(f"cannot create the bundle of {record.reference}: {what}", hint) from e
 
 
