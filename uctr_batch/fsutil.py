@@ -310,7 +310,7 @@ def no_space(exc: OSError, directory, needed: Optional[int] = None, what: str = 
     kind = "disk quota exceeded on" if quota else "no space left on"
     return NoSpace(f"{prefix}{kind} {where}{detail}",
                    f"free space{' or inodes (files)' if few_inodes else ''} in {directory} "
-                   "(e.g. 'uctr rm', 'uctr gc', remove old files), or point uctr elsewhere "
+                   "(e.g. 'uctr rm', 'uctr gc', remove old files), or set another place "
                    "(UCTR_LOCAL_DIR / UCTR_CACHE), then run the same command again")
 
 
