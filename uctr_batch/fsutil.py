@@ -373,18 +373,23 @@ def read_regular_file(path, limit: int, what: str, hint: str) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ConfigError(f"{what} {path} is not a regular file", hint)
-        chunks, left = [], limit + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 16))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
+        data = read_at_most(fd, limit + 1)
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror}", hint) from e
     finally:
         os.close(fd)
-    data = b"".join(chunks)
     if len(data) > limit:
         raise ConfigError(f"{what} {path} is larger than {limit} bytes", hint)
     return data
+
+
+def read_at_most(fd: int, limit: int) -> bytes:
+    """At most LIMIT bytes from FD (to its end if sooner): how every bounded reader reads."""
+    chunks, left = [], limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 16))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)

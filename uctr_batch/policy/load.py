@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from uctr_batch import log
+from uctr_batch import fsutil, log
 from uctr_batch.errors import ConfigError
 from uctr_batch.policy import paths
 from uctr_batch.policy.model import PATH_VARIABLES, template_variables
@@ -290,7 +290,7 @@ def read_file(path: Path, require_trusted: bool) -> Tuple[str, Optional[str]]:
         if st.st_size > MAX_FILE_BYTES:
             raise _too_big(path)
         reason = paths.untrusted_reason(Path(real), st) if require_trusted else None
-        raw = _read_at_most(fd, MAX_FILE_BYTES + 1)
+        raw = fsutil.read_at_most(fd, MAX_FILE_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read policy file: {path}: {e.strerror}", _open_hint(e)) from e
     finally:
@@ -302,17 +302,6 @@ def read_file(path: Path, require_trusted: bool) -> Tuple[str, Optional[str]]:
     except UnicodeDecodeError as e:
         problem = Problem(str(path), 1, "", "not UTF-8 text", "save the file as UTF-8")
         raise PolicyInvalid([problem]) from e
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    chunks, left = [], limit
-    while left > 0:
-        chunk = os.read(fd, min(left, 1 << 16))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 def _too_big(path) -> ConfigError:
