@@ -30,9 +30,9 @@ PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https
 
 
 class NodeFault(UctrError):
-    """What only an admin can fix and no user can cause: the root-owned policy broken or
-    untrusted, the root-owned run dir unusable, the job user unknown here. The only errors
-    that may drain (Slurm) or offline (PBS) a node; anything else fails the job alone."""
+    """What only an admin can fix and no user can cause: the root-owned run dir unusable,
+    the job user unknown here. The only errors that may drain (Slurm) or offline (PBS) a
+    node; anything else fails the job alone (a broken policy too: PolicyFault)."""
 
 
 def node_step(what: str, func, *args, **kwargs):
@@ -47,13 +47,35 @@ def node_step(what: str, func, *args, **kwargs):
         raise NodeFault(f"{what}: {e}") from e
 
 
+class PolicyFault(UctrError):
+    """The site policy cannot be used on this node: missing, unreadable, invalid or
+    untrusted (group-writable, another owner). The site's to fix and no user's doing, but no
+    reason to drain or offline the node either: a careless site would lose every node, one
+    container job after another, and the jobs that run no container with them. The
+    container job fails with the reason, the hook logs an error, the node stays up."""
+
+
+POLICY_HINT = ("the site admin must fix the uctr policy on this node (`uctr policy check` "
+               "names the problem); jobs without a container image are not affected")
+
+
 def site_policy(ctx: JobContext, env: Optional[Mapping[str, str]] = None):
-    """The trusted site policy resolved for the job's node and partition/queue (NodeFault
-    when it cannot be read: it is root's file)."""
+    """The trusted site policy resolved for the job's node and partition/queue (PolicyFault
+    when it cannot be used: it is root's file)."""
     from uctr_batch.policy import load_policy, resolve
 
-    return node_step("the site policy", lambda: resolve(load_policy(env=env), node=ctx.node,
-                                                        partition=ctx.partition, env=env))
+    try:
+        return node_step("the site policy", lambda: resolve(
+            load_policy(env=env), node=ctx.node, partition=ctx.partition, env=env))
+    except NodeFault as e:
+        raise PolicyFault(f"node {ctx.node} cannot run container jobs: {e.message}",
+                          POLICY_HINT) from e
+
+
+def policy_fault_fields(ctx: JobContext, fault: "PolicyFault") -> dict:
+    """The readiness record that fails a job because of the site policy."""
+    return {"status": "error", "image": ctx.image, "message": fault.message,
+            "hint": fault.hint}
 
 
 def write_record(ctx: JobContext, fields: dict, env: Mapping[str, str]):

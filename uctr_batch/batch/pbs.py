@@ -268,13 +268,16 @@ def handle(req: Mapping, env: Optional[Mapping[str, str]] = None) -> Answer:
         return accept().note("warning", f"uctr: event {event!r} is not handled; accepted")
     except Exception as e:  # noqa: BLE001 - see failure(): only a NodeFault is the node's
         _log.debug("hook request failed", exc_info=True)
-        from uctr_batch.batch.common import NodeFault
+        from uctr_batch.batch.common import NodeFault, PolicyFault
 
         message = e.message if isinstance(e, errors.UctrError) else f"{type(e).__name__}: {e}"
         if isinstance(e, NodeFault) or event in (QUEUEJOB, EXECJOB_EPILOGUE, EXECJOB_END):
             return failure(event, config, node, message)
-        # a bug or an input uctr did not expect: in doubt the job fails, the vnode stays up
         _discard_quietly(req, config, env)
+        if isinstance(e, PolicyFault):  # the site's to fix: the job fails, the vnode stays
+            return user_error(message, e.hint).note("error", f"uctr: {message} (the vnode is "
+                                                             "not offlined)")
+        # a bug or an input uctr did not expect: in doubt the job fails, the vnode stays up
         return user_error(f"internal error while preparing the container job: {message}",
                           "this is a bug in uctr-batch; the MoM log has details")
 
@@ -341,7 +344,7 @@ def stage_event(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Ans
 
     env = _with(env, config.uctr_environment())
     ctx = common.node_step("the job's user", job_context, req)
-    node_policy = common.site_policy(ctx, env)  # broken or untrusted: a node fault
+    node_policy = common.site_policy(ctx, env)  # broken or untrusted: PolicyFault, see handle()
     started = time.monotonic()
     if req.get("event") == EXECJOB_BEGIN:
         sweep(req, ctx, node_policy, env)
@@ -622,7 +625,7 @@ def run_stager(payload: Mapping, env: Mapping[str, str]) -> dict:
         node_policy = common.site_policy(ctx, env)
         outcome = common.check_request(ctx, node_policy) or common.stage_as_user(
             ctx, node_policy, env, common.PBS_JOBID, timeout=config.stage_timeout)
-    except Exception as e:  # noqa: BLE001 - a broken policy is the node's, a bug the job's
+    except Exception as e:  # noqa: BLE001 - a broken policy (PolicyFault) or a bug: the job's
         _log.debug("stager failed", exc_info=True)
         outcome = stage.error_outcome(e, stage.NODE if isinstance(e, common.NodeFault)
                                       else stage.USER)

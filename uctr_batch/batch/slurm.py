@@ -103,7 +103,7 @@ def prolog_main(env: Optional[Mapping[str, str]] = None) -> int:
     log.setup(0)
     try:
         return prolog(env)
-    except common.NodeFault as e:  # root's policy, root's run dir: an admin must look
+    except common.NodeFault as e:  # root's run dir, the job's user unknown: an admin must look
         _log.error("uctr prolog: node fault: %s", e.message)
         return EXIT_NODE_FAULT
     except Exception as e:  # noqa: BLE001 - a bug: the job's steps stage (and fail) alone
@@ -113,14 +113,20 @@ def prolog_main(env: Optional[Mapping[str, str]] = None) -> int:
 
 def prolog(env: Optional[Mapping[str, str]] = None) -> int:
     """Exit status 0 unless a common.NodeFault (or a NODE staging outcome: the node-local
-    file system is read-only) stands in the way: a failing prolog drains the node, and
+    file system is read-only) stands in the way; a policy the node cannot use fails the job: a failing prolog drains the node, and
     nothing a user does, by mistake or malice, may do that."""
     env = os.environ if env is None else env
     ctx = common.node_step("the job", jobs.from_env, env, container_lookup=_container_or_none)
     if not ctx.wants_container:
         return EXIT_OK
     started = time.monotonic()
-    node_policy = common.site_policy(ctx, env)  # a broken or untrusted policy is a node fault
+    try:
+        node_policy = common.site_policy(ctx, env)
+    except common.PolicyFault as e:  # the site's to fix: the job fails, the node stays up
+        _log.error("uctr prolog: job %s: %s (the node is not drained; only container jobs "
+                   "fail here)", ctx.job_id, e.message)
+        common.write_record(ctx, common.policy_fault_fields(ctx, e), env)
+        return EXIT_OK
     common.sweep_stale_records(env, _slurm_job_gone, keep=ctx.job_id, node_policy=node_policy)
     outcome = common.check_request(ctx, node_policy) or common.stage_as_user(ctx, node_policy, env)
     _log.info("uctr prolog: %s", common.describe_outcome(ctx, outcome, time.monotonic() - started))
