@@ -554,6 +554,7 @@ def start_stager(ctx, config: HookConfig, env: Mapping[str, str]) -> Optional[in
         except BlockingIOError:
             return None
         state_path(ctx.job_id, "outcome", env).unlink(missing_ok=True)  # another image's
+        os.ftruncate(fd, 0)  # no stale pid from an earlier stager while this one starts
         payload = json.dumps({"job": _context_dict(ctx), "config": config.to_dict()})
         with open(state_path(ctx.job_id, "log", env), "ab") as log_file:
             child = subprocess.Popen(
@@ -645,7 +646,7 @@ def stop_stager(job_id: str, env: Mapping[str, str], timeout: float = 10.0) -> b
         sid = int(state_path(job_id, "lock", env).read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return False
-    if sid <= 1:
+    if sid <= 1 or not _our_stager_session(sid):
         return False
     deadline = time.monotonic() + timeout
     while stager_running(job_id, env) and time.monotonic() < deadline:
@@ -656,6 +657,22 @@ def stop_stager(job_id: str, env: Mapping[str, str], timeout: float = 10.0) -> b
                 pass
         time.sleep(0.05)
     return True
+
+
+def _our_stager_session(sid: int) -> bool:
+    """Whether session SID is a stager's: its leader, if still there, is root's `uctr pbs
+    stage`. A pid read from a lock file can be stale and reused by anyone's session leader;
+    once the leader is gone the number stays reserved while its session has members."""
+    try:
+        if os.stat(f"/proc/{sid}").st_uid != 0:
+            return False
+        with open(f"/proc/{sid}/cmdline", "rb") as f:
+            argv = f.read(4096).split(b"\0")
+    except FileNotFoundError:
+        return True  # leader gone: members (its staging child) may remain; the sid is theirs
+    except OSError:
+        return False
+    return any(argv[i:i + 2] == [b"pbs", b"stage"] for i in range(len(argv)))
 
 
 def session_members(sid: int) -> List[int]:
