@@ -77,3 +77,40 @@ def test_records_split_on_newline_only(brk):
             readiness.format_record(fields))["message"]}
     assert readiness.parse_record(readiness.format_record(fields))["status"] == "error"
     assert readiness.encode_record({"image": "\udcff\ud800"}) == b"image=\\udcff\\ud800\n"
+
+
+@pytest.fixture
+def shared_fs(hook):
+    """A small tmpfs like /tmp or /run (/run/lock is world-writable on it) that holds the
+    run dir, filled up by a user."""
+    import subprocess
+
+    env, user = hook
+    mount = Path(env("x")["UCTR_RUN_DIR"]).parent / "shared"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=1777", "tmpfs", str(mount)],
+                   check=True)
+    try:
+        (mount / "uctr-run").mkdir(mode=0o755)
+        filler = mount / "fill"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        os.chown(filler, user.pw_uid, user.pw_gid)
+        yield mount / "uctr-run"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_user_who_fills_the_run_dirs_file_system_drains_nothing(hook, shared_fs, capfd):
+    env, user = hook
+    job = dict(env("bad image"), UCTR_RUN_DIR=str(shared_fs))
+    assert slurm.prolog_main(job) == 0  # was 1: "the run dir: No space left on device"
+    assert "no space left on" in capfd.readouterr().err
+    assert os.listdir(shared_fs / "readiness") == []  # nothing half-written
+    assert slurm.epilog_main(job) == 0

@@ -81,13 +81,25 @@ def policy_fault_fields(ctx: JobContext, fault: "PolicyFault") -> dict:
 def write_record(ctx: JobContext, fields: dict, env: Mapping[str, str]):
     """readiness.write_readiness() for the job; NodeFault when the run dir is unusable, but
     a plain UctrError (the job fails, the node stays) when a user owns a part of it: a run
-    dir in a world-writable place that someone planted is not the node's fault either."""
+    dir in a world-writable place that someone planted is not the node's fault either. A
+    full file system (which users can fill: /run/lock, or /var/tmp beside /var/lib/uctr)
+    writes no record, logs an error and returns None: the steps stage the image."""
     from uctr_batch.batch import readiness
 
     try:
         return node_step("the run dir", readiness.write_readiness, ctx.job_id, ctx.uid,
                          fields, env)
     except NodeFault as e:
+        from uctr_batch import fsutil
+
+        full = fsutil.no_space(e.__cause__, readiness.run_dir(env), None,
+                               "write the readiness record")
+        if full is not None:  # users can fill it (/run/lock is on /run): never a drain
+            readiness.remove_readiness(ctx.job_id, env)
+            _log.error("uctr: job %s: %s; the job's steps stage its image themselves (keep "
+                       "the run dir on a file system users cannot fill)", ctx.job_id,
+                       full.message)
+            return None
         planted = _user_owned(readiness.run_dir(env), readiness.run_dir(env) / "readiness")
         if planted:
             _log.error("uctr: the run dir is unsafe: %s belongs to uid %d; set UCTR_RUN_DIR "
