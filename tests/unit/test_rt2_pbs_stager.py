@@ -57,3 +57,30 @@ def test_stop_stager_still_stops_a_real_stager_session(tmp_path):
         if stager.poll() is None:
             stager.kill()
             stager.wait()
+
+
+@pytest.mark.parametrize("image", ["\ud800", "busybox\udcff:1"])
+def test_the_hooks_answer_is_always_utf8_encodable(tmp_path, image):
+    """pbs.logmsg() and event.reject() need text they can encode: an image name that is
+    not UTF-8 must come back escaped, never as lone surrogates (the hook would raise and
+    the job be requeued instead of failed with the message)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\n")
+    req = {"event": "execjob_begin", "node": "n1", "alarm": 30,
+           "config": {"policy": str(policy), "run_dir": str(tmp_path / "run"),
+                      "python": sys.executable},
+           "job": {"id": "9.srv", "euser": "root", "resources": {"container_image": image}}}
+    done = subprocess.run([sys.executable, "-m", "uctr_batch", "pbs", "hook"],
+                          input=json.dumps(req).encode(), capture_output=True, cwd="/",
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["action"] == "reject" and answer["job_action"] == "delete"
+    for text in [answer["message"]] + [line for _, line in answer["log"]]:
+        text.encode("utf-8")  # raised UnicodeEncodeError
+    assert "\\ud800" in answer["message"] or "\\udcff" in answer["message"]

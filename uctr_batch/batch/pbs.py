@@ -879,8 +879,21 @@ def cmd_hook(args) -> int:
         answer = reject(f"uctr: unreadable hook request: {e}", "rerun")
     else:
         answer = handle(req)
-    sys.stdout.write(json.dumps(answer) + "\n")
+    sys.stdout.write(json.dumps(_encodable(answer)) + "\n")
     return 0
+
+
+def _encodable(value):
+    """VALUE with every string UTF-8 encodable: a user's image name with bytes that are not
+    UTF-8 (lone surrogates) would make pbs.logmsg() or event.reject() in the hook raise,
+    and the job would be requeued instead of failed with the message."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    return value
 
 
 def cmd_stage(args) -> int:
