@@ -672,6 +672,8 @@ def _our_stager_session(sid: int) -> bool:
         return True  # leader gone: members (its staging child) may remain; the sid is theirs
     except OSError:
         return False
+    if argv == [b""]:  # mid-exec: the descriptors are closed before argv is set up
+        return True  # root's all the same, and a process no other session can contain
     return any(argv[i:i + 2] == [b"pbs", b"stage"] for i in range(len(argv)))
 
 
