@@ -265,6 +265,37 @@ def test_begin_refuses_what_the_node_policy_refuses_without_pulling(site, regist
     assert site.readiness(job) is None and site.state_files(job) == []
 
 
+@pytest.mark.parametrize("breakage", ["group-writable", "world-writable", "another-owner",
+                                      "missing", "not-yaml"])
+@pytest.mark.parametrize("event", ["execjob_begin", "execjob_prologue"])
+def test_a_policy_the_node_cannot_use_fails_the_job_and_never_offlines(site, pushed, breakage,
+                                                                      event):
+    """A careless site (issue 10, red team): an untrusted or broken policy is refused, but
+    offlining every vnode a container job lands on would take the cluster away from all
+    jobs, one container job after another. The job fails with the reason; vnodes stay FREE."""
+    if breakage == "group-writable":
+        site.policy.chmod(0o664)
+    elif breakage == "world-writable":
+        site.policy.chmod(0o666)
+    elif breakage == "another-owner":
+        os.chown(site.policy, 65534, 65534)
+    elif breakage == "missing":
+        site.policy.unlink()
+    else:
+        site.policy.write_text("version: 1\ndefaults: [\n")
+    job = site.job(pushed["busybox"])
+    result = site.event(event, job, vnodes=["node1", "node1[1]"])
+    assert not result["accepted"] and result["job_delete"] and not result["job_rerun"]
+    assert "node node1 cannot run container jobs" in result["reject_message"]
+    assert "uctr policy check" in result["reject_message"]
+    assert all(v == {"state": ND_FREE, "comment": None} for v in result["vnodes"].values())
+    assert site.readiness(job) is None and site.state_files(job) == []
+    site.policy.unlink(missing_ok=True)
+    site.write_policy()  # fixed: the next job runs
+    again = site.event("execjob_begin", site.job(pushed["busybox"]))
+    assert again["accepted"], again
+
+
 def test_begin_refuses_a_bad_job_shell_choice_as_a_user_error(site, pushed):
     job = site.job(pushed["busybox"], variables={"UCTR_JOB_SHELL": "inside"})
     result = site.event("execjob_begin", job)

@@ -82,3 +82,64 @@ def test_relative_prefix_is_a_usage_error():
     result = uctr("slurm", "install", "--prefix", "relative/dir", "--dry-run")
     assert result.returncode == 2
     assert result.stderr.startswith("error: --prefix must be an absolute path")
+
+
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="plants another user's files: needs root")
+@pytest.mark.parametrize("plant", ["symlink-in-users-dir", "users-dir-symlink", "fifo"])
+def test_a_log_dir_a_user_planted_is_never_written_through(tmp_path, plant):
+    """A careless site's --log-dir in a world-writable place (/tmp/uctr-logs): a user who
+    creates it first must not make root append to a file of the user's choosing (or block
+    on a FIFO). The hook logs to slurmd's stderr instead and still exits 0."""
+    prefix, shared = tmp_path / "prefix", tmp_path / "tmp"
+    tmp_path.chmod(0o755)
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    logs = shared / "uctr-logs"
+    target = tmp_path / "root-only-file"
+    target.write_text("root's\n")
+    if plant == "users-dir-symlink":
+        (shared / "elsewhere").mkdir()
+        os.lchown(shared / "elsewhere", NOBODY, NOBODY)
+        logs.symlink_to(shared / "elsewhere")
+        os.lchown(logs, NOBODY, NOBODY)
+        victim = shared / "elsewhere" / "uctr-prolog.n1.log"
+    else:
+        logs.mkdir(mode=0o777)
+        logs.chmod(0o777)
+        os.lchown(logs, NOBODY, NOBODY)
+        victim = logs / "uctr-prolog.n1.log"
+        if plant == "fifo":
+            os.mkfifo(victim)
+        else:
+            victim.symlink_to(target)
+        os.lchown(victim, NOBODY, NOBODY)
+    assert uctr("slurm", "install", "--prefix", str(prefix), "--log-dir", str(logs)).returncode == 0
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "SLURM_JOB_ID": "1",
+           "SLURM_JOB_UID": str(os.getuid()), "SLURM_JOB_GID": str(os.getgid()),
+           "SLURMD_NODENAME": "n1"}
+    (tmp_path / "scontrol").write_text("#!/bin/sh\necho 'JobId=1 JobName=x'\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    result = subprocess.run([str(prefix / "libexec" / "uctr" / "slurm-prolog")], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "not logging to" in result.stderr
+    assert target.read_text() == "root's\n"
+    assert not os.path.lexists(shared / "elsewhere" / "uctr-prolog.n1.log") \
+        or plant != "users-dir-symlink"
+    assert os.lstat(logs).st_uid == NOBODY  # the plant is left alone
+
+
+def test_the_hook_log_is_root_only_and_appended(tmp_path):
+    from uctr_batch.batch import slurm
+
+    tmp_path.chmod(0o755)
+    path = tmp_path / "a" / "b" / "uctr-prolog.n1.log"
+    for _ in range(2):
+        fd = slurm.open_root_log(str(path))
+        os.write(fd, b"line\n")
+        os.close(fd)
+    assert path.read_text() == "line\nline\n"
+    assert oct(path.parent.stat().st_mode & 0o777) == "0o755"

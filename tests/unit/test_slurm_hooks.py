@@ -95,11 +95,20 @@ def test_missing_image_is_a_user_error(site):
     assert readiness.read_readiness("100", user.pw_uid, env)["status"] == "error"
 
 
-def test_untrusted_policy_is_a_node_fault(site):
+@pytest.mark.parametrize("mode", [0o666, 0o664])
+def test_untrusted_policy_fails_the_job_and_never_drains(site, mode):
+    """A careless site's group-writable policy is refused, but a drain for it would take the
+    node from every job, one container job at a time (issue 10 red team): the job fails."""
     root, user = site
     env = hook_env(root, user, SPANK_UCTR_IMAGE=f"oci:{root / 'busybox'}:1")
-    Path(env["UCTR_POLICY"]).chmod(0o666)
-    assert slurm.prolog_main(env) == slurm.EXIT_NODE_FAULT
+    Path(env["UCTR_POLICY"]).chmod(mode)
+    assert slurm.prolog_main(env) == 0
+    record = readiness.read_readiness("100", user.pw_uid, env)
+    assert record["status"] == "error"
+    assert "node9 cannot run container jobs" in record["message"]
+    assert "writable by group" in record["message"] and "uctr policy check" in record["hint"]
+    assert slurm.epilog_main(env) == 0
+    assert readiness.read_readiness("100", user.pw_uid, env) is None
 
 
 def test_job_without_container_does_nothing(site, tmp_path, monkeypatch):

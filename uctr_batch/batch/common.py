@@ -30,9 +30,9 @@ PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https
 
 
 class NodeFault(UctrError):
-    """What only an admin can fix and no user can cause: the root-owned policy broken or
-    untrusted, the root-owned run dir unusable, the job user unknown here. The only errors
-    that may drain (Slurm) or offline (PBS) a node; anything else fails the job alone."""
+    """What only an admin can fix and no user can cause: the root-owned run dir unusable,
+    the job user unknown here. The only errors that may drain (Slurm) or offline (PBS) a
+    node; anything else fails the job alone (a broken policy too: PolicyFault)."""
 
 
 def node_step(what: str, func, *args, **kwargs):
@@ -47,25 +47,59 @@ def node_step(what: str, func, *args, **kwargs):
         raise NodeFault(f"{what}: {e}") from e
 
 
+class PolicyFault(UctrError):
+    """The site policy cannot be used on this node: missing, unreadable, invalid or
+    untrusted (group-writable, another owner). The site's to fix and no user's doing, but no
+    reason to drain or offline the node either: a careless site would lose every node, one
+    container job after another, and the jobs that run no container with them. The
+    container job fails with the reason, the hook logs an error, the node stays up."""
+
+
+POLICY_HINT = ("the site admin must fix the uctr policy on this node (`uctr policy check` "
+               "names the problem); jobs without a container image are not affected")
+
+
 def site_policy(ctx: JobContext, env: Optional[Mapping[str, str]] = None):
-    """The trusted site policy resolved for the job's node and partition/queue (NodeFault
-    when it cannot be read: it is root's file)."""
+    """The trusted site policy resolved for the job's node and partition/queue (PolicyFault
+    when it cannot be used: it is root's file)."""
     from uctr_batch.policy import load_policy, resolve
 
-    return node_step("the site policy", lambda: resolve(load_policy(env=env), node=ctx.node,
-                                                        partition=ctx.partition, env=env))
+    try:
+        return node_step("the site policy", lambda: resolve(
+            load_policy(env=env), node=ctx.node, partition=ctx.partition, env=env))
+    except NodeFault as e:
+        raise PolicyFault(f"node {ctx.node} cannot run container jobs: {e.message}",
+                          POLICY_HINT) from e
+
+
+def policy_fault_fields(ctx: JobContext, fault: "PolicyFault") -> dict:
+    """The readiness record that fails a job because of the site policy."""
+    return {"status": "error", "image": ctx.image, "message": fault.message,
+            "hint": fault.hint}
 
 
 def write_record(ctx: JobContext, fields: dict, env: Mapping[str, str]):
     """readiness.write_readiness() for the job; NodeFault when the run dir is unusable, but
     a plain UctrError (the job fails, the node stays) when a user owns a part of it: a run
-    dir in a world-writable place that someone planted is not the node's fault either."""
+    dir in a world-writable place that someone planted is not the node's fault either. A
+    full file system (which users can fill: /run/lock, or /var/tmp beside /var/lib/uctr)
+    writes no record, logs an error and returns None: the steps stage the image."""
     from uctr_batch.batch import readiness
 
     try:
         return node_step("the run dir", readiness.write_readiness, ctx.job_id, ctx.uid,
                          fields, env)
     except NodeFault as e:
+        from uctr_batch import fsutil
+
+        full = fsutil.no_space(e.__cause__, readiness.run_dir(env), None,
+                               "write the readiness record")
+        if full is not None:  # users can fill it (/run/lock is on /run): never a drain
+            readiness.remove_readiness(ctx.job_id, env)
+            _log.error("uctr: job %s: %s; the job's steps stage its image themselves (keep "
+                       "the run dir on a file system users cannot fill)", ctx.job_id,
+                       full.message)
+            return None
         planted = _user_owned(readiness.run_dir(env), readiness.run_dir(env) / "readiness")
         if planted:
             _log.error("uctr: the run dir is unsafe: %s belongs to uid %d; set UCTR_RUN_DIR "

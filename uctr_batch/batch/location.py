@@ -216,6 +216,32 @@ def usable_local_dir(preferred, env=None):
     return fallback_for(preferred, env) or preferred
 
 
+def _make_top(base, env):
+    """Create and record BASE's uctr-fallback.* directory, once: two prologs (two users'
+    first jobs on the node) racing here would each record their own, and the first one's
+    user would then find no directory of theirs under the recorded one."""
+    import fcntl
+    import tempfile
+
+    from uctr_batch import fsutil
+    from uctr_batch.batch import readiness
+
+    records = os.path.dirname(record_path(base, env))
+    readiness.ensure_root_dir(records)
+    lock = os.open(os.path.join(records, "%lock"),  # no base key looks like this
+                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # root's, held for a mkdir and a small write
+        top = _recorded(base, env)
+        if top is None:
+            top = tempfile.mkdtemp(prefix=FALLBACK_PREFIX, dir=base)  # 0700, root's, new
+            os.chmod(top, 0o711)  # users may pass through to their own directory, not list
+            fsutil.write_atomic(record_path(base, env), (top + "\n").encode(), 0o644)
+        return top
+    finally:
+        os.close(lock)
+
+
 def prepare_fallback(base, uid, gid, env=None):
     """As root: make (or find) UID's fallback directory under BASE and record it. Raises
     OSError (or ValueError for a BASE root does not control)."""
@@ -226,16 +252,7 @@ def prepare_fallback(base, uid, gid, env=None):
         raise ValueError("%s is not a directory that only root controls" % base)
     top = _recorded(base, env)
     if top is None:
-        import tempfile
-
-        from uctr_batch import fsutil
-        from uctr_batch.batch import readiness
-
-        records = os.path.dirname(record_path(base, env))
-        readiness.ensure_root_dir(records)
-        top = tempfile.mkdtemp(prefix=FALLBACK_PREFIX, dir=base)  # 0700, root's, new
-        os.chmod(top, 0o711)  # users may pass through to their own directory, not list
-        fsutil.write_atomic(record_path(base, env), (top + "\n").encode(), 0o644)
+        top = _make_top(base, env)
     mine = os.path.join(top, str(uid))
     try:
         os.mkdir(mine, 0o700)

@@ -268,13 +268,16 @@ def handle(req: Mapping, env: Optional[Mapping[str, str]] = None) -> Answer:
         return accept().note("warning", f"uctr: event {event!r} is not handled; accepted")
     except Exception as e:  # noqa: BLE001 - see failure(): only a NodeFault is the node's
         _log.debug("hook request failed", exc_info=True)
-        from uctr_batch.batch.common import NodeFault
+        from uctr_batch.batch.common import NodeFault, PolicyFault
 
         message = e.message if isinstance(e, errors.UctrError) else f"{type(e).__name__}: {e}"
         if isinstance(e, NodeFault) or event in (QUEUEJOB, EXECJOB_EPILOGUE, EXECJOB_END):
             return failure(event, config, node, message)
-        # a bug or an input uctr did not expect: in doubt the job fails, the vnode stays up
         _discard_quietly(req, config, env)
+        if isinstance(e, PolicyFault):  # the site's to fix: the job fails, the vnode stays
+            return user_error(message, e.hint).note("error", f"uctr: {message} (the vnode is "
+                                                             "not offlined)")
+        # a bug or an input uctr did not expect: in doubt the job fails, the vnode stays up
         return user_error(f"internal error while preparing the container job: {message}",
                           "this is a bug in uctr-batch; the MoM log has details")
 
@@ -341,7 +344,7 @@ def stage_event(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Ans
 
     env = _with(env, config.uctr_environment())
     ctx = common.node_step("the job's user", job_context, req)
-    node_policy = common.site_policy(ctx, env)  # broken or untrusted: a node fault
+    node_policy = common.site_policy(ctx, env)  # broken or untrusted: PolicyFault, see handle()
     started = time.monotonic()
     if req.get("event") == EXECJOB_BEGIN:
         sweep(req, ctx, node_policy, env)
@@ -551,6 +554,7 @@ def start_stager(ctx, config: HookConfig, env: Mapping[str, str]) -> Optional[in
         except BlockingIOError:
             return None
         state_path(ctx.job_id, "outcome", env).unlink(missing_ok=True)  # another image's
+        os.ftruncate(fd, 0)  # no stale pid from an earlier stager while this one starts
         payload = json.dumps({"job": _context_dict(ctx), "config": config.to_dict()})
         with open(state_path(ctx.job_id, "log", env), "ab") as log_file:
             child = subprocess.Popen(
@@ -622,7 +626,7 @@ def run_stager(payload: Mapping, env: Mapping[str, str]) -> dict:
         node_policy = common.site_policy(ctx, env)
         outcome = common.check_request(ctx, node_policy) or common.stage_as_user(
             ctx, node_policy, env, common.PBS_JOBID, timeout=config.stage_timeout)
-    except Exception as e:  # noqa: BLE001 - a broken policy is the node's, a bug the job's
+    except Exception as e:  # noqa: BLE001 - a broken policy (PolicyFault) or a bug: the job's
         _log.debug("stager failed", exc_info=True)
         outcome = stage.error_outcome(e, stage.NODE if isinstance(e, common.NodeFault)
                                       else stage.USER)
@@ -642,7 +646,7 @@ def stop_stager(job_id: str, env: Mapping[str, str], timeout: float = 10.0) -> b
         sid = int(state_path(job_id, "lock", env).read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return False
-    if sid <= 1:
+    if sid <= 1 or not _our_stager_session(sid):
         return False
     deadline = time.monotonic() + timeout
     while stager_running(job_id, env) and time.monotonic() < deadline:
@@ -653,6 +657,24 @@ def stop_stager(job_id: str, env: Mapping[str, str], timeout: float = 10.0) -> b
                 pass
         time.sleep(0.05)
     return True
+
+
+def _our_stager_session(sid: int) -> bool:
+    """Whether session SID is a stager's: its leader, if still there, is root's `uctr pbs
+    stage`. A pid read from a lock file can be stale and reused by anyone's session leader;
+    once the leader is gone the number stays reserved while its session has members."""
+    try:
+        if os.stat(f"/proc/{sid}").st_uid != 0:
+            return False
+        with open(f"/proc/{sid}/cmdline", "rb") as f:
+            argv = f.read(4096).split(b"\0")
+    except FileNotFoundError:
+        return True  # leader gone: members (its staging child) may remain; the sid is theirs
+    except OSError:
+        return False
+    if argv == [b""]:  # mid-exec: the descriptors are closed before argv is set up
+        return True  # root's all the same, and a process no other session can contain
+    return any(argv[i:i + 2] == [b"pbs", b"stage"] for i in range(len(argv)))
 
 
 def session_members(sid: int) -> List[int]:
@@ -859,8 +881,21 @@ def cmd_hook(args) -> int:
         answer = reject(f"uctr: unreadable hook request: {e}", "rerun")
     else:
         answer = handle(req)
-    sys.stdout.write(json.dumps(answer) + "\n")
+    sys.stdout.write(json.dumps(_encodable(answer)) + "\n")
     return 0
+
+
+def _encodable(value):
+    """VALUE with every string UTF-8 encodable: a user's image name with bytes that are not
+    UTF-8 (lone surrogates) would make pbs.logmsg() or event.reject() in the hook raise,
+    and the job would be requeued instead of failed with the message."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    return value
 
 
 def cmd_stage(args) -> int:

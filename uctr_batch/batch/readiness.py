@@ -47,16 +47,28 @@ def _job_name(job_id) -> str:
 
 
 def _one_line(value) -> str:
-    return " ".join(str(value).split("\n")).replace("\r", " ")
+    # every line break str.splitlines() knows (\u2028, \x85, \x1c...), not only \n: a
+    # user's image name or message must never add a KEY=VALUE line of its own
+    return str(value).translate(_LINE_BREAKS)
+
+
+_LINE_BREAKS = dict.fromkeys(map(ord, "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"), " ")
 
 
 def format_record(fields: Mapping[str, object]) -> str:
     return "".join(f"{key}={_one_line(value)}\n" for key, value in fields.items() if value is not None)
 
 
+def encode_record(fields: Mapping[str, object]) -> bytes:
+    """format_record() as UTF-8. The values are partly the user's (an image name with bytes
+    that are not UTF-8 arrives as lone surrogates): shown escaped, never an encoding error,
+    which in a prolog would be a node fault."""
+    return format_record(fields).encode("utf-8", "backslashreplace")
+
+
 def parse_record(text: str) -> Dict[str, str]:
     record: Dict[str, str] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):  # only \n ends a line: the writer's rule, and the C reader's
         key, sep, value = line.partition("=")
         if sep:
             record[key] = value
@@ -94,7 +106,7 @@ def write_readiness(job_id, uid: int, fields: Mapping[str, object],
     record.update(fields)
     from uctr_batch import fsutil
 
-    fsutil.write_atomic(path, format_record(record).encode("utf-8"), 0o600,
+    fsutil.write_atomic(path, encode_record(record), 0o600,
                         owner=uid if os.geteuid() == 0 else None)
     return path
 

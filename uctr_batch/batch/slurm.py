@@ -33,12 +33,77 @@ EXIT_NODE_FAULT = 1  # Slurm drains the node
 SPANK_HEADER = "/usr/include/slurm/spank.h"
 
 
+# -- the hooks' log file (uctr slurm install --log-dir) ----------------------------------------
+HOOK_LOG = "UCTR_HOOK_LOG"  # set by the installed wrapper: DIR/uctr-KIND.NODE.log
+
+
+def redirect_log(env: Mapping[str, str]) -> None:
+    """Send stderr to the file named by UCTR_HOOK_LOG, when root alone controls its directory.
+
+    A log dir a user can reach into (the site chose /tmp/uctr-logs, and a user created it
+    first, or planted uctr-prolog.NODE.log as a symlink or FIFO there) would have root append
+    to, or block on, whatever the user chose; then the hook keeps slurmd's stderr and says
+    why. Never raises."""
+    path = env.get(HOOK_LOG)
+    if not path:
+        return
+    try:
+        fd = open_root_log(path)
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"uctr: not logging to {path}: {e}\n")
+        return
+    try:
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+
+
+def open_root_log(path: str) -> int:
+    """An O_APPEND descriptor of PATH, creating its directory (0755) and itself (0644). Every
+    directory on the way must be ours or root's, closed to others (or sticky, like /tmp), the
+    last one closed to others; root-owned symlinks on the way are followed, nobody else's.
+    Raises OSError, or ValueError naming the first place that fails those rules."""
+    import stat
+
+    path = os.path.abspath(path)
+    directory, name = os.path.split(path)
+    me = os.geteuid()
+    current, st = "/", os.lstat("/")
+    for part in [p for p in directory.split("/") if p]:
+        current = os.path.join(current, part)
+        for _ in range(40):  # root's own symlinks (/var/run -> /run), a bounded number
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(current, 0o755)
+                except FileExistsError:
+                    pass
+                st = os.lstat(current)
+            if not stat.S_ISLNK(st.st_mode) or st.st_uid not in (0, me):
+                break
+            current = os.path.realpath(current)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, me) \
+                or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            raise ValueError(f"{current} is not a directory that only root can change")
+    if st.st_mode & 0o022:
+        raise ValueError(f"{current} is writable by others")
+    fd = os.open(os.path.join(current, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                 | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, me) or st.st_nlink != 1:
+        os.close(fd)
+        raise ValueError(f"{path} is not a plain file of root's")
+    return fd
+
+
 # -- prolog -------------------------------------------------------------------------------
 def prolog_main(env: Optional[Mapping[str, str]] = None) -> int:
+    redirect_log(os.environ if env is None else env)
     log.setup(0)
     try:
         return prolog(env)
-    except common.NodeFault as e:  # root's policy, root's run dir: an admin must look
+    except common.NodeFault as e:  # root's run dir, the job's user unknown: an admin must look
         _log.error("uctr prolog: node fault: %s", e.message)
         return EXIT_NODE_FAULT
     except Exception as e:  # noqa: BLE001 - a bug: the job's steps stage (and fail) alone
@@ -48,14 +113,20 @@ def prolog_main(env: Optional[Mapping[str, str]] = None) -> int:
 
 def prolog(env: Optional[Mapping[str, str]] = None) -> int:
     """Exit status 0 unless a common.NodeFault (or a NODE staging outcome: the node-local
-    file system is read-only) stands in the way: a failing prolog drains the node, and
+    file system is read-only) stands in the way; a policy the node cannot use fails the job: a failing prolog drains the node, and
     nothing a user does, by mistake or malice, may do that."""
     env = os.environ if env is None else env
     ctx = common.node_step("the job", jobs.from_env, env, container_lookup=_container_or_none)
     if not ctx.wants_container:
         return EXIT_OK
     started = time.monotonic()
-    node_policy = common.site_policy(ctx, env)  # a broken or untrusted policy is a node fault
+    try:
+        node_policy = common.site_policy(ctx, env)
+    except common.PolicyFault as e:  # the site's to fix: the job fails, the node stays up
+        _log.error("uctr prolog: job %s: %s (the node is not drained; only container jobs "
+                   "fail here)", ctx.job_id, e.message)
+        common.write_record(ctx, common.policy_fault_fields(ctx, e), env)
+        return EXIT_OK
     common.sweep_stale_records(env, _slurm_job_gone, keep=ctx.job_id, node_policy=node_policy)
     outcome = common.check_request(ctx, node_policy) or common.stage_as_user(ctx, node_policy, env)
     _log.info("uctr prolog: %s", common.describe_outcome(ctx, outcome, time.monotonic() - started))
@@ -95,6 +166,7 @@ def _container_or_none(job_id: str) -> Optional[str]:
 
 # -- epilog -------------------------------------------------------------------------------
 def epilog_main(env: Optional[Mapping[str, str]] = None) -> int:
+    redirect_log(os.environ if env is None else env)
     log.setup(0)
     try:
         epilog(env)
@@ -210,10 +282,9 @@ def install(plan: InstallPlan) -> None:
         script = plan.libexec / f"{kind}.py"
         _install_file(script, (plan.source / "hooks" / "slurm" / f"{kind}.py").read_bytes(), 0o644)
         command = f"exec {shlex.quote(plan.python)} {shlex.quote(str(script))}"
-        if plan.log_dir:  # a missing log dir must not fail the hook (that drains the node)
-            log_dir = shlex.quote(plan.log_dir)
-            command = (f"mkdir -p {log_dir} 2>/dev/null\n{command} "
-                       f"2>>{log_dir}/uctr-{kind}.\"$SLURMD_NODENAME\".log")
+        if plan.log_dir:  # the hook opens it (redirect_log): never through a user's symlink
+            log_file = shlex.quote(f"{plan.log_dir.rstrip('/')}/uctr-{kind}.")
+            command = (f"export {HOOK_LOG}={log_file}\"$SLURMD_NODENAME\".log\n{command}")
         _install_file(plan.hook(kind), plan.wrapper(command).encode(), 0o755)
     _install_file(plan.uctr_exec, plan.wrapper(_launcher_command(plan)).encode(), 0o755)
     _install_file(plan.share / "plugstack.conf", plan.plugstack_line().encode(), 0o644)

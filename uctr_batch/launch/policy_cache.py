@@ -71,10 +71,26 @@ def current_partition(env):
     return env.get("SLURM_JOB_PARTITION") or env.get("PBS_QUEUE") or None
 
 
+def cache_base(env) -> str:
+    """local_base(), or the fallback root prepared for this user on this node when another
+    user owns it or can write to it (batch.location; only then is it imported)."""
+    base = local_base(env)
+    try:
+        st = os.lstat(base)
+    except OSError:
+        return base  # not there yet: store() creates it, or refuses a planted parent
+    if (st.st_mode & 0o170000) == 0o040000 and st.st_uid == os.geteuid() \
+            and not st.st_mode & 0o022:
+        return base
+    from uctr_batch.batch.location import fallback_for
+
+    return fallback_for(base, env) or base
+
+
 def cache_stem(env) -> str:
     node, partition = current_node(env), current_partition(env)
     name = node + ("@" + partition if partition else "")
-    return os.path.join(local_base(env), "policy", name.replace("/", "_"))
+    return os.path.join(cache_base(env), "policy", name.replace("/", "_"))
 
 
 # -- validity ---------------------------------------------------------------------------
@@ -120,15 +136,15 @@ def load(env=None) -> dict:
 
 def read_cached(env):
     """The cached policy dict if it is still current, else None."""
-    try:
-        fd = os.open(cache_stem(env) + ".marshal",
-                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
+    fd = _open_cached(cache_stem(env) + ".marshal")
+    if fd is None:
         return None
     try:
         st = os.fstat(fd)
-        # our own regular file of sane size only: a FIFO, device or huge file is not a cache
-        if st.st_uid != os.geteuid() or (st.st_mode & 0o170000) != 0o100000:
+        # our own regular file of sane size only: a FIFO, device or huge file is not a cache;
+        # nor a second name of a file of ours that was linked in (protected_hardlinks off)
+        if st.st_uid != os.geteuid() or (st.st_mode & 0o170000) != 0o100000 \
+                or st.st_nlink != 1:
             return None
         if st.st_size > MAX_CACHE_BYTES:
             return None
@@ -143,6 +159,28 @@ def read_cached(env):
     if entry.get("watch") != stat_rows(watched_paths(policy_path(env))):
         return None
     return entry.get("policy")
+
+
+def _open_cached(path: str):
+    """A descriptor of PATH (BASE/policy/NAME) opened through BASE and policy/, each a
+    directory of ours that nobody else can write (no symlinks followed): in a directory
+    another user controls, they choose what the cache says. None when that does not hold."""
+    policy_dir, name = os.path.split(path)
+    base, sub = os.path.split(policy_dir)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fds = []
+    try:
+        for where in (base, sub):
+            fds.append(os.open(where, flags | os.O_DIRECTORY, dir_fd=fds[-1] if fds else None))
+            st = os.fstat(fds[-1])
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                return None
+        return os.open(name, flags | os.O_NONBLOCK, dir_fd=fds[-1])
+    except OSError:
+        return None
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def full_python() -> None:
@@ -183,7 +221,7 @@ def store(env, data: dict, rows) -> None:
     from uctr_batch import fsutil
 
     stem = cache_stem(env)
-    base = local_base(env)
+    base = os.path.dirname(os.path.dirname(stem))  # cache_base(): the fallback if planted
     fsutil.ensure_private_dir(base, "the node-local directory")
     fsutil.make_private_subdir(os.path.dirname(stem))
     entry = {"key": _identity(env), "watch": rows, "policy": data}

@@ -60,10 +60,21 @@ def image_key(image: str) -> str:
 def usable_local_dir(local_dir: str, env=None) -> str:
     """LOCAL_DIR, or the fallback root prepared for this user on this node when another
     user (or our own chmod) made LOCAL_DIR untrustworthy: batch.location decides, for the
-    prolog, the epilog and every rank alike."""
-    from uctr_batch.batch.location import usable_local_dir as usable
+    prolog, the epilog and every rank alike. StorageError when neither can be used: a rank
+    must not create its launch/ directory in, nor run an indexed root filesystem from, a
+    directory where someone else can rename what the index points at."""
+    from uctr_batch.batch import location
 
-    return usable(local_dir, env)
+    problem = location.check(local_dir)
+    if problem is None:
+        return local_dir
+    fallback = location.fallback_for(local_dir, env)
+    if fallback:
+        return fallback
+    raise StorageError("refusing to use the node-local directory %s: %s" % (local_dir, problem[1]),
+                       "if it is yours, remove it or chmod 700 it; if not, set UCTR_LOCAL_DIR "
+                       "to a directory of your own (or run the job with --container-image / "
+                       "-l container_image: the node then prepares a private one)")
 
 
 def launch_dir(local_dir: str) -> str:
