@@ -173,3 +173,22 @@ def test_garbage_config_is_refetched_not_blamed_on_the_registry(env):
     result = uctr(env, "pull", ref)
     assert result.returncode == 0, result.stderr
     assert uctr(env, "verify").returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "dir", "file"])
+def test_a_planted_lock_of_any_type_is_broken_once_stale(tmp_path, kind):
+    """A lock file nobody heartbeats (here a FIFO, a /dev/zero link, a directory or junk)
+    is judged stale after stale_after and broken; the blob is then fetched."""
+    from uctr_batch.image.store import Store
+
+    store = Store(tmp_path / "cache", stale_after=0.5, lock_timeout=60)
+    data = b"blob bytes"
+    digest = "sha256:" + __import__("hashlib").sha256(data).hexdigest()
+    plant(store.lock_path(digest.split(":")[1]), kind)
+
+    def fetch(partial):
+        Path(partial).write_bytes(data)
+
+    assert store.ingest_blob(digest, fetch, len(data)) in ("downloaded", "waited", "cached")
+    assert store.read_blob(digest) == data
+    assert not os.path.lexists(store.lock_path(digest.split(":")[1]))
