@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 INDEX = "application/vnd.oci.image.index.v1+json"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -107,6 +107,26 @@ def trickle(body: bytes, media_type: str = MANIFEST, interval: float = 0.2,
                 h.wfile.write(body[i:i + 1])
                 h.wfile.flush()
                 time.sleep(interval)
+        except OSError:
+            pass
+        h.close_connection = True
+    return answer
+
+
+def raw(pieces: Callable[[], Iterable[Tuple[bytes, float]]], limit: float = 60.0) -> Responder:
+    """Write the bytes of pieces() as they come, each followed by its pause in seconds: no
+    status line or header is added, so a test can send broken or endless ones. Stops after
+    LIMIT seconds or when the client hangs up."""
+    def answer(h: BaseHTTPRequestHandler) -> None:
+        end = time.monotonic() + limit
+        try:
+            for piece, pause in pieces():
+                if time.monotonic() > end:
+                    break
+                h.wfile.write(piece)
+                h.wfile.flush()
+                if pause:
+                    time.sleep(pause)
         except OSError:
             pass
         h.close_connection = True

@@ -26,6 +26,7 @@ import json
 import os
 import random
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -44,12 +45,48 @@ _MAX_POLL = 2.0  # cap on the polling interval: many nodes polling one NFS file 
 _MAX_LOCK_FILE = 65536  # a lock file holds ~300 bytes; anything longer was planted
 
 
+def _read_lock_file(path: str):
+    """(stat, text) of a lock file, text "" when it is not a regular file: a FIFO, device,
+    directory or symlink planted in a shared locks/ directory is never waited on or read
+    without end (opened non-blocking, not followed, at most _MAX_LOCK_FILE bytes read).
+    FileNotFoundError when there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        return os.lstat(path), ""  # a symlink
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return st, ""
+        data = os.read(fd, _MAX_LOCK_FILE)
+        return st, data.decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+
+
 def _read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read(_MAX_LOCK_FILE).strip()
+        return _read_lock_file(path)[1].strip()
     except OSError:
         return ""
+
+
+def _remove_aside(path: str) -> None:
+    """Remove a broken lock set aside: a planted directory too."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            from uctr_batch import fsutil
+
+            fsutil.remove_tree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StorageError(f"cannot remove a stale lock {path}: {e.strerror}",
+                           "remove it by hand or ask the cache's owner to") from e
 
 
 def _boot_id() -> str:
@@ -320,11 +357,12 @@ class FileLock:
         Opening the file (not just stat) makes NFS revalidate its attributes
         (close-to-open consistency), so the mtime we see is fresh."""
         try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                text = f.read().decode("utf-8", "replace")
+            st, text = _read_lock_file(self.path)
         except FileNotFoundError:
             return None, None
+        except OSError as e:
+            raise StorageError(f"cannot read the lock file {self.path}: {e.strerror}",
+                               "check the cache's locks directory and its permissions") from e
         holder = Holder.parse(text.strip())
         return holder, (st.st_ino, holder.token, st.st_mtime_ns)
 
@@ -360,7 +398,7 @@ class FileLock:
             if Holder.parse(_read_text(aside)).token != stale_token:
                 self._put_back(aside)
                 return False
-            os.unlink(aside)
+            _remove_aside(aside)
             log.verbose("broke stale lock on %s (was held by %s)", self.what, holder.describe())
             return True
         finally:

@@ -16,12 +16,13 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import List, Optional, Tuple, Union
 
 from uctr_batch import fsutil, log, settings
-from uctr_batch.errors import ConfigError, DigestMismatch, ImageNotFound, NoSpace, RegistryError
+from uctr_batch.errors import (ConfigError, DigestMismatch, ImageNotFound, NoSpace, RegistryError,
+                               StorageError)
 from uctr_batch.image import manifest as mt
 from uctr_batch.image import platforms
 from uctr_batch.image import reference as references
 from uctr_batch.image.manifest import ImageRecord, Layer, Platform
-from uctr_batch.image.store import CACHED, Store, build_record
+from uctr_batch.image.store import CACHED, Store, build_record, digest_of_bytes
 
 _log = log.get("pull")
 
@@ -138,8 +139,25 @@ class _Puller:
         desc = manifest["config"]  # check_image_manifest: a digest and a bounded size
         digest, size = desc["digest"], desc["size"]
         self._ingest(Layer(digest, desc.get("mediaType", ""), size), size)
-        return _document(self.store.read_blob(digest), f"image config {digest} of {self.ref}",
-                         mt.check_image_config, mt.MAX_CONFIG)
+        data = self._cached_small_blob(digest)
+        if data is None:  # the cached copy was damaged and is gone: fetch it again
+            self._ingest(Layer(digest, desc.get("mediaType", ""), size), size)
+            data = self.store.read_blob(digest, mt.MAX_CONFIG)
+        return _document(data, f"image config {digest} of {self.ref}", mt.check_image_config,
+                         mt.MAX_CONFIG)
+
+    def _cached_small_blob(self, digest: str) -> Optional[bytes]:
+        """A cached config, checked against its digest (it is small): a copy damaged in the
+        cache is removed (None), so a pull repairs it instead of blaming the registry."""
+        try:
+            data = self.store.read_blob(digest, mt.MAX_CONFIG)
+        except StorageError:  # not a regular file, too big, unreadable
+            data = None
+        if data is not None and digest_of_bytes(data, "sha256") == digest:
+            return data
+        _log.warning("cached blob %s is damaged; fetching it again", digest)
+        self.store.remove_blob(digest)
+        return None
 
     def _check_single_platform(self, config: dict, wanted: Platform, explicit: bool) -> None:
         have = platforms.from_json(config)

@@ -58,6 +58,9 @@ MAX_TOKEN = 1 << 16  # characters of a bearer token (JWTs are a few KiB)
 MAX_TOKEN_LIFETIME = 86400.0  # seconds a token is cached at most, whatever the server says
 MAX_CHALLENGE = 8192  # characters of a WWW-Authenticate header that are parsed
 DOCUMENT_DEADLINE = 10  # a JSON document must arrive within this many stall timeouts
+HEADER_DEADLINE = 2  # connecting plus the status line and headers: connect timeout + this many
+# stall timeouts (the socket timeout alone lets a server that sends one header byte, or one
+# "100 Continue", per stall timeout hold a request forever)
 TRICKLE_BYTES = 16384  # a blob download receiving less than this per stall timeout stalled
 RETRY_AFTER_CAP = 60.0  # seconds; a server asking for longer gets this much
 BACKOFF_BASE = 0.25  # seconds before the first retry; doubles each time, with jitter
@@ -300,9 +303,14 @@ class RegistryClient:
                                 "the registry or a proxy in front of it is misconfigured; "
                                 "tell its operator") from e
         except requests.exceptions.RequestException as e:
-            raise TransferError(f"request failed: {url}: {str(e)[:300]}",
+            raise TransferError(f"request failed: {url}: {_printable(str(e)[:300])}",
                                 "check the registry address and the network; run with -v "
                                 "for details") from e
+        except (ValueError, UnicodeError) as e:  # e.g. a redirect to "http://[::1/x"
+            raise TransferError(f"unusable URL or redirect from {url}: "
+                                f"{_printable(str(e)[:200])}",
+                                "the registry or a proxy in front of it sent a malformed "
+                                "Location; tell its operator") from e
         _log.debug("%s %s -> %d", method, url, resp.status_code)
         status = resp.status_code
         if status == 429 or (status >= 500 and status not in (501, 505)):  # worth another try
@@ -469,6 +477,8 @@ class RegistryClient:
     def _describe(self, exc: Exception) -> str:
         text = str(exc)
         for needle, meaning in (
+            (_SLOW_HEADERS, f"response headers did not arrive within "
+                            f"{_header_deadline(self.config):g} s"),
             ("Read timed out", f"stalled: no data for {self.config.stall_timeout:g} s"),
             ("Connection refused", "connection refused"),
             ("Name or service not known", "cannot resolve the host name"),
@@ -710,13 +720,97 @@ class _Hasher:
 
 # -- helpers ---------------------------------------------------------------------------------------
 
+_SLOW_HEADERS = "response headers arrived too slowly"
+
+
+def _header_deadline(config: RegistryConfig) -> float:
+    return config.connect_timeout + HEADER_DEADLINE * config.stall_timeout
+
+
+def _deadline_pools(deadline: float) -> dict:
+    """urllib3 pool classes whose connections must connect and receive the status line and
+    headers of each response within DEADLINE seconds. A watchdog timer shuts the socket down
+    when it passes: urllib3 and http.client only bound each single read, and http.client
+    skips any number of "100 Continue" answers."""
+    import socket
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.exceptions import ProtocolError
+
+    class Watched:
+        _uctr_sock = None
+        _uctr_expired = False
+
+        def _new_conn(self):
+            self._uctr_sock = super()._new_conn()
+            return self._uctr_sock
+
+        def _uctr_abort(self) -> None:
+            self._uctr_expired = True
+            try:
+                if self._uctr_sock is not None:
+                    self._uctr_sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        def _uctr_watch(self, step):
+            self._uctr_expired = False
+            timer = threading.Timer(deadline, self._uctr_abort)
+            timer.daemon = True
+            timer.start()
+            try:
+                result = step()
+            except Exception:
+                if self._uctr_expired:
+                    raise ProtocolError(f"{_SLOW_HEADERS} (over {deadline:g} s)") from None
+                raise
+            finally:
+                timer.cancel()
+            if self._uctr_expired:  # headers cut short by the shutdown look complete
+                raise ProtocolError(f"{_SLOW_HEADERS} (over {deadline:g} s)")
+            return result
+
+        def connect(self):
+            return self._uctr_watch(super().connect)
+
+        def getresponse(self, *args, **kwargs):
+            return self._uctr_watch(lambda: super(Watched, self).getresponse(*args, **kwargs))
+
+    class Conn(Watched, HTTPConnection):
+        pass
+
+    class TLSConn(Watched, HTTPSConnection):
+        pass
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = Conn
+
+    class TLSPool(HTTPSConnectionPool):
+        ConnectionCls = TLSConn
+
+    return {"http": Pool, "https": TLSPool}
+
+
 def _adapter_factory(config: RegistryConfig):
-    """A function making requests adapters that trust the system CAs plus config.ca_file."""
+    """A function making requests adapters that trust the system CAs plus config.ca_file,
+    with a deadline on connecting and on each response's headers (_deadline_pools)."""
     from requests.adapters import HTTPAdapter
+
+    pools = _deadline_pools(_header_deadline(config))
+
+    class _WatchedAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, *args, **kwargs):
+            manager = super().proxy_manager_for(*args, **kwargs)
+            manager.pool_classes_by_scheme = pools
+            return manager
 
     pool = max(4, config.parallel + 2)
     if not config.ca_file:
-        return lambda: HTTPAdapter(pool_connections=4, pool_maxsize=pool, max_retries=0)
+        return lambda: _WatchedAdapter(pool_connections=4, pool_maxsize=pool, max_retries=0)
     import ssl
 
     try:
@@ -726,7 +820,7 @@ def _adapter_factory(config: RegistryConfig):
         raise ConfigError(f"cannot load the registry CA file: {config.ca_file}: {e}",
                           "give a PEM file of CA certificates with --tls-ca or UCTR_TLS_CA") from e
 
-    class _CAAdapter(HTTPAdapter):
+    class _CAAdapter(_WatchedAdapter):
         def init_poolmanager(self, *args, **kwargs):
             kwargs["ssl_context"] = context
             super().init_poolmanager(*args, **kwargs)

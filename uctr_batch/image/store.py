@@ -13,6 +13,7 @@ only ever renamed into blobs/ after its digest was verified, each blob has at mo
 downloader at a time (its lock), and everything else is written to a temp name and renamed.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ STALE_AFTER = 60.0  # no heartbeat for this long: the holder is gone
 GC_GRACE = 600.0  # gc keeps unreferenced blobs and partials younger than this
 PENDING_TTL = 86400.0  # a pull marker older than this belongs to a killed pull
 _CHUNK = 1 << 20
+_MAX_SMALL_BLOB = 8 << 20  # manifests and configs (manifest.MAX_CONFIG)
 _HASHES = {"sha256": 64, "sha512": 128}
 
 # ingest_blob outcomes, for -v logging
@@ -70,9 +72,36 @@ def copy_hashing(src, dst, algo: str = "sha256") -> Tuple[str, int]:
         size += len(chunk)
 
 
+class NotRegular(OSError):
+    """A cache entry that should be a regular file is something else (a symlink, a FIFO, a
+    device, a directory): never read it, it may block or never end."""
+
+
+def open_regular(path, limit: Optional[int] = None):
+    """Open PATH for reading only if it is a regular file (not through a symlink; a FIFO is
+    not waited on); NotRegular otherwise, or when it is larger than LIMIT bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotRegular(e.errno, "is a symbolic link", str(path)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular(errno.EINVAL, "is not a regular file", str(path))
+        if limit is not None and st.st_size > limit:
+            raise NotRegular(errno.EFBIG, f"is larger than {limit} bytes", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def hash_file(path, algo: str = "sha256") -> str:
     h = hashlib.new(algo)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while True:
             chunk = f.read(_CHUNK)
             if not chunk:
@@ -220,6 +249,10 @@ class Store:
                     _raise_no_space(e, root, None, "create the cache")
                     raise StorageError(f"cannot create {path}: {e.strerror}",
                                        "set UCTR_CACHE to a directory you can write") from e
+        for sub in ("blobs/sha256", "refs", "tmp", "locks"):
+            if not (root / sub).is_dir():
+                raise StorageError(f"the cache is damaged: {root / sub} is not a directory",
+                                   f"remove it (rm {root / sub}); uctr creates it again")
         if not os.access(root, os.W_OK | os.X_OK):
             raise StorageError(
                 f"cache directory is not writable: {root}",
@@ -244,7 +277,12 @@ class Store:
 
     # -- blobs ------------------------------------------------------------------------
     def has_blob(self, digest: str) -> bool:
-        return self.blob_path(digest).is_file()
+        """A blob is present when its name is a regular file (a symlink, FIFO or directory
+        planted there counts as missing: the next pull renames a good copy over it)."""
+        try:
+            return stat.S_ISREG(os.lstat(self.blob_path(digest)).st_mode)
+        except OSError:
+            return False
 
     def touch_blob(self, digest: str) -> None:
         """Mark a blob as just used, so a concurrent gc's grace period protects it."""
@@ -279,8 +317,15 @@ class Store:
                 self.touch_blob(digest)
                 return WAITED if waited else CACHED
             partial = self.partial_path(digest)
-            if partial.exists() and not os.access(partial, os.W_OK):
-                partial.unlink()  # left by another user of a group cache: we cannot resume it
+            try:
+                st = os.lstat(partial)
+            except FileNotFoundError:
+                st = None
+            if st is not None and (not stat.S_ISREG(st.st_mode)
+                                   or not os.access(partial, os.W_OK)):
+                # left by another user of a group cache (we cannot resume it), or planted:
+                # a FIFO, symlink or directory is never resumed from
+                self._remove_bad(partial)
             fetch_fn(partial)  # a full disk raises NoSpace (kept: a retry resumes the partial)
             self._commit(partial, digest, size)
             return DOWNLOADED
@@ -296,10 +341,30 @@ class Store:
                                  "the source is corrupt; retry, or ask its maintainer")
         try:
             _fsync_path(partial)  # NFS and quotas may report a full disk only here
-            os.rename(partial, self.blob_path(digest))
+            self._rename_into(partial, digest)
         except OSError as e:
             _raise_no_space(e, self.root, actual, f"store blob {digest}")
             raise
+
+    def _rename_into(self, src: Path, digest: str) -> None:
+        """Rename a verified file to blob DIGEST. Whatever was planted at that name (a
+        symlink, a FIFO: replaced by rename; a directory: removed first) gives way."""
+        target = self.blob_path(digest)
+        try:
+            os.rename(src, target)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        try:
+            fsutil.remove_tree(target)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageError(f"cannot replace the damaged cache entry {target}: "
+                               f"{e.strerror or e}",
+                               "remove it by hand or ask the cache's owner to, then retry") from e
+        os.rename(src, target)
 
     def put_bytes(self, digest: str, data: bytes) -> None:
         """Store a small blob (manifest, config) after checking its digest."""
@@ -317,7 +382,7 @@ class Store:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.rename(tmp, self.blob_path(digest))
+            self._rename_into(tmp, digest)
         except BaseException as e:
             try:
                 tmp.unlink()
@@ -355,7 +420,7 @@ class Store:
                 self.touch_blob(actual)
                 return actual, CACHED
             _fsync_path(tmp)
-            os.rename(tmp, self.blob_path(actual))  # same bytes whoever wins: no lock needed
+            self._rename_into(tmp, actual)  # same bytes whoever wins: no lock needed
             return actual, DOWNLOADED
         except OSError as e:
             _raise_no_space(e, self.root, size, "store a blob")
@@ -364,31 +429,42 @@ class Store:
             if tmp.exists():
                 tmp.unlink()
 
-    def read_blob(self, digest: str) -> bytes:
+    def read_blob(self, digest: str, limit: int = _MAX_SMALL_BLOB) -> bytes:
+        """A small cached blob (manifest, config) of at most LIMIT bytes, read only from a
+        regular file; StorageError when it is something else or unreadable."""
+        path = self.blob_path(digest)
         try:
-            return self.blob_path(digest).read_bytes()
+            with open_regular(path, limit) as f:
+                return f.read(limit + 1)
         except FileNotFoundError:
             raise ImageNotFound(f"blob {digest} is missing from the cache: {self.root}",
                                 "pull the image again") from None
+        except OSError as e:
+            raise StorageError(f"cached blob {digest} cannot be read: {path} "
+                               f"{e.strerror or e}",
+                               "run `uctr verify --remove` (it removes damaged blobs), then "
+                               "pull or load the image again") from None
 
     def read_json(self, digest: str) -> dict:
         """A cached manifest or config, parsed with the bounds of manifest.parse_document."""
         from uctr_batch.image.manifest import MAX_CONFIG, InvalidDocument, parse_document
 
-        path = self.blob_path(digest)
         try:
-            if path.stat().st_size > MAX_CONFIG:
-                raise InvalidDocument(f"larger than {MAX_CONFIG} bytes")
-            doc = parse_document(self.read_blob(digest), MAX_CONFIG)
-        except FileNotFoundError:
-            doc = self.read_blob(digest)  # raises ImageNotFound with its hint
+            doc = parse_document(self.read_blob(digest, MAX_CONFIG), MAX_CONFIG)
         except InvalidDocument as e:
             raise StorageError(f"cached blob {digest} is not an image document ({e})",
-                               "remove the image (uctr rmi) and pull or load it again") from None
+                               "run `uctr verify --remove`, then pull or load the image again") from None
         if not isinstance(doc, dict):
             raise StorageError(f"cached blob {digest} is not a JSON object",
-                               "remove the image (uctr rmi) and pull or load it again")
+                               "run `uctr verify --remove`, then pull or load the image again")
         return doc
+
+    def remove_blob(self, digest: str) -> None:
+        """Remove a damaged blob (whatever sits at its name); StorageError if we cannot."""
+        path = self.blob_path(digest)
+        if not self._remove_bad(path):
+            raise StorageError(f"cannot remove the damaged cache entry {path}",
+                               "remove it by hand or ask the cache's owner to, then retry")
 
     def blobs(self) -> Iterator[Tuple[str, Path]]:
         for algo in _HASHES:
@@ -415,7 +491,16 @@ class Store:
             "pulled": time.time(),
         }
         data = json.dumps(entry, indent=1).encode()
-        _write_atomic(self._ref_file(rec.reference, rec.platform), data, f"record {rec.reference}")
+        path = self._ref_file(rec.reference, rec.platform)
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):  # planted or damaged: rename cannot replace it
+                fsutil.remove_tree(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageError(f"cannot replace the damaged cache entry {path}: {e.strerror}",
+                               "remove it by hand or ask the cache's owner to, then retry") from e
+        _write_atomic(path, data, f"record {rec.reference}")
 
     def _image_size(self, rec: ImageRecord) -> int:
         config = self.blob_path(rec.config_digest)
@@ -432,10 +517,10 @@ class Store:
 
         for path in (self._ref_dir() / n for n in names):
             try:
-                with open(path, "rb") as f:
+                with open_regular(path, _MAX_REF_FILE) as f:  # never a planted FIFO or device
                     entry = parse_document(f.read(_MAX_REF_FILE + 1), _MAX_REF_FILE)
             except (OSError, InvalidDocument):
-                continue  # removed meanwhile, or not ours
+                continue  # removed meanwhile, not a regular file, or not ours
             if not isinstance(entry, dict) or not _valid_entry(entry):
                 continue
             if reference is None or entry.get("reference") == reference:
@@ -504,11 +589,7 @@ class Store:
             for key in ("manifest_digest", "index_digest", "config_digest"):
                 if entry.get(key):
                     keep.add(entry[key])
-            try:
-                manifest = json.loads(self.blob_path(entry["manifest_digest"]).read_bytes())
-                keep.update(d["digest"] for d in manifest.get("layers") or () if "digest" in d)
-            except (OSError, ValueError, KeyError, TypeError, StorageError):
-                continue
+            keep.update(self._layer_digests(entry))
         return keep
 
     def gc(self, dry_run: bool = False) -> GcReport:
@@ -576,8 +657,11 @@ class Store:
                     pass
             elif name.endswith(".lock") and name != "gc.lock" and not name.startswith("."):
                 lock = FileLock(entry.path, timeout=0, stale_after=self.stale_after, what=name)
-                if lock.try_acquire():
-                    lock.release()
+                try:
+                    if lock.try_acquire():
+                        lock.release()
+                except UctrError as e:  # one odd lock file must not stop the whole gc
+                    _log.warning("%s", e)
 
     def verify(self, remove: bool = False,
                progress: Optional[Callable[[str, bool], None]] = None) -> VerifyReport:
@@ -589,12 +673,14 @@ class Store:
                 actual = hash_file(path, digest.split(":")[0])
             except FileNotFoundError:
                 continue  # removed by gc meanwhile
+            except OSError as e:  # a planted symlink, FIFO or directory; an unreadable file
+                actual = f"nothing: it {e.strerror}" if isinstance(e, NotRegular) else \
+                    f"nothing: {e.strerror or e}"
             report.checked += 1
             ok = actual == digest
             if not ok:
                 report.bad.append((digest, actual))
-                if remove:
-                    path.unlink()
+                if remove and self._remove_bad(path):
                     report.removed.append(digest)
             if progress:
                 progress(digest, ok)
@@ -604,14 +690,33 @@ class Store:
                     report.missing.append((digest, entry["reference"]))
         return report
 
-    def _entry_digests(self, entry: dict) -> List[str]:
-        digests = [entry["manifest_digest"], entry["config_digest"]]
+    def _remove_bad(self, path: Path) -> bool:
+        """Remove a bad blob (a directory planted in its place too); False if we cannot."""
         try:
-            manifest = json.loads(self.blob_path(entry["manifest_digest"]).read_bytes())
-            digests += [d["digest"] for d in manifest.get("layers") or ()]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        return digests
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                fsutil.remove_tree(path)
+            else:
+                os.unlink(path)
+            return True
+        except FileNotFoundError:
+            return True
+        except (OSError, UctrError) as e:
+            _log.warning("cannot remove %s: %s", path, getattr(e, "strerror", None) or e)
+            return False
+
+    def _entry_digests(self, entry: dict) -> List[str]:
+        return [entry["manifest_digest"], entry["config_digest"]] + self._layer_digests(entry)
+
+    def _layer_digests(self, entry: dict) -> List[str]:
+        """The layer digests named by an entry's cached manifest; [] when it is unreadable
+        (missing, damaged, not a regular file: read bounded, never blocking)."""
+        try:
+            manifest = self.read_json(entry["manifest_digest"])
+        except (UctrError, KeyError, TypeError):
+            return []
+        layers = manifest.get("layers")
+        return [d["digest"] for d in layers if isinstance(d, dict)
+                and isinstance(d.get("digest"), str)] if isinstance(layers, list) else []
 
 
 _MAX_REF_FILE = 65536  # a reference entry is ~400 bytes
@@ -776,7 +881,8 @@ def cmd_verify(args) -> int:
     report = store.verify(remove=args.remove)
     for digest, actual in report.bad:
         state = "removed" if digest in report.removed else "bad"
-        sys.stdout.write(f"{state} {digest} (content hashes to {actual})\n")
+        shown = actual if actual.startswith("nothing") else f"content hashes to {actual}"
+        sys.stdout.write(f"{state} {digest} ({shown})\n")
     for digest, ref in report.missing:
         _log.warning("missing %s needed by %s (uctr pull fetches it again)", digest, ref)
     bad, removed = len(report.bad), len(report.removed)
