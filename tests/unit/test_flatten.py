@@ -654,3 +654,21 @@ def test_deep_trees_unpack_and_are_removed_with_few_open_files(tmp_path):
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["3", "False"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "symlink-to-dev-zero"])
+def test_a_blob_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, kind):
+    # a group-shared cache: another member swaps a layer blob for a FIFO or a link to
+    # /dev/zero; opening it used to wait forever (FIFO) or read without end
+    blob = tmp_path / "blob"
+    if kind == "fifo":
+        os.mkfifo(blob)
+    else:
+        os.symlink("/dev/zero", blob)
+    dest = tmp_path / "root"
+    dest.mkdir()
+    with pytest.raises(StorageError, match="cannot read layer") as info:
+        flatten.unpack_layers([(str(blob), None)], dest)
+    assert info.value.hint
+    assert os.listdir(dest) == []

@@ -53,6 +53,7 @@ from typing import IO, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from uctr_batch import fsutil, log
 from uctr_batch.errors import DigestMismatch, LayerRejected, StorageError
 from uctr_batch.image.manifest import Layer
+from uctr_batch.image.store import open_regular
 
 try:  # isal inflates ~2.4x faster than zlib here and releases the GIL (extra "fast")
     from isal import igzip as _gzip
@@ -410,8 +411,8 @@ class _LayerTar:
                 budget: Optional["_Budget"] = None) -> "_LayerTar":
         label = layer.digest if layer is not None and layer.digest else str(blob)
         budget = budget or _Budget(scratch, None, scratch)
-        try:
-            raw = open(blob, "rb")
+        try:  # a regular file only: a blob swapped for a FIFO or /dev/zero must not hang us
+            raw = open_regular(blob)
         except OSError as e:
             raise StorageError(f"cannot read layer {label}: {blob}: {e.strerror}",
                                "check the cache: `uctr verify --remove`, then pull the image "
