@@ -200,6 +200,10 @@ def resolve_command(command: str, env, root: str = "/") -> str:
     """Where `command` is, in the container's PATH (host path when root != '/')."""
     prefix = "" if root == "/" else root.rstrip("/")
     if "/" in command:
+        if prefix and command.startswith("/"):  # the image's links resolved inside root
+            from uctr_batch.modes import inroot
+
+            return inroot.resolve(root, command)
         return prefix + command if command.startswith("/") else command
     denied = None
     for d in env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":"):
