@@ -82,7 +82,9 @@ def target_from_path(text: str) -> Target:
     except (OSError, ValueError, RecursionError) as e:
         raise UctrError(f"cannot read the image config of bundle {bundle}: {e}",
                         f"recreate it: uctr rm {bundle} && uctr create IMAGE") from e
-    return Target(rootfs, meta.get("config") or {}, meta.get("reference") or "")
+    from uctr_batch.modes.spec import check_config
+
+    return Target(rootfs, check_config(meta.get("config"), bundle), meta.get("reference") or "")
 
 
 def target_from_image(args) -> Target:

@@ -97,3 +97,45 @@ class RunSpec:
     def root(self):
         """True when the payload runs as uid 0 inside (uctr run --root)."""
         return self.uid == 0
+
+
+_CONFIG_LISTS = ("Env", "Entrypoint", "Cmd")
+_CONFIG_STRINGS = ("WorkingDir", "User")
+
+
+def check_config(config, where: str):
+    """The image runtime config (Env, Entrypoint, Cmd, WorkingDir, User) as the modes need it:
+    lists of strings and strings, none with a NUL byte (an image config may carry "\\u0000",
+    which no exec, path or environment can hold); raises UctrError (exit 1) naming the field.
+    Called where a bundle's image.json is read (uctr run, uctr-exec)."""
+    from uctr_batch.errors import UctrError
+
+    def bad(field, why):
+        return UctrError("the image config of %s is unusable: %s %s" % (where, field, why),
+                         "fix the image's config (%s), then recreate the bundle: "
+                         "uctr rm %s && uctr create IMAGE" % (field, where))
+
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise bad("config", "is not a JSON object")
+    for key in _CONFIG_LISTS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list):
+            raise bad(key, "is not a list of strings")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise bad("%s[%d]" % (key, i), "is not a string")
+            if "\0" in item:
+                raise bad("%s[%d]" % (key, i), "contains a NUL byte")
+    for key in _CONFIG_STRINGS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise bad(key, "is not a string")
+        if "\0" in value:
+            raise bad(key, "contains a NUL byte")
+    return config
