@@ -77,3 +77,32 @@ def test_uctr_exec_refuses_a_nul_in_the_image_env(exec_node, mode):
     assert cp.returncode == 1, (cp.returncode, cp.stderr)
     assert_clean_failure(cp)
     assert "Env[1] contains a NUL byte" in cp.stderr
+
+
+# An Env or Cmd that execve cannot take (E2BIG): N1 and P1 said so (exit 126); R1's crun
+# exited 1 with no hint, after about a minute and a half parsing a 100k-entry Env.
+TOO_BIG = [
+    ("env-one-1MiB-string", {"Env": ["V=" + "y" * (1 << 20)]}),
+    ("env-100k-entries", {"Env": ["V%d=%s" % (i, "y" * 50) for i in range(100000)]}),
+    ("cmd-3MiB", {"Cmd": ["sh", "-c", "echo ok"] + ["y" * 100000] * 30}),
+]
+
+
+@pytest.mark.parametrize("runtime", runtime_params())
+@pytest.mark.parametrize("name, config", TOO_BIG, ids=[c[0] for c in TOO_BIG])
+def test_an_env_or_command_too_large_for_execve_is_exit_126(escape, runtime, name, config):
+    mode, mode_opts, path = runtime
+    rootfs, _canary, home, _opts = make_case(escape, {}, ())
+    bundle = rootfs.parent / "bundle"
+    bundle.mkdir()
+    os.rename(rootfs, bundle / "rootfs")
+    (bundle / "image.json").write_text(json.dumps({"config": config, "reference": "x"}))
+    users.chown_tree(bundle, USER)
+    env = escape.env(home, path)
+    command = [] if "Cmd" in config else ["--", "sh", "-c", "echo ok"]
+    args = [PYTHON, "-m", "uctr_batch", "run", "--mode", mode, *mode_opts, str(bundle), *command]
+    cp = subprocess.run(users.as_user_argv(USER, args, env), env=env, capture_output=True,
+                        text=True, cwd=str(home), timeout=300)
+    assert cp.returncode == 126, (cp.returncode, cp.stderr[-500:])
+    assert_clean_failure(cp)
+    assert "too large" in cp.stderr
