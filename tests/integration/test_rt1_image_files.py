@@ -16,8 +16,11 @@ import pytest
 
 from tests.conftest import PYTHON
 from tests.harness import users
+from tests.harness.images import BUSYBOX_APPLETS, BUSYBOX_BINARY
+from tests.harness.oci import TAG, ImageConfig, Layer, LayerBuilder, LayoutWriter
 from tests.integration.test_mode_escape import (  # noqa: F401 (fixtures)
-    USER, assert_clean_failure, canaries, escape, make_case, runtime_params, snapshot,
+    USER, assert_clean_failure, canaries, escape, exec_modes, exec_node, make_case,
+    runtime_params, snapshot,
 )
 
 pytestmark = pytest.mark.timeout(900)
@@ -88,3 +91,30 @@ def test_image_files_uctr_reads_never_block_or_balloon(escape, runtime, name, sp
     else:
         assert cp.returncode == 1, cp.stderr
         assert_clean_failure(cp)
+
+
+def fifo_image(layout):
+    """busybox with /etc/passwd, /etc/group and /etc/ld.so.conf shipped as FIFOs."""
+    layer = LayerBuilder()
+    for directory in ("bin", "etc", "tmp"):
+        layer.dir(directory)
+    layer.file("bin/busybox", BUSYBOX_BINARY.read_bytes(), 0o755)
+    for applet in BUSYBOX_APPLETS:
+        layer.symlink(f"bin/{applet}", "busybox")
+    for name in ("passwd", "group", "ld.so.conf"):
+        layer.fifo(f"etc/{name}")
+    writer = LayoutWriter(layout)
+    writer.tag(writer.add_image(ImageConfig(cmd=["/bin/sh"]), [Layer.build(layer)]), TAG)
+    for root, _dirs, files in os.walk(layout):
+        os.chmod(root, 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
+    return f"oci:{layout}:{TAG}"
+
+
+@pytest.mark.parametrize("mode", exec_modes())
+def test_uctr_exec_image_with_fifo_account_files(exec_node, mode):
+    ref = fifo_image(exec_node.base / "fifo-image")
+    argv = exec_node.argv(("--mode", mode, ref, "sh", "-c", "echo ok"), exec_node.env(None))
+    cp = run_guarded(argv, exec_node.env(None), exec_node.work, "FIFO /etc/passwd")
+    assert cp.returncode == 0 and cp.stdout == "ok\n", (cp.returncode, cp.stderr)
