@@ -1,8 +1,9 @@
-"""Hostile image runtime configs (red-team pass 2): a NUL byte in Env, PATH, Cmd or
-WorkingDir ("\\u0000" is valid JSON and the registry-side checks allow it), or fields of the
-wrong type in a bundle's image.json. The old code ended in a ValueError or TypeError traceback
-(exit 70) in the mode's execve or path resolution; now `uctr run` and `uctr-exec` refuse the
-config with `error:` + `hint:` and exit 1, before any mode starts.
+"""Hostile image runtime configs (red-team pass 2): a NUL byte or a lone surrogate in Env,
+PATH, Cmd or WorkingDir ("\\u0000" and "\\ud800" are valid JSON and the registry-side checks
+allow them), or fields of the wrong type in a bundle's image.json. The old code ended in a
+traceback (exit 70: ValueError, TypeError or UnicodeEncodeError) in the mode's execve or path
+resolution; now `uctr run` and `uctr-exec` refuse the config with `error:` + `hint:` and exit
+1, before any mode starts.
 """
 
 import json
@@ -26,6 +27,9 @@ CONFIGS = [
     ("path-nul", {"Env": ["PATH=/bin\u0000/x"]}),
     ("cmd-nul", {"Cmd": ["sh", "-c", "echo ok\u0000"]}),
     ("workdir-nul", {"WorkingDir": "/a\u0000b"}),
+    ("env-lone-surrogate", {"Env": ["A=\ud800"]}),
+    ("cmd-lone-surrogate", {"Cmd": ["sh", "-c", "echo ok", "\udbff"]}),
+    ("workdir-lone-surrogate", {"WorkingDir": "/x\ud800"}),
     ("workdir-not-a-string", {"WorkingDir": 5}),
     ("env-not-strings", {"Env": [1, {"a": 1}]}),
     ("entrypoint-a-string", {"Entrypoint": "/bin/sh"}),
