@@ -76,11 +76,10 @@ def _field(line: str, index: int) -> str:
 
 
 def _read(rootfs: str, path: str) -> str:
-    try:
-        with open(inroot.resolve(rootfs, path), encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
+    """The image's file as text, "" when missing or not a regular file (a FIFO would block);
+    bounded (inroot.read_file)."""
+    data = inroot.read_file(rootfs, path)
+    return "" if data is None else data.decode("utf-8", errors="replace")
 
 
 def login_shell(rootfs: str) -> str:

@@ -29,6 +29,7 @@ from uctr_batch.modes.spec import RunSpec
 _log = log.get("run")
 
 Bind = Tuple[str, str, bool]
+RESERVED_DESTINATIONS = ("/", "/dev", "/proc", "/sys")  # mounted by the modes themselves
 ROOTFS, IMAGE_JSON = "rootfs", "image.json"  # a bundle's layout (uctr_batch.image.rootfs)
 
 
@@ -82,7 +83,9 @@ def target_from_path(text: str) -> Target:
     except (OSError, ValueError, RecursionError) as e:
         raise UctrError(f"cannot read the image config of bundle {bundle}: {e}",
                         f"recreate it: uctr rm {bundle} && uctr create IMAGE") from e
-    return Target(rootfs, meta.get("config") or {}, meta.get("reference") or "")
+    from uctr_batch.modes.spec import check_config
+
+    return Target(rootfs, check_config(meta.get("config"), bundle), meta.get("reference") or "")
 
 
 def target_from_image(args) -> Target:
@@ -123,7 +126,12 @@ def parse_volume(text: str, cwd: str) -> Bind:
         raise UsageError(f"bind destination must be absolute: {text}", "use -v SRC:/path/in/container")
     if not os.path.exists(src):
         raise UsageError(f"bind source does not exist: {src}", "create it first, or fix the path")
-    return src, os.path.normpath(dst), option == "ro"
+    dst = os.path.normpath(dst).replace("//", "/")
+    if dst in RESERVED_DESTINATIONS:  # crun then fails opening /dev/null, with no hint
+        raise UsageError(f"cannot bind onto {dst}: the container's /, /dev, /proc and /sys "
+                         "are set up by uctr",
+                         "bind onto a path below it (e.g. -v SRC:/dev/shm) or another path")
+    return src, dst, option == "ro"
 
 
 def policy_binds(policy, env: Optional[Mapping[str, str]] = None) -> List[Bind]:

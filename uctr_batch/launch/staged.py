@@ -220,8 +220,10 @@ def _staged_from_bundle(image, bundle, rootfs, source) -> Staged:
     except (OSError, ValueError) as e:
         raise StorageError("cannot read the image config of %s: %s" % (bundle, e),
                            "remove the bundle (uctr rm %s) and run again" % bundle) from e
+    from uctr_batch.modes.spec import check_config
+
     return Staged(image, meta.get("reference") or image, meta["manifest_digest"], bundle, rootfs,
-                  meta.get("config") or {}, source)
+                  check_config(meta.get("config"), bundle), source)
 
 
 def _ref_stat(image, staged, policy, env):

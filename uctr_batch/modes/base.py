@@ -200,6 +200,10 @@ def resolve_command(command: str, env, root: str = "/") -> str:
     """Where `command` is, in the container's PATH (host path when root != '/')."""
     prefix = "" if root == "/" else root.rstrip("/")
     if "/" in command:
+        if prefix and command.startswith("/"):  # the image's links resolved inside root
+            from uctr_batch.modes import inroot
+
+            return inroot.resolve(root, command)
         return prefix + command if command.startswith("/") else command
     denied = None
     for d in env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":"):
@@ -241,6 +245,7 @@ def check_command(spec) -> None:
     """Raise PayloadNotFound (exit 127) unless argv[0] exists in the container, before any
     mode runs: otherwise each runtime reports a missing command in its own way and with its
     own exit status (crun and proot exit 1)."""
+    check_exec_size(spec)
     command = spec.argv[0]
     if "/" in command and not command.startswith("/"):
         return  # relative to the working directory: left to the mode
@@ -251,6 +256,33 @@ def check_command(spec) -> None:
             return
     raise PayloadNotFound("command not found in the container: %s" % command,
                           "check the image has it on its PATH (PATH=%s)" % spec.env.get("PATH", ""))
+
+
+MAX_ARG_STRLEN = 32 * 4096  # the kernel's limit on one argument or environment string
+
+
+def check_exec_size(spec) -> None:
+    """Raise PayloadNotExecutable (exit 126, as execve's E2BIG would in N1 or P1) when the
+    payload's argv and environment cannot pass execve: one string over MAX_ARG_STRLEN or all
+    of them over ARG_MAX. Checked before any mode starts, because a runtime reports it in its
+    own way (crun: exit 1 and no hint, after minutes of parsing a 100k-entry Env)."""
+    try:
+        limit = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        limit = 2 << 20
+    total, longest = 0, 0
+    for text in list(spec.argv) + ["%s=%s" % kv for kv in spec.env.items()]:
+        size = len(text.encode("utf-8", "surrogateescape")) + 1
+        total += size + 8  # the string and its pointer
+        longest = max(longest, size)
+    if longest > MAX_ARG_STRLEN or total > limit:
+        why = ("one string is %d bytes, over the kernel's %d" % (longest, MAX_ARG_STRLEN)
+               if longest > MAX_ARG_STRLEN else
+               "they are %d bytes, over the kernel's %d (ARG_MAX)" % (total, limit))
+        raise PayloadNotExecutable(
+            "cannot execute %s: its arguments and environment are too large (%s)"
+            % (spec.argv[0], why),
+            "shorten the command line, or the environment (the image's Env, -e, the policy)")
 
 
 def inherited_fds():

@@ -22,6 +22,7 @@ there), never to the host's /etc.
 """
 
 import os
+import stat
 
 from uctr_batch.errors import UctrError
 from uctr_batch.modes import inroot
@@ -118,7 +119,7 @@ class Plan:
             raise UctrError("the image has no dynamic loader %s" % info.interp, None)
         self.binary = binary
         self.lib_dirs = library_dirs(self.rootfs)
-        self.glibc = container_glibc(elf, self.lib_dirs)
+        self.glibc = container_glibc(elf, self.lib_dirs, self.rootfs)
         needed = _read_elf(elf, lib, lib).glibc_needed()
         if self.glibc is None:
             raise UctrError("cannot find the image's glibc (libc.so.6)",
@@ -205,11 +206,10 @@ def library_dirs(rootfs: str):
 def _ld_so_conf(rootfs: str, path: str, depth: int):
     if depth > 4:
         return []
-    try:
-        with open(inroot.resolve(rootfs, path)) as f:
-            lines = f.read().splitlines()
-    except OSError:
+    data = inroot.read_file(rootfs, path)  # never blocks on a FIFO, bounded
+    if data is None:
         return []
+    lines = data.decode(errors="replace").splitlines()
     out = []
     for line in lines:
         line = line.split("#", 1)[0].strip()
@@ -224,11 +224,14 @@ def _ld_so_conf(rootfs: str, path: str, depth: int):
     return out
 
 
-def container_glibc(elf, lib_dirs):
-    """The highest GLIBC_x.y the image's libc.so.6 defines, or None."""
+def container_glibc(elf, lib_dirs, rootfs=None):
+    """The highest GLIBC_x.y the image's libc.so.6 defines, or None. Its link (libc.so.6 ->
+    libc-2.31.so) is resolved inside rootfs, and only a regular file is read (not a FIFO)."""
     for d in lib_dirs:
         path = os.path.join(d, "libc.so.6")
-        if os.path.exists(path):
+        if rootfs:
+            path = inroot.resolve(rootfs, _container_path(rootfs, path))
+        if os.path.isfile(path):
             try:
                 return elf.read_elf(path).glibc_defined()
             except elf.ElfError:
@@ -294,10 +297,12 @@ def _copy_into(rootfs: str, host: str, path: str) -> None:
                         "fix the image, or use --mode P1")
     with open(host, "rb") as f:
         data = f.read()
-    try:
-        with open(target, "rb") as f:
-            if f.read() == data:
-                return
+    try:  # only a regular file of the same size is read: the image's may be a FIFO
+        st = os.lstat(target)
+        if stat.S_ISREG(st.st_mode) and st.st_size == len(data):
+            with open(target, "rb") as f:
+                if f.read() == data:
+                    return
     except OSError:
         pass
     from uctr_batch import fsutil

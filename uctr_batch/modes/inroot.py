@@ -66,6 +66,45 @@ def exists(rootfs: str, path: str) -> bool:
     return os.path.lexists(resolve(rootfs, path))
 
 
+MAX_READ = 16 << 20  # an image file uctr itself reads (/etc/passwd, /etc/group, ld.so.conf)
+
+
+def read_file(rootfs: str, path: str, limit: int = MAX_READ):
+    """The bytes of container path `path`, resolved inside rootfs; None when it is missing or
+    not a regular file. The image is untrusted: a FIFO there would block the open or the read
+    forever, and a sparse 1 TiB file would be read into memory, so the open never blocks
+    (O_NONBLOCK), a non-regular file counts as absent and more than `limit` bytes is refused."""
+    try:
+        fd = os.open(resolve(rootfs, path),
+                     os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if st.st_size > limit:
+            raise UctrError("%s in the image is %d bytes, more than the %d uctr reads"
+                            % (path, st.st_size, limit),
+                            "the image's %s is not a usable file; fix the image" % path)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:  # grew while read
+            raise UctrError("%s in the image is larger than the %d bytes uctr reads"
+                            % (path, limit), "the image's %s is not a usable file; fix the image"
+                            % path)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 SYSTEM_DIRS = ("/dev", "/proc", "/sys")  # covered by mounts in N1/R1, opened by name by crun
 
 

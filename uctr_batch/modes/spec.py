@@ -97,3 +97,59 @@ class RunSpec:
     def root(self):
         """True when the payload runs as uid 0 inside (uctr run --root)."""
         return self.uid == 0
+
+
+_CONFIG_LISTS = ("Env", "Entrypoint", "Cmd")
+_CONFIG_STRINGS = ("WorkingDir", "User")
+
+
+def check_config(config, where: str):
+    """The image runtime config (Env, Entrypoint, Cmd, WorkingDir, User) as the modes need it:
+    lists of strings and strings, none with a NUL byte or a lone surrogate (an image config
+    may carry "\\u0000" or "\\ud800", which no exec, path or environment can hold); raises
+    UctrError (exit 1) naming the field.
+    Called where a bundle's image.json is read (uctr run, uctr-exec)."""
+    from uctr_batch.errors import UctrError
+
+    def bad(field, why):
+        return UctrError("the image config of %s is unusable: %s %s" % (where, field, why),
+                         "fix the image's config (%s), then recreate the bundle: "
+                         "uctr rm %s && uctr create IMAGE" % (field, where))
+
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise bad("config", "is not a JSON object")
+    for key in _CONFIG_LISTS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list):
+            raise bad(key, "is not a list of strings")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise bad("%s[%d]" % (key, i), "is not a string")
+            why = _unusable_text(item)
+            if why:
+                raise bad("%s[%d]" % (key, i), why)
+    for key in _CONFIG_STRINGS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise bad(key, "is not a string")
+        why = _unusable_text(value)
+        if why:
+            raise bad(key, why)
+    return config
+
+
+def _unusable_text(text: str):
+    """Why text cannot be an exec argument, variable or path, or None."""
+    if "\0" in text:
+        return "contains a NUL byte"
+    try:  # JSON "\ud800": a lone surrogate has no byte form
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate)"
+    return None
