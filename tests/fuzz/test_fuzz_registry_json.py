@@ -356,3 +356,19 @@ def test_load_docker_archive_dir_with_fuzzed_documents(tmp_path_factory, entries
     except UctrError as e:
         assert e.message
     assert not [n for n in os.listdir(base / "cache" / "tmp") if not n.startswith("pull-")]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("Env", ["PATH=/bin", "A=x\u0000y"]),
+    ("Cmd", ["sh", "\ud800"]),
+    ("Entrypoint", ["/bin/\u0000sh"]),
+    ("WorkingDir", "/w\u0000rk"),
+    ("User", "\udfff"),
+])
+def test_a_config_string_no_process_can_hold_is_refused_at_pull(field, value):
+    # a NUL or a lone surrogate passed the pull and broke every mode later (rt1)
+    doc = {"architecture": "amd64", "os": "linux", "config": {field: value},
+           "rootfs": {"type": "layers", "diff_ids": []}}
+    data = json.dumps(doc).encode()
+    with pytest.raises(RegistryError, match=f"config.{field}.*(NUL|surrogate)"):
+        pull._document(data, "image config", mt.check_image_config, mt.MAX_CONFIG)

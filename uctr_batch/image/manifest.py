@@ -177,6 +177,12 @@ def check_string(value, where: str, limit: int = 4096, empty: bool = True) -> st
         _fail(where, f"is longer than {limit} characters")
     if not empty and not value:
         _fail(where, "is empty")
+    if "\0" in value:  # no exec, path or environment can hold one
+        _fail(where, "holds a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON "\ud800": a lone surrogate, not text
+        _fail(where, "holds a lone UTF-16 surrogate")
     return value
 
 
