@@ -37,9 +37,8 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("runtime", runtime_params())
-@pytest.mark.parametrize("name, config", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_uctr_run_refuses_an_unusable_image_config(escape, runtime, name, config):
+def run_bundle_with_config(escape, runtime, config, timeout: float):
+    """`uctr run` as the test user of a bundle whose image.json holds CONFIG."""
     mode, mode_opts, path = runtime
     rootfs, _canary, home, _opts = make_case(escape, {}, ())
     bundle = rootfs.parent / "bundle"
@@ -50,8 +49,14 @@ def test_uctr_run_refuses_an_unusable_image_config(escape, runtime, name, config
     env = escape.env(home, path)
     command = [] if "Cmd" in str(config) else ["--", "sh", "-c", "echo ok"]
     args = [PYTHON, "-m", "uctr_batch", "run", "--mode", mode, *mode_opts, str(bundle), *command]
-    cp = subprocess.run(users.as_user_argv(USER, args, env), env=env, capture_output=True,
-                        text=True, cwd=str(home), timeout=120)
+    return subprocess.run(users.as_user_argv(USER, args, env), env=env, capture_output=True,
+                          text=True, cwd=str(home), timeout=timeout)
+
+
+@pytest.mark.parametrize("runtime", runtime_params())
+@pytest.mark.parametrize("name, config", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_uctr_run_refuses_an_unusable_image_config(escape, runtime, name, config):
+    cp = run_bundle_with_config(escape, runtime, config, timeout=120)
     assert cp.returncode == 1, (cp.returncode, cp.stderr)
     assert_clean_failure(cp)
     assert "image config" in cp.stderr
@@ -96,18 +101,7 @@ TOO_BIG = [
 @pytest.mark.parametrize("runtime", runtime_params())
 @pytest.mark.parametrize("name, config", TOO_BIG, ids=[c[0] for c in TOO_BIG])
 def test_an_env_or_command_too_large_for_execve_is_exit_126(escape, runtime, name, config):
-    mode, mode_opts, path = runtime
-    rootfs, _canary, home, _opts = make_case(escape, {}, ())
-    bundle = rootfs.parent / "bundle"
-    bundle.mkdir()
-    os.rename(rootfs, bundle / "rootfs")
-    (bundle / "image.json").write_text(json.dumps({"config": config, "reference": "x"}))
-    users.chown_tree(bundle, USER)
-    env = escape.env(home, path)
-    command = [] if "Cmd" in config else ["--", "sh", "-c", "echo ok"]
-    args = [PYTHON, "-m", "uctr_batch", "run", "--mode", mode, *mode_opts, str(bundle), *command]
-    cp = subprocess.run(users.as_user_argv(USER, args, env), env=env, capture_output=True,
-                        text=True, cwd=str(home), timeout=300)
+    cp = run_bundle_with_config(escape, runtime, config, timeout=300)
     assert cp.returncode == 126, (cp.returncode, cp.stderr[-500:])
     assert_clean_failure(cp)
     assert "too large" in cp.stderr
