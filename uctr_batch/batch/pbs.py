@@ -178,7 +178,9 @@ def job_context(req: Mapping):
     job = req["job"]
     user = job.get("euser")
     if not user:
-        raise errors.ConfigError(f"job {job.get('id')} has no euser")
+        raise errors.ConfigError(f"job {job.get('id')} has no euser",
+                                 "the PBS server sent a job without its user: check the "
+                                 "hook's event input (uctr pbs hook)")
     try:
         pw = pwd.getpwnam(user)
     except KeyError:

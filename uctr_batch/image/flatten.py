@@ -1043,7 +1043,9 @@ class _Writer:
                                        f"unpack layer {layer.label}")
                 if full is not None:
                     raise full from e
-            raise StorageError(f"cannot unpack layer {layer.label}: {e.strerror}: /{path}") from e
+            raise StorageError(f"cannot unpack layer {layer.label}: {e.strerror}: /{path}",
+                               "the node-local directory must be yours and writable "
+                               "(UCTR_LOCAL_DIR); `uctr create` again once it is") from e
 
     def _file(self, dir_fd: int, op: tuple, layer: _LayerTar) -> None:
         _, _, name, offset, size, mode, mtime, sparse = op

@@ -91,7 +91,8 @@ class BundleStore:
 def _hex_of(digest: str) -> str:
     algo, _, hexpart = digest.partition(":")
     if algo != "sha256" or not _HEX.match(hexpart):
-        raise StorageError(f"invalid manifest digest: {digest!r}")
+        raise StorageError(f"invalid manifest digest: {digest!r}",
+                           "name a bundle by the sha256 digest `uctr ps` shows")
     return hexpart
 
 
