@@ -217,7 +217,9 @@ def _checked_kind(rootfs: str, path: str, is_dir: bool) -> str:
         raise UctrError("%s is %s in the image, where %s is needed%s"
                         % (path, found, need,
                            "" if via == path else " (through the image's links: %s)" % via),
-                        "choose another destination path")
+                        "if you chose %s (-v, --workdir), choose another path; if uctr binds it "
+                        "itself (/tmp, /etc/hosts, /etc/resolv.conf, $HOME), the image is "
+                        "broken there: fix the image" % path)
     return host
 
 
