@@ -12,6 +12,7 @@ directly. ImageSet builds each image the first time it is asked for.
 """
 
 import json
+import os
 import random
 import subprocess
 import threading
@@ -88,7 +89,9 @@ class TestImage:
 
 
 # -- recipes ---------------------------------------------------------------------------------
-def busybox_layer() -> LayerBuilder:
+def busybox_layer(accounts: bool = True) -> LayerBuilder:
+    """busybox-static with its applet links; /etc/passwd and /etc/group unless not ACCOUNTS
+    (for images that ship their own, hostile ones)."""
     layer = LayerBuilder()
     for directory, mode in (("bin", 0o755), ("etc", 0o755), ("root", 0o700), ("tmp", 0o1777),
                             ("usr", 0o755), ("usr/bin", 0o755), ("var", 0o755)):
@@ -96,9 +99,22 @@ def busybox_layer() -> LayerBuilder:
     layer.file("bin/busybox", BUSYBOX_BINARY.read_bytes(), 0o755)
     for applet in BUSYBOX_APPLETS:
         layer.symlink(f"bin/{applet}", "busybox")
-    layer.file("etc/passwd", PASSWD.encode())
-    layer.file("etc/group", GROUP.encode())
+    if accounts:
+        layer.file("etc/passwd", PASSWD.encode())
+        layer.file("etc/group", GROUP.encode())
     return layer
+
+
+def readable_layout(layout: Path, config: ImageConfig, layer: LayerBuilder) -> str:
+    """Write a one-layer OCI layout that every user can read (tests run it as the test
+    user); its oci: reference."""
+    writer = LayoutWriter(layout)
+    writer.tag(writer.add_image(config, [Layer.build(layer)]), TAG)
+    for root, _dirs, files in os.walk(layout):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    return f"oci:{layout}:{TAG}"
 
 
 def build_busybox(layout: Path) -> None:

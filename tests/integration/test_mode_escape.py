@@ -26,8 +26,8 @@ import pytest
 
 from tests.conftest import PYTHON
 from tests.harness import users
-from tests.harness.images import BUSYBOX_APPLETS, BUSYBOX_BINARY
-from tests.harness.oci import TAG, ImageConfig, Layer, LayerBuilder, LayoutWriter
+from tests.harness.images import BUSYBOX_APPLETS, BUSYBOX_BINARY, readable_layout
+from tests.harness.oci import ImageConfig, LayerBuilder
 from tests.integration.exec_helpers import Node
 from tests.integration.test_mode_conformance import missing_binary
 
@@ -275,13 +275,7 @@ def hostile_image(layout: Path, canary: Path) -> str:
     layer.symlink("tmp", c + "/sub").symlink("etc", "/etc2").dir("etc2")
     layer.symlink("etc2/hosts", c + "/a-file").symlink("etc2/resolv.conf", c + "/a-file")
     layer.symlink("etc2/passwd", c + "/a-file").symlink("etc2/group", c + "/a-file")
-    writer = LayoutWriter(layout)
-    writer.tag(writer.add_image(ImageConfig(cmd=["/bin/sh"]), [Layer.build(layer)]), TAG)
-    for root, dirs, files in os.walk(layout):
-        os.chmod(root, 0o755)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o644)
-    return f"oci:{layout}:{TAG}"
+    return readable_layout(layout, ImageConfig(cmd=["/bin/sh"]), layer)
 
 
 @pytest.fixture

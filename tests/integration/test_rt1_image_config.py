@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import PYTHON
 from tests.harness import users
-from tests.harness.images import BUSYBOX_APPLETS, BUSYBOX_BINARY
-from tests.harness.oci import TAG, ImageConfig, Layer, LayerBuilder, LayoutWriter
+from tests.harness.images import busybox_layer, readable_layout
+from tests.harness.oci import ImageConfig
 from tests.integration.test_mode_escape import (  # noqa: F401 (fixtures)
     USER, assert_clean_failure, canaries, escape, exec_node, make_case, runtime_params,
 )
@@ -63,20 +63,8 @@ def test_uctr_run_refuses_an_unusable_image_config(escape, runtime, name, config
 
 
 def nul_image(layout):
-    layer = LayerBuilder()
-    for directory in ("bin", "etc", "tmp"):
-        layer.dir(directory)
-    layer.file("bin/busybox", BUSYBOX_BINARY.read_bytes(), 0o755)
-    for applet in BUSYBOX_APPLETS:
-        layer.symlink(f"bin/{applet}", "busybox")
     config = ImageConfig(cmd=["/bin/sh"], env=["PATH=/bin", "BAD=x\u0000y"])
-    writer = LayoutWriter(layout)
-    writer.tag(writer.add_image(config, [Layer.build(layer)]), TAG)
-    for root, _dirs, files in os.walk(layout):
-        os.chmod(root, 0o755)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o644)
-    return f"oci:{layout}:{TAG}"
+    return readable_layout(layout, config, busybox_layer(accounts=False))
 
 
 @pytest.mark.parametrize("mode", ["N1", "P1"])

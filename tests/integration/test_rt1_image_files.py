@@ -16,8 +16,8 @@ import pytest
 
 from tests.conftest import PYTHON
 from tests.harness import users
-from tests.harness.images import BUSYBOX_APPLETS, BUSYBOX_BINARY
-from tests.harness.oci import TAG, ImageConfig, Layer, LayerBuilder, LayoutWriter
+from tests.harness.images import busybox_layer, readable_layout
+from tests.harness.oci import ImageConfig
 from tests.integration.test_mode_escape import (  # noqa: F401 (fixtures)
     USER, assert_clean_failure, canaries, escape, exec_modes, exec_node, make_case,
     runtime_params, snapshot,
@@ -95,21 +95,10 @@ def test_image_files_uctr_reads_never_block_or_balloon(escape, runtime, name, sp
 
 def fifo_image(layout):
     """busybox with /etc/passwd, /etc/group and /etc/ld.so.conf shipped as FIFOs."""
-    layer = LayerBuilder()
-    for directory in ("bin", "etc", "tmp"):
-        layer.dir(directory)
-    layer.file("bin/busybox", BUSYBOX_BINARY.read_bytes(), 0o755)
-    for applet in BUSYBOX_APPLETS:
-        layer.symlink(f"bin/{applet}", "busybox")
+    layer = busybox_layer(accounts=False)
     for name in ("passwd", "group", "ld.so.conf"):
         layer.fifo(f"etc/{name}")
-    writer = LayoutWriter(layout)
-    writer.tag(writer.add_image(ImageConfig(cmd=["/bin/sh"]), [Layer.build(layer)]), TAG)
-    for root, _dirs, files in os.walk(layout):
-        os.chmod(root, 0o755)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o644)
-    return f"oci:{layout}:{TAG}"
+    return readable_layout(layout, ImageConfig(cmd=["/bin/sh"]), layer)
 
 
 @pytest.mark.parametrize("mode", exec_modes())
