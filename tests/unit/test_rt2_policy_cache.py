@@ -5,7 +5,6 @@ the fallback root prepared for the user the cache lives there instead."""
 
 import marshal
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,7 @@ import pytest
 from uctr_batch.batch import location, privdrop
 from uctr_batch.launch import policy_cache
 
-sys.path.insert(0, str(Path(__file__).parent))
-from policy_util import write_policy  # noqa: E402
+from policy_util import write_policy
 
 NOBODY, USER = 65534, "uctrtest"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="plants other users' files: root")
