@@ -178,10 +178,14 @@ def _prepare_files(release: Release, root: Path, repo: Path) -> None:
     ca = Path("/etc/ssl/certs/ca-certificates.crt")
     if ca.exists():  # the host's bundle may hold a site proxy's CA that pip needs
         shutil.copyfile(ca, root / "etc" / "uctr-host-ca.pem")
+    # what install.sh reads (its package list, the requirements, the package it may install)
     src = root / "opt" / "uctr-src"
     (src / "scripts").mkdir(parents=True, exist_ok=True)
     shutil.copy2(repo / "scripts" / "install.sh", src / "scripts" / "install.sh")
-    shutil.copy2(repo / "pyproject.toml", src / "pyproject.toml")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, src / name)
+    shutil.copytree(repo / "uctr_batch", src / "uctr_batch",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for path in PIP_HOST_PATHS:
         if Path(path).is_dir():
             (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
@@ -194,7 +198,6 @@ def _pip_binds() -> List[str]:
 def _pip_env() -> Dict[str, str]:
     env = {k: os.environ[k] for k in PIP_ENV if k in os.environ}
     if Path("/etc/ssl/certs/ca-certificates.crt").exists():
-        env.setdefault("PIP_CERT", "/etc/uctr-host-ca.pem")
         env["PIP_CERT"] = "/etc/uctr-host-ca.pem"
         env["REQUESTS_CA_BUNDLE"] = env["SSL_CERT_FILE"] = "/etc/uctr-host-ca.pem"
     return env
@@ -291,13 +294,16 @@ def run_in_root(name: str, argv: Sequence[str], checkout: Path = REPO,
     (text; stdout and stderr captured)."""
     root = root or cached_root(name)
     checkout = Path(checkout).resolve()
-    all_binds = {str(checkout): str(checkout)}
+    # pip's local indexes too: scripts/install.sh (run by scripts/demo) may install the
+    # package from the checkout, offline
+    all_binds = {p: p for p in _pip_binds()}
+    all_binds[str(checkout)] = str(checkout)
     images = cache_root()
     if images.is_dir():
         all_binds[str(images)] = str(images)
     all_binds.update(dict(binds))
     run_env = {"UCTR_TEST_DEBIAN_MIRROR": host_mirror(),  # the cached images' key
-               "UCTR_TEST_DEBIAN_CACHE": str(images)}
+               "UCTR_TEST_DEBIAN_CACHE": str(images), **_pip_env()}
     run_env.update(env or {})
     return _enter(root, argv, isolate_net=True, binds=all_binds, env=run_env,
                   cwd=cwd or str(checkout), timeout=timeout, input=input)
