@@ -7,9 +7,19 @@
  * Container errors are reported from task_init only: a failing user_init or job_prolog
  * drains the node (SchedMD bug 7573), a failing task_init fails just the step.
  */
+#include <slurm/slurm_errno.h>
+#include <slurm/slurm_version.h>
+
 #include "uctr.h"
 
 SPANK_PLUGIN(uctr, 1);
+
+#if SLURM_VERSION_NUMBER >= SLURM_VERSION_NUM(25, 5, 0)
+/* Slurm >= 25.05 lets a plugin choose what a failing slurm_spank_init does; the default
+ * drains the node. Ours fails only on a bad plugstack.conf argument or an option Slurm
+ * refuses, which every job on every node would hit: fail the job, keep the node. */
+int slurm_spank_init_failure_mode = ESPANK_JOB_FAILURE;
+#endif
 
 static struct uctr_config config;
 

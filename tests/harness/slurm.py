@@ -573,6 +573,16 @@ class SlurmCluster:
         for node in self.nodes:
             self.node_exec(node, ["rm", "-rf", f"/tmp/uctr-{entry.pw_uid}"])
 
+    def mpi_plugins(self) -> List[str]:
+        """The MPI plugin types this Slurm has (`srun --mpi=list`): Debian's 26.05 has no
+        pmix, so tests and the demo pick what the release offers."""
+        result = _run(["srun", "--mpi=list"], check=False, timeout=30)
+        text = result.stdout + result.stderr
+        if "MPI plugin types are" not in text:
+            raise ClusterError(f"srun --mpi=list gave no plugin list ({result.returncode}):\n{text}")
+        listing = text.split("MPI plugin types are", 1)[1]
+        return sorted(set(re.findall(r"^\s+(?:srun:\s+)?([\w-]+)\s*$", listing, re.M)))
+
     def resume_nodes(self) -> None:
         _run(["scontrol", "update", f"nodename={','.join(sorted(self.nodes))}", "state=resume"],
              check=False)

@@ -50,8 +50,28 @@ def test_plugin_exports_only_what_slurm_looks_up(tmp_path):
     out = subprocess.run(["nm", "-D", "--defined-only", str(prefix / "lib/uctr/uctr_spank.so")],
                          capture_output=True, text=True, check=True).stdout
     names = sorted(line.split()[-1] for line in out.splitlines() if line.strip())
-    assert names == ["plugin_name", "plugin_type", "plugin_version", "slurm_spank_init",
-                     "slurm_spank_init_post_opt", "slurm_spank_task_init", "spank_plugin_version"]
+    expected = ["plugin_name", "plugin_type", "plugin_version", "slurm_spank_init",
+                "slurm_spank_init_post_opt", "slurm_spank_task_init", "spank_plugin_version"]
+    if slurm_version() >= (25, 5):  # init failures fail the job, not the node
+        expected.insert(4, "slurm_spank_init_failure_mode")
+    assert names == expected
+
+
+def slurm_version():
+    from uctr_batch.batch import slurm
+
+    words = slurm.slurm_release().split()
+    assert words[0] == "Slurm", words
+    return tuple(int(n) for n in words[1].split(".")[:2])
+
+
+def test_install_says_which_slurm_release_it_built_for(tmp_path):
+    """A SPANK plugin loads only into the Slurm major.minor it was built for."""
+    result = uctr("slurm", "install", "--prefix", str(tmp_path / "prefix"))
+    assert result.returncode == 0, result.stderr
+    release = subprocess.run(["slurmd", "-V"], capture_output=True, text=True).stdout.split()
+    assert release[0] in ("slurm", "slurm-wlm"), release
+    assert f"built the SPANK plugin for Slurm {release[1]} " in result.stderr
 
 
 def test_hook_runs_without_its_log_dir(tmp_path):

@@ -31,6 +31,7 @@ _log = log.get("slurm")
 
 EXIT_NODE_FAULT = 1  # Slurm drains the node
 SPANK_HEADER = "/usr/include/slurm/spank.h"
+VERSION_HEADER = "/usr/include/slurm/slurm_version.h"
 
 
 # -- the hooks' log file (uctr slurm install --log-dir) ----------------------------------------
@@ -259,7 +260,7 @@ class InstallPlan:
         return self.libexec / f"slurm-{kind}"
 
     def steps(self) -> List[str]:
-        return [f"build {self.source / 'spank'} and install {self.plugin}",
+        return [f"build {self.source / 'spank'} for {slurm_release()} and install {self.plugin}",
                 f"install {self.hook('prolog')} and {self.hook('epilog')} (python: {self.python})",
                 f"install {self.uctr_exec}",
                 f"write {self.share / 'plugstack.conf'} and {self.share / 'slurm.conf'}"]
@@ -321,6 +322,22 @@ def install(plan: InstallPlan) -> None:
         log.verbose("done: %s", step)
 
 
+def slurm_release(header: str = VERSION_HEADER) -> str:
+    """The Slurm release whose headers the plugin is built against ("Slurm 24.11.5"): a
+    SPANK plugin loads only into the major.minor it was built for."""
+    import re
+
+    try:
+        text = Path(header).read_text(errors="replace")
+    except OSError:
+        return "the installed Slurm (no slurm_version.h)"
+    match = re.search(r"#define\s+SLURM_VERSION_NUMBER\s+0x([0-9a-fA-F]+)", text)
+    if not match:
+        return "the installed Slurm (no SLURM_VERSION_NUMBER)"
+    number = int(match.group(1), 16)
+    return f"Slurm {number >> 16}.{(number >> 8) & 0xff:02d}.{number & 0xff}"
+
+
 def _launcher_command(plan: InstallPlan) -> str:
     shim = plan.source / "launchers" / "uctr-exec"  # a sh script that picks UCTR_PYTHON
     if shim.exists():
@@ -338,6 +355,8 @@ def _build_plugin(plan: InstallPlan) -> None:
         proc.run(["make", "-s", "-C", str(build)], error="building the SPANK plugin failed",
                  hint="it needs make, a C compiler and Slurm's headers (libslurm-dev)")
         _install_file(plan.plugin, (build / "uctr_spank.so").read_bytes(), 0o755)
+    _log.info("built the SPANK plugin for %s (%s); rebuild it after every Slurm upgrade",
+              slurm_release(), VERSION_HEADER)
 
 
 def _install_file(path: Path, data: bytes, mode: int) -> None:
