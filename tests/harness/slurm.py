@@ -217,7 +217,7 @@ class SlurmCluster:
         shutil.rmtree(staging, ignore_errors=True)
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
         shutil.copytree(self.repo / "uctr_batch", staging / "uctr_batch", ignore=ignore)
-        for tree in ("hooks", "spank", "launchers"):
+        for tree in ("hooks", "spank", "launchers", "site-config"):
             if (self.repo / tree).is_dir():
                 shutil.copytree(self.repo / tree, staging / tree,
                                 ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.o", "*.so"))

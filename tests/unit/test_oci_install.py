@@ -158,3 +158,9 @@ def test_cli_uninstall_needs_oci_and_leaves_a_foreign_file(tmp_path):
     result = uctr("slurm", "uninstall", "--oci", "--slurm-conf-dir", str(tmp_path))
     assert result.returncode == 1 and "left alone" in result.stderr
     assert (tmp_path / "oci.conf").read_text() == "RunTimeRun=x\n"
+
+
+def test_a_tree_without_the_profile_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        oci_install.render(tmp_path, Path("/r"))
+    assert "checkout" in e.value.hint

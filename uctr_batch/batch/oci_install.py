@@ -71,7 +71,11 @@ def check_release(release: Optional[Tuple[int, int]]) -> None:
 
 
 def render(source: Path, runtime: Path) -> str:
-    text = (source / PROFILE).read_text()
+    try:
+        text = (source / PROFILE).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {source / PROFILE}: {e.strerror}",
+                          "run it from a checkout of uctr-batch (it ships the profile)")
     if not text.startswith(PROFILE_MARK) or EXAMPLE_RUNTIME not in text:
         raise ConfigError(f"{source / PROFILE} is not uctr's oci.conf profile",
                           "restore it from the uctr-batch source tree")
