@@ -246,3 +246,29 @@ def test_usage_errors_raise_before_anything_happens():
         oci_runtime.parse_pid("4294967295")
     with pytest.raises(ConfigError):
         oci_runtime.parse_env(b"novalue\0")
+
+
+# -- slurmstepd's PATH lookup on the host is undone for the image ------------------------------
+HOST_FILES = {"/usr/bin/sh", "/usr/local/bin/app", "/usr/bin/app", "/opt/tool"}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["/usr/bin/sh", "-c", "x"], ["sh", "-c", "x"]),        # `sh`, resolved by slurmstepd
+    (["/usr/local/bin/app"], ["app"]),                       # first PATH hit
+    (["/usr/bin/app"], ["/usr/bin/app"]),                    # not the first hit: typed so
+    (["/opt/tool"], ["/opt/tool"]),                          # not on PATH: typed so
+    (["sh"], ["sh"]),                                        # not found on the host: bare
+    (["./run.sh"], ["./run.sh"]),
+])
+def test_a_command_slurmstepd_found_on_the_host_path_is_looked_up_in_the_image(argv, expected):
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
+    kind, planned, _env = plan_run(RunArgs(IMAGE, "-", 0, False, argv), env,
+                                   is_file=HOST_FILES.__contains__)
+    assert (kind, planned) == ("uctr-exec", [IMAGE, "--", *expected])
+
+
+def test_the_batch_script_keeps_its_path():
+    script = "/usr/bin/sh"  # even where it looks like a PATH hit
+    _kind, argv, _env = plan_run(RunArgs(IMAGE, "-", BATCH_STEP, True, [script]),
+                                 {"PATH": "/usr/bin"}, is_file=HOST_FILES.__contains__)
+    assert argv == [IMAGE, "--", script]

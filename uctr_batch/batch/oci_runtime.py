@@ -172,9 +172,37 @@ def spank_wrapped(argv, env) -> bool:
             and env.get("UCTR_IMAGE") == argv[1])
 
 
-def plan_run(args: RunArgs, env):
+def host_file(path: str) -> bool:
+    """What slurmstepd's PATH search accepts: it exists and is not a directory."""
+    import stat
+
+    try:
+        return not stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def unresolve(argv, env, is_file=host_file):
+    """The task's command as the user wrote it, for a lookup in the image.
+
+    slurmstepd looks a bare program name up in the task's PATH on the host before it runs
+    the runtime (`sh` arrives as /usr/bin/sh), and the image may keep it elsewhere (/bin/sh).
+    An absolute argv[0] that is exactly the host's first PATH hit for its name goes back to
+    the bare name; the image's PATH then decides. (Someone who typed that very path gets
+    the image's first program of that name: the same file in any usual image.)"""
+    program = argv[0]
+    name = os.path.basename(program)
+    if not program.startswith("/") or not name:
+        return argv
+    for directory in env.get("PATH", "").split(":"):
+        if directory and is_file(os.path.join(directory, name)):
+            return [name] + argv[1:] if os.path.join(directory, name) == program else argv
+    return argv
+
+
+def plan_run(args: RunArgs, env, is_file=host_file):
     """("exec", argv, env) to exec on the host, or ("uctr-exec", argv, env) for uctr-exec's
-    main in this process. Pure: no file system access, no exec."""
+    main in this process. No exec; the file system only through IS_FILE (unresolve)."""
     env = dict(env)
     if spank_wrapped(args.argv, env):
         return "exec", args.argv, env
@@ -186,7 +214,8 @@ def plan_run(args: RunArgs, env):
         script = args.argv[0]
         mounts = env.get("UCTR_MOUNTS")
         env["UCTR_MOUNTS"] = (mounts + "," if mounts else "") + "%s:%s:ro" % (script, script)
-    return "uctr-exec", [args.bundle, "--"] + args.argv, env
+        return "uctr-exec", [args.bundle, "--"] + args.argv, env
+    return "uctr-exec", [args.bundle, "--"] + unresolve(args.argv, env, is_file), env
 
 
 def run(words) -> int:
