@@ -26,8 +26,9 @@ from uctr_batch.batch import oci_install
 pytestmark = pytest.mark.slurm
 
 WHERE = '[ -e /etc/debian_version ] && w=host || w=image; '
-RANK_LINE = WHERE + 'echo "rank=$SLURM_PROCID node=$(hostname) where=$w mnt=$(readlink /proc/self/ns/mnt)"'
-RANK_RE = re.compile(r"^rank=(\d+) node=(\S+) where=(\S+) mnt=(\S+)$", re.M)
+RANK_LINE = WHERE + ('echo "rank=$SLURM_PROCID node=$(hostname) where=$w '
+                     'mnt=$(readlink /proc/self/ns/mnt) job=$SLURM_JOB_ID"')
+RANK_RE = re.compile(r"^rank=(\d+) node=(\S+) where=(\S+) mnt=(\S+) job=\d+$", re.M)
 
 
 def uctr_as_admin(cluster, *args):
@@ -87,15 +88,6 @@ def ranks(output):
     return {int(rank): (node, where, mnt) for rank, node, where, mnt in found}
 
 
-def unpacks(cluster, node):
-    """How many times the prolog on NODE has unpacked an image (its log only grows)."""
-    try:
-        text = cluster.node_log(node).read_text(errors="replace")
-    except FileNotFoundError:
-        return 0
-    return sum("(unpacked)" in line for line in text.splitlines())
-
-
 def host_mnt(cluster, node):
     """The mount namespace a plain task gets on NODE."""
     result = cluster.srun([f"--nodelist={node}", "-N1", "-n1", "readlink", "/proc/self/ns/mnt"],
@@ -107,12 +99,11 @@ def host_mnt(cluster, node):
 def test_srun_container_runs_every_rank_in_the_image_sharing_the_node_container(
         oci_only, busybox, test_images):
     oci_only.reset_user_storage()
-    unpacked_before = {node: unpacks(oci_only, node) for node in NODES}
     layers = test_images["busybox"].layer_digests()
     before = {d: oci_only.registry.blob_gets(d, status=200) for d in layers}
 
     result = oci_only.srun(["-N2", "--ntasks-per-node=2", f"--container={busybox}",
-                            "sh", "-c", RANK_LINE], name="oci-ranks")
+                            "sh", "-c", RANK_LINE], name="oci-ranks", env={"UCTR_VERBOSE": "2"})
 
     assert result.returncode == 0, result.stderr
     seen = ranks(result.stdout)
@@ -123,9 +114,14 @@ def test_srun_container_runs_every_rank_in_the_image_sharing_the_node_container(
         assert len(mnts) == 1, f"the ranks on {node} are not in one container: {seen}"
         assert mnts != {host_mnt(oci_only, node)}
     digest = test_images["busybox"].manifest_digest().split(":")[1]
-    for node in NODES:  # staged once per node (by the prolog), not once per task
+    for node in NODES:  # staged once per node, by the prolog: every rank found it ready
         assert bundles(oci_only, node) == [digest]
-        assert unpacks(oci_only, node) == unpacked_before[node] + 1
+    sources = re.findall(r"^uctr\[rank (\d)\]: .* rootfs \S+ \(sha256:[0-9a-f]+, (\w+)\)$",
+                         result.stderr, re.M)
+    assert sorted(rank for rank, _source in sources) == ["0", "1", "2", "3"], result.stderr
+    # the prolog's record, or the node's index a rank before this one read it from: no rank
+    # staged ("staged"), so no task unpacked or pulled anything
+    assert {source for _rank, source in sources} <= {"readiness", "index"}, result.stderr
     assert {d: oci_only.registry.blob_gets(d, status=200) - before[d] for d in layers} == \
         {d: 1 for d in layers}
 
