@@ -172,8 +172,7 @@ def test_a_normal_step_goes_to_uctr_exec_in_the_same_process(env_file, tmp_path)
     """uctr-exec's own checks answer: an unparseable image is its error, not ours."""
     args = ["run", "--bundle", "Not/A:Valid::Ref", "--env-file", str(env_file), "--step", "0",
             "--", "true"]
-    result = oci(*args, env={"UCTR_POLICY": str(tmp_path / "none.yaml"),
-                             "UCTR_LOCAL_DIR": str(tmp_path / "local")})
+    result = oci(*args)
     assert result.returncode in (1, 2), result.stderr
     assert "uctr: error: " in result.stderr and "Traceback" not in result.stderr
     assert "Not/A:Valid::Ref" in result.stderr
@@ -272,3 +271,10 @@ def test_the_batch_script_keeps_its_path():
     _kind, argv, _env = plan_run(RunArgs(IMAGE, "-", BATCH_STEP, True, [script]),
                                  {"PATH": "/usr/bin"}, is_file=HOST_FILES.__contains__)
     assert argv == [IMAGE, "--", script]
+
+
+def test_the_site_policy_of_the_installed_wrapper_wins_over_the_jobs(tmp_path):
+    env_file = write_env(tmp_path / "environment", ["PATH=/usr/bin:/bin", "UCTR_POLICY=/mine"])
+    args = run_args(env_file, BATCH_STEP, "/bin/sh", "-c", 'echo "$UCTR_POLICY"')
+    assert oci(*args, env={"UCTR_POLICY": "/etc/site.yaml"}).stdout == "/etc/site.yaml\n"
+    assert oci(*args).stdout == "/mine\n"  # no site setting: the job's environment as it is

@@ -221,6 +221,9 @@ def plan_run(args: RunArgs, env, is_file=host_file):
 def run(words) -> int:
     args = parse_run(words)
     env = read_env_file(args.env_file, os.geteuid())
+    site_policy = os.environ.get("UCTR_POLICY")  # set by the root-installed wrapper
+    if site_policy:  # the site's, as the plugin's policy= is: not the job's own choice
+        env["UCTR_POLICY"] = site_policy
     kind, argv, env = plan_run(args, env)
     state = os.environ.get("UCTR_SIGSTATE")  # the shim's capture: this process's own
     os.environ.clear()
