@@ -278,3 +278,16 @@ def test_the_site_policy_of_the_installed_wrapper_wins_over_the_jobs(tmp_path):
     args = run_args(env_file, BATCH_STEP, "/bin/sh", "-c", 'echo "$UCTR_POLICY"')
     assert oci(*args, env={"UCTR_POLICY": "/etc/site.yaml"}).stdout == "/etc/site.yaml\n"
     assert oci(*args).stdout == "/mine\n"  # no site setting: the job's environment as it is
+
+
+def test_step_ids_are_slurms():
+    """%s of the batch and interactive steps, as this node's slurm.h defines them."""
+    header = Path("/usr/include/slurm/slurm.h")
+    if not header.exists():
+        pytest.skip("no Slurm headers (libslurm-dev) on this node")
+    import re
+
+    defined = dict(re.findall(r"#define (SLURM_BATCH_SCRIPT|SLURM_INTERACTIVE_STEP)\s+\((0x[0-9a-f]+)\)",
+                              header.read_text()))
+    assert int(defined["SLURM_BATCH_SCRIPT"], 16) == BATCH_STEP
+    assert int(defined["SLURM_INTERACTIVE_STEP"], 16) == INTERACTIVE_STEP

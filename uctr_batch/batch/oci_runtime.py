@@ -38,7 +38,7 @@ from uctr_batch.errors import EXIT_INTERNAL, ConfigError, UctrError, UsageError
 ENV_FILE_MAX = 8 << 20  # bytes; Linux caps a process's environment well below this
 BUNDLE_MAX = 4096
 PID_MAX = 4194304  # the kernel's ceiling for pid_max (PID_MAX_LIMIT on 64-bit)
-BATCH_STEP, INTERACTIVE_STEP = 0xFFFFFFFE, 0xFFFFFFFA  # slurm.h: SLURM_BATCH_SCRIPT, ...
+BATCH_STEP, INTERACTIVE_STEP = 0xFFFFFFFB, 0xFFFFFFFA  # slurm.h: SLURM_BATCH_SCRIPT, SLURM_INTERACTIVE_STEP
 KILL_SIGNALS = {"TERM": 15, "INT": 2, "HUP": 1, "KILL": 9, "USR1": 10, "USR2": 12, "QUIT": 3,
                 "CONT": 18, "STOP": 19}
 
