@@ -12,6 +12,7 @@ tests/unit/test_oci_install.py for the refusal); run this file in the trixie (24
 """
 
 import contextlib
+import os
 import re
 import subprocess
 import time
@@ -199,7 +200,26 @@ def test_with_the_spank_plugin_too_the_plugin_wins_and_nothing_nests(slurm_clust
 
 def test_without_oci_conf_slurmd_logs_it_and_the_job_runs(slurm_cluster, busybox):
     """What the admin guide tells sites to expect in slurmd's log without an oci.conf."""
-    assert not (SLURM_CONF.parent / "oci.conf").exists()
+    with without_oci_conf():
+        check_no_oci_conf_log(slurm_cluster, busybox)
+
+
+@contextlib.contextmanager
+def without_oci_conf():
+    """The profile of this module's other tests set aside (slurmstepd reads it per step)."""
+    path = SLURM_CONF.parent / "oci.conf"
+    aside = path.with_name("oci.conf.test-aside")
+    moved = path.exists()
+    if moved:
+        os.rename(path, aside)
+    try:
+        yield
+    finally:
+        if moved:
+            os.rename(aside, path)
+
+
+def check_no_oci_conf_log(slurm_cluster, busybox):
     logs = {node: slurm_cluster.path("log", f"slurmd.{node}.log") for node in NODES}
     sizes = {node: path.stat().st_size if path.exists() else 0 for node, path in logs.items()}
     job_id = slurm_cluster.submit("#!/bin/sh\necho done\n", name="no-oci",
