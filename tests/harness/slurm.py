@@ -375,9 +375,11 @@ class SlurmCluster:
             f"mount --bind {self.path('etc', 'hosts')} /etc/hosts",
             # A sysfs mounted in the node's netns shows that netns's devices: MPICH/UCX pick
             # their device from /sys/class/net, and the outer one names the host's NICs.
-            # The cgroup mounts under /sys go along (slurmd and crun need them).
+            # The cgroup mounts under /sys go along (slurmd and crun need them); the outer
+            # /sys is detached, not just covered.
             f"mount -t sysfs sysfs {sysfs}",
             f"mount --rbind /sys/fs/cgroup {sysfs}/fs/cgroup",
+            "umount -l /sys",
             f"mount --move {sysfs} /sys",
             f"exec slurmd -N {node} -f {SLURM_CONF}",
         ])
