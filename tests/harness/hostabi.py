@@ -67,6 +67,22 @@ def openmpi_pal_soname() -> Optional[str]:
     return host_soname("libopen-pal.so.")
 
 
+# libopen-pal's soname in the test images' Open MPI (Debian bookworm: Open MPI 4.1)
+IMAGE_OPENMPI_PAL: Dict[str, str] = {"bookworm": "libopen-pal.so.40"}
+
+
+def host_openmpi_differs_from_images() -> Optional[str]:
+    """Why the host's mpirun cannot start the Open MPI test image's ranks, or None. Open MPI 5
+    (libopen-pal.so.80) starts its ranks with another runtime (PRRTE) than Open MPI 4's ranks
+    expect; uctr swaps the host's Open MPI into the image only where the ABI and glibc
+    checks pass, which they do not across these majors."""
+    host, image = openmpi_pal_soname(), IMAGE_OPENMPI_PAL[SUITE]
+    if host is None or host == image:
+        return None
+    return (f"the host's Open MPI ({host}) is another major than the test image's "
+            f"({image}, Debian {SUITE}): its mpirun cannot start the image's Open MPI ranks")
+
+
 def expect_full_swap(level: str, summary: Sequence[str]) -> None:
     """Check the level of a host-MPI plan for a test image. Where the host's glibc is the
     images' or older, that is the full swap. On a newer host, a refusal of the swap that
