@@ -116,6 +116,8 @@ install_package() {
     # then run for every user without reading the checkout, which may sit in /root or move.
     # Built from a copy, so the checkout gets no build/ or *.egg-info.
     local wanted build stamp="$VENV/.uctr-package"
+    # this script copied alone (to set up a test root) installs the requirements only
+    [ -d "$REPO/uctr_batch" ] || return 0
     wanted="$(package_sources_hash)" || fail "cannot read the sources in $REPO"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && [ -x "$VENV/bin/uctr" ] \
         && [ -x "$VENV/bin/uctr-exec" ]; then
@@ -136,6 +138,7 @@ install_package() {
 
 link_commands() {  # BIN_DIR/uctr -> VENV/bin/uctr, the same for uctr-exec
     local name link
+    [ -x "$VENV/bin/uctr" ] || return 0  # no package installed (see install_package)
     mkdir -p "$BIN_DIR"
     for name in uctr uctr-exec; do
         link="$BIN_DIR/$name"
