@@ -57,7 +57,7 @@ class DemoUser:
         # The `uctr` a new user types, installed by scripts/install.sh (not the checkout);
         # without it (the demo module run by hand) the checkout's package.
         self.command: List[str] = [sys.executable, "-m", "uctr_batch"]
-        installed = shutil.which("uctr", path=users.BASE_PATH)
+        installed = shutil.which("uctr", path=users.login_path())
         if installed:
             self.command = [installed]
             del self.env["PYTHONPATH"]

@@ -16,8 +16,7 @@ from tests.harness import users
 
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS = ("uctr", "uctr-exec")
-# the bin directory install.sh was told to use, ahead of the PATH every login gets
-LOGIN_PATH = ":".join(filter(None, (os.environ.get("UCTR_BIN_DIR"), users.BASE_PATH)))
+LOGIN_PATH = users.login_path()
 
 
 def new_user_env(home: Path, **extra: str) -> Dict[str, str]:
