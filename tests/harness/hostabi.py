@@ -67,6 +67,23 @@ def openmpi_pal_soname() -> Optional[str]:
     return host_soname("libopen-pal.so.")
 
 
+def glibc_needed(path: str) -> Optional[Tuple[int, int]]:
+    """The newest GLIBC_x.y version PATH needs (`objdump -T`), None if unknown."""
+    out = subprocess.run(["objdump", "-T", path], capture_output=True, text=True).stdout
+    found = [(int(a), int(b)) for a, b in re.findall(r"\bGLIBC_(\d+)\.(\d+)\b", out)]
+    return max(found) if found else None
+
+
+def fakechroot_newer_than_images(libfakechroot: Optional[str]) -> Optional[str]:
+    """Why mode F1 cannot run the Debian test image with this host's libfakechroot (it is
+    preloaded into the image's programs, so it needs the image's glibc), or None."""
+    needed = glibc_needed(libfakechroot) if libfakechroot else None
+    if needed is None or needed <= image_glibc():
+        return None
+    return (f"the host's libfakechroot needs glibc {text(needed)}, the test image has "
+            f"{text(image_glibc())} (Debian {SUITE}): F1 refuses it, as it must")
+
+
 # libopen-pal's soname in the test images' Open MPI (Debian bookworm: Open MPI 4.1)
 IMAGE_OPENMPI_PAL: Dict[str, str] = {"bookworm": "libopen-pal.so.40"}
 
