@@ -69,11 +69,16 @@ install_packages() {
 }
 
 requirements() {  # runtime deps + the test and fast extras, read from pyproject.toml
+    # and what building the package needs (setuptools' bdist_wheel needs wheel), so that
+    # install_package builds it later without an index (a test root without network)
     /usr/bin/python3 - "$REPO/pyproject.toml" <<'PY'
 import sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+pyproject = tomllib.load(open(sys.argv[1], "rb"))
+project = pyproject["project"]
 extras = project.get("optional-dependencies", {})
 for requirement in project["dependencies"] + extras.get("test", []) + extras.get("fast", []):
+    print(requirement)
+for requirement in pyproject["build-system"]["requires"] + ["wheel"]:
     print(requirement)
 PY
 }
@@ -127,7 +132,7 @@ install_package() {
     tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' -cf - pyproject.toml README.md \
         uctr_batch | tar -C "$build" -xf - || { rm -rf "$build"; fail "cannot copy $REPO"; }
     if ! quietly "$VENV/bin/pip" install --disable-pip-version-check --no-input --no-deps \
-        --force-reinstall "$build"; then
+        --no-build-isolation --force-reinstall "$build"; then
         rm -rf "$build"
         fail "pip install of the uctr-batch package failed in $VENV"
     fi
