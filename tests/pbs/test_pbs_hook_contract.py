@@ -24,6 +24,7 @@ from tests.pbs.pbs_double import ND_FREE, ND_OFFLINE, REPO, HookRunner
 pytestmark = [pytest.mark.pbs, pytest.mark.contract]
 
 HOOK_FILE = REPO / "hooks" / "pbs" / "uctr_hook.py"
+GUARD_FILE = REPO / "hooks" / "pbs" / "uctr_guard.py"
 UCTR_EXEC = "/opt/uctr/bin/uctr-exec"  # only ever written into argv, never run here
 SERVER = "pbs-server"
 
@@ -621,8 +622,20 @@ def test_uninstall_dry_run_reverses_install():
     result = _uctr("pbs", "uninstall", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert [line.split("   #")[0] for line in result.stdout.splitlines()] == [
+        "qmgr -c 'create hook uctr_guard'", "qmgr -c 'set hook uctr_guard event = queuejob'",
+        "qmgr -c 'set hook uctr_guard enabled = true'",
+        f"qmgr -c 'import hook uctr_guard application/x-python default {GUARD_FILE}'",
         "qmgr -c 'delete hook uctr'", "qmgr -c 'delete resource container_mode'",
         "qmgr -c 'delete resource container_image'"]
+
+
+def test_disable_dry_run_leaves_the_guard_and_keeps_the_hook():
+    result = _uctr("pbs", "disable", "--dry-run", "--hook-name", "site")
+    assert result.returncode == 0, result.stderr
+    lines = [line.split("   #")[0] for line in result.stdout.splitlines()]
+    assert lines[0] == "qmgr -c 'create hook site_guard'"
+    assert lines[-1] == "qmgr -c 'set hook site enabled = false'"
+    assert not any("delete" in line for line in lines)
 
 
 FAKE_QMGR = """#!/bin/sh
@@ -660,7 +673,15 @@ def test_install_runs_qmgr_and_is_idempotent(tmp_path):
     assert second.stdout.count("# skipped, nothing to do: create") == 3
     removed = _uctr("pbs", "uninstall", "--qmgr", str(qmgr))
     assert removed.returncode == 0, removed.stderr
-    assert state.read_text().strip() == ""
+    assert state.read_text().split() == ["hook", "uctr_guard"], "only the guard is left"
+    ran = [c for c in log.read_text().splitlines() if not c.startswith("list ")]
+    assert ran.index("create hook uctr_guard") < ran.index("delete hook uctr"), \
+        "the guard comes before the hook goes: no container job is accepted unchecked"
+    again = _uctr(*args)
+    assert again.returncode == 0, again.stderr
+    ran = [c for c in log.read_text().splitlines() if not c.startswith("list ")]
+    assert ran[-1] == "delete hook uctr_guard", "install removes the guard last"
+    assert "uctr_guard" not in state.read_text()
 
 
 @pytest.mark.contract
@@ -680,7 +701,7 @@ def test_uninstall_keeps_resources_that_jobs_still_name(tmp_path):
         in removed.stderr
     assert state.read_text().split("\n")[:2] == ["resource container_image",
                                                  "resource container_mode"]
-    assert "hook uctr" not in state.read_text()
+    assert "hook uctr\n" not in state.read_text() and "hook uctr_guard" in state.read_text()
 
 
 def test_install_without_qmgr_says_so():
@@ -854,3 +875,28 @@ def test_begin_sweeps_records_of_jobs_that_left_without_an_end(site, pushed, tmp
         ["91.pbs-server", "92.pbs-server", job["id"]])
     assert not list(state.glob("90.pbs-server.*")) and not list(state.glob("93.pbs-server.*"))
     assert list(state.glob("91.pbs-server.*"))
+
+
+# -- the guard left by uninstall/disable (issue 15, item 3) ---------------------------------
+@pytest.mark.parametrize("resources, variables, asked", [
+    ({"container_image": "docker.io/library/debian:12"}, {}, "-l container_image"),
+    ({}, {"UCTR_IMAGE": "debian:12"}, "-v UCTR_IMAGE"),
+    ({"select": "2:ncpus=1:container_engine=singularity"}, {}, "container_engine in select"),
+])
+def test_guard_refuses_container_jobs_with_a_message(tmp_path, resources, variables, asked):
+    runner = HookRunner(GUARD_FILE, tmp_path / "none.json")
+    job = {"id": "1.server", "euser": "u", "queue": "workq", "Resource_List": resources,
+           "Variable_List": variables}
+    result = runner.run("queuejob", job)
+    assert not result["accepted"], result
+    assert result["reject_message"].startswith("uctr: container jobs are not accepted now")
+    assert f"leave out {asked}" in result["reject_message"]
+    assert result["exception"] is None
+
+
+def test_guard_accepts_jobs_without_a_container(tmp_path):
+    runner = HookRunner(GUARD_FILE, tmp_path / "none.json")
+    job = {"id": "1.server", "euser": "u", "queue": "workq",
+           "Resource_List": {"select": "1:ncpus=2"}, "Variable_List": {"HOME": "/home/u"}}
+    result = runner.run("queuejob", job)
+    assert result["accepted"] and result["reject_message"] is None, result

@@ -840,7 +840,10 @@ def add_arguments(p: argparse.ArgumentParser, parser_class) -> None:
     sub = p.add_subparsers(dest="pbs_command", metavar="ACTION", parser_class=parser_class)
     sub.required = True
     for name, what in (("install", "create the resources and the hook with qmgr"),
-                       ("uninstall", "delete the hook and the resources with qmgr")):
+                       ("uninstall", "delete the hook and the resources with qmgr; a guard "
+                                     "hook then refuses container jobs"),
+                       ("disable", "disable the hook with qmgr; a guard hook refuses "
+                                   "container jobs until `uctr pbs install`")):
         action = sub.add_parser(name, help=what, description=what)
         action.add_argument("--dry-run", action="store_true",
                             help="print the qmgr commands (and the hook config) only")
@@ -872,6 +875,7 @@ def cmd_pbs(args) -> int:
 
     if args.pbs_command == "install":
         return pbs_install.install(args, out=sys.stdout)
+    args.disable_only = args.pbs_command == "disable"
     return pbs_install.uninstall(args, out=sys.stdout)
 
 

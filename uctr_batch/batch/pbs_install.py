@@ -10,6 +10,7 @@ install:
     set hook uctr alarm = 60, fail_action = none, enabled = true
     import hook uctr application/x-python default hooks/pbs/uctr_hook.py
     import hook uctr application/x-config default <hook config>
+    delete hook uctr_guard                               only if a guard was left behind
 
 Without flag=m, pbs_server keeps a custom job-wide resource to itself: the execjob hooks on
 the MoMs would see no container_image in Resource_List (found on a real OpenPBS; the `set`
@@ -19,7 +20,10 @@ hook failure must never offline a vnode by itself (the hook offlines vnodes only
 faults, and only when its config says so). Creations are skipped when qmgr already knows
 the object, so install can be run again to update the hook. uninstall deletes the hook,
 then the resources (a resource that jobs in the history still name is kept, with a
-warning).
+warning). Before it deletes anything, uninstall (and `uctr pbs disable`, which only
+disables the hook) creates the guard: a queuejob hook (hooks/pbs/uctr_guard.py) that refuses
+jobs asking for an image, which would otherwise run on the host. install deletes the guard
+last, once the uctr hook is enabled, so no container job is accepted unchecked in between.
 """
 
 import json
@@ -40,6 +44,7 @@ _log = log.get("pbs")
 
 REPO_HOOK_DIR = Path(__file__).resolve().parents[2] / "hooks" / "pbs"
 HOOK_FILE = "uctr_hook.py"
+GUARD_FILE = "uctr_guard.py"  # left behind by uninstall/disable, deleted by install
 CONFIG_FILE = "uctr_hook.json"  # qmgr takes a config by its suffix: .json
 
 
@@ -66,14 +71,38 @@ def install_steps(hook: str, hook_file: Path, config_file: Path, alarm: int,
               Step(f"set hook {hook} enabled = true"),
               Step(f"import hook {hook} application/x-python default {_qmgr_path(hook_file)}"),
               Step(f"import hook {hook} application/x-config default {_qmgr_path(config_file)}")]
+    guard = guard_name(hook)  # last: the uctr hook checks container jobs from now on
+    steps.append(Step(f"delete hook {guard}", exists=f"list hook {guard}"))
     return steps
 
 
-def uninstall_steps(hook: str) -> List[Step]:
-    # the reverse of install: a query that FAILS means there is nothing to delete
-    return [Step(f"delete hook {hook}", exists=f"list hook {hook}"),
+def uninstall_steps(hook: str, guard_file: Path) -> List[Step]:
+    # the guard first: from then on no container job is accepted to run on the host;
+    # then the reverse of install (a query that FAILS means there is nothing to delete)
+    return [*guard_steps(hook, guard_file),
+            Step(f"delete hook {hook}", exists=f"list hook {hook}"),
             *(Step(f"delete resource {name}", exists=f"list resource {name}")
               for name in (pbs.MODE_RESOURCE, pbs.IMAGE_RESOURCE))]
+
+
+def disable_steps(hook: str, guard_file: Path) -> List[Step]:
+    """The guard, then the hook disabled (kept, with its config, for a later install)."""
+    return [*guard_steps(hook, guard_file), Step(f"set hook {hook} enabled = false",
+                                                            exists=f"list hook {hook}")]
+
+
+def guard_name(hook: str) -> str:
+    return f"{hook}_guard"
+
+
+def guard_steps(hook: str, guard_file: Path) -> List[Step]:
+    """The queuejob hook that refuses container jobs while HOOK is gone or disabled. A
+    queuejob hook that raises rejects the job: the guard fails closed."""
+    guard = guard_name(hook)
+    return [Step(f"create hook {guard}", exists=f"list hook {guard}"),
+            Step(f"set hook {guard} event = queuejob"),
+            Step(f"set hook {guard} enabled = true"),
+            Step(f"import hook {guard} application/x-python default {_qmgr_path(guard_file)}")]
 
 
 def _qmgr_path(path: Path) -> str:
@@ -143,11 +172,7 @@ def install(args, out: TextIO) -> int:
         config = load_config(args.config)
     else:
         config = default_config(args.policy, args.uctr_exec, args.alarm)
-    hook_file = REPO_HOOK_DIR / HOOK_FILE
-    if not hook_file.is_file():
-        raise errors.ConfigError(f"the hook file is missing: {hook_file}",
-                                 "run `uctr pbs install` from a complete uctr-batch checkout or "
-                                 "installation")
+    hook_file = _hook_file(HOOK_FILE)
     if not os.access(config.uctr_exec, os.X_OK):
         _log.warning("uctr-exec is not at %s on this host; it must be there on every "
                      "execution host (--uctr-exec PATH)", config.uctr_exec)
@@ -167,11 +192,23 @@ def install(args, out: TextIO) -> int:
 
 
 def uninstall(args, out: TextIO) -> int:
-    steps = uninstall_steps(args.hook_name)
+    """uninstall, or with args.disable_only `uctr pbs disable`: both leave the guard."""
+    guard_file = _hook_file(GUARD_FILE)
+    what = "disable" if getattr(args, "disable_only", False) else "uninstall"
+    steps = (disable_steps if what == "disable" else uninstall_steps)(args.hook_name, guard_file)
     if args.dry_run:
         return _print_steps(steps, args.qmgr, out)
     _require(args.qmgr)
-    return _run_steps(steps, args.qmgr, out, "uninstall")
+    return _run_steps(steps, args.qmgr, out, what)
+
+
+def _hook_file(name: str) -> Path:
+    path = REPO_HOOK_DIR / name
+    if not path.is_file():
+        raise errors.ConfigError(f"the hook file is missing: {path}",
+                                 "run `uctr pbs` from a complete uctr-batch checkout or "
+                                 "installation")
+    return path
 
 
 def _require(qmgr: str) -> None:
