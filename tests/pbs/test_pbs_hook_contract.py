@@ -241,29 +241,43 @@ def test_begin_on_a_second_job_reuses_the_rootfs(site, pushed, registry_http, te
     assert len(site.bundles()) == 1
 
 
-def test_begin_user_error_fails_the_job_and_leaves_the_vnode_alone(site, registry_http):
+def reaches_the_user(site, job, result, text, event="execjob_begin"):
+    """Issue 15, item 4: a user error found at execjob_begin/prologue does not reject the
+    job (its owner would only see "Execution server rejected request"): it is accepted
+    with the message as its comment, and its launch prints the error and hint on the job's
+    stderr (the .e file) instead of running anything, then exits 1. Returns the stderr."""
+    assert result["accepted"], result
+    assert not result["job_delete"] and not result["job_rerun"]
+    assert result["job_comment"].startswith("uctr: ") and text in result["job_comment"], result
+    assert all(v == {"state": ND_FREE, "comment": None} for v in result["vnodes"].values())
+    launch = site.event("execjob_launch", job, progname="/bin/bash", argv=[], env={})
+    assert launch["accepted"] and launch["progname"] == "/bin/sh", launch
+    assert UCTR_EXEC not in launch["argv"], "nothing of the job may run"
+    ran = subprocess.run(launch["argv"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert ran.returncode == 1 and ran.stdout == ""
+    assert ran.stderr.startswith("error: uctr: ") and text in ran.stderr, ran.stderr
+    assert "\nhint: " in ran.stderr
+    end = site.event("execjob_end", job)
+    assert end["accepted"], end
+    assert site.readiness(job) is None and site.state_files(job) == []
+    return ran.stderr
+
+
+def test_begin_user_error_reaches_the_job_and_leaves_the_vnode_alone(site, registry_http):
     missing = f"{registry_http.host}/no-such-image:1"
     job = site.job(missing)
     result = site.event("execjob_begin", job)
 
-    assert not result["accepted"]
-    assert result["job_delete"] and not result["job_rerun"]
-    assert result["reject_message"].startswith(f"uctr: cannot stage {missing} on node1: ")
-    assert "not found" in result["reject_message"] or "unknown" in result["reject_message"]
-    assert result["vnodes"] == {"node1": {"state": ND_FREE, "comment": None}}
-    # OpenPBS runs no execjob_end for a job rejected at execjob_begin: nothing may stay
-    assert site.readiness(job) is None and site.state_files(job) == []
+    stderr = reaches_the_user(site, job, result, f"cannot stage {missing} on node1: ")
+    assert "not found" in stderr or "unknown" in stderr
 
 
 def test_begin_refuses_what_the_node_policy_refuses_without_pulling(site, registry_http, pushed):
     site.write_policy(allow=["docker.io/library/*"])
     job = site.job(pushed["busybox"])
     result = site.event("execjob_begin", job)
-    assert not result["accepted"] and result["job_delete"]
-    assert "refused by the site policy" in result["reject_message"]
-    assert result["vnodes"]["node1"]["state"] == ND_FREE
+    reaches_the_user(site, job, result, "refused by the site policy")
     assert not site.dirs.cache.exists(), "nothing may be pulled for a refused image"
-    assert site.readiness(job) is None and site.state_files(job) == []
 
 
 @pytest.mark.parametrize("breakage", ["group-writable", "world-writable", "another-owner",
@@ -286,11 +300,8 @@ def test_a_policy_the_node_cannot_use_fails_the_job_and_never_offlines(site, pus
         site.policy.write_text("version: 1\ndefaults: [\n")
     job = site.job(pushed["busybox"])
     result = site.event(event, job, vnodes=["node1", "node1[1]"])
-    assert not result["accepted"] and result["job_delete"] and not result["job_rerun"]
-    assert "node node1 cannot run container jobs" in result["reject_message"]
-    assert "uctr policy check" in result["reject_message"]
-    assert all(v == {"state": ND_FREE, "comment": None} for v in result["vnodes"].values())
-    assert site.readiness(job) is None and site.state_files(job) == []
+    stderr = reaches_the_user(site, job, result, "node node1 cannot run container jobs")
+    assert "uctr policy check" in stderr
     site.policy.unlink(missing_ok=True)
     site.write_policy()  # fixed: the next job runs
     again = site.event("execjob_begin", site.job(pushed["busybox"]))
@@ -300,9 +311,7 @@ def test_a_policy_the_node_cannot_use_fails_the_job_and_never_offlines(site, pus
 def test_begin_refuses_a_bad_job_shell_choice_as_a_user_error(site, pushed):
     job = site.job(pushed["busybox"], variables={"UCTR_JOB_SHELL": "inside"})
     result = site.event("execjob_begin", job)
-    assert not result["accepted"] and result["job_delete"] and not result["job_rerun"]
-    assert "UCTR_JOB_SHELL=inside" in result["reject_message"]
-    assert result["vnodes"]["node1"]["state"] == ND_FREE
+    reaches_the_user(site, job, result, "UCTR_JOB_SHELL=inside")
 
 
 @pytest.mark.parametrize("node_fault, offlined", [("offline", True), ("requeue", False)])
@@ -542,9 +551,16 @@ def test_launch_fails_the_job_after_a_staging_user_error(site, registry_http):
         "status": "error", "fault": "user", "image": job["Resource_List"]["container_image"],
         "message": "repository not found", "hint": "check the name"}))
     result = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env={})
-    assert not result["accepted"] and result["job_delete"]
-    assert result["reject_message"].startswith("uctr: cannot run in ")
-    assert result["progname"] == "/bin/sh", "a rejected launch changes nothing"
+    assert result["accepted"] and not result["job_delete"]
+    assert result["job_comment"] == "uctr: cannot run in " \
+        f"{job['Resource_List']['container_image']}: repository not found (hint: check the name)"
+    ran = subprocess.run(result["argv"], capture_output=True, text=True)
+    assert (ran.returncode, ran.stderr) == (1, "error: uctr: cannot run in "
+                                               f"{job['Resource_List']['container_image']}: "
+                                               "repository not found\nhint: check the name\n")
+    # a TM task of the job on this node reports the same, and runs nothing either
+    task = site.event("execjob_launch", job, progname="/bin/hostname", argv=["hostname"], env={})
+    assert task["progname"] == "/bin/sh" and "hostname" not in task["argv"]
 
 
 # -- execjob_end / execjob_epilogue -------------------------------------------------------
@@ -838,9 +854,7 @@ def test_a_full_node_local_disk_fails_only_the_job(site, pushed, tmp_path):
         site.write_policy(local_dir=f"{small}/uctr-${{UID}}")
         job = site.job(pushed["busybox"])
         result = site.event("execjob_begin", job, vnodes=["node1"])
-        assert not result["accepted"] and result["job_delete"] and not result["job_rerun"]
-        assert result["vnodes"]["node1"]["state"] == ND_FREE, result
-        assert site.readiness(job) is None and site.state_files(job) == []
+        reaches_the_user(site, job, result, f"cannot stage {pushed['busybox']} on node1")
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
         small.rmdir()
