@@ -55,11 +55,13 @@ class Site:
         self.write_config()
 
     def write_policy(self, allow=(), local_dir=None, user_modes=("N1", "R1", "P1"),
-                     stage_timeout=120):
+                     stage_timeout=120, engines=None):
         lines = ["version: 1", "defaults:",
                  f"  user_modes: [{', '.join(user_modes)}]",
                  "  registries:",
                  f"    insecure: [{', '.join(json.dumps(r) for r in self.registries)}]"]
+        if engines:  # PBS Professional's container_engine=NAME -> mode
+            lines.insert(2, "  container_engines: " + json.dumps(engines))
         if allow:
             lines.append(f"    allow: [{', '.join(json.dumps(a) for a in allow)}]")
         lines += ["  storage:", f"    cache_dir: {self.dirs.cache}",
@@ -914,3 +916,107 @@ def test_guard_accepts_jobs_without_a_container(tmp_path):
            "Resource_List": {"select": "1:ncpus=2"}, "Variable_List": {"HOME": "/home/u"}}
     result = runner.run("queuejob", job)
     assert result["accepted"] and result["reject_message"] is None, result
+
+
+# -- PBS Professional syntax (issue 15, item 2) ------------------------------------------------
+def test_container_engine_in_select_takes_the_mode_the_policy_maps_it_to(site, pushed):
+    site.write_policy(engines={"singularity": "R1", "uctr": "auto", "docker": "S1"},
+                      user_modes=("N1", "R1", "P1"))
+    select = {"select": "2:ncpus=1:container_engine=singularity"}
+    job = site.job(pushed["busybox"], resources=select)
+    assert site.event("queuejob", job)["accepted"]
+    assert site.event("execjob_begin", job)["accepted"]
+    launch = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env={})
+    assert launch["env"]["UCTR_MODE"] == "R1", launch
+    # container_mode wins over the engine
+    job = site.job(pushed["busybox"], resources=dict(select, container_mode="P1"))
+    launch = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env={})
+    assert launch["env"]["UCTR_MODE"] == "P1"
+    # auto: the class's ladder, no UCTR_MODE
+    job = site.job(pushed["busybox"], resources={"select": "1:container_engine=uctr"})
+    launch = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env={})
+    assert "UCTR_MODE" not in launch["env"]
+
+
+@pytest.mark.parametrize("select, words", [
+    ("1:ncpus=1:container_engine=podman", "container_engine=podman is not an engine this site "
+                                          "offers (engines in the site policy: docker, "
+                                          "singularity)"),
+    ("1:container_engine=docker", "mode S1 is not allowed"),  # mapped, but not a user mode
+    ("1:container_engine=docker+1:container_engine=singularity", "different container_engine"),
+])
+def test_queuejob_refuses_an_engine_the_site_does_not_map(site, pushed, select, words):
+    site.write_policy(engines={"singularity": "R1", "docker": "S1"})
+    result = site.event("queuejob", site.job(pushed["busybox"], resources={"select": select}))
+    assert not result["accepted"] and words in result["reject_message"], result
+
+
+def test_pbs_container_args_reach_uctr_exec_as_its_settings(site, pushed, tmp_path):
+    args = "--bind=/scratch:/scratch;--bind=/data:/in:ro;--env=OMP_NUM_THREADS=4;--pwd=/in;--nv"
+    job = site.job(pushed["busybox"], variables={"PBS_CONTAINER_ARGS": args})
+    assert site.event("queuejob", job)["accepted"]
+    assert site.event("execjob_begin", job)["accepted"]
+    pbs_home = tmp_path / "pbs_home"
+    (pbs_home / "mom_priv" / "jobs").mkdir(parents=True)
+    env = {"UCTR_MOUNTS": "/home/u/x:/x", "PBS_CONTAINER_ARGS": args}
+    shell = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env=env,
+                       pbs_home=str(pbs_home))
+    scripts = f"{pbs_home}/mom_priv/jobs"
+    assert shell["env"]["UCTR_MOUNTS"] == ("/home/u/x:/x,/scratch:/scratch:rw,/data:/in:ro,"
+                                           f"{scripts}:{scripts}:ro")
+    assert shell["env"]["UCTR_WORKDIR"] == "/in" and shell["env"]["UCTR_GPU"] == "nvidia"
+    assert shell["env"]["OMP_NUM_THREADS"] == "4"
+    assert shell["env"]["UCTR_ENV_NAMES"] == "OMP_NUM_THREADS"
+    task = site.event("execjob_launch", job, progname="/bin/hostname", argv=["hostname"],
+                      env=env)
+    assert task["env"]["UCTR_WORKDIR"] == "/in" and task["argv"][-1] == "hostname"
+
+
+def test_pbs_container_args_it_cannot_honour_are_refused_at_qsub(site, pushed):
+    job = site.job(pushed["busybox"],
+                   variables={"PBS_CONTAINER_ARGS": "--bind=/a:/a;--fakeroot"})
+    result = site.event("queuejob", job)
+    assert not result["accepted"]
+    assert result["reject_message"].startswith("uctr: PBS_CONTAINER_ARGS: --fakeroot is not "
+                                               "supported by uctr")
+    assert "(hint: uctr understands --bind" in result["reject_message"]
+    # changed after qsub (qalter -v): the launch reports it instead of running the job
+    launch = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env={})
+    assert launch["progname"] == "/bin/sh" and UCTR_EXEC not in launch["argv"]
+    assert "--fakeroot is not supported" in launch["job_comment"]
+
+
+def test_pbs_pro_syntax_without_an_image_is_refused(site):
+    for job in (site.job(resources={"select": "1:ncpus=1:container_engine=singularity"}),
+                site.job(variables={"PBS_CONTAINER_ARGS": "--nv"})):
+        result = site.event("queuejob", job)
+        assert not result["accepted"], result
+        assert "need an image" in result["reject_message"]
+
+
+# -- the job script's interpreter (issue 15, item 5) --------------------------------------------
+@pytest.mark.parametrize("first_line, missing", [
+    ("#!/bin/bash", "/bin/bash"),
+    ("#!/usr/bin/env sh", "/usr/bin/env"),  # busybox's env is /bin/env only
+    ("#!/bin/env python3", "python3 (run by /bin/env python3)"),
+    ("#!/bin/sh -e", None),
+    ("#!/bin/env sh", None),
+    ("echo no interpreter line", None),
+])
+def test_the_script_interpreter_is_checked_in_the_image(site, staged, pushed, tmp_path,
+                                                        first_line, missing):
+    jobs = tmp_path / "pbs_home" / "mom_priv" / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / f"{staged['id']}.SC").write_text(first_line + "\necho hi\n")
+    result = site.event("execjob_launch", staged, progname="/bin/bash", argv=[], env={},
+                        pbs_home=str(tmp_path / "pbs_home"))
+    assert result["accepted"]
+    if missing is None:
+        assert result["progname"] == UCTR_EXEC, result
+        return
+    assert result["progname"] == "/bin/sh" and UCTR_EXEC not in result["argv"]
+    ran = subprocess.run(result["argv"], capture_output=True, text=True)
+    assert ran.returncode == 127
+    assert ran.stderr.startswith(f"error: uctr: the job script's interpreter {missing} is not "
+                                 f"in the image {pushed['busybox']}\nhint: "), ran.stderr
+    assert "mom_priv" not in ran.stderr
