@@ -517,11 +517,22 @@ def test_launch_wraps_tm_tasks_but_not_mpi_daemons(site, staged, pushed):
     assert task["env"]["UCTR_ARGV0"] == "", "uctr-exec would run UCTR_ARGV0 instead"
     daemons = (["/usr/bin/orted", "-mca", "ess", "tm"],
                ["hydra_pmi_proxy", "--control-port", "x:1"])
+    host_shell = site.job(pushed["busybox"], variables={"UCTR_JOB_SHELL": "host"})
     for daemon in daemons:
-        result = site.event("execjob_launch", staged, progname=daemon[0], argv=daemon, env={})
+        # the job shell on the host: the host's mpiexec started its daemon, which starts
+        # the ranks the user's mpiexec line wraps
+        result = site.event("execjob_launch", host_shell, progname=daemon[0], argv=daemon,
+                            env={})
         assert result["accepted"]
         assert (result["progname"], result["argv"]) == (daemon[0], daemon), "a daemon starts ranks"
         assert result["env"]["UCTR_IMAGE"] == pushed["busybox"]  # for the user's mpiexec line
+        # the job shell in the image: its mpiexec asked for the image's daemon, which forks
+        # the ranks inside the same container
+        inside = site.event("execjob_launch", staged, progname=daemon[0], argv=daemon, env={})
+        assert inside["argv"] == [UCTR_EXEC, pushed["busybox"], "--"] + daemon
+    for tool in (["/opt/pbs/bin/pbs_attach", "-j", staged["id"], "x"], ["pbs_tmrsh", "n2", "x"]):
+        result = site.event("execjob_launch", staged, progname=tool[0], argv=tool, env={})
+        assert result["argv"] == tool, "PBS's own tools stay on the host"
     # the user already wrote `mpiexec uctr-exec IMAGE app`: not wrapped twice
     wrapped = ["/opt/uctr/bin/uctr-exec", pushed["busybox"], "app"]
     result = site.event("execjob_launch", staged, progname=wrapped[0], argv=wrapped, env={})
@@ -1020,3 +1031,74 @@ def test_the_script_interpreter_is_checked_in_the_image(site, staged, pushed, tm
     assert ran.stderr.startswith(f"error: uctr: the job script's interpreter {missing} is not "
                                  f"in the image {pushed['busybox']}\nhint: "), ran.stderr
     assert "mom_priv" not in ran.stderr
+
+
+# -- multi-host MPI through TM (issue 15, item 1) -----------------------------------------------
+def test_two_hosts_stage_once_each_and_every_rank_and_tm_task_runs_in_the_image(
+        site, pushed, registry_http, test_images):
+    """A 2-chunk job on node1 (mother superior) and node2: what each MoM's hook does for
+    the job shell on the host, Open MPI's daemon (TM, or pbs_tmrsh) and MPICH's proxy on the
+    sister, and a pbsdsh task there; then a rank started the way orted starts it, with the
+    environment the sister's hook gave the daemon, really runs inside the image that node2
+    staged. Each host has its own node-local run dir and storage; the cache is shared."""
+    # root's and world-readable, like /etc/uctr and /run/uctr (the rank reads both)
+    node2_root = site.dirs.base.parent / f"node2-{site.dirs.base.name}"
+    node2_root.mkdir(mode=0o755)
+    node2_run = node2_root / "run"
+    node2_policy = node2_root / "etc" / "policy.yaml"
+    node2_policy.parent.mkdir(mode=0o755)
+    node2_local = site.dirs.local.parent / "node2-local"
+    node2_policy.write_text(site.policy.read_text().replace(str(site.dirs.local),
+                                                            str(node2_local)))
+    node2_policy.chmod(0o644)
+    config2 = site.tmp / "hook2" / "uctr_hook.json"
+    config2.parent.mkdir()
+    config2.write_text(json.dumps(dict(site.config, run_dir=str(node2_run),
+                                       policy=str(node2_policy))))
+    node2 = HookRunner(HOOK_FILE, config2, node="node2")
+    job = site.job(pushed["busybox"], resources={"select": "2:ncpus=1:mpiprocs=1"},
+                   variables={"UCTR_JOB_SHELL": "host"})
+    vnodes = ["node1", "node2"]
+
+    assert site.event("queuejob", job)["accepted"]
+    first = site.event("execjob_begin", job, vnodes=vnodes)
+    second = node2.run("execjob_begin", job, vnodes=vnodes)
+    assert first["accepted"] and second["accepted"], (first, second)
+    assert site.event("execjob_prologue", job, vnodes=vnodes)["accepted"]
+    # one stage per host: a readiness record and a root filesystem on each, blobs pulled once
+    record1 = site.readiness(job)
+    record2 = dict(line.split("=", 1) for line in
+                   (node2_run / "readiness" / job["id"]).read_text().splitlines())
+    assert record1["status"] == record2["status"] == "ok"
+    assert record1["bundle"] != record2["bundle"] and record2["bundle"].startswith(str(node2_local))
+    layers = test_images["busybox"].layer_digests()
+    assert all(registry_http.blob_gets(d) == 1 for d in layers)
+
+    shell = site.event("execjob_launch", job, progname="/bin/bash", argv=[], env={})
+    assert (shell["progname"], shell["argv"]) == ("/bin/bash", []), "the job shell stays on the host"
+    assert shell["env"]["UCTR_IMAGE"] == pushed["busybox"]
+    daemons = (["/usr/bin/orted", "-mca", "ess", "tm", "-mca", "ess_base_vpid", "1"],  # TM
+               ["orted", "-mca", "ess", "env", "-mca", "ess_base_vpid", "1"],  # pbs_tmrsh
+               ["/usr/bin/hydra_pmi_proxy", "--control-port", "node1:4000", "--proxy-id", "1"])
+    for daemon in daemons:
+        launched = node2.run("execjob_launch", job, progname=daemon[0], argv=daemon, env={})
+        assert (launched["progname"], launched["argv"]) == (daemon[0], daemon), launched
+        assert launched["env"]["UCTR_RUN_DIR"] == str(node2_run)
+    task = node2.run("execjob_launch", job, progname="/bin/readlink",
+                     argv=["readlink", "/bin/sh"], env={})
+    assert task["argv"] == [UCTR_EXEC, pushed["busybox"], "--", "readlink", "/bin/sh"]
+
+    # a rank as the daemon forks it: `uctr-exec "$UCTR_IMAGE" CMD` from the user's mpiexec
+    # line, as the job user, with the daemon's environment from node2's hook
+    from tests.harness.users import BASE_PATH, run_as
+
+    rank_env = dict(launched["env"], PATH=BASE_PATH, HOME=str(site.dirs.home),
+                    PBS_JOBID=job["id"], PYTHONPATH=str(REPO))
+    rank = run_as(site.user, [str(REPO / "launchers" / "uctr-exec"), pushed["busybox"],
+                              "readlink", "/bin/sh"], env=rank_env, timeout=120, cwd="/")
+    assert rank.returncode == 0, rank.stderr
+    assert rank.stdout.strip() == "busybox", "the rank ran in the image (the host's sh is not busybox)"
+    assert all(registry_http.blob_gets(d) == 1 for d in layers), "the rank used node2's stage"
+    for runner in (site.runner, node2):
+        assert runner.run("execjob_end", job, vnodes=vnodes)["accepted"]
+    assert not (node2_run / "readiness" / job["id"]).exists()

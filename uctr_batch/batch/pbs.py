@@ -65,7 +65,14 @@ DISCARD_BUDGET = 3.0  # seconds a rejecting start event spends at most on the jo
 COMMENT_MAX = 480  # characters of a job comment the hook sets (qstat -f shows it)
 STATE_DIR = "pbs"  # under the run dir: <job>.lock, <job>.outcome, <job>.log (root, 0700)
 
-# Programs TM starts that must stay on the host: MPI daemons start the ranks themselves.
+# PBS's own tools: a TM task running them stays on the host wherever the job shell runs.
+PBS_TOOLS = ("pbs_attach", "pbs_tmrsh")
+# Programs TM starts that stay on the host when the job shell does (the default list of
+# the host_programs key): MPI daemons a PBS-aware host mpiexec started through TM (TM
+# directly, or pbs_tmrsh), which start the ranks themselves, with `uctr-exec IMAGE` in the
+# user's mpiexec line. With the job shell in the container, the mpiexec that asked for them
+# is the image's, so the daemons are the image's too and run inside it, and so do the ranks
+# they fork (only PBS_TOOLS and uctr-exec stay out).
 DEFAULT_HOST_PROGRAMS = ("orted", "prted", "prte", "prterun", "hydra_pmi_proxy",
                          "hydra_bstrap_proxy", "pmi_proxy", "pbs_attach", "pbs_tmrsh",
                          "uctr-exec")
@@ -929,13 +936,16 @@ def launch_command(config: HookConfig, request: Request, progname: str, argv: Se
     MoM passes no argv for the job shell (it builds "-bash" itself afterwards); a TM task
     (pbsdsh, tm_spawn, pbs_tmrsh) comes with its argv."""
     prefix = [config.uctr_exec, request.image, "--"]
+    shell_on_host = (request.job_shell or config.job_shell) == "host"
     if not argv:
-        if (request.job_shell or config.job_shell) == "host":
+        if shell_on_host:
             return None
         return prefix + [shell_in_image(progname or "/bin/sh", rootfs)]
     program = os.path.basename(progname or argv[0])
-    if program in config.host_programs or program == os.path.basename(config.uctr_exec):
+    if program in PBS_TOOLS or program == os.path.basename(config.uctr_exec):
         return None
+    if shell_on_host and program in config.host_programs:
+        return None  # a host MPI daemon: the user's mpiexec line wraps the ranks
     return prefix + list(argv)
 
 
