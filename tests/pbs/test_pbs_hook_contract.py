@@ -1075,7 +1075,7 @@ def test_two_hosts_stage_once_each_and_every_rank_and_tm_task_runs_in_the_image(
     assert all(registry_http.blob_gets(d) == 1 for d in layers)
 
     shell = site.event("execjob_launch", job, progname="/bin/bash", argv=[], env={})
-    assert (shell["progname"], shell["argv"]) == ("/bin/bash", []), "the job shell stays on the host"
+    assert (shell["progname"], shell["argv"]) == ("/bin/bash", []), "the job shell: on the host"
     assert shell["env"]["UCTR_IMAGE"] == pushed["busybox"]
     daemons = (["/usr/bin/orted", "-mca", "ess", "tm", "-mca", "ess_base_vpid", "1"],  # TM
                ["orted", "-mca", "ess", "env", "-mca", "ess_base_vpid", "1"],  # pbs_tmrsh
@@ -1097,7 +1097,7 @@ def test_two_hosts_stage_once_each_and_every_rank_and_tm_task_runs_in_the_image(
     rank = run_as(site.user, [str(REPO / "launchers" / "uctr-exec"), pushed["busybox"],
                               "readlink", "/bin/sh"], env=rank_env, timeout=120, cwd="/")
     assert rank.returncode == 0, rank.stderr
-    assert rank.stdout.strip() == "busybox", "the rank ran in the image (the host's sh is not busybox)"
+    assert rank.stdout.strip() == "busybox", "in the image (the host's /bin/sh is not busybox)"
     assert all(registry_http.blob_gets(d) == 1 for d in layers), "the rank used node2's stage"
     for runner in (site.runner, node2):
         assert runner.run("execjob_end", job, vnodes=vnodes)["accepted"]
