@@ -626,7 +626,10 @@ def test_install_dry_run_prints_the_qmgr_steps():
         "# unless: qmgr -c 'list resource container_mode'",
         "qmgr -c 'set resource container_mode flag = m'"]
     # job-wide (no h); m: the MoMs get the value, else execjob hooks never see it
-    assert "flag=h" not in result.stdout and "flag = h" not in result.stdout
+    assert "flag=h" not in "\n".join(commands[:4])
+    # PBS Professional's container_engine: host-level, for select chunks
+    assert commands[4] == ("qmgr -c 'create resource container_engine type=string, flag=h'   "
+                           "# unless: qmgr -c 'list resource container_engine'")
     text = "\n".join(commands)
     assert ("set hook uctr event = \"queuejob,execjob_begin,execjob_prologue,execjob_launch,"
             "execjob_end\"") in text
@@ -692,17 +695,20 @@ def test_install_runs_qmgr_and_is_idempotent(tmp_path):
     first = _uctr(*args)
     assert first.returncode == 0, first.stderr
     ran = [c for c in log.read_text().splitlines() if not c.startswith("list ")]
-    assert ran[:5] == ["create resource container_image type=string",
+    assert ran[:6] == ["create resource container_image type=string",
                        "set resource container_image flag = m",
                        "create resource container_mode type=string",
-                       "set resource container_mode flag = m", "create hook uctr"]
+                       "set resource container_mode flag = m",
+                       "create resource container_engine type=string, flag=h",
+                       "create hook uctr"]
     assert ran[-1].startswith("import hook uctr application/x-config default /")
     second = _uctr(*args)
     assert second.returncode == 0, second.stderr
-    assert second.stdout.count("# skipped, nothing to do: create") == 3
+    assert second.stdout.count("# skipped, nothing to do: create") == 4
     removed = _uctr("pbs", "uninstall", "--qmgr", str(qmgr))
     assert removed.returncode == 0, removed.stderr
-    assert state.read_text().split() == ["hook", "uctr_guard"], "only the guard is left"
+    assert state.read_text().splitlines() == ["resource container_engine", "hook uctr_guard"], \
+        "only the guard is left, and container_engine, which vnodes may offer"
     ran = [c for c in log.read_text().splitlines() if not c.startswith("list ")]
     assert ran.index("create hook uctr_guard") < ran.index("delete hook uctr"), \
         "the guard comes before the hook goes: no container job is accepted unchecked"

@@ -1042,6 +1042,8 @@ def add_arguments(p: argparse.ArgumentParser, parser_class) -> None:
                                 help="hook alarm in seconds (default 60)")
             action.add_argument("--no-mode-resource", action="store_true",
                                 help="do not create the container_mode resource")
+            action.add_argument("--no-engine-resource", action="store_true",
+                                help="do not create the container_engine host resource")
     # internal, unlisted: the hook's entry (JSON in and out) and the detached stager
     hook = sub.add_parser("hook")
     hook.add_argument("--event", help="for ps and logs only: the request names its event")

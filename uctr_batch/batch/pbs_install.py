@@ -4,6 +4,8 @@ install:
     create resource container_image type=string      job-wide: no flag=h, not in sched_config
     set resource container_image flag = m            sent to the MoMs: execjob hooks see it
     create resource container_mode type=string       (both unless --no-mode-resource)
+    create resource container_engine type=string, flag=h   host-level (PBS Professional's
+                                                     syntax; unless --no-engine-resource)
     set resource container_mode flag = m
     create hook uctr
     set hook uctr event = "queuejob,execjob_begin,execjob_prologue,execjob_launch,execjob_end"
@@ -19,8 +21,8 @@ MoMs only receive the files of an enabled hook with events. fail_action stays "n
 hook failure must never offline a vnode by itself (the hook offlines vnodes only for node
 faults, and only when its config says so). Creations are skipped when qmgr already knows
 the object, so install can be run again to update the hook. uninstall deletes the hook,
-then the resources (a resource that jobs in the history still name is kept, with a
-warning). Before it deletes anything, uninstall (and `uctr pbs disable`, which only
+then container_image and container_mode (a resource that jobs in the history still name
+is kept, with a warning); container_engine stays, as vnodes may offer it. Before it deletes anything, uninstall (and `uctr pbs disable`, which only
 disables the hook) creates the guard: a queuejob hook (hooks/pbs/uctr_guard.py) that refuses
 jobs asking for an image, which would otherwise run on the host. install deletes the guard
 last, once the uctr hook is enabled, so no container job is accepted unchecked in between.
@@ -58,12 +60,17 @@ class Step:
 
 
 def install_steps(hook: str, hook_file: Path, config_file: Path, alarm: int,
-                  mode_resource: bool = True) -> List[Step]:
+                  mode_resource: bool = True, engine_resource: bool = True) -> List[Step]:
+    from uctr_batch.batch.pbs_pro import ENGINE_RESOURCE
+
     resources = [pbs.IMAGE_RESOURCE] + ([pbs.MODE_RESOURCE] if mode_resource else [])
     steps = []
     for name in resources:
         steps += [Step(f"create resource {name} type=string", exists=f"list resource {name}"),
                   Step(f"set resource {name} flag = m")]
+    if engine_resource:  # PBS Professional's: host-level, asked for in select chunks
+        steps.append(Step(f"create resource {ENGINE_RESOURCE} type=string, flag=h",
+                          exists=f"list resource {ENGINE_RESOURCE}"))
     steps.append(Step(f"create hook {hook}", exists=f"list hook {hook}"))
     steps += [Step(f'set hook {hook} event = "{",".join(pbs.INSTALLED_EVENTS)}"'),
               Step(f"set hook {hook} alarm = {alarm}"),
@@ -180,14 +187,16 @@ def install(args, out: TextIO) -> int:
         out.write(f"# {CONFIG_FILE}, imported as application/x-config:\n")
         out.write("".join(f"#   {line}\n" for line in config_json(config).splitlines()))
         steps = install_steps(args.hook_name, hook_file, Path(CONFIG_FILE), args.alarm,
-                              mode_resource=not args.no_mode_resource)
+                              mode_resource=not args.no_mode_resource,
+                              engine_resource=not args.no_engine_resource)
         return _print_steps(steps, args.qmgr, out)
     with tempfile.TemporaryDirectory(prefix="uctr-pbs-") as tmp:
         config_file = Path(tmp) / CONFIG_FILE
         config_file.write_text(config_json(config))
         os.chmod(tmp, 0o755)  # qmgr hands the path to pbs_server, which reads it as root
         steps = install_steps(args.hook_name, hook_file, config_file, args.alarm,
-                              mode_resource=not args.no_mode_resource)
+                              mode_resource=not args.no_mode_resource,
+                              engine_resource=not args.no_engine_resource)
         return _run_steps(steps, args.qmgr, out, "install")
 
 
