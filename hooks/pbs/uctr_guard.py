@@ -12,9 +12,9 @@ Standard library and the pbs module only; pbs_python runs it with __name__ 'buil
 
 import pbs
 
-MESSAGE = ("uctr: container jobs are not accepted now: the uctr hook is not installed or is "
-           "disabled on this PBS server, and the job would run on the host (hint: ask your "
-           "administrator; leave out %s to run the job on the host)")
+MESSAGE = ("uctr: container jobs are not accepted now: the uctr-batch hook is not installed or "
+           "is disabled on this PBS server, and the job would run on the host (hint: ask "
+           "your administrator; leave out %s to run the job on the host)")
 
 
 def _text(value):
