@@ -215,19 +215,23 @@ def _remove_guard() -> None:
     subprocess.run(["qmgr", "-c", f"delete hook {HOOK}_guard"], capture_output=True, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def marked_image(push, registry_http, test_images, tmp_path_factory):
+def marked_layout(directory: Path):
     """busybox with a marker file: output that can only come from inside the image."""
     from tests.harness.oci import ImageConfig, Layer, LayerBuilder, LayoutWriter, TAG
     from tests.harness.images import TestImage, busybox_layer
 
-    layout = tmp_path_factory.mktemp("marked") / "layout"
+    layout = directory / "layout"
     marker = LayerBuilder()
     marker.file(IMAGE_MARKER.lstrip("/"), b"inside-the-image\n", 0o644)
     writer = LayoutWriter(layout)
     writer.tag(writer.add_image(ImageConfig(cmd=["/bin/sh"]),
                                 [Layer.build(busybox_layer()), Layer.build(marker)]), TAG)
-    return push(TestImage("marked", layout, TAG), registry_http, repo="marked")
+    return TestImage("marked", layout, TAG)
+
+
+@pytest.fixture(scope="module")
+def marked_image(push, registry_http, test_images, tmp_path_factory):
+    return push(marked_layout(tmp_path_factory.mktemp("marked")), registry_http, repo="marked")
 
 
 @pytest.mark.parametrize("how", ["-l", "-v"])
