@@ -327,6 +327,7 @@ def test_node_fault_requeues_the_job(site, pushed, node_fault, offlined):
     assert not result["accepted"]
     assert result["job_rerun"] and not result["job_delete"]
     assert "node node1 cannot run container jobs" in result["reject_message"]
+    assert result["job_comment"].endswith("; the job is requeued"), "the user sees why"
     vnodes = result["vnodes"]
     assert vnodes["node2"] == {"state": ND_FREE, "comment": None}  # another host's vnode
     for name in ("node1", "node1[1]"):

@@ -294,6 +294,7 @@ def node_fault(config: HookConfig, node: str, message: str) -> Answer:
     """Requeue the job; with node_fault=offline also take this host's vnodes out."""
     text = f"uctr: node {node} cannot run container jobs: {message}"
     answer = reject(text, "rerun").note("error", text)
+    answer["job_comment"] = (text + "; the job is requeued")[:COMMENT_MAX]  # qstat -f
     if config.node_fault == "offline":
         answer["offline"] = True
         answer["comment"] = f"uctr: {message}"[:200]
