@@ -1113,3 +1113,27 @@ def test_two_hosts_stage_once_each_and_every_rank_and_tm_task_runs_in_the_image(
     for runner in (site.runner, node2):
         assert runner.run("execjob_end", job, vnodes=vnodes)["accepted"]
     assert not (node2_run / "readiness" / job["id"]).exists()
+
+
+def test_pbs_container_args_really_apply_in_the_container(site, pushed):
+    """The launch environment PBS_CONTAINER_ARGS produces, given to the real uctr-exec as
+    the job user: the variable, the working directory and the bind are there inside."""
+    from tests.harness.users import BASE_PATH, run_as
+
+    args = "--env=FOO=bar baz;--pwd=/etc;--bind=/usr/share:/mnt/share:ro"
+    job = site.job(pushed["busybox"], variables={"PBS_CONTAINER_ARGS": args})
+    task = site.event("execjob_launch", job, progname="/bin/sh", argv=["sh", "-c", "x"],
+                      env={"PBS_CONTAINER_ARGS": args})
+    # root's, world-readable (like /etc/uctr): the user's uctr-exec reads the policy
+    etc = site.dirs.base.parent / f"etc-{site.dirs.base.name}"
+    etc.mkdir(mode=0o755)
+    policy = etc / "policy.yaml"
+    policy.write_text(site.policy.read_text())
+    policy.chmod(0o644)
+    env = dict(task["env"], PATH=BASE_PATH, HOME=str(site.dirs.home), PYTHONPATH=str(REPO),
+               UCTR_POLICY=str(policy), UCTR_RUN_DIR=str(etc / "run"))
+    probe = 'echo "FOO=$FOO cwd=$(pwd)"; test -d /mnt/share/doc && echo bound'
+    ran = run_as(site.user, [str(REPO / "launchers" / "uctr-exec"), pushed["busybox"],
+                             "sh", "-c", probe], env=env, timeout=180, cwd="/")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == ["FOO=bar baz cwd=/etc", "bound"], ran.stdout
