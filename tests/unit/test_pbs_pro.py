@@ -126,3 +126,23 @@ def test_the_policy_file_key_validates(tmp_path):
         """)
     problems, _, _ = load.check_file(bad)
     assert any("container_engines.singularity" in str(p) for p in problems), problems
+
+
+def test_policy_explain_shows_the_engine_map(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.unit.policy_util import write_policy
+
+    path = write_policy(tmp_path, """
+        version: 1
+        defaults:
+          container_engines: {singularity: auto, runc: R1}
+        """)
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "uctr_batch", "policy", "explain"],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, UCTR_POLICY=str(path), PYTHONPATH=str(repo)))
+    assert "PBS container_engine: runc -> R1, singularity -> auto" in done.stdout, done
