@@ -726,7 +726,9 @@ static void env_join(struct envbuf *e, const struct fr_line *l)
     }
     for (int i = 1; i < l->argc; i++)
         parts[nparts++] = l->argv[i];
-    for (char *p = restcopy, *save = NULL, *part; (part = strtok_r(p, ":", &save)); p = NULL) {
+    for (char *p = restcopy, *save = NULL, *part; p || save; p = NULL) {
+        if (!(part = strtok_r(p, ":", &save)))
+            break;
         int seen = 0;
         for (size_t k = 0; k < nparts && !seen; k++)
             seen = strcmp(parts[k], part) == 0;

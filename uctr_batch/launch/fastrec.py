@@ -71,7 +71,7 @@ FIELD_NAMES = tuple(f[0] for f in FIELDS)
 ENV_OPS = tuple(n for n in FIELD_NAMES if n.startswith("env_"))
 
 # Variables that differ per process and never shape the container.
-IGNORED = ("UCTR_SIGSTATE", "UCTR_ARGV0")
+IGNORED = ("UCTR_SIGSTATE", "UCTR_ARGV0", "UCTR_FAST_DEBUG")
 REQUIRED_PREFIXES = recipe.STEP_ENV_PREFIXES + ("UCTR_",)
 
 
