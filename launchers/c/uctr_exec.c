@@ -27,6 +27,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifdef UCTR_FRONT_CONFIG
+/* Written by `uctr slurm install` / `uctr pbs install`: UCTR_PY_LAUNCHER and UCTR_FRONT_ENV,
+ * the variables the installed Python launcher's wrapper exports (UCTR_POLICY...). */
+#include "front_config.h"
+#endif
 #ifndef UCTR_PY_LAUNCHER
 #define UCTR_PY_LAUNCHER "/usr/local/lib/uctr/uctr-exec.py"
 #endif
@@ -421,12 +426,24 @@ static const char *prepare(struct join *j, int argc, char **argv)
     return NULL;
 }
 
+/* What the Python launcher's installed wrapper exports, set here first: the record's
+ * checks must see the environment the Python launcher sees, and so must the fallback. */
+static void apply_front_env(void)
+{
+#ifdef UCTR_FRONT_ENV
+    static const char *const pairs[] = { UCTR_FRONT_ENV NULL };
+    for (size_t i = 0; pairs[i] && pairs[i + 1]; i += 2)
+        setenv(pairs[i], pairs[i + 1], 1);
+#endif
+}
+
 int main(int argc, char **argv)
 {
     struct join j = { .launch = -1, .lock = -1, .ns = { -1, -1 } };
     struct stat self_user;
     char started[32], members[600], line[64];
     g_argv = argv;
+    apply_front_env();
     g_debug = getenv("UCTR_FAST_DEBUG") != NULL;
     const char *why = prepare(&j, argc, argv);
     if (why)
