@@ -62,7 +62,7 @@ class Bench:
 
     def env(self, **extra) -> dict:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(self.workdir / "home"),
-               "LANG": "C.UTF-8", "UCTR_PYTHON": VENV_PYTHON,
+               "LANG": "C.UTF-8", "UCTR_PYTHON": VENV_PYTHON, "USER": os.environ.get("USER", "root"),
                "UCTR_CACHE": str(self.workdir / "cache"), "UCTR_LOCAL_DIR": str(self.local)}
         env.update({k: str(v) for k, v in extra.items()})
         return env
@@ -104,7 +104,7 @@ class Bench:
 def peers(rootfs: Path):
     """(name, argv) of the peers installed here."""
     out = [("bare", ["/bin/true"]),
-           ("unshare", ["unshare", "-Ur", "chroot", str(rootfs), "/bin/true"])]
+           ("unshare", ["unshare", "-Ur", "/usr/sbin/chroot", str(rootfs), "/bin/true"])]
     if shutil.which("ch-run"):
         out.append(("ch-run", ["ch-run", str(rootfs), "--", "/bin/true"]))
     if shutil.which("bwrap"):
@@ -194,7 +194,7 @@ def bench_ranks(b: Bench, counts, runs: int):
                 Case("python-join", lambda r=ranks: xargs(r, [str(SHIM), b.image, "/bin/true"],
                                                           joiner, b.workdir)),
                 Case("unshare", lambda r=ranks: xargs(
-                    r, ["unshare", "-Ur", "chroot", str(b.rootfs), "/bin/true"], plain,
+                    r, ["unshare", "-Ur", "/usr/sbin/chroot", str(b.rootfs), "/bin/true"], plain,
                     b.workdir)),
             ]
             say(f"{ranks} ranks ...")
