@@ -1,8 +1,8 @@
 /* The fast-join record (launchers/c/record.md): parser, request checks and the environment
  * program. Pure functions on memory and an environment array: no file system access, so
  * the fuzz driver and the test tool exercise exactly what uctr-exec runs. */
-#ifndef UCTR_FASTREC_H
-#define UCTR_FASTREC_H
+#ifndef FASTREC_H_INCLUDED
+#define FASTREC_H_INCLUDED
 
 #include <stddef.h>
 
