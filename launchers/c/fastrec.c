@@ -684,18 +684,18 @@ static void pass_host(struct envbuf *e, const struct fr_record *rec, char *const
         size_t klen = (size_t)(eq - *h);
         if (ignored(rec, *h, klen))
             continue;
-        char name[4096];
-        if (klen >= sizeof(name))
-            continue;
-        memcpy(name, *h, klen);
-        name[klen] = '\0';
-        if (fr_getenv(envp, name) != eq + 1)
-            continue; /* a duplicate: the first one counts */
-        int hit = how == 0 ? pattern_matches(arg, name)
-                : how == 1 ? strncmp(name, arg, strlen(arg)) == 0
-                           : strcmp(name, arg) == 0;
+        char *name = strndup(*h, klen);
+        if (!name) {
+            e->failed = 1;
+            return;
+        }
+        int hit = fr_getenv(envp, name) == eq + 1 && /* of duplicates, the first counts */
+                  (how == 0 ? pattern_matches(arg, name)
+                   : how == 1 ? strncmp(name, arg, strlen(arg)) == 0
+                              : strcmp(name, arg) == 0);
         if (hit)
             env_put(e, name, klen, eq + 1);
+        free(name);
     }
 }
 

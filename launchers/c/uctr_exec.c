@@ -188,8 +188,13 @@ static int member_from_file(int launch, const char *name, unsigned long long u,
     int fd = openat(launch, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
         return -1;
+    /* the newest members are at the end: read the last 64 KiB (a line cut at its start
+     * is skipped: its pid does not parse or its start time does not match) */
     static char buf[1 << 16];
-    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    struct stat st;
+    off_t from = fstat(fd, &st) == 0 && st.st_size > (off_t)sizeof(buf) - 1
+                 ? st.st_size - (off_t)sizeof(buf) + 1 : 0;
+    ssize_t n = pread(fd, buf, sizeof(buf) - 1, from);
     close(fd);
     if (n <= 0)
         return -1;

@@ -298,3 +298,12 @@ def test_c_refuses_another_uid_cwd_or_setting(tool, tmp_path):
     out = run_tool(tool, "match", path, "/home/u/w", os.getuid(), os.getgid(), *args,
                    env=dict(env, UCTR_SIGSTATE="5:0:0"))
     assert out.startswith("argv")
+
+
+def test_records_of_finished_steps_are_removed(tmp_path):
+    old = write(tmp_path, record_lines(), "step-1.0.rec")
+    day_ago = old.stat().st_mtime - 2 * 86400
+    os.utime(old, (day_ago, day_ago))
+    recent = write(tmp_path, record_lines(), "step-2.0.rec")
+    write(tmp_path, record_lines(), "step-3.0.rec")
+    assert not old.exists() and recent.exists()

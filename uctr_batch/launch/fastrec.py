@@ -317,3 +317,25 @@ def write(dir_fd: int, name: str, lines) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    _collect_garbage(dir_fd, name)
+
+
+def _collect_garbage(dir_fd: int, keep: str) -> None:
+    """Remove the records of steps untouched for sharedns.GC_AGE (finished steps)."""
+    import time
+
+    from uctr_batch.launch.sharedns import GC_AGE
+
+    now = time.time()
+    try:
+        names = os.listdir(dir_fd)
+    except OSError:
+        return
+    for other in names:
+        if other == keep or not other.startswith("step-"):
+            continue
+        try:
+            if now - os.stat(other, dir_fd=dir_fd, follow_symlinks=False).st_mtime > GC_AGE:
+                os.unlink(other, dir_fd=dir_fd)
+        except OSError:
+            pass
