@@ -181,3 +181,27 @@ def test_all_ranks_through_the_c_front_share_one_container(node, busybox, front)
     assert all(p.returncode == 0 for p in early + late), outs
     assert len({out for out, _err in outs}) == 1, outs
     assert ["python path" in err for _out, err in outs[3:]] == [False] * 3, outs
+
+
+def test_spank_hand_over_joins_from_c_too(node, busybox, front):
+    """The SPANK plugin execs uctr_exec= with the task's argv[0] in UCTR_ARGV0 and the image
+    in UCTR_IMAGE; the rest of argv is the task's, unparsed."""
+    assert node.run(busybox, "true").returncode == 0
+    handover = {"UCTR_IMAGE": busybox, "UCTR_ARGV0": "sh"}
+    env = dict(step_env("66", "0", 8, 0), **handover)
+    creator = rank(node, SHIM, ["-c", "sleep 60"], env, popen=True)
+    deadline = time.monotonic() + 120
+    while not (node.local / "fast" / "step-66.0.rec").exists():
+        assert creator.poll() is None and time.monotonic() < deadline, "no record"
+        time.sleep(0.1)
+    try:
+        results = [rank(node, shim, ["-c", 'echo "$0 $1|$(pwd)"; env | sort | grep -v -E '
+                                     '"^(SLURM_PROCID|SLURM_LOCALID)="', "x y"],
+                        dict(step_env("66", "0", 8, r), **handover))
+                   for r, shim in ((1, front), (2, SHIM))]
+    finally:
+        stop(creator)
+    fast, slow = results
+    assert fast.returncode == 0 and not took_python(fast), fast.stderr
+    assert fast.stdout == slow.stdout and fast.stdout.startswith("x y |")  # sh -c SCRIPT ARG0
+    assert "UCTR_ARGV0" not in fast.stdout
