@@ -62,7 +62,8 @@ class Bench:
 
     def env(self, **extra) -> dict:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(self.workdir / "home"),
-               "LANG": "C.UTF-8", "UCTR_PYTHON": VENV_PYTHON, "USER": os.environ.get("USER", "root"),
+               "LANG": "C.UTF-8", "UCTR_PYTHON": VENV_PYTHON,
+               "USER": os.environ.get("USER", "root"),
                "UCTR_CACHE": str(self.workdir / "cache"), "UCTR_LOCAL_DIR": str(self.local)}
         env.update({k: str(v) for k, v in extra.items()})
         return env

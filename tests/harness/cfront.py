@@ -25,7 +25,8 @@ def build(out: Path, targets=TARGETS) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o755)
     for name in targets:
-        subprocess.run(["make", "-s", "-C", str(SRC), "-f", "Makefile", f"PY_LAUNCHER={PY_LAUNCHER}",
+        subprocess.run(["make", "-s", "-C", str(SRC), "-f", "Makefile",
+                        f"PY_LAUNCHER={PY_LAUNCHER}",
                         f"OUT={out}", str(out / name)], check=True, capture_output=True,
                        text=True)
     return {name: out / name for name in targets}

@@ -12,7 +12,8 @@ from tests.pbs.test_pbs_hook_contract import FAKE_QMGR, _uctr
 
 
 def config_of(stdout: str) -> dict:
-    return json.loads("\n".join(line[4:] for line in stdout.splitlines() if line.startswith("#   ")))
+    return json.loads("\n".join(line[4:] for line in stdout.splitlines()
+                                  if line.startswith("#   ")))
 
 
 def test_dry_run_points_the_hook_config_at_the_front(tmp_path):
