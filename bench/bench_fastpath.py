@@ -268,7 +268,9 @@ def section(start, skipped, ranks, counts, plotted: bool) -> str:
              f"the Python join: {p.median / base:.2f}x; c-join is {p.median / c.median:.1f}x "
              "faster than the Python join\n"
              f"- file-system calls per rank: c-join {c.extra.get('fs calls')} (target <= 20), "
-             f"python-join {p.extra.get('fs calls')}\n"
+             f"python-join {p.extra.get('fs calls')}; both include the payload's own (busybox "
+             "/bin/true: execve and readlink, 2) and the launcher's execve; all of the C "
+             "front's are on /proc and the node-local directory\n"
              f"- {last} concurrent warm ranks ready: c-join "
              f"{group['c-join'].median / group['unshare'].median:.2f}x {last} concurrent "
              "unshare starts (target <= 1.5x)\n")
