@@ -163,3 +163,22 @@ def test_the_hook_log_is_root_only_and_appended(tmp_path):
         os.close(fd)
     assert path.read_text() == "line\nline\n"
     assert oct(path.parent.stat().st_mode & 0o777) == "0o755"
+
+
+@pytest.mark.skipif(__import__("shutil").which("cc") is None, reason="no C compiler")
+def test_install_puts_the_c_front_before_the_python_launcher(tmp_path):
+    """bin/uctr-exec is the C front (docs/launcher.md, "Two paths"): an ELF executable,
+    not set-uid, that hands a rank it cannot join (here: no step at all) to the Python
+    launcher installed beside it, with the policy the wrapper exports."""
+    prefix = tmp_path / "prefix"
+    assert uctr("slurm", "install", "--prefix", str(prefix), "--policy", "/etc/uctr/p.yaml"
+                ).returncode == 0
+    front = prefix / "bin" / "uctr-exec"
+    python = prefix / "libexec" / "uctr" / "uctr-exec-python"
+    assert front.read_bytes()[:4] == b"\x7fELF"
+    assert front.stat().st_mode & 0o7777 == 0o755
+    assert "export UCTR_POLICY=/etc/uctr/p.yaml" in python.read_text()
+    out = subprocess.run([str(front), "--help"], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "UCTR_FAST_DEBUG": "1"})
+    assert out.returncode == 0 and out.stdout.startswith("usage: uctr-exec"), out.stderr
+    assert "uctr-exec: python path: " in out.stderr

@@ -1039,6 +1039,9 @@ def add_arguments(p: argparse.ArgumentParser, parser_class) -> None:
             action.add_argument("--policy", metavar="FILE", help="site policy path for the hook")
             action.add_argument("--uctr-exec", metavar="PATH",
                                 help="uctr-exec on the execution hosts (default: found here)")
+            action.add_argument("--c-front", metavar="DIR",
+                                help="build the C front of uctr-exec into DIR (node-local, on "
+                                     "every execution host) and start ranks through it")
             action.add_argument("--alarm", type=envnum.bounded_int(10, 3600), default=60,
                                 help="hook alarm in seconds (default 60)")
             action.add_argument("--no-mode-resource", action="store_true",

@@ -135,6 +135,30 @@ def default_config(policy: Optional[str], uctr_exec: Optional[str], alarm: int) 
         run_dir=os.environ.get("UCTR_RUN_DIR") or None, alarm=float(alarm))
 
 
+def with_c_front(config: pbs.HookConfig, directory: str, dry_run: bool) -> pbs.HookConfig:
+    """Build the C front of uctr-exec (docs/launcher.md, "Two paths") into DIRECTORY, a
+    node-local path that every execution host has (copy it there), for the Python
+    uctr-exec of CONFIG; the hook then starts ranks through the front."""
+    import dataclasses
+
+    from uctr_batch.batch import cfront
+
+    if not os.path.isabs(directory):
+        raise errors.UsageError(f"--c-front must be an absolute path: {directory}",
+                                "give a node-local directory, e.g. --c-front /usr/local/lib/uctr")
+    target = os.path.join(directory, "uctr-exec")
+    if not dry_run:
+        if cfront.compiler() is None:
+            raise errors.ConfigError("--c-front needs make and a C compiler on this host",
+                                     "install them, or leave --c-front out (Python per rank)")
+        from uctr_batch import fsutil
+
+        os.makedirs(directory, 0o755, exist_ok=True)
+        fsutil.write_atomic(Path(target), cfront.build_front(REPO_HOOK_DIR.parents[1],
+                                                             config.uctr_exec, ()), 0o755)
+    return dataclasses.replace(config, uctr_exec=target)
+
+
 def find_uctr_exec() -> str:
     """uctr-exec beside this Python, on PATH, or the shim in the checkout."""
     beside = Path(sys.executable).parent / "uctr-exec"
@@ -179,6 +203,8 @@ def install(args, out: TextIO) -> int:
         config = load_config(args.config)
     else:
         config = default_config(args.policy, args.uctr_exec, args.alarm)
+        if getattr(args, "c_front", None):
+            config = with_c_front(config, args.c_front, args.dry_run)
     hook_file = _hook_file(HOOK_FILE)
     if not os.access(config.uctr_exec, os.X_OK):
         _log.warning("uctr-exec is not at %s on this host; it must be there on every "

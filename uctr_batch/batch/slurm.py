@@ -253,6 +253,19 @@ class InstallPlan:
         return self.prefix / "bin" / "uctr-exec"
 
     @property
+    def python_launcher(self) -> Path:
+        """The Python uctr-exec (a wrapper of launchers/uctr-exec); bin/uctr-exec is the C
+        front when a compiler is there, which hands it every rank it does not join itself."""
+        return self.libexec / "uctr-exec-python"
+
+    def launcher_env(self):
+        """What the wrapper of the Python launcher exports (also set by the C front)."""
+        env = [("PYTHONPATH", str(self.source))]
+        if self.policy:
+            env.append(("UCTR_POLICY", self.policy))
+        return env + [("UCTR_PYTHON", self.python)]
+
+    @property
     def share(self) -> Path:
         return self.prefix / "share" / "uctr" / "slurm"
 
@@ -262,7 +275,8 @@ class InstallPlan:
     def steps(self) -> List[str]:
         return [f"build {self.source / 'spank'} for {slurm_release()} and install {self.plugin}",
                 f"install {self.hook('prolog')} and {self.hook('epilog')} (python: {self.python})",
-                f"install {self.uctr_exec}",
+                f"install {self.python_launcher} and {self.uctr_exec} (the C front, "
+                "when a compiler is there; else the Python launcher)",
                 f"write {self.share / 'plugstack.conf'} and {self.share / 'slurm.conf'}"]
 
     def plugstack_line(self) -> str:
@@ -315,7 +329,9 @@ def install(plan: InstallPlan) -> None:
             log_file = shlex.quote(f"{plan.log_dir.rstrip('/')}/uctr-{kind}.")
             command = (f"export {HOOK_LOG}={log_file}\"$SLURMD_NODENAME\".log\n{command}")
         _install_file(plan.hook(kind), plan.wrapper(command).encode(), 0o755)
-    _install_file(plan.uctr_exec, plan.wrapper(_launcher_command(plan)).encode(), 0o755)
+    launcher = plan.wrapper(_launcher_command(plan)).encode()
+    _install_file(plan.python_launcher, launcher, 0o755)
+    _install_file(plan.uctr_exec, _front(plan) or launcher, 0o755)
     _install_file(plan.share / "plugstack.conf", plan.plugstack_line().encode(), 0o644)
     _install_file(plan.share / "slurm.conf", plan.slurm_conf().encode(), 0o644)
     for step in plan.steps():
@@ -344,6 +360,17 @@ def _launcher_command(plan: InstallPlan) -> str:
         return f'export UCTR_PYTHON={shlex.quote(plan.python)}\nexec {shlex.quote(str(shim))} "$@"'
     _log.warning("%s is missing: %s will fail until uctr-exec is installed", shim, plan.uctr_exec)
     return 'echo "uctr: uctr-exec is not installed" >&2; exit 127'
+
+
+def _front(plan: InstallPlan) -> Optional[bytes]:
+    """The C front of uctr-exec for this install, or None (no compiler: Python alone)."""
+    from uctr_batch.batch import cfront
+
+    if cfront.compiler() is None or not (plan.source / "launchers" / "c" / "Makefile").exists():
+        _log.warning("no C compiler: %s is the Python launcher (a Python start per rank)",
+                     plan.uctr_exec)
+        return None
+    return cfront.build_front(plan.source, str(plan.python_launcher), plan.launcher_env())
 
 
 def _build_plugin(plan: InstallPlan) -> None:

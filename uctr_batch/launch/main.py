@@ -77,12 +77,18 @@ def main(argv=None) -> int:
         ctx = rank.detect(env)
         diag = Diag(ctx)
         opts = options.parse(args, env)
+        # For the fast-join record (launch.fastrec): how this rank's argv splits into the
+        # options and the command, so that the C front can tell a rank asking the same.
+        handover = bool(env.get("UCTR_ARGV0"))
+        prefix = [] if handover else args[:len(args) - len(opts.command)]
         options.consume_handover(env)
         if opts.help:
             sys.stdout.write(options.USAGE)
             return 0
         diag.verbosity = opts.verbosity
-        Launch(opts, ctx, env, diag).run()
+        launch = Launch(opts, ctx, env, diag)
+        launch.fast_request = (handover, prefix)
+        launch.run()
         return EXIT_INTERNAL  # not reached: run() execs or raises
     except UctrError as e:
         diag.error(e)
@@ -112,6 +118,7 @@ class Launch:
 
     def __init__(self, opts, ctx, env, diag: Diag):
         self.opts, self.ctx, self.env, self.diag = opts, ctx, env, diag
+        self.fast_request = None  # (handover, option tokens): main() sets it
         try:
             self.host_cwd = os.getcwd()
         except OSError:
@@ -196,17 +203,60 @@ class Launch:
                 entry = self.container(rdv.dir_fd, read_only=not self.opts.writable)
                 spec = self.rank_spec(entry["extras"], entry["spec"])
                 self.before_setup(entry, spec)
+                fast = self.fast_record_dir()  # opened before pivot_root hides the host
                 try:
                     n1.setup_namespace(spec)
                 except ModeUnavailable as e:
+                    if fast is not None:
+                        os.close(fast)
                     if explicit:
                         raise
                     return e.message
                 rdv.publish(entry["extras"], self.ctx.local_size)
+                self.write_fast_record(fast, rdv, entry, spec)
         finally:
             rdv.release()
         n1.exec_payload(spec)
         raise ModeError("exec returned", None)  # not reached
+
+    def fast_record_dir(self):
+        """The fast-join record's directory (launch.fastrec), or None: the record only
+        spares the other ranks their Python, so no failure here may stop this rank."""
+        from uctr_batch.launch import fastrec
+        from uctr_batch.launch.nodelock import open_private_dir
+
+        if self.fast_request is None or not self.ctx.step_key.isascii():
+            return None
+        try:
+            return open_private_dir(fastrec.fast_dir(self.env))
+        except (UctrError, OSError) as e:
+            self.diag.say("no fast-join record: %s" % e, 2)
+            return None
+
+    def write_fast_record(self, dir_fd, rdv, entry, spec) -> None:
+        """Describe the container just published for the C front (launchers/c)."""
+        from uctr_batch.launch import fastrec, options, staged
+
+        if dir_fd is None:
+            return
+        try:
+            handover, prefix = self.fast_request
+            # Does one more token after the options become the command? Not when the
+            # options did not reach the image (UCTR_IMAGE and no command): then it would be
+            # taken for the image, and the C front must not guess.
+            complete = handover or options.parse(list(prefix) + ["x"], self.env).command == ["x"]
+            lines = fastrec.build(
+                step_key=self.ctx.step_key, prefix=prefix, complete=complete, handover=handover,
+                config=self.image.config, policy=self.policy, user_env=self.opts.env,
+                extras=entry["extras"], env=self.env, host_cwd=self.host_cwd, cwd=spec.cwd,
+                launch_dir=rdv.directory, stem=rdv.stem, record=rdv.record,
+                inuse=staged.inuse_dir(self.local_dir, self.image.manifest_digest),
+                spec=spec, verbosity=self.opts.verbosity)
+            fastrec.write(dir_fd, fastrec.record_name(self.ctx.step_key), lines)
+        except (UctrError, OSError, ValueError, KeyError, TypeError) as e:
+            self.diag.say("cannot write the fast-join record: %s" % e, 2)
+        finally:
+            os.close(dir_fd)
 
     # -- every other mode: one container per rank -------------------------------------------
     def run_alone(self, ladder, explicit: bool) -> None:

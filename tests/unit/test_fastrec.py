@@ -1,0 +1,309 @@
+"""The fast-join record is one format on both sides (launchers/c/record.md): the Python
+writer and reference parser (uctr_batch.launch.fastrec) and the C parser of the uctr-exec
+front (launchers/c/fastrec.c). These tests fail when they drift:
+
+  * the C field table, the Python FIELDS and the table of record.md list the same fields
+    with the same arity and multiplicity, in the same order;
+  * the C parser, run on records the Python side writes (every field, hostile bytes,
+    empty strings), reads exactly what the Python parser reads;
+  * the environment program gives, in Python and in C, what the Python launcher computes
+    for a joining rank (procspec.finish_env over procspec.base_env);
+  * the C front finds the step of a rank as rank.detect does, over the launchers'
+    variables;
+  * the argv split (options vs command) agrees with options.parse.
+The C side is the ASan+UBSan build of launchers/c/fastrec_tool.c (harness.cfront)."""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.harness import cfront
+from uctr_batch.launch import fastrec, options, procspec, rank
+
+REPO = Path(__file__).resolve().parents[2]
+needs_cc = pytest.mark.skipif(cfront.compiler() is None, reason="no C compiler")
+
+
+@pytest.fixture(scope="module")
+def tool(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cfront")
+    return cfront.build(out, ("fastrec-tool",))["fastrec-tool"]
+
+
+def run_tool(tool, *args, env=None):
+    proc = subprocess.run([str(tool), *map(str, args)], capture_output=True, text=True,
+                          env=dict(cfront.SAN_ENV, **(env if env is not None else {})))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def unhex(token: str) -> str:
+    return "" if token == "-" else bytes.fromhex(token).decode("utf-8", "surrogateescape")
+
+
+def c_parse(tool, path):
+    out = run_tool(tool, "parse", path).splitlines()
+    if out[0].startswith("refused"):
+        return None
+    return [(ln.split(" ")[0], [unhex(t) for t in ln.split(" ")[1:]]) for ln in out[1:-1]]
+
+
+# -- one list of fields --------------------------------------------------------------------
+
+def c_fields():
+    source = (REPO / "launchers" / "c" / "fastrec.c").read_text()
+    rows = re.findall(r'FIELD\("([^"]+)", (\d+), (\d+), (ONCE|OPT|MANY)\)', source)
+    return [(n, int(lo), int(hi), how.lower()) for n, lo, hi, how in rows]
+
+
+def spec_fields():
+    text = (REPO / "launchers" / "c" / "record.md").read_text()
+    rows = re.findall(r"^\| `([a-z_-]+)` \| (\d+)(?:-(\d+))? \| (once|opt|many) \|", text, re.M)
+    return [(n, int(lo), int(hi or lo), how) for n, lo, hi, how in rows]
+
+
+def test_c_table_python_table_and_spec_list_the_same_fields():
+    python = [tuple(f) for f in fastrec.FIELDS]
+    assert len(python) > 30
+    assert c_fields() == python
+    assert spec_fields() == python
+
+
+# -- records written by Python, read by C ---------------------------------------------------
+
+class Spec:
+    rootfs = "/local/bundles/ab cd/rootfs"
+    binds = [("/home/u", "/home/u", False), ("/etc/hosts", "/etc/hosts", True)]
+
+
+HOSTILE = "tab\there nl\nthere 100% sp ace é \x7f end"
+EXTRAS = {
+    "passthrough_prefixes": ["PMI_", "PMIX_", "SLURM_"],
+    "passthrough_names": ["PMI_FD", "ODD"],
+    "ops": {"env_unset": ["DROP"], "env_defaults": {"DEF": "d", "KEEP": "no"},
+            "env": {"OPX": "x", "EMPTY": ""}, "env_prepend": {"PRE_LOAD": "/a.so"},
+            "env_append": {"APP": "tail"}, "ld_library_path": ["/inj/lib", "/usr/lib"],
+            "path_prefix": ["/inj/bin"]},
+    "gpu_vendor": None,
+}
+CONFIG = {"Env": ["PATH=/usr/bin:/bin", "KEEP=image", "LD_LIBRARY_PATH=/usr/lib:/x::/x",
+                  "APP=", "DROP=1", "H=" + HOSTILE],
+          "Entrypoint": ["/entry", "--flag"], "Cmd": ["default", ""]}
+POLICY = {"env": {"set": {"SITE": "1"}, "prepend": {"PATH": "/site/bin"},
+                  "append": {"MANPATH": "/m"}, "unset": ["DROP"],
+                  "passthrough": ["TERM", "MY_*", "A*Z"]}}
+USER_ENV = ["U1=one", "COPYME", "GONE", "EQ=a=b"]
+
+
+def record_lines(**overrides):
+    args = dict(step_key="77.3", prefix=["--writable", "-e", "U1=one", "img:1", "--"],
+                complete=True, handover=False, config=CONFIG, policy=POLICY,
+                user_env=USER_ENV, extras=EXTRAS,
+                env={"HOME": "/home/u", "PATH": "/usr/bin", "UCTR_IMAGE": "img:1",
+                     "UCTR_SIGSTATE": "1:0:0", "PMIX_DSTORE_21": "/x", "SLURM_JOB_ID": "77"},
+                host_cwd="/home/u/w", cwd="/home/u/w", launch_dir="/l/launch",
+                stem="step-77.3-abc", record={"generation": 2, "user": 11, "mnt": 12,
+                                              "members": [(10, "555"), (11, None)]},
+                inuse="/l/inuse/ff", spec=Spec, verbosity=0)
+    args.update(overrides)
+    return fastrec.build(**args)
+
+
+def write(tmp_path, lines, name="r.rec"):
+    path = tmp_path / name
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fastrec.write(fd, name, lines)
+    finally:
+        os.close(fd)
+    return path
+
+
+@needs_cc
+def test_c_reads_every_field_python_writes(tool, tmp_path):
+    path = write(tmp_path, record_lines() + [("fallback", HOSTILE)])
+    python = [(n, list(a)) for n, a in fastrec.parse(path.read_bytes())]
+    assert {n for n, _ in python} == set(fastrec.FIELD_NAMES)  # every field is exercised
+    assert c_parse(tool, path) == python
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+@needs_cc
+@pytest.mark.parametrize("damage", [
+    lambda d: d[:-1],                                   # no final newline
+    lambda d: d.replace(b"\nend\n", b"\n"),             # truncated
+    lambda d: d + b"end\n",                             # line after end
+    lambda d: d.replace(b"uid ", b"uid 1 "),            # too many arguments
+    lambda d: d.replace(b"\nstep ", b"\nstep  "),       # an empty token
+    lambda d: d.replace(b"%09", b"%0"),                 # a broken escape
+    lambda d: d.replace(b"%09", b"%00"),                # NUL
+    lambda d: d.replace(b"%09", b"\t"),                 # a raw control byte
+    lambda d: d.replace(b"record 1", b"record 2"),      # another version
+    lambda d: d.replace(b"\nmode N1\n", b"\nmode N1\nmode N1\n"),  # once, twice
+    lambda d: d.replace(b"\ngid", b"\nnosuch 1\ngid"),  # an unknown field
+    lambda d: b"step 1\n" + d,                          # no header first
+    lambda d: d.replace(b"%09", b"%+9"),                # int("+9", 16) would take it
+])
+def test_c_and_python_refuse_the_same_damaged_records(tool, tmp_path, damage):
+    data = damage(write(tmp_path, record_lines()).read_bytes())
+    (tmp_path / "bad.rec").write_bytes(data)
+    with pytest.raises(ValueError):
+        fastrec.parse(data)
+    assert c_parse(tool, tmp_path / "bad.rec") is None
+
+
+# -- the environment program ----------------------------------------------------------------
+
+HOSTS = [
+    {},
+    {"PATH": "/h/bin", "TERM": "xterm", "MY_A": "1", "AxyZ": "2", "COPYME": "c", "GONE": "",
+     "PMI_FD": "9", "PMIX_RANK": "3", "SLURM_X": "s", "ODD": HOSTILE, "LD_LIBRARY_PATH": "/h",
+     "APP": "hostapp", "UCTR_SIGSTATE": "1:0:0", "UCTR_ARGV0": "x", "DEF": "host"},
+    {"SLURM_JOB_ID": "7", "KEEP": "host", "DEF": "", "PRE_LOAD": "/a.so:/b.so:/a.so",
+     "PMIX_DSTORE_X": "y", "MY_": "", "U1": "host"},
+]
+
+
+def python_launcher_env(host):
+    """What launch.main.Launch.rank_spec gives a joining rank (host env without the
+    per-process UCTR_SIGSTATE and UCTR_ARGV0, as main() removes them)."""
+    host = {k: v for k, v in host.items() if k not in fastrec.IGNORED}
+    base = procspec.base_env(CONFIG, POLICY, host, USER_ENV)
+    return procspec.finish_env(base, host, EXTRAS, {}, USER_ENV)
+
+
+@pytest.mark.parametrize("host", HOSTS, ids=range(len(HOSTS)))
+def test_env_program_is_the_python_launchers_env(host):
+    program = fastrec.env_program(CONFIG, POLICY, USER_ENV, EXTRAS)
+    clean = {k: v for k, v in host.items() if k not in fastrec.IGNORED}
+    assert fastrec.run_program(program, clean) == python_launcher_env(host)
+
+
+@needs_cc
+@pytest.mark.parametrize("host", HOSTS, ids=range(len(HOSTS)))
+def test_c_env_program_is_the_python_launchers_env(tool, tmp_path, host):
+    path = write(tmp_path, record_lines())
+    out = run_tool(tool, "env", path, env=dict(host))
+    got = dict(unhex(ln.split(" ")[1]).split("=", 1) for ln in out.splitlines())
+    for key in cfront.SAN_ENV:
+        got.pop(key, None)
+    assert got == python_launcher_env(host)
+
+
+def test_what_the_c_front_cannot_reproduce_goes_to_python():
+    lines = record_lines(extras=dict(EXTRAS, gpu_vendor="nvidia"))
+    assert ("fallback", "per-rank GPU visibility") in lines
+    lines = record_lines(policy={"env": {"passthrough": ["X[AB]"]}})
+    assert any(n == "fallback" for n, *_ in lines)
+    assert any(n == "fallback" for n, *_ in record_lines(verbosity=2))
+
+
+# -- the step ----------------------------------------------------------------------------
+
+STEP_ENVS = [
+    {},
+    {"SLURM_JOB_ID": "12", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8"},
+    {"SLURM_JOBID": "12", "SLURM_STEPID": "4", "SLURM_PROCID": " 1 "},
+    {"SLURM_JOB_ID": "", "SLURM_JOBID": "9", "SLURM_STEP_ID": "1", "SLURM_PROCID": "0"},
+    {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "PMIX_NAMESPACE": "prte-x@1/z"},
+    {"OMPI_COMM_WORLD_RANK": "2", "SLURM_JOB_ID": "5", "SLURM_STEP_ID": "2"},
+    {"PMI_RANK": "1", "MPI_LOCALRANKID": "1", "PMI_SIZE": "2", "PBS_JOBID": "44.srv"},
+    {"PMIX_RANK": "0", "PMIX_NAMESPACE": "slurm.pmix.3.0"},
+    {"PALS_RANKID": "5", "PMI_SIZE": "8"},
+    {"PMI_RANK": "-1", "PMI_SIZE": "x"},
+    {"PBS_JOBID": "1.s", "PBS_TASKNUM": "3"},
+    {"PBS_JOBID": "1.s"},
+    {"SLURM_PROCID": "zz", "SLURM_STEP_ID": "1", "PMIX_RANK": "1", "PMIX_NAMESPACE": ""},
+]
+
+
+@needs_cc
+@pytest.mark.parametrize("env", STEP_ENVS, ids=range(len(STEP_ENVS)))
+def test_c_finds_the_step_rank_detect_finds(tool, env):
+    ppid = 4242
+    ctx = rank.detect(env)
+    out = run_tool(tool, "step", ppid, env=dict(env)).split()
+    assert out[0] != "doubt"
+    expected = ctx.step_key if not ctx.step_key.startswith("pid") else "pid%d" % ppid
+    assert out[:2] == [expected, fastrec.record_name(expected)]
+    assert (int(out[2]), int(out[3])) == (ctx.rank, ctx.size)
+
+
+@needs_cc
+@pytest.mark.parametrize("env", [{"SLURM_JOB_ID": "ü", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0"},
+                                 {"PMI_RANK": "--5"}, {"OMPI_COMM_WORLD_RANK": "\x1c1"}])
+def test_c_leaves_what_python_might_read_otherwise_to_python(tool, env):
+    assert run_tool(tool, "step", 1, env=env).strip() == "doubt"
+
+
+# -- options and command --------------------------------------------------------------------
+
+CASES = [
+    # (creator args, UCTR env, joiner args)
+    (["img", "a"], {}, ["img", "b", "c"]),
+    (["--writable", "img", "--", "a"], {}, ["--writable", "img", "--", "-x"]),
+    (["-e", "K=V", "img"], {}, ["-e", "K=V", "img"]),
+    (["img"], {}, ["img", "--", "x"]),                # the joiner's -- would be dropped
+    (["-w", "/w"], {"UCTR_IMAGE": "img"}, ["-w", "/w", "cmd"]),  # cmd would be the image
+    (["--", "a"], {"UCTR_IMAGE": "img"}, ["--", "b"]),
+    (["img", "a"], {}, ["--writable", "img", "a"]),
+]
+
+
+@needs_cc
+@pytest.mark.parametrize("creator,uenv,joiner", CASES, ids=range(len(CASES)))
+def test_c_splits_argv_as_options_parse_does(tool, tmp_path, creator, uenv, joiner):
+    env = dict(uenv, HOME="/h")
+    opts = options.parse(creator, env)
+    prefix = creator[:len(creator) - len(opts.command)]
+    complete = options.parse(prefix + ["x"], env).command == ["x"]
+    lines = record_lines(prefix=prefix, complete=complete, env=env, user_env=opts.env)
+    path = write(tmp_path, lines)
+    out = run_tool(tool, "match", path, "/home/u/w", os.getuid(), os.getgid(), *joiner,
+                   env=env).split()
+    try:
+        theirs = options.parse(joiner, env)
+        same = theirs.image == opts.image and theirs.env == opts.env and \
+            theirs.writable == opts.writable and theirs.workdir == opts.workdir
+    except Exception:  # noqa: BLE001 - Python refuses: C must not take it either
+        same = False
+    if out[0] == "argv":
+        assert same
+        expected = CONFIG["Entrypoint"] + (theirs.command or CONFIG["Cmd"])
+        assert [unhex(t) for t in out[1:]] == expected
+    else:
+        assert out[0] == "no:"
+        assert not same or joiner[len(prefix):][:1] == ["--"] or not complete
+
+
+@needs_cc
+def test_c_refuses_another_uid_cwd_or_setting(tool, tmp_path):
+    env = {"HOME": "/home/u", "PATH": "/usr/bin", "UCTR_IMAGE": "img:1", "PMIX_DSTORE_21": "/x",
+           "SLURM_JOB_ID": "77"}
+    path = write(tmp_path, record_lines(env=env))
+    args = ["--writable", "-e", "U1=one", "img:1", "--", "cmd"]
+    ok = run_tool(tool, "match", path, "/home/u/w", os.getuid(), os.getgid(), *args, env=env)
+    assert ok.startswith("argv")
+    for cwd, uid, changed in [("/elsewhere", os.getuid(), {}), ("/home/u/w", os.getuid() + 1, {}),
+                              ("/home/u/w", os.getuid(), {"UCTR_MOUNTS": "/a"}),
+                              ("/home/u/w", os.getuid(), {"HOME": "/other"}),
+                              ("/home/u/w", os.getuid(), {"CUDA_VISIBLE_DEVICES": "1"}),
+                              ("/home/u/w", os.getuid(), {"PMIX_DSTORE_9": "z"})]:
+        out = run_tool(tool, "match", path, cwd, uid, os.getgid(), *args, env=dict(env, **changed))
+        assert out.startswith("no:"), (cwd, uid, changed)
+    # per-process variables do not count
+    out = run_tool(tool, "match", path, "/home/u/w", os.getuid(), os.getgid(), *args,
+                   env=dict(env, UCTR_SIGSTATE="5:0:0"))
+    assert out.startswith("argv")
+
+
+def test_records_of_finished_steps_are_removed(tmp_path):
+    old = write(tmp_path, record_lines(), "step-1.0.rec")
+    day_ago = old.stat().st_mtime - 2 * 86400
+    os.utime(old, (day_ago, day_ago))
+    recent = write(tmp_path, record_lines(), "step-2.0.rec")
+    write(tmp_path, record_lines(), "step-3.0.rec")
+    assert not old.exists() and recent.exists()

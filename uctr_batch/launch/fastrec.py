@@ -1,0 +1,341 @@
+"""The fast-join record: "a running step container on this node", for the C front.
+
+The rank that creates a step's N1 container (sharedns.Rendezvous.publish) also writes this
+record; the C front `uctr-exec` (launchers/c/uctr_exec.c) reads it and, when the request of
+the rank at hand is the creator's, joins the container and execs the payload without
+starting Python. Anything it does not understand or cannot check sends it to this Python
+launcher, unchanged. The format is specified in launchers/c/record.md; FIELDS below and the
+C table in launchers/c/fastrec.c are one list (tests/unit/test_fastrec.py compares them and
+runs the C parser on records written here).
+
+Where: <UCTR_LOCAL_DIR, else /tmp/uctr-UID>/fast/step-<safe step key>.rec, 0600. Not the
+policy's storage.local_dir: the C front reads no policy, so the directory must follow from
+the environment alone.
+
+Only the stdlib's start-up set is imported: this runs in the creating rank.
+"""
+
+import os
+
+from uctr_batch import envspec
+from uctr_batch.launch import procspec, recipe
+
+VERSION = 1
+HEADER = "uctr-fast-record"
+FAST_DIR = "fast"
+MAX_BYTES = 1 << 20  # the C parser refuses larger records
+MAX_LINES = 65536
+
+# (name, least args, most args, how often). "once": exactly once; "opt": at most once;
+# "many": any number of times. Order of lines matters only for the env_* program and the
+# repeated list fields (opt, entrypoint, cmd, member).
+FIELDS = (
+    (HEADER, 1, 1, "once"),      # format version
+    ("step", 1, 1, "once"),      # the step key (rank.RankContext.step_key)
+    ("uid", 1, 1, "once"),       # the caller's uid and gid: the C front's must be equal
+    ("gid", 1, 1, "once"),
+    ("mode", 1, 1, "once"),      # N1 (the only mode whose ranks share a container)
+    ("fallback", 1, 1, "opt"),   # a reason: the C front must hand over to Python
+    ("launch_dir", 1, 1, "once"),  # the rendezvous directory (host path, private)
+    ("stem", 1, 1, "once"),      # step-...: STEM.lock, STEM.gN.members
+    ("generation", 1, 1, "once"),
+    ("user_ns", 1, 1, "once"),   # namespace inodes a member must have
+    ("mnt_ns", 1, 1, "once"),
+    ("member", 2, 2, "many"),    # PID START-TIME: creator and holder
+    ("inuse_dir", 1, 1, "opt"),  # where a rank marks the bundle in use (pid-PID)
+    ("rootfs", 1, 1, "once"),    # informational: applied already
+    ("bind", 3, 3, "many"),      # SRC DST ro|rw, informational: applied already
+    ("host_cwd", 1, 1, "once"),  # the creator's cwd: a rank elsewhere goes to Python
+    ("cwd", 1, 1, "once"),       # the working directory inside for such a rank
+    ("handover", 1, 1, "once"),  # 1: SPANK's UCTR_ARGV0 hand-over, command = ARGV0 + argv
+    ("opt", 1, 1, "many"),       # the option tokens before the command, in order
+    ("opts_complete", 1, 1, "once"),  # 1: any token after the opts is the command
+    ("entrypoint", 1, 1, "many"),
+    ("cmd", 1, 1, "many"),       # the image's Cmd (used when no command is given)
+    ("require", 2, 2, "many"),   # NAME VALUE: the host env must have NAME=VALUE
+    ("absent", 1, 1, "many"),    # NAME: the host env must not have NAME
+    ("require_prefix", 1, 1, "many"),  # PREFIX: host NAMEs with it are exactly the required
+    ("ignore", 1, 1, "many"),    # NAME: exempt from require_prefix (per-process variables)
+    ("env_set", 2, 2, "many"),   # the environment program, in order (see run_program)
+    ("env_pass", 1, 1, "many"),
+    ("env_pass_prefix", 1, 1, "many"),
+    ("env_pass_name", 1, 1, "many"),
+    ("env_copy", 1, 1, "many"),
+    ("env_unset", 1, 1, "many"),
+    ("env_default", 2, 2, "many"),
+    ("env_join", 2, 256, "many"),
+    ("env_append", 2, 2, "many"),
+    ("end", 0, 0, "once"),       # last line: a truncated record is refused
+)
+FIELD_NAMES = tuple(f[0] for f in FIELDS)
+ENV_OPS = tuple(n for n in FIELD_NAMES if n.startswith("env_"))
+
+# Variables that differ per process and never shape the container.
+IGNORED = ("UCTR_SIGSTATE", "UCTR_ARGV0", "UCTR_FAST_DEBUG")
+REQUIRED_PREFIXES = recipe.STEP_ENV_PREFIXES + ("UCTR_",)
+
+
+class Unsupported(Exception):
+    """The C front cannot reproduce this rank exactly; the record says fallback."""
+
+
+# -- encoding -------------------------------------------------------------------------------
+
+def encode(value) -> str:
+    """One token: bytes outside '!'..'~' and '%' as %XX; the empty string as %-."""
+    data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else bytes(value)
+    if not data:
+        return "%-"
+    return "".join(chr(b) if 0x21 <= b <= 0x7e and b != 0x25 else "%%%02X" % b for b in data)
+
+
+def decode(token: str) -> str:
+    """encode()'s inverse; ValueError for anything encode() cannot have written."""
+    if token == "%-":
+        return ""
+    raw = token.encode("ascii")
+    if not raw:
+        raise ValueError("empty token")
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        b = raw[i]
+        if b == 0x25:
+            pair = raw[i + 1:i + 3]
+            if len(pair) != 2 or any(c not in _HEX for c in pair):
+                raise ValueError("bad escape")
+            out.append(int(pair, 16))
+            i += 3
+        elif 0x21 <= b <= 0x7e:
+            out.append(b)
+            i += 1
+        else:
+            raise ValueError("raw byte %d" % b)
+    if 0 in out:
+        raise ValueError("NUL in a token")
+    return out.decode("utf-8", "surrogateescape")
+
+
+_HEX = b"0123456789abcdefABCDEF"
+
+
+def dumps(lines) -> bytes:
+    """[(name, arg, ...)] -> the record's bytes."""
+    return "".join(" ".join((name,) + tuple(encode(a) for a in args)) + "\n"
+                   for name, *args in lines).encode("ascii")
+
+
+def parse(data: bytes):
+    """The record's lines as [(name, [args])]; ValueError when it breaks a rule of FIELDS
+    (the reference for the C parser: both must accept and refuse the same records)."""
+    if len(data) > MAX_BYTES:
+        raise ValueError("record too large")
+    text = data.decode("ascii")
+    if not text.endswith("\n"):
+        raise ValueError("no final newline")
+    if text.count("\n") > MAX_LINES:
+        raise ValueError("too many lines")
+    table = {f[0]: f for f in FIELDS}
+    seen = {}
+    out = []
+    for line in text[:-1].split("\n"):
+        name, *tokens = line.split(" ")
+        spec = table.get(name)
+        if spec is None:
+            raise ValueError("unknown field %r" % name)
+        if "end" in seen:
+            raise ValueError("line after end")
+        if not out and name != HEADER:
+            raise ValueError("no header")
+        if not spec[1] <= len(tokens) <= spec[2]:
+            raise ValueError("%s: %d arguments" % (name, len(tokens)))
+        seen[name] = seen.get(name, 0) + 1
+        if spec[3] != "many" and seen[name] > 1:
+            raise ValueError("%s repeated" % name)
+        out.append((name, [decode(t) for t in tokens]))
+    for name, _lo, _hi, how in FIELDS:
+        if how == "once" and name not in seen:
+            raise ValueError("%s missing" % name)
+    if out[0][1] != [str(VERSION)]:
+        raise ValueError("unknown version")
+    return out
+
+
+# -- where ----------------------------------------------------------------------------------
+
+def fast_dir(env) -> str:
+    base = env.get("UCTR_LOCAL_DIR") or "/tmp/uctr-%d" % os.getuid()
+    return os.path.join(base, FAST_DIR)
+
+
+def record_name(step_key: str) -> str:
+    from uctr_batch.launch.sharedns import safe_name
+
+    return "step-%s.rec" % safe_name(step_key)
+
+
+# -- the environment program ----------------------------------------------------------------
+
+def env_program(config, policy, user_env, extras):
+    """The payload's environment as a program over the host environment: what
+    procspec.finish_env(procspec.base_env(...), ...) computes, with everything that does not
+    depend on the host's variables folded into env_set lines."""
+    rules = procspec.Rules(policy.get("env"))
+    base = envspec.parse_image_env(config.get("Env") or [])
+    base.setdefault("PATH", envspec.DEFAULT_PATH)
+    base = envspec.apply_rules(base, rules)
+    prog = [("env_set", k, v) for k, v in base.items()]
+    for pattern in rules.passthrough:
+        if "[" in pattern or "\\" in pattern:
+            raise Unsupported("passthrough pattern %s" % pattern)  # fnmatch dialects differ
+        prog.append(("env_pass", pattern))
+    user = _user_ops(user_env)
+    prog += user
+    prog += [("env_pass_prefix", p) for p in extras.get("passthrough_prefixes") or ()]
+    prog += [("env_pass_name", n) for n in extras.get("passthrough_names") or ()]
+    ops = extras.get("ops") or {}
+    prog += [("env_unset", k) for k in ops.get("env_unset") or ()]
+    prog += [("env_default", k, v) for k, v in (ops.get("env_defaults") or {}).items()]
+    prog += [("env_set", k, v) for k, v in (ops.get("env") or {}).items()]
+    prog += [("env_join", k, v) for k, v in (ops.get("env_prepend") or {}).items()]
+    prog += [("env_append", k, v) for k, v in (ops.get("env_append") or {}).items()]
+    if ops.get("ld_library_path"):
+        prog.append(("env_join", "LD_LIBRARY_PATH") + tuple(ops["ld_library_path"]))
+    if ops.get("path_prefix"):
+        prog.append(("env_join", "PATH") + tuple(ops["path_prefix"]))
+    if extras.get("gpu_vendor"):
+        raise Unsupported("per-rank GPU visibility")
+    return prog + user
+
+
+def _user_ops(user_env):
+    out = []
+    for item in user_env or ():
+        key, sep, value = item.partition("=")
+        if not key:
+            raise Unsupported("bad -e")
+        out.append(("env_set", key, value) if sep else ("env_copy", key))
+    return out
+
+
+def run_program(program, host_env) -> dict:
+    """The reference interpreter (launchers/c/fastrec.c run_env has the same rules)."""
+    env = {}
+    for name, *args in program:
+        if name == "env_set":
+            env[args[0]] = args[1]
+        elif name == "env_pass":
+            env.update(envspec.passthrough(host_env, (args[0],)))
+        elif name == "env_pass_prefix":
+            env.update({k: v for k, v in host_env.items() if k.startswith(args[0])})
+        elif name == "env_pass_name":
+            if args[0] in host_env:
+                env[args[0]] = host_env[args[0]]
+        elif name == "env_copy":
+            if args[0] in host_env:
+                env[args[0]] = host_env[args[0]]
+            else:
+                env.pop(args[0], None)
+        elif name == "env_unset":
+            env.pop(args[0], None)
+        elif name == "env_default":
+            env.setdefault(args[0], args[1])
+        elif name == "env_join":
+            env[args[0]] = procspec._join_path(args[1:], env.get(args[0]))
+        elif name == "env_append":
+            env[args[0]] = args[1] if not env.get(args[0]) else env[args[0]] + ":" + args[1]
+    return env
+
+
+# -- the record -----------------------------------------------------------------------------
+
+def requirements(env):
+    """What a rank's environment must hold to ask for the creator's container: the
+    variables the namespace key reads (recipe.image_inputs, recipe.inputs), and every UCTR_*
+    setting."""
+    names = recipe.IMAGE_ENV + recipe.STEP_ENV
+    if not (env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS")):
+        names += recipe.RANK_GPU_VARS
+    lines = []
+    for name in names:
+        lines.append(("require", name, env[name]) if name in env else ("absent", name))
+    for prefix in REQUIRED_PREFIXES:
+        lines.append(("require_prefix", prefix))
+        lines += [("require", k, v) for k, v in sorted(env.items())
+                  if k.startswith(prefix) and k not in names and k not in IGNORED]
+    lines += [("ignore", n) for n in IGNORED]
+    return lines
+
+
+def build(*, step_key, prefix, complete, handover, config, policy, user_env, extras, env, host_cwd,
+          cwd, launch_dir, stem, record, inuse, spec, verbosity):
+    """The record's lines (without the header and end), for Rendezvous record `record`."""
+    lines = [("step", step_key), ("uid", str(os.getuid())), ("gid", str(os.getgid())),
+             ("mode", "N1")]
+    reason = None
+    try:
+        program = env_program(config, policy, user_env, extras)
+    except Unsupported as e:
+        program, reason = [], str(e)
+    if verbosity >= 2:
+        reason = reason or "--verbose diagnostics"
+    if host_cwd is None:
+        reason = reason or "no working directory on the host"
+    if reason:
+        lines.append(("fallback", reason))
+    lines += [("launch_dir", launch_dir), ("stem", stem),
+              ("generation", str(record["generation"])), ("user_ns", str(record["user"])),
+              ("mnt_ns", str(record["mnt"]))]
+    lines += [("member", str(pid), str(started or "0")) for pid, started in record["members"]]
+    if inuse:
+        lines.append(("inuse_dir", inuse))
+    lines.append(("rootfs", spec.rootfs))
+    lines += [("bind", src, dst, "ro" if ro else "rw") for src, dst, ro in spec.binds]
+    lines += [("host_cwd", host_cwd or "/"), ("cwd", cwd), ("handover", "1" if handover else "0")]
+    lines += [("opt", token) for token in prefix]
+    lines.append(("opts_complete", "1" if complete else "0"))
+    lines += [("entrypoint", a) for a in config.get("Entrypoint") or ()]
+    lines += [("cmd", a) for a in config.get("Cmd") or ()]
+    lines += requirements(env)
+    return lines + program
+
+
+def write(dir_fd: int, name: str, lines) -> None:
+    """Replace NAME (0600, through a temporary file and rename: readers see whole records)."""
+    data = dumps([(HEADER, str(VERSION))] + list(lines) + [("end",)])
+    if len(data) > MAX_BYTES:
+        data = dumps([(HEADER, str(VERSION))] + [ln for ln in lines if ln[0] in (
+            "step", "uid", "gid", "mode", "launch_dir", "stem", "generation", "user_ns",
+            "mnt_ns", "rootfs", "host_cwd", "cwd", "handover", "opts_complete")]
+            + [("fallback", "record too large"), ("end",)])
+    tmp = "%s.%d.tmp" % (name, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    _collect_garbage(dir_fd, name)
+
+
+def _collect_garbage(dir_fd: int, keep: str) -> None:
+    """Remove the records of steps untouched for sharedns.GC_AGE (finished steps)."""
+    import time
+
+    from uctr_batch.launch.sharedns import GC_AGE
+
+    now = time.time()
+    try:
+        names = os.listdir(dir_fd)
+    except OSError:
+        return
+    for other in names:
+        if other == keep or not other.startswith("step-"):
+            continue
+        try:
+            if now - os.stat(other, dir_fd=dir_fd, follow_symlinks=False).st_mtime > GC_AGE:
+                os.unlink(other, dir_fd=dir_fd)
+        except OSError:
+            pass
