@@ -56,6 +56,10 @@ class Target:
 
 
 def looks_like_path(text: str) -> bool:
+    """A rootfs or bundle directory; a path to a file is an image file (squashfs, as in
+    pyxis), a missing path is reported by target_from_path."""
+    if os.path.isfile(text):
+        return False
     return text.startswith(("/", "./", "../")) or text in (".", "..") or os.path.isdir(text)
 
 
