@@ -50,7 +50,10 @@ int uctr_client_post_opt(spank_t sp, const struct uctr_config *cfg)
         || hand_over(sp, "UCTR_MOUNTS", a->mounts) || hand_over(sp, "UCTR_WORKDIR", a->workdir)
         || hand_over(sp, "UCTR_ENV_NAMES", a->env_names)
         || hand_over(sp, "UCTR_WRITABLE", flag(a->writable))
-        || hand_over(sp, "UCTR_MOUNT_HOME", flag(a->mount_home)))
+        || hand_over(sp, "UCTR_MOUNT_HOME", flag(a->mount_home))
+        || hand_over(sp, "UCTR_NAME", a->name) || hand_over(sp, "UCTR_SAVE", a->save)
+        || hand_over(sp, "UCTR_REMAP_ROOT", flag(a->remap_root))
+        || hand_over(sp, "UCTR_ENTRYPOINT", flag(a->entrypoint)))
         return -1;
     return 0;
 }

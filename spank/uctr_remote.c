@@ -41,14 +41,18 @@ static int set_env(spank_t sp, const char *name, const char *value)
     return 0;
 }
 
-/* --container-image (or its env default) wins over Slurm's built-in --container */
+/* --container-image (or its env default) wins over Slurm's built-in --container; a step
+ * with only --container-name runs in that existing container (image "") */
 static int step_image(spank_t sp, char *image, size_t len)
 {
     if (uctr_args.image) {
         snprintf(image, len, "%s", uctr_args.image);
         return 1;
     }
-    return remote_env(sp, "SLURM_CONTAINER", image, len) && image[0];
+    if (remote_env(sp, "SLURM_CONTAINER", image, len) && image[0])
+        return 1;
+    image[0] = '\0';
+    return uctr_args.name != NULL;
 }
 
 /*
@@ -104,13 +108,21 @@ static int export_settings(spank_t sp, const struct uctr_config *cfg, const char
                            const char *mounts)
 {
     const struct uctr_args *a = &uctr_args;
-    if (set_env(sp, "UCTR_IMAGE", image) || set_env(sp, "UCTR_MODE", a->mode)
+    if (set_env(sp, "UCTR_IMAGE", image[0] ? image : NULL) || set_env(sp, "UCTR_MODE", a->mode)
         || set_env(sp, "UCTR_MPI", a->mpi) || set_env(sp, "UCTR_GPU", a->gpu)
         || set_env(sp, "UCTR_MOUNTS", mounts) || set_env(sp, "UCTR_WORKDIR", a->workdir)
         || set_env(sp, "UCTR_ENV_NAMES", a->env_names)
         || set_env(sp, "UCTR_WRITABLE", flag(a->writable))
         || set_env(sp, "UCTR_MOUNT_HOME", flag(a->mount_home))
         || set_env(sp, "UCTR_RUN_DIR", cfg->run_dir))
+        return -1;
+    /* pyxis's options; the entrypoint default is plugstack.conf's execute_entrypoint (0) */
+    int entrypoint = a->entrypoint != -1 ? a->entrypoint : cfg->execute_entrypoint;
+    if (set_env(sp, "UCTR_NAME", a->name) || set_env(sp, "UCTR_SAVE", a->save)
+        || set_env(sp, "UCTR_NAME_SCOPE", cfg->container_scope)
+        || set_env(sp, "UCTR_REMAP_ROOT", flag(a->remap_root))
+        || set_env(sp, "UCTR_ENTRYPOINT", flag(entrypoint))
+        || set_env(sp, "UCTR_ENTRYPOINT_LOG", flag(a->entrypoint_log)))
         return -1;
     if (cfg->policy[0] && set_env(sp, "UCTR_POLICY", cfg->policy))
         return -1;
@@ -120,8 +132,9 @@ static int export_settings(spank_t sp, const struct uctr_config *cfg, const char
 static int wrap_argv(spank_t sp, const struct uctr_config *cfg, const char *image)
 {
 #if SLURM_VERSION_NUMBER >= SLURM_VERSION_NUM(23, 11, 0)
-    const char *prefix[] = { cfg->uctr_exec, image, "--" };
-    spank_err_t rc = spank_prepend_task_argv(sp, 3, prefix);
+    /* no image (a --container-name step): uctr-exec takes the named container */
+    const char *prefix[] = { cfg->uctr_exec, image[0] ? image : "--", "--" };
+    spank_err_t rc = spank_prepend_task_argv(sp, image[0] ? 3 : 2, prefix);
     if (rc != ESPANK_SUCCESS) {
         slurm_error(UCTR_PREFIX "cannot prepend uctr-exec: %s", spank_strerror(rc));
         return -1;

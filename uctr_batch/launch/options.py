@@ -200,8 +200,19 @@ def pyxis_mount(item: str) -> str:
         raise UsageError("bad mount in UCTR_MOUNTS: %s" % item, "use SRC[:DST[:ro]],...")
     src = parts[0]
     dst = parts[1] if len(parts) > 1 and parts[1] else src
-    flags = parts[2].split("+") if len(parts) > 2 else []
+    flags = [f for f in parts[2].split("+") if f] if len(parts) > 2 else []
+    unknown = [f for f in flags if f not in MOUNT_FLAGS]
+    if unknown or src in ("tmpfs", "umount"):
+        what = "mount flag %s" % unknown[0] if unknown else "mount source %s" % src
+        raise UsageError("--container-mounts=%s: %s is not supported by uctr" % (item, what),
+                         "uctr takes the flags %s; see docs/migration.md" % ", ".join(MOUNT_FLAGS))
     return "%s:%s:%s" % (src, dst, "ro" if "ro" in flags else "rw")
+
+
+# pyxis/enroot mount flags uctr honours: ro/rw; its binds are recursive and private and
+# their mount points are created anyway. Others (nosuid, slave, ...) are refused, not ignored.
+MOUNT_FLAGS = ("ro", "rw", "rbind", "bind", "rprivate", "private", "x-create=auto",
+               "x-create=dir", "x-create=file")
 
 
 def _checked(opts: Options, env) -> Options:
