@@ -253,11 +253,13 @@ static int check_image(const char *v)
 }
 
 /* pyxis's flags joined by '+'; uctr honours these (ro/rw; binds are recursive and private
- * anyway; mount points are created) and refuses the others rather than ignore them */
+ * anyway; mount points are created; nosuid/nodev hold in an unprivileged container) and
+ * refuses the others rather than ignore them */
 static int check_mount_flags(const char *flags, const char *whole)
 {
     static const char *known[] = { "ro", "rw", "rbind", "bind", "rprivate", "private",
-                                   "x-create=auto", "x-create=dir", "x-create=file" };
+                                   "nosuid", "nodev", "x-create=auto", "x-create=dir",
+                                   "x-create=file" };
     char *copy = strdup(flags), *save = NULL;
     int rc = 0;
     for (char *f = strtok_r(copy, "+", &save); f && !rc; f = strtok_r(NULL, "+", &save)) {
@@ -266,8 +268,8 @@ static int check_mount_flags(const char *flags, const char *whole)
             i++;
         if (i == sizeof(known) / sizeof(known[0]))
             rc = invalid("container-mounts", whole,
-                         "uctr supports the mount flags ro, rw, rbind, rprivate and x-create "
-                         "only (see docs/migration.md)");
+                         "uctr supports the mount flags ro, rw, rbind, rprivate, nosuid, "
+                         "nodev and x-create only (see docs/migration.md)");
     }
     free(copy);
     return rc;

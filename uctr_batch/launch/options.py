@@ -209,10 +209,11 @@ def pyxis_mount(item: str) -> str:
     return "%s:%s:%s" % (src, dst, "ro" if "ro" in flags else "rw")
 
 
-# pyxis/enroot mount flags uctr honours: ro/rw; its binds are recursive and private and
-# their mount points are created anyway. Others (nosuid, slave, ...) are refused, not ignored.
-MOUNT_FLAGS = ("ro", "rw", "rbind", "bind", "rprivate", "private", "x-create=auto",
-               "x-create=dir", "x-create=file")
+# pyxis/enroot mount flags uctr honours: ro/rw; its binds are recursive and private, their
+# mount points are created, and nosuid/nodev hold anyway for an unprivileged container (no
+# uid or device of the host gains anything in it). Others (noexec, slave...) are refused.
+MOUNT_FLAGS = ("ro", "rw", "rbind", "bind", "rprivate", "private", "nosuid", "nodev",
+               "x-create=auto", "x-create=dir", "x-create=file")
 
 
 def _checked(opts: Options, env) -> Options:
