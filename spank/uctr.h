@@ -44,6 +44,7 @@ struct uctr_args {
     int remap_root;
     int entrypoint;
     int entrypoint_log;
+    char *unshare;       /* pyxis 0.24 --container-unshare: refused with the reason */
 };
 
 extern struct uctr_args uctr_args;

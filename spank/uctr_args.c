@@ -26,7 +26,7 @@ enum opt_id {
     OPT_IMAGE = 1, OPT_MOUNTS, OPT_WORKDIR, OPT_ENV, OPT_WRITABLE, OPT_READONLY,
     OPT_MOUNT_HOME, OPT_NO_MOUNT_HOME, OPT_MODE, OPT_MPI, OPT_GPU,
     OPT_NAME, OPT_SAVE, OPT_REMAP_ROOT, OPT_NO_REMAP_ROOT, OPT_ENTRYPOINT, OPT_NO_ENTRYPOINT,
-    OPT_ENTRYPOINT_LOG,
+    OPT_ENTRYPOINT_LOG, OPT_UNSHARE,
 };
 
 static void replace(char **slot, const char *value)
@@ -58,6 +58,7 @@ static int on_option(int val, const char *optarg, int remote)
     case OPT_ENTRYPOINT: uctr_args.entrypoint = 1; break;
     case OPT_NO_ENTRYPOINT: uctr_args.entrypoint = 0; break;
     case OPT_ENTRYPOINT_LOG: uctr_args.entrypoint_log = 1; break;
+    case OPT_UNSHARE: replace(&uctr_args.unshare, optarg); break;
     default: return -1;
     }
     return 0;
@@ -120,6 +121,9 @@ static struct spank_option options[] = {
     { "container-entrypoint-log", NULL,
       "[uctr] show the entrypoint's output (always: it is the task's own)",
       0, OPT_ENTRYPOINT_LOG, on_option },
+    { "container-unshare", "net,ipc,uts",
+      "[uctr] pyxis 0.24's option; refused: tasks share the host's network, IPC and UTS",
+      1, OPT_UNSHARE, on_option },
     SPANK_OPTIONS_TABLE_END
 };
 
@@ -135,7 +139,13 @@ int uctr_args_register(spank_t sp)
     return 0;
 }
 
-/* UCTR_CONTAINER_<suffix>, else pyxis's PYXIS_CONTAINER_<suffix> */
+/*
+ * UCTR_CONTAINER_<suffix>, else pyxis's PYXIS_CONTAINER_<suffix>. The names, in full:
+ * UCTR_CONTAINER_IMAGE MOUNTS WORKDIR ENV MODE MPI GPU NAME SAVE WRITABLE READONLY MOUNT_HOME
+ * REMAP_ROOT ENTRYPOINT ENTRYPOINT_LOG, i.e. UCTR_CONTAINER_NAME, UCTR_CONTAINER_SAVE,
+ * UCTR_CONTAINER_READONLY, UCTR_CONTAINER_REMAP_ROOT, UCTR_CONTAINER_ENTRYPOINT,
+ * UCTR_CONTAINER_ENTRYPOINT_LOG, UCTR_CONTAINER_UNSHARE, and the same with PYXIS_.
+ */
 static int get_default(const char *suffix, char *buf, size_t len,
                        int (*get)(void *, const char *, char *, size_t), void *ctx,
                        char *which, size_t which_len)
@@ -203,6 +213,7 @@ void uctr_args_env_defaults(int (*get)(void *, const char *, char *, size_t), vo
     default_string(&uctr_args.gpu, "GPU", get, ctx);
     default_string(&uctr_args.name, "NAME", get, ctx);
     default_string(&uctr_args.save, "SAVE", get, ctx);
+    default_string(&uctr_args.unshare, "UNSHARE", get, ctx);
     default_flag(&uctr_args.writable, "WRITABLE", get, ctx);
     default_flag_inv(&uctr_args.writable, "READONLY", 1, get, ctx);
     default_flag(&uctr_args.mount_home, "MOUNT_HOME", get, ctx);
@@ -217,7 +228,7 @@ int uctr_args_any_set(void)
            || uctr_args.mpi || uctr_args.gpu || uctr_args.writable != -1
            || uctr_args.mount_home != -1 || uctr_args.name || uctr_args.save
            || uctr_args.remap_root != -1 || uctr_args.entrypoint != -1
-           || uctr_args.entrypoint_log != -1;
+           || uctr_args.entrypoint_log != -1 || uctr_args.unshare;
 }
 
 /* ---- syntax checks: each prints one "uctr: --option: why" line and returns -1 ---------- */
@@ -352,6 +363,10 @@ int uctr_args_validate(void)
     }
     if (a->name && check_name(a->name))
         return -1;
+    if (a->unshare)
+        return invalid("container-unshare", a->unshare,
+                       "not supported: uctr runs tasks in the host's network, IPC and UTS "
+                       "namespaces, which MPI and the fabric need (see docs/migration.md)");
     if (a->save && (!a->save[0] || a->save[strlen(a->save) - 1] == '/'))
         return invalid("container-save", a->save, "target is a directory; name a file");
     if (a->image && check_image(a->image))
