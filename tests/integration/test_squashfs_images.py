@@ -122,3 +122,21 @@ def test_saved_rootfs_is_accepted_again(uctr, images, tmp_path):
 def test_environment_file_parsing():
     text = 'PATH="/usr/bin:/bin"\nexport A=1\n# comment\nB=\'two words\'\nnot a line\n1X=bad\n'
     assert squashfs.parse_environment(text) == ["PATH=/usr/bin:/bin", "A=1", "B=two words"]
+
+
+def test_uctr_run_name_and_save(uctr, images, tmp_path):
+    image = images / "plain.sqsh"
+    ok(uctr("run", "--mode", "P1", "--name", "dev", image, "/bin/sh", "-c",
+            "echo kept > /etc/run-marker"))
+    assert ok(uctr("run", "--mode", "P1", "--name", "dev", image, "/bin/cat",
+                   "/etc/run-marker")) == "kept\n"
+    cp = uctr("run", "--mode", "P1", "--name", "dev:create", image, "/bin/true")
+    assert cp.returncode == 2 and "already exists" in cp.stderr
+    saved = tmp_path / "run-saved.sqsh"
+    ok(uctr("run", "--mode", "P1", "--save", saved, image, "/bin/sh", "-c",
+            "echo saved > /etc/run-saved"))
+    os.chmod(tmp_path, 0o755)
+    assert ok(uctr("run", "--mode", "P1", saved, "/bin/cat", "/etc/run-saved")) == "saved\n"
+    # the unnamed run's copy went away after saving; the base image never changed
+    cp = uctr("run", "--mode", "P1", image, "/bin/cat", "/etc/run-saved")
+    assert cp.returncode != 0

@@ -98,21 +98,6 @@ def main(argv=None) -> int:
         return EXIT_INTERNAL
 
 
-def _wait_child(pid: int) -> int:
-    """The exit status of child PID as a shell reports it (128+N for signal N)."""
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            return EXIT_INTERNAL
-        if os.WIFSTOPPED(status):
-            continue
-        return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) \
-            else 128 + os.WTERMSIG(status)
-
-
 def _traceback(diag: Diag) -> None:
     try:
         import traceback
@@ -186,39 +171,10 @@ class Launch:
         image, box = named.prepare(local_dir, self.opts, self.ctx, stage, self.diag.say)
         self.opts.writable = True  # a named container keeps its changes: that is its point
         if self.opts.save and self.ctx.local_rank == 0 and self.ctx.node_id in (None, 0):
-            self.save_after_payload(box, timeout)  # returns in the child only
+            named.save_after_payload(box, self.opts.save, self.ctx, timeout,
+                                     keep=bool(self.opts.name), diag=self.diag)
+            # (returns in the child only, which goes on to exec the payload)
         return image
-
-    def save_after_payload(self, box, timeout) -> None:
-        """Fork: the child goes on to exec the payload; this process waits for the step's
-        ranks on this node, saves the container, and exits with the payload's status."""
-        import signal
-
-        pid = os.fork()
-        if pid == 0:
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
-                    signal.SIGUSR2, signal.SIGCONT):
-            signal.signal(sig, lambda signum, _frame: os.kill(pid, signum))
-        status = _wait_child(pid)
-        self.save_now(box, pid, timeout)
-        os._exit(status)
-
-    def save_now(self, box, child_pid, timeout) -> None:
-        from uctr_batch.image import squashfs
-        from uctr_batch.launch import named
-
-        if not named.wait_for_step(box, self.ctx, child_pid, timeout):
-            self.diag.warn("--container-save: other ranks still run after %ds; saving now"
-                           % timeout)
-        try:
-            squashfs.save(box.rootfs, self.opts.save)
-            self.diag.say("saved the container as %s" % self.opts.save, 1)
-        except UctrError as e:
-            self.diag.error(e)
-        finally:
-            if not self.opts.name:
-                named.remove(box.path)
 
     # -- N1: one container per step and node ------------------------------------------------
     def run_shared(self, explicit: bool) -> str:

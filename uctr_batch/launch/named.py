@@ -195,6 +195,54 @@ def wait_for_step(box: Container, ctx, child_pid: int, timeout: float) -> bool:
     return False
 
 
+def save_after_payload(box: Container, target: str, ctx, timeout: float, keep: bool,
+                       diag) -> None:
+    """Fork: the child returns (and goes on to exec the payload); this process waits for the
+    step's ranks on this node, saves BOX as a squashfs image at TARGET, removes BOX unless
+    KEEP (a named container), and exits with the payload's status. Signals are passed on."""
+    import signal
+
+    pid = os.fork()
+    if pid == 0:
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+                signal.SIGCONT):
+        signal.signal(sig, lambda signum, _frame: os.kill(pid, signum))
+    status = _wait_child(pid)
+    from uctr_batch.errors import UctrError
+    from uctr_batch.image import squashfs
+
+    if not wait_for_step(box, ctx, pid, timeout):
+        diag.warn("--container-save: other ranks still run after %ds; saving now" % timeout)
+    try:
+        squashfs.save(box.rootfs, target)
+        diag.say("saved the container as %s" % target, 1)
+    except UctrError as e:
+        diag.error(e)
+        status = status or e.exit_code
+    finally:
+        if not keep:
+            _remove(box.path)
+    os._exit(status)
+
+
+def _wait_child(pid: int) -> int:
+    """The exit status of child PID as a shell reports it (128+N for signal N)."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            from uctr_batch.errors import EXIT_INTERNAL
+
+            return EXIT_INTERNAL
+        if os.WIFEXITED(status):
+            return os.WEXITSTATUS(status)
+        if os.WIFSIGNALED(status):
+            return 128 + os.WTERMSIG(status)
+
+
 def remove(path: str) -> None:
     _remove(path)
 
