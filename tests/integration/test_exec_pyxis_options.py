@@ -150,3 +150,16 @@ def test_epilog_removes_the_jobs_containers(node, sqsh):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1" and not os.path.exists(job_dir)
     assert os.path.isdir(os.path.join(named.scope_dir(str(node.local), "4242", "global"), "kept"))
+
+
+def test_a_changed_squashfs_file_is_staged_again(node, sqsh, harness):
+    copy = harness.root / "pyxis-opts" / "changing.sqsh"
+    shutil.copy(sqsh, copy)
+    os.chmod(copy, 0o644)
+    assert ok(node.run("--mode", "P1", copy, "--", "/bin/sh", "-c", "echo $GREETING",
+                       env=job(0))) == "from enroot\n"
+    root = enroot_like_rootfs(harness.root / "pyxis-opts" / "root2")
+    (root / "etc" / "environment").write_text('PATH="/bin"\nGREETING="version 2"\n')
+    mksquashfs(root, copy)
+    assert ok(node.run("--mode", "P1", copy, "--", "/bin/sh", "-c", "echo $GREETING",
+                       env=job(1))) == "version 2\n"
