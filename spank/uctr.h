@@ -65,5 +65,6 @@ int uctr_client_post_opt(spank_t sp, const struct uctr_config *cfg);
 
 /* uctr_remote.c */
 int uctr_remote_task_init(spank_t sp, const struct uctr_config *cfg);
+int uctr_remote_mark_named(spank_t sp, const struct uctr_config *cfg);
 
 #endif

@@ -12,9 +12,11 @@
  * leaves the node alone.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <slurm/slurm.h>
@@ -196,4 +198,33 @@ int uctr_remote_task_init(spank_t sp, const struct uctr_config *cfg)
     if (export_settings(sp, cfg, image, mounts))
         return -1;
     return wrap_argv(sp, cfg, image);
+}
+
+/*
+ * As root, before the task drops privileges: a step with --container-name or
+ * --container-save leaves <run_dir>/containers/<job id>, so that the epilog knows to remove
+ * the job's named containers even when the job itself asked for no image (srun-only
+ * containers). Never fails the step: without the marker a container is only left behind.
+ */
+int uctr_remote_mark_named(spank_t sp, const struct uctr_config *cfg)
+{
+    uint32_t job_id = 0, step_id = 0;
+    if (spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS
+        || spank_get_item(sp, S_JOB_STEPID, &step_id) != ESPANK_SUCCESS
+        || step_id == SLURM_EXTERN_CONT)
+        return 0;
+    uctr_args_env_defaults(remote_env, sp);
+    if (uctr_args.name == NULL && uctr_args.save == NULL)
+        return 0;
+    char path[PATH_MAX + 64];
+    if (mkdir(cfg->run_dir, 0755) && errno != EEXIST)
+        return 0;
+    snprintf(path, sizeof(path), "%s/containers", cfg->run_dir);
+    if (mkdir(path, 0755) && errno != EEXIST)
+        return 0;
+    snprintf(path, sizeof(path), "%s/containers/%u", cfg->run_dir, job_id);
+    int fd = open(path, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd >= 0)
+        close(fd);
+    return 0;
 }
