@@ -81,6 +81,7 @@ def test_named_container_keeps_step1_for_step2_and_goes_with_the_job(slurm_clust
     values = job(results, "named_container")
     assert values["step2"] == "installed"
     assert values["unnamed"] == "clean"
+    assert values["during"].split() == ["dev"]  # it was there while the job ran
     job_id = results["named_container"][0].job_id
     for node in ("node1", "node2"):  # the epilog removed the job's containers
         assert f"job-{job_id}" not in slurm_cluster.list_node_dir(node, f"{LOCAL}/containers")

@@ -8,3 +8,5 @@ srun --container-image=@IMAGE@ --container-name=dev sh -c 'echo installed > /etc
 echo "step2=$(srun --container-name=dev cat /etc/pkg-marker)"
 # An unnamed container from the same image starts clean.
 echo "unnamed=$(srun --container-image=@IMAGE@ sh -c 'cat /etc/pkg-marker 2>/dev/null || echo clean')"
+# (test probe, not pyxis style: where uctr keeps the named container on this node)
+echo "during=$(ls /tmp/uctr-$(id -u)/containers/job-$SLURM_JOB_ID | grep -v lock | tr '\n' ' ')"
