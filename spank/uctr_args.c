@@ -300,7 +300,8 @@ static int check_mount(const char *entry, const char *whole)
         rc = invalid("container-mounts", whole,
                      "tmpfs and umount sources are not supported by uctr (bind a directory)");
     else if (fields[0][0] != '/' && fields[0][0] != '.')
-        rc = invalid("container-mounts", whole, "mount source must be a path");
+        rc = invalid("container-mounts", whole,
+                     "mount source must be an absolute path or start with ./");
     else if (n >= 2 && fields[1][0] != '/')
         rc = invalid("container-mounts", whole, "mount destination must be an absolute path");
     else if (n == 3)
