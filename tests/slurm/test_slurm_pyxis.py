@@ -48,7 +48,9 @@ def images(slurm_cluster):
     ep_image = readable_layout(shared / "ep-layout",
                                ImageConfig(entrypoint=entry, cmd=["/bin/sh"]), busybox_layer())
     return {"@IMAGE@": enroot_form(slurm_cluster.image_ref("busybox")), "@SQSH@": str(sqsh),
-            "@EPIMAGE@": ep_image}
+            "@EPIMAGE@": ep_image,
+            # relative to the job's work dir (state/work/NAME), as a user writes ./img.sqsh
+            "@RELSQSH@": os.path.relpath(sqsh, slurm_cluster.path("work", "x"))}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,10 @@ def test_squashfs_image_on_every_node(results):
     assert result.state == "COMPLETED", result.output
     lines = sorted(ln for ln in result.output.splitlines() if ln.startswith("greeting="))
     assert lines == ["greeting=from enroot node=0", "greeting=from enroot node=1"]
+
+
+def test_sbatch_directives_and_a_relative_squashfs_path(results):
+    assert job(results, "sbatch_directives")["sbatch"] == "from enroot/uid0"
 
 
 def test_mounts_and_workdir(results):
