@@ -115,7 +115,8 @@ def main() -> int:
     body = "\n".join(lines) + "\n\n" + common.info_lines(common.machine_info(Path("/var/tmp")))
     print(body)
     if not args.no_write:
-        common.replace_section("squashfs", body, heading="## Squashfs images (bench/bench_squashfs.py)")
+        common.replace_section("squashfs", body,
+                               heading="## Squashfs images (bench/bench_squashfs.py)")
     return 0
 
 

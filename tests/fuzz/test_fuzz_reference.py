@@ -171,7 +171,8 @@ def test_enroot_references_round_trip(text):
     if ref is None:  # only the length rule may refuse a well-formed name
         assert len(text) > 200
         return
-    assert ref.transport == references.DOCKER and ref.registry == text.split("#")[0].split("@")[-1].replace("docker://", "")
+    registry = text.replace("docker://", "").split("#")[0].split("@")[-1]
+    assert ref.transport == references.DOCKER and ref.registry == registry
 
 
 @settings(max_examples=150, **BUDGET)

@@ -135,8 +135,9 @@ def test_refusals_name_the_option(slurm_cluster, images):
         "--container-mounts=/tmp:/t:noexec": "mount flags",
     }
     for option, message in bad.items():
-        result = slurm_cluster.srun(["-N1", "-n1", "--time=1", f"--container-image={images['@IMAGE@']}",
-                                     option, "true"], timeout=120)
+        result = slurm_cluster.srun(["-N1", "-n1", "--time=1",
+                                     f"--container-image={images['@IMAGE@']}", option, "true"],
+                                    timeout=120)
         assert result.returncode != 0 and message in result.stderr, (option, result.stderr)
     daemon = slurm_cluster.srun(["-N1", "-n1", "--time=1", "--container-image=dockerd://busybox",
                                  "true"], timeout=120)

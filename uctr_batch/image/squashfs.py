@@ -39,7 +39,8 @@ from uctr_batch.image.store import Store, build_record, digest_of_bytes
 _log = log.get("squashfs")
 
 MAGIC = b"hsqs"  # squashfs superblock, little endian
-_SIF_MAGIC = b"SIF_MAGIC"  # at offset 24 of an Apptainer/Singularity image
+_SIF_MAGIC = b"SIF_MAGIC"  # after the 32-byte launch line of an Apptainer/Singularity image
+_SIF_MAGIC_AT = 32
 _INDEX_DIR = "squashfs"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _MAX_ENVIRONMENT = 1 << 20  # /etc/environment read into memory
@@ -75,7 +76,7 @@ def _check_file(path: str) -> os.stat_result:
         os.close(fd)
     if head[:4] == MAGIC:
         return st
-    if head[24:24 + len(_SIF_MAGIC)] == _SIF_MAGIC or path.endswith(".sif"):
+    if head[_SIF_MAGIC_AT:_SIF_MAGIC_AT + len(_SIF_MAGIC)] == _SIF_MAGIC or path.endswith(".sif"):
         raise SquashfsError(f"{path} is an Apptainer/Singularity image (SIF), not a squashfs",
                             "run it in mode S1 (--container-mode=S1) where apptainer is "
                             "installed, or use the OCI image it was built from; see "

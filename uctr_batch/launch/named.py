@@ -113,9 +113,9 @@ class Container:
                    if n.startswith(step_key + "."))
 
 
-def prepare(local_dir: str, opts, ctx, stage_fn, say) -> "object":
-    """The Staged-like image whose rootfs is the named (or step's) container, created from
-    stage_fn() (the staged --container-image) when it must be."""
+def prepare(local_dir: str, opts, ctx, stage_fn, say):
+    """(Staged image whose rootfs is the named (or step's) container, its Container),
+    created from stage_fn() (the staged --container-image) when it must be."""
     from uctr_batch.launch.staged import Staged
 
     if opts.name:
