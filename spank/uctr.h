@@ -22,6 +22,9 @@ struct uctr_config {
     char run_dir[PATH_MAX];     /* node-local dir where the prolog records readiness */
     int sbatch_support;         /* register the options in sbatch/salloc */
     int batch_in_container;     /* run the batch script itself in the container */
+    int execute_entrypoint;     /* pyxis's key: run the image's entrypoint by default (0) */
+    char container_scope[8];    /* pyxis's key: named containers live for the "job" or are
+                                   kept across jobs ("global") */
 };
 
 /* -1 = not given, 0/1 = given */
@@ -35,6 +38,13 @@ struct uctr_args {
     char *gpu;
     int writable;
     int mount_home;
+    /* pyxis's options (docs/migration.md) */
+    char *name;          /* NAME[:auto|create|exec|no_create|no_exec] */
+    char *save;          /* squashfs written at the end of the step */
+    int remap_root;
+    int entrypoint;
+    int entrypoint_log;
+    char *unshare;       /* pyxis 0.24 --container-unshare: refused with the reason */
 };
 
 extern struct uctr_args uctr_args;
@@ -55,5 +65,6 @@ int uctr_client_post_opt(spank_t sp, const struct uctr_config *cfg);
 
 /* uctr_remote.c */
 int uctr_remote_task_init(spank_t sp, const struct uctr_config *cfg);
+int uctr_remote_mark_named(spank_t sp, const struct uctr_config *cfg);
 
 #endif

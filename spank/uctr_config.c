@@ -2,7 +2,11 @@
  * plugstack.conf arguments:
  *
  *   required /usr/local/lib/uctr/uctr_spank.so uctr_exec=/usr/local/bin/uctr-exec \
- *            policy=/etc/uctr/policy.yaml sbatch_support=1 batch_in_container=0
+ *            policy=/etc/uctr/policy.yaml sbatch_support=1 batch_in_container=0 \
+ *            execute_entrypoint=0 container_scope=job
+ *
+ * execute_entrypoint and container_scope are pyxis's keys with pyxis's meaning; the default
+ * scope is "job" (the epilog removes a job's named containers), "global" keeps them.
  *
  * Parsed in every callback that needs them: slurmd's job_prolog process never calls
  * slurm_spank_init, so no state from init can be relied on.
@@ -48,6 +52,19 @@ static void set_defaults(struct uctr_config *cfg)
     strcpy(cfg->run_dir, "/run/uctr");
     cfg->sbatch_support = 1;
     cfg->batch_in_container = 0;
+    cfg->execute_entrypoint = 0;  /* pyxis's default */
+    strcpy(cfg->container_scope, "job");
+}
+
+static int set_scope(char *dst, const char *value)
+{
+    if (strcmp(value, "job") && strcmp(value, "global")) {
+        slurm_error(UCTR_PREFIX "plugstack.conf: container_scope must be job or global, not %s",
+                    value);
+        return -1;
+    }
+    strcpy(dst, value);
+    return 0;
 }
 
 int uctr_config_parse(int ac, char **av, struct uctr_config *cfg)
@@ -73,6 +90,10 @@ int uctr_config_parse(int ac, char **av, struct uctr_config *cfg)
             rc = set_bool(&cfg->sbatch_support, "sbatch_support", value);
         else if (klen == 18 && !strncmp(arg, "batch_in_container", klen))
             rc = set_bool(&cfg->batch_in_container, "batch_in_container", value);
+        else if (klen == 18 && !strncmp(arg, "execute_entrypoint", klen))
+            rc = set_bool(&cfg->execute_entrypoint, "execute_entrypoint", value);
+        else if (klen == 15 && !strncmp(arg, "container_scope", klen))
+            rc = set_scope(cfg->container_scope, value);
         else {
             slurm_error(UCTR_PREFIX "plugstack.conf: unknown argument %s", arg);
             rc = -1;

@@ -12,9 +12,11 @@
  * leaves the node alone.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <slurm/slurm.h>
@@ -41,14 +43,18 @@ static int set_env(spank_t sp, const char *name, const char *value)
     return 0;
 }
 
-/* --container-image (or its env default) wins over Slurm's built-in --container */
+/* --container-image (or its env default) wins over Slurm's built-in --container; a step
+ * with only --container-name runs in that existing container (image "") */
 static int step_image(spank_t sp, char *image, size_t len)
 {
     if (uctr_args.image) {
         snprintf(image, len, "%s", uctr_args.image);
         return 1;
     }
-    return remote_env(sp, "SLURM_CONTAINER", image, len) && image[0];
+    if (remote_env(sp, "SLURM_CONTAINER", image, len) && image[0])
+        return 1;
+    image[0] = '\0';
+    return uctr_args.name != NULL;
 }
 
 /*
@@ -104,13 +110,21 @@ static int export_settings(spank_t sp, const struct uctr_config *cfg, const char
                            const char *mounts)
 {
     const struct uctr_args *a = &uctr_args;
-    if (set_env(sp, "UCTR_IMAGE", image) || set_env(sp, "UCTR_MODE", a->mode)
+    if (set_env(sp, "UCTR_IMAGE", image[0] ? image : NULL) || set_env(sp, "UCTR_MODE", a->mode)
         || set_env(sp, "UCTR_MPI", a->mpi) || set_env(sp, "UCTR_GPU", a->gpu)
         || set_env(sp, "UCTR_MOUNTS", mounts) || set_env(sp, "UCTR_WORKDIR", a->workdir)
         || set_env(sp, "UCTR_ENV_NAMES", a->env_names)
         || set_env(sp, "UCTR_WRITABLE", flag(a->writable))
         || set_env(sp, "UCTR_MOUNT_HOME", flag(a->mount_home))
         || set_env(sp, "UCTR_RUN_DIR", cfg->run_dir))
+        return -1;
+    /* pyxis's options; the entrypoint default is plugstack.conf's execute_entrypoint (0) */
+    int entrypoint = a->entrypoint != -1 ? a->entrypoint : cfg->execute_entrypoint;
+    if (set_env(sp, "UCTR_NAME", a->name) || set_env(sp, "UCTR_SAVE", a->save)
+        || set_env(sp, "UCTR_NAME_SCOPE", cfg->container_scope)
+        || set_env(sp, "UCTR_REMAP_ROOT", flag(a->remap_root))
+        || set_env(sp, "UCTR_ENTRYPOINT", flag(entrypoint))
+        || set_env(sp, "UCTR_ENTRYPOINT_LOG", flag(a->entrypoint_log)))
         return -1;
     if (cfg->policy[0] && set_env(sp, "UCTR_POLICY", cfg->policy))
         return -1;
@@ -120,8 +134,9 @@ static int export_settings(spank_t sp, const struct uctr_config *cfg, const char
 static int wrap_argv(spank_t sp, const struct uctr_config *cfg, const char *image)
 {
 #if SLURM_VERSION_NUMBER >= SLURM_VERSION_NUM(23, 11, 0)
-    const char *prefix[] = { cfg->uctr_exec, image, "--" };
-    spank_err_t rc = spank_prepend_task_argv(sp, 3, prefix);
+    /* no image (a --container-name step): uctr-exec takes the named container */
+    const char *prefix[] = { cfg->uctr_exec, image[0] ? image : "--", "--" };
+    spank_err_t rc = spank_prepend_task_argv(sp, image[0] ? 3 : 2, prefix);
     if (rc != ESPANK_SUCCESS) {
         slurm_error(UCTR_PREFIX "cannot prepend uctr-exec: %s", spank_strerror(rc));
         return -1;
@@ -183,4 +198,33 @@ int uctr_remote_task_init(spank_t sp, const struct uctr_config *cfg)
     if (export_settings(sp, cfg, image, mounts))
         return -1;
     return wrap_argv(sp, cfg, image);
+}
+
+/*
+ * As root, before the task drops privileges: a step with --container-name or
+ * --container-save leaves <run_dir>/containers/<job id>, so that the epilog knows to remove
+ * the job's named containers even when the job itself asked for no image (srun-only
+ * containers). Never fails the step: without the marker a container is only left behind.
+ */
+int uctr_remote_mark_named(spank_t sp, const struct uctr_config *cfg)
+{
+    uint32_t job_id = 0, step_id = 0;
+    if (spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS
+        || spank_get_item(sp, S_JOB_STEPID, &step_id) != ESPANK_SUCCESS
+        || step_id == SLURM_EXTERN_CONT)
+        return 0;
+    uctr_args_env_defaults(remote_env, sp);
+    if (uctr_args.name == NULL && uctr_args.save == NULL)
+        return 0;
+    char path[PATH_MAX + 64];
+    if (mkdir(cfg->run_dir, 0755) && errno != EEXIST)
+        return 0;
+    snprintf(path, sizeof(path), "%s/containers", cfg->run_dir);
+    if (mkdir(path, 0755) && errno != EEXIST)
+        return 0;
+    snprintf(path, sizeof(path), "%s/containers/%u", cfg->run_dir, job_id);
+    int fd = open(path, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd >= 0)
+        close(fd);
+    return 0;
 }

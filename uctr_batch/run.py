@@ -56,6 +56,10 @@ class Target:
 
 
 def looks_like_path(text: str) -> bool:
+    """A rootfs or bundle directory; a path to a file is an image file (squashfs, as in
+    pyxis), a missing path is reported by target_from_path."""
+    if os.path.isfile(text):
+        return False
     return text.startswith(("/", "./", "../")) or text in (".", "..") or os.path.isdir(text)
 
 
@@ -276,7 +280,10 @@ def exec_ladder(ladder: Sequence[str], spec: RunSpec, explicit: bool = False) ->
 def cmd_run(args) -> int:
     policy = node_policy()
     ladder = policy.mode_ladder(args.mode)
-    if looks_like_path(args.image):
+    box = None
+    if getattr(args, "name", None) or getattr(args, "save", None):
+        target, box = named_target(args)
+    elif looks_like_path(args.image):
         target = target_from_path(args.image)
     else:
         target = target_from_image(args)
@@ -288,8 +295,57 @@ def cmd_run(args) -> int:
                       root=args.root, read_only=args.read_only)
     if args.dry_run:
         return print_plan(ladder, spec, explicit=args.mode is not None)
+    if box is not None and args.save:
+        from uctr_batch.launch import named
+
+        named.save_after_payload(box, args.save, _RunCtx(), policy.storage.stage_timeout,
+                                 keep=bool(args.name), diag=_RunDiag())
     exec_ladder(ladder, spec, explicit=args.mode is not None)
     return 0  # not reached: exec_ladder execs or raises
+
+
+class _RunCtx:
+    """What named containers need of a rank, for `uctr run` (one process, maybe in a job)."""
+
+    def __init__(self):
+        self.job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or ""
+        self.step_key = "run-%d" % os.getpid()
+        self.local_rank, self.local_size, self.node_id = 0, 1, None
+
+
+class _RunDiag:
+    def say(self, text: str, level: int = 1) -> None:
+        log.verbose("%s", text)
+
+    def warn(self, text: str) -> None:
+        log.get("run").warning("%s", text)
+
+    def error(self, e) -> None:
+        sys.stderr.write(f"error: {e.message}\n" + (f"hint: {e.hint}\n" if e.hint else ""))
+
+
+def named_target(args):
+    """`uctr run --name NAME[:FLAG] IMAGE` / `--save PATH`: the Target of the named (or this
+    run's own) writable container, as uctr-exec makes them (launch/named.py). IMAGE creates
+    the container; an existing one is used as it is."""
+    from types import SimpleNamespace
+
+    from uctr_batch import settings
+    from uctr_batch.launch import named, staged
+
+    def stage():
+        if looks_like_path(args.image):
+            target = target_from_path(args.image)
+        else:
+            target = target_from_image(args)
+        return SimpleNamespace(rootfs=target.rootfs, reference=target.reference or args.image,
+                               manifest_digest="", config=target.config)
+
+    opts = SimpleNamespace(name=args.name, image=args.image,
+                           name_scope=os.environ.get("UCTR_NAME_SCOPE") or "job")
+    local_dir = staged.usable_local_dir(str(settings.local_dir(node_policy())))
+    image, box = named.prepare(local_dir, opts, _RunCtx(), stage, _RunDiag().say)
+    return Target(image.rootfs, image.config, image.reference), box
 
 
 def print_plan(ladder: Sequence[str], spec: RunSpec, explicit: bool) -> int:
@@ -320,6 +376,11 @@ def add_arguments(p) -> None:
     g.add_argument("--entrypoint", metavar="CMD",
                    help="replace the image's Entrypoint ('' clears it)")
     g.add_argument("--no-pull", action="store_true", help="fail instead of pulling a missing image")
+    g.add_argument("--name", metavar="NAME[:FLAG]",
+                   help="run in the named writable container NAME, created from IMAGE if "
+                        "missing and kept for later runs (pyxis --container-name)")
+    g.add_argument("--save", metavar="PATH",
+                   help="when the command ends, save the container as a squashfs image")
     g.add_argument("--dry-run", action="store_true",
                    help="print the chosen mode and the run spec as JSON instead of running")
     g.add_argument("image", metavar="IMAGE|ROOTFS",

@@ -100,13 +100,27 @@ def valid_path_ref(draw):
     return text
 
 
+@st.composite
+def valid_enroot(draw):
+    """enroot's [USER@][REGISTRY#]IMAGE[:TAG] (registry: any host name, dots or not)."""
+    text = "/".join(draw(st.lists(component, min_size=1, max_size=3)))
+    text = f"{draw(st.one_of(registry, label))}#{text}"
+    if draw(st.booleans()):
+        text += ":" + draw(tag)
+    if draw(st.booleans()):
+        text = draw(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,10}", fullmatch=True)) + "@" + text
+    if draw(st.booleans()):
+        text = "docker://" + text
+    return text
+
+
 SPECIAL = ":/@._-[]\0 \n\tABZaz09+%#?\\\u00e9\u0130\udcff"
 
 
 @st.composite
 def mutated(draw):
     """A seed or a valid reference with a few characters inserted, deleted or replaced."""
-    base = draw(st.one_of(valid_docker(), valid_path_ref(),
+    base = draw(st.one_of(valid_docker(), valid_path_ref(), valid_enroot(),
                           st.sampled_from([p.read_text("utf-8", "surrogateescape")[:200]
                                            for p in seeds()])))
     chars = list(base)
@@ -133,7 +147,7 @@ def long_inputs(draw):
     unit = draw(st.sampled_from(ADVERSARIAL))
     count = draw(st.integers(100, 6000))
     prefix = draw(st.sampled_from(["", "x/", "a.b/", "localhost:5000/", "oci:", "docker://",
-                                   "docker-archive:f:"]))
+                                   "docker-archive:f:", "u@r#", "nvcr.io#", "squashfs:"]))
     suffix = draw(st.sampled_from(["", "!", "-", "/", ":", "@", ":-", "/A"]))
     return prefix + unit * count + suffix
 
@@ -148,6 +162,17 @@ def test_valid_docker_references_round_trip(text):
         assert len(text) > 200
         return
     assert ref.transport == references.DOCKER
+
+
+@settings(max_examples=150, **BUDGET)
+@given(valid_enroot())
+def test_enroot_references_round_trip(text):
+    ref = check(text)
+    if ref is None:  # only the length rule may refuse a well-formed name
+        assert len(text) > 200
+        return
+    registry = text.replace("docker://", "").split("#")[0].split("@")[-1]
+    assert ref.transport == references.DOCKER and ref.registry == registry
 
 
 @settings(max_examples=150, **BUDGET)

@@ -224,8 +224,8 @@ def test_uctr_exec_options_in_the_docs_exist():
                     options.append(word)
                 for option in options:
                     if option.startswith("-") and option.split("=")[0] not in (
-                            set(exec_options._WITH_VALUE) | {"--verbose", "--writable",
-                                                             "--no-home", "-h", "--help"}):
+                            set(exec_options._WITH_VALUE) | set(exec_options._FLAGS)
+                            | {"--verbose", "-h", "--help"}):
                         problems.append(f"{rel(path)}: {line.strip()}\n    no option {option}")
     assert not problems, "\n".join(problems)
 
@@ -233,7 +233,7 @@ def test_uctr_exec_options_in_the_docs_exist():
 def test_uctr_exec_flags_listed_here_are_the_real_ones():
     """The flag list above must not drift from uctr-exec's parser: each one parses, and an
     invented one does not."""
-    for flag in ("--verbose", "--writable", "--no-home"):
+    for flag in ("--verbose", *exec_options._FLAGS):
         exec_options.parse([flag, "img", "true"], {})
     with pytest.raises(errors.UsageError, match="unknown option"):
         exec_options.parse(["--no-such-flag", "img", "true"], {})

@@ -150,7 +150,7 @@ ERRORS = [
     ("debian@sha512:" + "a" * 128, ('unsupported digest algorithm "sha512" in "debian@sha512:' + "a" * 128 + '"',
                                     "uctr verifies sha256 digests only")),
     ("https://registry.io/x", ('unknown transport "https://" in "https://registry.io/x"',
-                               ("use docker://, oci:, oci-archive: or docker-archive:, or write "
+                               ("use docker://, oci:, oci-archive:, docker-archive: or squashfs:, or write "
                                 "the image without a transport, e.g. docker.io/library/debian:12"))),
     ("docker://", ('empty image reference in "docker://"', "give an image such as docker.io/library/debian:12")),
     ("oci:", ('missing path in "oci:"', "write oci:PATH[:TAG]")),

@@ -61,7 +61,8 @@ def test_release_job_drops_only_that_jobs_reference(tmp_path, layouts):
     np = node_policy(tmp_path)
     result = stage.stage(layouts["busybox"], job_id="21", node_policy=np)
     stage.stage(layouts["busybox"], job_id="22", node_policy=np)
-    assert stage.release_job("21", node_policy=np) == {"references": 1, "evicted": []}
+    assert stage.release_job("21", node_policy=np) == {"references": 1, "evicted": [],
+                                                      "containers": 0}
     assert stage.live_references(Path(np.storage.local_dir), result.manifest_digest) == ["job-22"]
     assert stage.release_job("21", node_policy=np)["references"] == 0  # missing state is fine
 

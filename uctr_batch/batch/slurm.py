@@ -181,14 +181,25 @@ def epilog(env: Optional[Mapping[str, str]] = None) -> None:
     ctx = jobs.from_env(env, container_lookup=lambda job_id: None)
     record = readiness.read_readiness(ctx.job_id, ctx.uid, env)
     readiness.remove_readiness(ctx.job_id, env)
-    if record is None and not ctx.wants_container:
+    named = named_marker(ctx.job_id, env)  # left by the plugin for --container-name steps
+    if record is None and not ctx.wants_container and named is None:
         return  # the prolog staged nothing for this job here: no job-scoped state
     # no record but a container job: the prolog was cut short (scancel mid-staging) after
     # its child may have marked the bundle in use for the job; drop that reference too
     node_policy = common.site_policy(ctx, env)
     result = common.release_as_user(ctx, node_policy, env)
-    _log.info("uctr epilog: job %s on %s: removed %d reference(s), evicted %d bundle(s)",
-              ctx.job_id, ctx.node, result["references"], len(result["evicted"]))
+    _log.info("uctr epilog: job %s on %s: removed %d reference(s), evicted %d bundle(s), "
+              "%d named container(s)", ctx.job_id, ctx.node, result["references"],
+              len(result["evicted"]), result.get("containers", 0))
+    if named is not None:
+        named.unlink(missing_ok=True)
+
+
+def named_marker(job_id: str, env: Mapping[str, str]):
+    """<run dir>/containers/<job id>, root's record that a step of the job used a named
+    container (spank/uctr_remote.c), or None."""
+    path = readiness.run_dir(env) / "containers" / str(job_id)
+    return path if path.is_file() else None
 
 
 # -- uctr slurm install -------------------------------------------------------------------

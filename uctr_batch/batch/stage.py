@@ -316,11 +316,25 @@ def release_job(job_id: str, *, node_policy=None) -> dict:
     key = f"job-{job_id}"
     removed = remove_references(local_dir, None, lambda name: name == key) \
         if _inuse(local_dir).is_dir() else 0
+    containers = remove_job_containers(local_dir, job_id)
     evicted: List[str] = []
     quota = getattr(getattr(node_policy, "storage", None), "local_quota_bytes", None)
     if quota and Path(local_dir).is_dir():
         evicted = enforce_quota(local_dir, quota)
-    return {"references": removed, "evicted": evicted}
+    return {"references": removed, "evicted": evicted, "containers": containers}
+
+
+def remove_job_containers(local_dir, job_id: str) -> int:
+    """The named containers of JOB_ID (pyxis --container-name, scope "job") and the copies
+    of --container-save steps; those of scope "global" stay. Returns how many went."""
+    from uctr_batch.launch import named
+
+    path = Path(named.job_dir(str(local_dir), str(job_id)))
+    if not path.is_dir():
+        return 0
+    count = sum(1 for n in os.listdir(path) if not n.endswith(".lock"))
+    fsutil.remove_tree(path)
+    return count
 
 
 # -- quota --------------------------------------------------------------------------------

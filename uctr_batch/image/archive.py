@@ -436,6 +436,10 @@ def ensure_local(ref, store: Store, platform=None):
     (blobs already cached are not read again)."""
     if isinstance(ref, str):
         ref = references.parse(ref)
+    if ref.transport == references.SQUASHFS:
+        from uctr_batch.image import squashfs
+
+        return squashfs.ensure_local(ref, store, platform)
     if ref.transport == references.DOCKER_ARCHIVE:
         tag = ref.name_with_version if ref.repository else None
     else:

@@ -69,12 +69,28 @@ def check_allowed(ref, config: settings.RegistryConfig) -> None:
             f"allowed: {', '.join(config.allow)}")
 
 
+def check_user(ref) -> None:
+    """enroot's USER@REGISTRY#IMAGE: the stored credentials for the registry must be USER's
+    (uctr keeps one login per registry, so a different or missing one is an error, never a
+    silent anonymous pull)."""
+    if not getattr(ref, "user", None):
+        return
+    from uctr_batch.image import auth
+
+    creds = auth.lookup(ref.registry)
+    if creds is None or creds.username != ref.user:
+        found = f"the stored login is {creds.username!r}" if creds else "no login is stored"
+        raise ConfigError(f"{ref} asks for the credentials of {ref.user!r} on {ref.registry}, "
+                          f"but {found}", f"run: uctr login {ref.registry} (as {ref.user})")
+
+
 def pull_image(ref, config: settings.RegistryConfig, store: Store, wanted: Platform,
                explicit_platform: bool = False) -> ImageRecord:
     """Fetch `ref` from its registry into `store` (cached blobs are not fetched again)."""
     from uctr_batch.image.registry import RegistryClient
 
     check_allowed(ref, config)
+    check_user(ref)
     with RegistryClient(ref.registry, config) as client:
         puller = _Puller(client, ref, store, config)
         rec = puller.resolve(wanted, explicit_platform)

@@ -6,12 +6,20 @@ Accepted forms (the transport prefix is optional for registry images)::
     oci:DIR[:TAG]                      an OCI image layout directory
     oci-archive:FILE[:TAG]             a tar of an OCI image layout
     docker-archive:FILE[:REFERENCE]    `docker save` output
+    [docker://][USER@][REGISTRY#]IMAGE[:TAG]   enroot's form (pyxis, NGC documentation)
+    /PATH, ./PATH, squashfs:PATH       a squashfs image file (enroot import, --container-save)
 
 Registry references follow Docker's rules (github.com/distribution/reference): the first
 path component is a registry when it contains '.' or ':' or is 'localhost'; Docker Hub names
 get 'docker.io' and single-component names get 'library/'; the tag defaults to 'latest'
 unless a digest pins the image. Known transport prefixes win over a repository of the same
 name: write ``docker://oci:1`` for an image called "oci".
+
+enroot's form (as pyxis takes it): ``REGISTRY#IMAGE`` names the registry explicitly, so
+``nvcr.io#nvidia/pytorch:24.01-py3`` is ``nvcr.io/nvidia/pytorch:24.01-py3``; a leading
+``USER@`` names the account whose stored credentials (``uctr login``) must be used. As in
+pyxis, a reference that starts with '/' or '.' is a squashfs file. enroot's ``dockerd://``
+and ``podman://`` (import from a local daemon) are refused with the command to use instead.
 
 This module does no I/O and imports nothing heavy: it sits on the per-rank path.
 """
@@ -35,9 +43,19 @@ DOCKER = "docker"
 OCI = "oci"
 OCI_ARCHIVE = "oci-archive"
 DOCKER_ARCHIVE = "docker-archive"
-PATH_TRANSPORTS = (OCI, OCI_ARCHIVE, DOCKER_ARCHIVE)
+SQUASHFS = "squashfs"
+PATH_TRANSPORTS = (OCI, OCI_ARCHIVE, DOCKER_ARCHIVE, SQUASHFS)
 _PREFIXES = (("docker://", DOCKER), ("oci:", OCI), ("oci-archive:", OCI_ARCHIVE),
-             ("docker-archive:", DOCKER_ARCHIVE))
+             ("docker-archive:", DOCKER_ARCHIVE), ("squashfs:", SQUASHFS))
+# enroot imports from a local daemon; uctr never talks to one (it runs without root)
+_DAEMON_PREFIXES = {
+    "dockerd://": "docker save IMAGE -o image.tar, then use docker-archive:image.tar",
+    "podman://": "podman save --format oci-archive IMAGE -o image.tar, then use "
+                 "oci-archive:image.tar",
+}
+_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+# what follows '@' in NAME@DIGEST (as opposed to USER@NAME): a sha* algorithm or a long hex
+_LOOKS_LIKE_DIGEST = re.compile(r"(?i:sha[0-9]*:)|[a-z0-9]+(?:[+._-][a-z0-9]+)*:[0-9a-fA-F]{32,}")
 
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*\Z")
 _TAG = re.compile(r"[\w][\w.-]{0,127}\Z", re.ASCII)
@@ -62,6 +80,7 @@ class ImageRef:
     registry/repository: set for registry images and for a docker-archive with a reference.
     tag: None when only a digest pins a registry image, or when an oci/archive names none.
     path: the directory or file of the path transports, as written.
+    user: enroot's USER@ (registry images only): use this account's stored credentials.
     """
 
     transport: str = DOCKER
@@ -70,9 +89,14 @@ class ImageRef:
     tag: Optional[str] = None
     digest: Optional[str] = None
     path: Optional[str] = None
+    user: Optional[str] = None
 
     def __str__(self) -> str:
         if self.transport == DOCKER:
+            # enroot's form is the only one that can carry a user or a dotless registry
+            if self.user or not _docker_sees_registry(self.registry):
+                user = f"{self.user}@" if self.user else ""
+                return f"{user}{self.registry}#{self.name_with_version[len(self.registry) + 1:]}"
             return self.name_with_version
         text = f"{self.transport}:{self.path}"
         if self.transport == DOCKER_ARCHIVE and self.repository:
@@ -117,7 +141,7 @@ class ImageRef:
         key = hashlib.sha256(str(self).encode("utf-8", "surrogateescape")).hexdigest()[:16]
         if self.transport != DOCKER:
             return f"{self.transport}+{key}"
-        name = self.name_with_version.replace("/", "%").replace(":", "+")
+        name = (f"{self.user}@" if self.user else "") + self.name_with_version.replace("/", "%").replace(":", "+")
         if len(name) > _MAX_PATH_NAME:  # NAME_MAX is 255: keep a readable head, add a hash
             name = f"{name[:_MAX_PATH_NAME - 18]}++{key}"
         return name
@@ -139,11 +163,20 @@ def parse(text: str) -> ImageRef:
         raise ReferenceError_("image reference contains a NUL character", _EXAMPLE_HINT)
     transport, rest = _split_transport(text)
     if transport == DOCKER:
-        return _parse_docker(rest, text)
+        return _parse_enroot(rest, text)
+    if transport == SQUASHFS:
+        return _parse_squashfs(rest, text)
     return _parse_path(transport, rest, text)
 
 
 def _split_transport(text: str) -> Tuple[str, str]:
+    if text.startswith(("/", ".")):  # pyxis: a path, never a registry image
+        return SQUASHFS, text
+    for prefix, instead in _DAEMON_PREFIXES.items():
+        if text.startswith(prefix):
+            raise ReferenceError_(
+                f'"{prefix}" images come from a local container daemon, which uctr does not '
+                f'use: "{text}"', f"export the image first: {instead}")
     for prefix, transport in _PREFIXES:
         if text.startswith(prefix):
             return transport, text[len(prefix):]
@@ -151,7 +184,7 @@ def _split_transport(text: str) -> Tuple[str, str]:
         scheme = text.split("://", 1)[0]
         raise ReferenceError_(
             f'unknown transport "{scheme}://" in "{text}"',
-            "use docker://, oci:, oci-archive: or docker-archive:, or write the image "
+            "use docker://, oci:, oci-archive:, docker-archive: or squashfs:, or write the image "
             f"without a transport, e.g. {_EXAMPLE}",
         )
     return DOCKER, text
@@ -183,12 +216,58 @@ def _parse_path(transport: str, rest: str, text: str) -> ImageRef:
                     tag=named.tag, path=path)
 
 
-def _parse_docker(rest: str, text: str) -> ImageRef:
+def _parse_squashfs(rest: str, text: str) -> ImageRef:
+    if not rest:
+        raise ReferenceError_(f'missing path in "{text}"', "write squashfs:PATH or an absolute "
+                              "path such as /shared/images/pytorch.sqsh")
+    return ImageRef(transport=SQUASHFS, path=rest)
+
+
+def _parse_enroot(rest: str, text: str) -> ImageRef:
+    """enroot's [USER@][REGISTRY#]IMAGE[:TAG] on top of Docker's syntax."""
+    user, rest = _split_user(rest, text)
+    registry, sep, image = rest.partition("#")
+    if not sep:
+        ref = _parse_docker(rest, text)
+    else:
+        if not registry or not _REGISTRY.match(registry) or not _valid_port(registry):
+            raise ReferenceError_(
+                f'invalid registry "{registry}" before "#" in "{text}"',
+                "enroot's form is [USER@][REGISTRY#]IMAGE[:TAG], e.g. "
+                "nvcr.io#nvidia/pytorch:24.01-py3")
+        if "#" in image:
+            raise ReferenceError_(f'more than one "#" in "{text}"',
+                                  "only the registry is followed by '#'")
+        # the registry is explicit: IMAGE's first component is never taken for one
+        ref = _parse_docker(image, text, registry=registry)
+    if user is None:
+        return ref
+    return ImageRef(transport=DOCKER, registry=ref.registry, repository=ref.repository,
+                    tag=ref.tag, digest=ref.digest, user=user)
+
+
+def _split_user(rest: str, text: str) -> Tuple[Optional[str], str]:
+    """A leading USER@ (enroot) unless the '@' starts a digest (NAME@sha256:...)."""
+    head, sep, tail = rest.partition("@")
+    if not sep or not tail or _LOOKS_LIKE_DIGEST.match(tail) or "/" in head or ":" in head or "#" in head:
+        return None, rest
+    if not _USER.match(head):
+        raise ReferenceError_(f'invalid user name "{head}" in "{text}"',
+                              "enroot's form is [USER@][REGISTRY#]IMAGE[:TAG]; a user name is "
+                              "letters, digits, '.', '_' or '-'")
+    return head, tail
+
+
+def _parse_docker(rest: str, text: str, registry: Optional[str] = None) -> ImageRef:
+    """Docker's syntax; REGISTRY given (enroot's REGISTRY#) means REST has none."""
     if not rest:
         raise ReferenceError_(f'empty image reference in "{text}"', _EXAMPLE_HINT)
     name, digest = _split_digest(rest, text)
     name, tag = _split_tag(name, text)
-    registry, path = _split_registry(name, text)
+    if registry is None:
+        registry, path = _split_registry(name, text)
+    else:
+        path = name
     _check_repository(path, text, len(text) - len(rest) + len(name))
     if registry in _HUB_ALIASES:
         registry = DEFAULT_REGISTRY
@@ -235,9 +314,13 @@ def _check_tag(tag: str, text: str) -> None:
         raise ReferenceError_(f'invalid tag "{tag}" in "{text}"', _TAG_HINT)
 
 
+def _docker_sees_registry(first: str) -> bool:
+    return "." in first or ":" in first or first == "localhost"
+
+
 def _split_registry(name: str, text: str) -> Tuple[str, str]:
     first, sep, remainder = name.partition("/")
-    if not sep or not ("." in first or ":" in first or first == "localhost"):
+    if not sep or not _docker_sees_registry(first):
         return DEFAULT_REGISTRY, name
     if not _REGISTRY.match(first) or not _valid_port(first):
         raise ReferenceError_(

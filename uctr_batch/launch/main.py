@@ -131,9 +131,15 @@ class Launch:
         _cache_dir, local_dir = policy_cache.storage_dirs(policy, self.env)
         local_dir = staged.usable_local_dir(local_dir, self.env)  # a planted one: the fallback
         timeout = policy_cache.stage_timeout(policy, self.env)
-        image = staged.ensure(self.opts.image, local_dir, policy=policy, timeout=timeout,
-                              job_id=self.ctx.job_id, env=self.env,
-                              verbosity=self.opts.verbose_flags, say=self.diag.say)
+        def stage():
+            return staged.ensure(self.opts.image, local_dir, policy=policy, timeout=timeout,
+                                 job_id=self.ctx.job_id, env=self.env,
+                                 verbosity=self.opts.verbose_flags, say=self.diag.say)
+
+        if self.opts.name or self.opts.save:
+            image = self.named_container(local_dir, stage, timeout)
+        else:
+            image = stage()
         self.diag.say("%s: rootfs %s (%s, %s)" % (self.opts.image, image.rootfs,
                                                   image.manifest_digest[:19], image.source), 2)
         self.policy, self.local_dir, self.timeout, self.image = policy, local_dir, timeout, image
@@ -158,7 +164,24 @@ class Launch:
     def compose_argv(self):
         from uctr_batch.launch.procspec import compose_argv
 
-        return compose_argv(self.image.config, self.opts.command)
+        config = self.image.config
+        if not self.opts.entrypoint:  # pyxis --no-container-entrypoint (its default)
+            config = dict(config, Entrypoint=None)
+        return compose_argv(config, self.opts.command)
+
+    # -- pyxis: named containers and --container-save ---------------------------------------
+    def named_container(self, local_dir, stage, timeout):
+        """The named (or, for --container-save, the step's own) writable container; local
+        rank 0 of node 0 of a saving step stays behind its payload to save it at the end."""
+        from uctr_batch.launch import named
+
+        image, box = named.prepare(local_dir, self.opts, self.ctx, stage, self.diag.say)
+        self.opts.writable = True  # a named container keeps its changes: that is its point
+        if self.opts.save and self.ctx.local_rank == 0 and self.ctx.node_id in (None, 0):
+            named.save_after_payload(box, self.opts.save, self.ctx, timeout,
+                                     keep=bool(self.opts.name), diag=self.diag)
+            # (returns in the child only, which goes on to exec the payload)
+        return image
 
     # -- N1: one container per step and node ------------------------------------------------
     def run_shared(self, explicit: bool) -> str:
@@ -303,7 +326,8 @@ class Launch:
         """The container recipe: cached, or built now and cached."""
         from uctr_batch.launch import recipe
 
-        key = recipe.recipe_key(self.image_part, (self.argv[0], read_only))
+        key = recipe.recipe_key(self.image_part, (self.argv[0], read_only,
+                                                  self.opts.remap_root))
         entry = recipe.load(dir_fd, key)
         if entry is not None:
             return entry
@@ -332,7 +356,7 @@ class Launch:
             run.Target(self.image.rootfs, config, self.image.reference),
             NodePolicy.from_dict(self.policy), command=opts.command, volumes=opts.volumes,
             user_env=opts.env, workdir=opts.workdir, read_only=read_only,
-            devices=injection.plan_devices(plan),
+            root=opts.remap_root, devices=injection.plan_devices(plan),
             extra_binds=self.host_binds() + injection.plan_binds(plan),
             host_env=self.env, host_cwd=self.host_cwd, scratch=scratch)
         try:

@@ -231,6 +231,15 @@ def _ref_stat(image, staged, policy, env):
     staged manifest; None for digest references (immutable) or when there is none."""
     if "@sha256:" in image:
         return None
+    if image.startswith(("/", ".", "squashfs:")):  # a squashfs file: its own stat decides
+        from uctr_batch.image import reference
+
+        try:
+            path = os.path.abspath(reference.parse(image).path)
+        except UctrError:
+            return None
+        stat_key = _stat_key(path)
+        return (path,) + stat_key if stat_key else None
     from uctr_batch.image.store import Store
     from uctr_batch.launch.policy_cache import storage_dirs
 
