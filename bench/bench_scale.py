@@ -23,8 +23,9 @@ baseline: one per node by construction); bytes read from the shared cache (= com
 layer bytes x unpacks, the unpack reads each layer once); CPU seconds per node spent staging
 (slurmd's reaped-children CPU, i.e. prolog + epilog; the baseline: its pull+unpack steps).
 
-One run per cell: a cold start cannot be repeated without redoing the whole cell, and the
-cluster is shared by other engineers' tests. The simulated nodes share the machine's cores,
+One run per cold/warm-cache/per-node cell (a cold start cannot be repeated without redoing
+the whole cell, and the cluster is shared by other engineers' tests); "none" and "warm-node"
+run REPEAT times and report the median. The simulated nodes share the machine's cores,
 so times at large N measure this machine's contention as much as the design; the counts
 (requests, unpacks, bytes, CPU per node) are what extrapolates (docs/scale.md has the model).
 
@@ -57,14 +58,16 @@ IMAGE = "debian-openmpi"
 RANKS_PER_NODE = 2
 SIZES = (1, 2, 4, 8, 16, 32)
 STATES = ("none", "per-node", "cold", "warm-node", "warm-cache")
+REPEAT = 3  # runs of "none" and "warm-node" per N (their median is reported)
 HELLO_RE = re.compile(r"hello rank=(\d+) size=(\d+) host=(\S+) sum=(\d+)")
 T_RE = re.compile(r"^T=(\d+\.\d+) host=(\S+)$", re.M)
 RANK = "echo \"T=$(date +%s.%N) host=$(hostname)\"; exec {hello}"
 
 
 # -- the jobs --------------------------------------------------------------------------------
-def job_script(cluster, state: str, image: str, host_hello: str) -> str:
+def job_script(cluster, n: int, state: str, image: str, host_hello: str) -> str:
     srun = f"srun --mpi=pmix --ntasks-per-node={RANKS_PER_NODE}"
+    per_node = f"srun -n {n} --ntasks-per-node=1"  # one task on every node
     if state == "none":
         return f"#!/bin/sh\n{srun} sh -c '{RANK.format(hello=host_hello)}'\n"
     if state == "per-node":
@@ -78,9 +81,9 @@ def job_script(cluster, state: str, image: str, host_hello: str) -> str:
             "#!/bin/sh",
             # a node-private cache and rootfs dir, as enroot/udocker keep them
             "export UCTR_CACHE=/tmp/pernode/cache UCTR_LOCAL_DIR=/tmp/pernode/local",
-            f"srun --ntasks-per-node=1 {cluster.python} -c \"{cpu}\" {uctr} -q create {image}",
+            f"{per_node} {cluster.python} -c \"{cpu}\" {uctr} -q create {image}",
             f"{srun} {uexec} {image} sh -c '{RANK.format(hello='/usr/local/bin/mpi_hello')}'",
-            "srun --ntasks-per-node=1 rm -rf /tmp/pernode", ""])
+            f"{per_node} rm -rf /tmp/pernode", ""])
     return f"#!/bin/sh\n{srun} sh -c '{RANK.format(hello='/usr/local/bin/mpi_hello')}'\n"
 
 
@@ -104,7 +107,7 @@ def registry_counts(cluster):
 
 def run_job(cluster, n: int, state: str, image: str, host_hello: str, layer_bytes: int) -> dict:
     nodes = sorted(cluster.nodes, key=lambda name: int(name[4:]))[:n]
-    script = job_script(cluster, state, image, host_hello)
+    script = job_script(cluster, n, state, image, host_hello)
     args = ["-N", str(n), f"--ntasks-per-node={RANKS_PER_NODE}", "--time=8",
             "-w", ",".join(nodes), "--exclusive"]
     if state not in ("none", "per-node"):
@@ -185,7 +188,9 @@ def measure(sizes, states) -> dict:
                     cluster.reset_user_storage()
                 if state == "warm-cache":
                     forget_local(cluster)
-                rows.append(run_job(cluster, n, state, image, host_hello, layer_bytes))
+                # the cheap states run REPEAT times (median reported); a cold one cannot
+                for _ in range(REPEAT if state in ("none", "warm-node") else 1):
+                    rows.append(run_job(cluster, n, state, image, host_hello, layer_bytes))
             cluster.reset_user_storage()
             forget_local(cluster)
     finally:
@@ -199,7 +204,13 @@ def measure(sizes, states) -> dict:
 
 # -- report ----------------------------------------------------------------------------------
 def cell(rows, n, state):
-    return next((r for r in rows if r["n"] == n and r["state"] == state), None)
+    """The run of (N, STATE); of repeated runs, the one with the median start time."""
+    found = [r for r in rows if r["n"] == n and r["state"] == state]
+    timed = sorted((r for r in found if r["ok"] and r["start_s"] is not None),
+                   key=lambda r: r["start_s"])
+    if timed:
+        return timed[(len(timed) - 1) // 2]
+    return found[0] if found else None
 
 
 def fmt_s(value):
@@ -255,9 +266,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 data = json.load(open(sys.argv[1]))
 rows = [r for r in data["rows"] if r["ok"]]
+import statistics
 def series(state, key):
-    pts = sorted((r["n"], r[key]) for r in rows if r["state"] == state and r[key] is not None)
-    return [p[0] for p in pts], [p[1] for p in pts]
+    ns = sorted({r["n"] for r in rows if r["state"] == state})
+    ys = [statistics.median_low([r[key] for r in rows if r["n"] == n and r["state"] == state
+                                 and r[key] is not None] or [None]) for n in ns]
+    return ns, ys
 fig, ax = plt.subplots(figsize=(6.4, 4.2))
 for state, style in (("none", "k--"), ("warm-node", "g-o"), ("warm-cache", "b-s"),
                      ("cold", "r-^"), ("per-node", "m:v")):
