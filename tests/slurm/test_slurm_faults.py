@@ -138,7 +138,7 @@ def test_a_429_storm_with_retry_after_is_waited_out(slurm_cluster, proxy, test_i
 
 
 def test_one_node_with_a_full_disk_fails_the_job_not_the_node(slurm_cluster, proxy, test_images):
-    ref = pushed_via(slurm_cluster, proxy, test_images, "layers", "fault-full")
+    ref = pushed_via(slurm_cluster, proxy, test_images, "busybox", "fault-full")
     full = all_nodes(slurm_cluster)[-1]
     mounted = slurm_cluster.node_exec(full, ["sh", "-c",
                                              f"mkdir -m 700 {LOCAL} && chown {UID} {LOCAL} && "
@@ -146,7 +146,10 @@ def test_one_node_with_a_full_disk_fails_the_job_not_the_node(slurm_cluster, pro
                                              f"tmpfs {LOCAL}"])
     assert mounted.returncode == 0, mounted.stderr
     try:
-        job_id = run_on_all(slurm_cluster, ref, "full")
+        n = len(slurm_cluster.nodes)
+        job_id = slurm_cluster.submit(f"#!/bin/sh\nsrun -N{n} --ntasks-per-node=1 true\n",
+                                      name="full", args=["-N", str(n), "--time=3",
+                                                         f"--container-image={ref}"])
         result = slurm_cluster.wait(job_id)
         assert result.state == "FAILED", result.output
         assert "space" in result.output.lower(), result.output
