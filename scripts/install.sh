@@ -22,6 +22,8 @@ PACKAGES=(
     openmpi-bin libopenmpi-dev mpich libmpich-dev python3-mpi4py
     # build and inspection tools
     gcc make patchelf binutils file hyperfine util-linux procps psmisc iproute2
+    # bench/bench_scale.py's plots
+    python3-matplotlib
 )
 
 fail() {
