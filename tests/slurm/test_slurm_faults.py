@@ -161,3 +161,27 @@ def test_one_node_with_a_full_disk_fails_the_job_not_the_node(slurm_cluster, pro
     finally:
         slurm_cluster.node_exec(full, ["umount", LOCAL])
         slurm_cluster.node_exec(full, ["rm", "-rf", LOCAL])
+
+
+def test_a_node_that_cannot_run_the_mode_fails_the_job_not_the_node(slurm_cluster, proxy,
+                                                                    test_images):
+    """The last node's class offers N1 only; the job asks for R1 (allowed elsewhere)."""
+    ref = pushed_via(slurm_cluster, proxy, test_images, "busybox", "fault-mode")
+    odd = all_nodes(slurm_cluster)[-1]
+    policy = slurm_cluster.policy_file.read_text() + "\n".join([
+        "classes:", "  - name: n1-only", f"    match: {{regex: '{odd}'}}",
+        "    modes: [N1]", "    user_modes: [N1]", ""])
+    slurm_cluster._write_policy(policy)
+    n = len(slurm_cluster.nodes)
+    job_id = slurm_cluster.submit(f"#!/bin/sh\nsrun -N{n} --ntasks-per-node=1 true\n",
+                                  name="mode", args=["-N", str(n), "--time=3",
+                                                     "--container-mode=R1",
+                                                     f"--container-image={ref}"])
+    result = slurm_cluster.wait(job_id)
+    assert result.state == "FAILED", result.output
+    assert "R1" in result.output and "uctr:" in result.output, result.output
+    seen = outcomes(slurm_cluster, job_id)
+    assert seen[odd] == "error"
+    assert all(v == "staged" for node, v in seen.items() if node != odd), seen
+    assert complete_bundles(slurm_cluster, odd) == []  # refused before anything was staged
+    assert nodes_up(slurm_cluster)
