@@ -25,6 +25,8 @@ PACKAGES=(
     gcc make patchelf binutils file hyperfine util-linux mount procps psmisc iproute2
     # squashfs images (enroot format, --container-save): unsquashfs/mksquashfs, sqfs2tar
     squashfs-tools squashfs-tools-ng squashfuse
+    # bench/bench_scale.py's plots
+    python3-matplotlib
 )
 
 fail() {

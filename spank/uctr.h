@@ -25,6 +25,9 @@ struct uctr_config {
     int execute_entrypoint;     /* pyxis's key: run the image's entrypoint by default (0) */
     char container_scope[8];    /* pyxis's key: named containers live for the "job" or are
                                    kept across jobs ("global") */
+    char resolver[PATH_MAX];    /* `uctr` run at submission to pin IMAGE:tag to a digest */
+    int pin_at_submit;          /* 1: pin in sbatch/salloc/srun; 0: the prolog resolves */
+    int resolve_timeout;        /* seconds the submission waits for the resolver */
 };
 
 /* -1 = not given, 0/1 = given */
@@ -59,6 +62,11 @@ void uctr_args_env_defaults(int (*get)(void *ctx, const char *name, char *buf, s
                             void *ctx);
 int uctr_args_validate(void);
 int uctr_args_any_set(void);
+
+/* uctr_pin.c: IMAGE:tag -> IMAGE@sha256:... once per job, at submission */
+#define UCTR_IMAGE_MAX 4096
+int uctr_pin_image(const struct uctr_config *cfg, const char *image, char *pinned, size_t len);
+int uctr_pinned_for(const char *image, const char *job_pin, const char *job_tag);
 
 /* uctr_client.c */
 int uctr_client_post_opt(spank_t sp, const struct uctr_config *cfg);

@@ -54,16 +54,44 @@ static const char *for_prolog(const char *image, char *buf, size_t len)
     return buf;
 }
 
+/*
+ * The image every node and step of this job uses: the job's own pin for an srun inside
+ * sbatch/salloc (SLURM_SPANK_UCTR_IMAGE*), else IMAGE:tag resolved now (uctr_pin.c). The
+ * pin also goes into this client's environment, which srun passes to its tasks and salloc
+ * to its shell (sbatch's batch script gets SLURM_SPANK_* from the job control env).
+ */
+static int pin(const struct uctr_config *cfg, const char *image, char *pinned, size_t len)
+{
+    const char *job_pin = getenv("SLURM_SPANK_UCTR_IMAGE");
+    if (uctr_pinned_for(image, job_pin, getenv("SLURM_SPANK_UCTR_IMAGE_TAG"))) {
+        snprintf(pinned, len, "%s", job_pin);
+        return 0;
+    }
+    if (uctr_pin_image(cfg, image, pinned, len))
+        return -1;
+    if (strcmp(pinned, image)) {
+        setenv("SLURM_SPANK_UCTR_IMAGE", pinned, 1);
+        setenv("SLURM_SPANK_UCTR_IMAGE_TAG", image, 1);
+    }
+    return 0;
+}
+
 int uctr_client_post_opt(spank_t sp, const struct uctr_config *cfg)
 {
-    (void)cfg;
     uctr_args_env_defaults(client_env, NULL);
     if (uctr_args_validate())
         return -1;
     const struct uctr_args *a = &uctr_args;
+    char pinned[UCTR_IMAGE_MAX] = "";
+    if (a->image && pin(cfg, a->image, pinned, sizeof(pinned)))
+        return -1;
+    /* the tag stays for display; the prolog and the steps use the digest */
+    if (a->image && strcmp(pinned, a->image) && hand_over(sp, "UCTR_IMAGE_TAG", a->image))
+        return -1;
     /* names match uctr-exec's environment contract, so the prolog sees SPANK_UCTR_IMAGE... */
     char absolute[PATH_MAX + 4096];
-    if (hand_over(sp, "UCTR_IMAGE", for_prolog(a->image, absolute, sizeof(absolute)))
+    if (hand_over(sp, "UCTR_IMAGE",
+                  a->image ? for_prolog(pinned, absolute, sizeof(absolute)) : NULL)
         || hand_over(sp, "UCTR_MODE", a->mode)
         || hand_over(sp, "UCTR_MPI", a->mpi) || hand_over(sp, "UCTR_GPU", a->gpu)
         || hand_over(sp, "UCTR_MOUNTS", a->mounts) || hand_over(sp, "UCTR_WORKDIR", a->workdir)

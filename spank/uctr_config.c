@@ -54,6 +54,9 @@ static void set_defaults(struct uctr_config *cfg)
     cfg->batch_in_container = 0;
     cfg->execute_entrypoint = 0;  /* pyxis's default */
     strcpy(cfg->container_scope, "job");
+    strcpy(cfg->resolver, "uctr");  /* found through the submitting user's PATH */
+    cfg->pin_at_submit = 1;
+    cfg->resolve_timeout = 30;
 }
 
 static int set_scope(char *dst, const char *value)
@@ -64,6 +67,28 @@ static int set_scope(char *dst, const char *value)
         return -1;
     }
     strcpy(dst, value);
+    return 0;
+}
+
+static int set_pin(int *dst, const char *value)
+{
+    if (!strcmp(value, "submit") || !strcmp(value, "prolog")) {
+        *dst = !strcmp(value, "submit");
+        return 0;
+    }
+    slurm_error(UCTR_PREFIX "plugstack.conf: pin must be submit or prolog, not %s", value);
+    return -1;
+}
+
+static int set_seconds(int *dst, const char *key, const char *value)
+{
+    char *end = NULL;
+    long n = strtol(value, &end, 10);
+    if (end == value || *end || n < 1 || n > 600) {
+        slurm_error(UCTR_PREFIX "plugstack.conf: %s must be 1..600 seconds, not %s", key, value);
+        return -1;
+    }
+    *dst = (int)n;
     return 0;
 }
 
@@ -94,6 +119,12 @@ int uctr_config_parse(int ac, char **av, struct uctr_config *cfg)
             rc = set_bool(&cfg->execute_entrypoint, "execute_entrypoint", value);
         else if (klen == 15 && !strncmp(arg, "container_scope", klen))
             rc = set_scope(cfg->container_scope, value);
+        else if (klen == 8 && !strncmp(arg, "resolver", klen))
+            rc = set_path(cfg->resolver, "resolver", value);
+        else if (klen == 3 && !strncmp(arg, "pin", klen))
+            rc = set_pin(&cfg->pin_at_submit, value);
+        else if (klen == 15 && !strncmp(arg, "resolve_timeout", klen))
+            rc = set_seconds(&cfg->resolve_timeout, "resolve_timeout", value);
         else {
             slurm_error(UCTR_PREFIX "plugstack.conf: unknown argument %s", arg);
             rc = -1;

@@ -57,6 +57,16 @@ static int step_image(spank_t sp, char *image, size_t len)
     return uctr_args.name != NULL;
 }
 
+/* the digest the job was pinned to at submission, when IMAGE is the tag it pinned */
+static void pinned_image(spank_t sp, char *image, size_t len)
+{
+    char pin[IMAGE_MAX], tag[IMAGE_MAX];
+    if (remote_env(sp, "SLURM_SPANK_UCTR_IMAGE", pin, sizeof(pin))
+        && remote_env(sp, "SLURM_SPANK_UCTR_IMAGE_TAG", tag, sizeof(tag))
+        && uctr_pinned_for(image, pin, tag))
+        snprintf(image, len, "%s", pin);
+}
+
 /*
  * Readiness record written by the prolog (uctr_batch/batch/readiness.py): KEY=VALUE lines.
  * Returns -1 (after printing the recorded message) when it holds a user error for IMAGE.
@@ -186,6 +196,7 @@ int uctr_remote_task_init(spank_t sp, const struct uctr_config *cfg)
     /* defaults taken from the job environment have not been checked on the client */
     if (uctr_args_validate())
         return -1;
+    pinned_image(sp, image, sizeof(image));
     if (check_readiness(cfg, job_id, image))
         return -1;
     int is_batch = step_id == SLURM_BATCH_SCRIPT;

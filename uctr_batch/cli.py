@@ -48,6 +48,13 @@ def _args_pull(p):
     p.add_argument("image", help="image reference, e.g. docker.io/library/debian:12")
 
 
+def _args_resolve(p):
+    _registry_opts(p)
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="give up after this long (default 30)")
+    p.add_argument("image", help="image reference, e.g. docker.io/library/debian:12")
+
+
 def _args_create(p):
     _registry_opts(p)
     p.add_argument("--dest", metavar="DIR", help="bundle directory to create (default: node-local store)")
@@ -171,6 +178,8 @@ def _args_pbs(p):
 # name -> (help, "module:function", add_arguments)
 COMMANDS = {
     "pull": ("pull an image into the shared cache", "uctr_batch.image.pull:cmd_pull", _args_pull),
+    "resolve": ("print the digest reference a tag names now (the submit-time pin)",
+                "uctr_batch.image.pull:cmd_resolve", _args_resolve),
     "create": ("unpack an image into a node-local root filesystem; prints its path",
                "uctr_batch.image.rootfs:cmd_create", _args_create),
     "images": ("list cached images", "uctr_batch.image.store:cmd_images", _args_images),

@@ -188,6 +188,11 @@ def apply(event, answer, node):
         event.env[name] = value
     if answer.get("job_comment"):
         set_comment(event.job, answer["job_comment"])
+    pinned = answer.get("set") or {}  # queuejob: the image pinned to its digest
+    for name, value in (pinned.get("resources") or {}).items():
+        event.job.Resource_List[name] = value
+    for name, value in (pinned.get("variables") or {}).items():
+        event.job.Variable_List[name] = value
     if answer.get("offline"):
         offline_local_vnodes(event, node, answer.get("comment") or "uctr: node fault")
     if answer.get("job_action") == "rerun":

@@ -63,8 +63,9 @@ class Request:
 class FaultProxy:
     """Proxy on 127.0.0.1:<free port> forwarding to UPSTREAM ("127.0.0.1:PORT", plain HTTP)."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, bind_host: str = "127.0.0.1"):
         self.upstream = upstream
+        self.bind_host = bind_host  # the Slurm cluster's nodes reach the bridge address only
         self.rules: List[Rule] = []
         self.requests: List[Request] = []
         self._lock = threading.Lock()
@@ -74,7 +75,7 @@ class FaultProxy:
     # -- addresses and life cycle ----------------------------------------------------------
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self._server.server_address[1]}"
+        return f"{self.bind_host}:{self._server.server_address[1]}"
 
     @property
     def url(self) -> str:
@@ -82,7 +83,7 @@ class FaultProxy:
 
     def start(self) -> "FaultProxy":
         handler = type("FaultHandler", (_ProxyHandler,), {"proxy": self})
-        self._server = _QuietServer(("127.0.0.1", free_port()), handler)
+        self._server = _QuietServer((self.bind_host, free_port()), handler)
         threading.Thread(target=self._server.serve_forever, daemon=True,
                          name="uctr-test-faultproxy").start()
         return self

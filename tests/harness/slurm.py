@@ -34,7 +34,18 @@ from .users import BASE_PATH, TEST_USER
 STATE = Path(os.environ.get("UCTR_SLURM_STATE", "/var/lib/uctr-slurm-test"))
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
 BRIDGE, BRIDGE_ADDR = "uctrbr0", "10.200.0.1"
-NODES = {"node1": "10.200.0.11", "node2": "10.200.0.12"}
+MAX_NODES = 32  # 10.200.0.11 .. 10.200.0.42; one slurmd (a few MiB) per node
+
+
+def make_nodes(count: int) -> Dict[str, str]:
+    """node1..nodeCOUNT with their bridge addresses (the scale lab: COUNT up to MAX_NODES)."""
+    if not 1 <= count <= MAX_NODES:
+        raise ValueError(f"between 1 and {MAX_NODES} nodes, not {count}")
+    return {f"node{i}": f"10.200.0.{10 + i}" for i in range(1, count + 1)}
+
+
+# UCTR_SLURM_NODES=N widens the test cluster (tests written for two nodes ask for node1/node2)
+NODES = make_nodes(int(os.environ.get("UCTR_SLURM_NODES", "2")))
 NODE_CPUS = 4  # more than the machine has: SlurmdParameters=config_overrides
 RUN_DIR = "/run/uctr"  # node-local runtime dir of uctr (readiness records)
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
@@ -404,7 +415,8 @@ class SlurmCluster:
         namespaces, veths and (unless keep_bridge) the bridge. munged is kept unless
         keep_munge is False."""
         pids: List[int] = []
-        for node in self.nodes:
+        nodes = self._known_nodes()
+        for node in nodes:
             pid = _read_pid(self.path("run", f"slurmd.{node}.pid"))
             if pid:
                 pids.append(pid)
@@ -416,7 +428,7 @@ class SlurmCluster:
         if ctld and self._is_slurm_daemon(ctld):
             pids.append(ctld)
         self._terminate(pids)
-        for node in self.nodes:
+        for node in nodes:
             _run(["ip", "link", "del", self._veth(node)], check=False)
             _run(["ip", "netns", "del", self._netns(node)], check=False)
         if not keep_bridge:
@@ -430,6 +442,15 @@ class SlurmCluster:
             munged = _read_pid(Path("/run/munge/munged.pid"))
             if munged:
                 self._terminate([munged])
+
+    def _known_nodes(self) -> List[str]:
+        """This cluster's nodes plus those an earlier bring-up of another size left (their
+        pid files): a 2-node session after a 32-node benchmark stops all 32."""
+        names = set(self.nodes)
+        run = self.path("run")
+        if run.is_dir():
+            names.update(p.name[len("slurmd."):-len(".pid")] for p in run.glob("slurmd.*.pid"))
+        return sorted(names)
 
     @staticmethod
     def _is_slurm_daemon(pid: int) -> bool:

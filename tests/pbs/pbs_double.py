@@ -189,7 +189,9 @@ def run_hook(hook_file: str, spec: dict) -> dict:
     result = {"accepted": results.accepted is not False, "reject_message": results.reject_message,
               "exception": exception, "logs": results.logs,
               "job_rerun": event.job.rerun_requested, "job_delete": event.job.delete_requested,
-              "job_comment": event.job.comment}
+              "job_comment": event.job.comment,
+              "resources": dict(event.job.Resource_List),
+              "variables": dict(event.job.Variable_List)}
     if "vnode_list" in event._param:
         result["vnodes"] = {n: {"state": v.state, "comment": v.comment}
                             for n, v in event.vnode_list.items()}

@@ -30,7 +30,8 @@ def test_install_builds_the_plugin_and_prints_the_snippets(tmp_path):
     plugin = prefix / "lib" / "uctr" / "uctr_spank.so"
     assert result.stdout.splitlines() == [
         "# plugstack.conf (or a file in plugstack.conf.d/):",
-        f"required {plugin} uctr_exec={prefix}/bin/uctr-exec policy=/etc/uctr/p.yaml",
+        f"required {plugin} uctr_exec={prefix}/bin/uctr-exec policy=/etc/uctr/p.yaml "
+        f"resolver={prefix}/bin/uctr",
         "# slurm.conf (then: scontrol reconfigure; restart slurmd):",
         f"Prolog={prefix}/libexec/uctr/slurm-prolog",
         f"Epilog={prefix}/libexec/uctr/slurm-epilog",

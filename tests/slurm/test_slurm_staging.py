@@ -146,7 +146,8 @@ def test_prolog_stages_once_per_node_and_fetches_each_blob_once(cold, busybox, t
         assert record is not None, f"no readiness record on {node}"
         assert record["status"] == "ok"
         assert record["manifest_digest"] == digest
-        assert record["image"] == busybox and record["uid"] == str(UID)
+        pinned = busybox.rsplit(":", 1)[0] + "@" + digest  # sbatch pinned the tag
+        assert record["image"] == pinned and record["uid"] == str(UID)
         assert record["rootfs"] == f"{LOCAL}/bundles/{digest.split(':')[1]}/rootfs"
         assert bundles(cold, node) == [digest.split(":")[1]]
         staged = [line for line in cold.hook_lines("prolog", node, job_id) if "staged" in line]
@@ -217,7 +218,8 @@ def test_epilog_without_state_is_quiet(slurm_cluster):
 def test_bad_image_fails_the_job_with_the_message_and_nodes_stay_up(cold):
     missing = f"{cold.registry_host}/no-such-image:1"
     script = "#!/bin/sh\necho the batch script ran\n"
-    job_id = cold.submit(script, name="bad", args=["-N2", f"--container-image={missing}"])
+    with cold.plugstack_args("pin=prolog"):  # pinned at submission, sbatch refuses it at once
+        job_id = cold.submit(script, name="bad", args=["-N2", f"--container-image={missing}"])
     result = cold.wait(job_id)
 
     assert result.state == "FAILED", result
@@ -234,7 +236,8 @@ def test_bad_image_fails_the_job_with_the_message_and_nodes_stay_up(cold):
 
 def test_bad_image_fails_each_srun_step(cold):
     missing = f"{cold.registry_host}/no-such-image:2"
-    result = cold.srun(["-N2", "-n2", f"--container-image={missing}", "true"])
+    with cold.plugstack_args("pin=prolog"):  # (with the pin, srun refuses it before the job)
+        result = cold.srun(["-N2", "-n2", f"--container-image={missing}", "true"])
     assert result.returncode != 0
     assert f"error: uctr: repository not found: {cold.registry_host}/no-such-image" in \
         result.stderr, result.stderr

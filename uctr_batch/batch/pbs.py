@@ -94,6 +94,7 @@ class HookConfig:
     node_fault: str = "offline"  # "offline": offline this host's vnodes; "requeue": only requeue
     host_programs: Tuple[str, ...] = DEFAULT_HOST_PROGRAMS
     environment: Dict[str, str] = field(default_factory=dict)  # extra env for uctr (proxies)
+    pin: str = "submit"  # "submit": queuejob pins IMAGE:tag to its digest; "prolog": no pin
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "HookConfig":
@@ -113,7 +114,8 @@ class HookConfig:
         return config
 
     def check(self) -> None:
-        choices = {"job_shell": ("container", "host"), "node_fault": ("offline", "requeue")}
+        choices = {"job_shell": ("container", "host"), "node_fault": ("offline", "requeue"),
+                   "pin": ("submit", "prolog")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise errors.ConfigError(
@@ -375,8 +377,49 @@ def queuejob(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Answer
         _check_job_shell(request.job_shell)
     except errors.UctrError as e:
         return user_error(e.message, e.hint, job_action=None)
-    return accept().note("debug", f"uctr: {req['job'].get('id') or 'new job'}: "
-                                  f"container image {request.image} accepted")
+    answer = accept()
+    if config.pin == "submit":
+        try:
+            pinned = _pin(request.image, node_policy)
+        except errors.UctrError as e:
+            return user_error(f"cannot resolve {request.image} to a digest at submission: "
+                              f"{e.message}", e.hint or "is the registry reachable from the PBS "
+                              "server? (a site can set \"pin\": \"prolog\" in the hook config)",
+                              job_action=None)
+        answer["set"] = _pinned_attributes(req["job"], request.image, pinned)
+    return answer.note("debug", f"uctr: {req['job'].get('id') or 'new job'}: "
+                                f"container image {request.image} accepted")
+
+
+def _pin(image: str, node_policy) -> str:
+    """IMAGE:tag -> IMAGE@sha256:... (pull.pin), asked once by the server for the whole job,
+    so that every execution host stages the same image even if the tag moves meanwhile. The
+    server has no user credentials: its own (root's `uctr login`) or none. The manifest goes
+    to a scratch store: the server is no node and keeps no cache."""
+    import tempfile
+
+    from uctr_batch import settings
+    from uctr_batch.image import pull
+    from uctr_batch.image.store import Store
+    from uctr_batch.policy import registry_settings
+
+    config = settings.registry_config(base=registry_settings(node_policy))
+    with tempfile.TemporaryDirectory(prefix="uctr-pin-") as scratch:
+        return pull.pin(image, config, Store(Path(scratch)))
+
+
+def _pinned_attributes(job: Mapping, image: str, pinned: str) -> Dict[str, Dict[str, str]]:
+    """The job attributes queuejob sets: the digest where the image came from (resource or
+    -v UCTR_IMAGE), the tag kept for display as UCTR_IMAGE_TAG."""
+    out: Dict[str, Dict[str, str]] = {"resources": {}, "variables": {}}
+    if pinned == image:
+        return out
+    if _value(job.get("resources") or {}, IMAGE_RESOURCE):
+        out["resources"][IMAGE_RESOURCE] = pinned
+    else:
+        out["variables"]["UCTR_IMAGE"] = pinned
+    out["variables"]["UCTR_IMAGE_TAG"] = image
+    return out
 
 
 def _check_job_shell(value: Optional[str]) -> None:

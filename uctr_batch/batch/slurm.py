@@ -277,6 +277,11 @@ class InstallPlan:
         return env + [("UCTR_PYTHON", self.python)]
 
     @property
+    def uctr_cli(self) -> Path:
+        """`uctr` for sbatch/salloc/srun to pin images with, on every submit host."""
+        return self.prefix / "bin" / "uctr"
+
+    @property
     def share(self) -> Path:
         return self.prefix / "share" / "uctr" / "slurm"
 
@@ -288,10 +293,12 @@ class InstallPlan:
                 f"install {self.hook('prolog')} and {self.hook('epilog')} (python: {self.python})",
                 f"install {self.python_launcher} and {self.uctr_exec} (the C front, "
                 "when a compiler is there; else the Python launcher)",
+                f"install {self.uctr_cli}",
                 f"write {self.share / 'plugstack.conf'} and {self.share / 'slurm.conf'}"]
 
     def plugstack_line(self) -> str:
         args = [f"uctr_exec={self.uctr_exec}"] + ([f"policy={self.policy}"] if self.policy else [])
+        args.append(f"resolver={self.uctr_cli}")  # the submit-time pin (uctr resolve)
         return f"required {self.plugin} {' '.join(args)}\n"
 
     def slurm_conf(self) -> str:
@@ -343,6 +350,8 @@ def install(plan: InstallPlan) -> None:
     launcher = plan.wrapper(_launcher_command(plan)).encode()
     _install_file(plan.python_launcher, launcher, 0o755)
     _install_file(plan.uctr_exec, _front(plan) or launcher, 0o755)
+    cli = f'exec {shlex.quote(plan.python)} -m uctr_batch "$@"'
+    _install_file(plan.uctr_cli, plan.wrapper(cli).encode(), 0o755)
     _install_file(plan.share / "plugstack.conf", plan.plugstack_line().encode(), 0o644)
     _install_file(plan.share / "slurm.conf", plan.slurm_conf().encode(), 0o644)
     for step in plan.steps():

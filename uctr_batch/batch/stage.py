@@ -108,10 +108,10 @@ def _stage(image_text: str, job_id: Optional[str], node_policy,
     if quota:
         enforce_quota(local_dir, quota, keep=(record.manifest_digest,),
                       need=sum(layer.size for layer in record.layers))
-    bundles = rootfs.BundleStore(local_dir)
-    existed = _is_complete(bundles.path_for(record.manifest_digest), record.manifest_digest)
-    # one unpack per node (its lock); the quota stops an unpack before it fills the disk
-    rootfs_path = Path(rootfs.create(record, cache, limit=quota or None))
+    # one unpack per node (its lock); the quota stops an unpack before it fills the disk;
+    # concurrent stagers (array tasks) all find no bundle, one unpacks: ask create who did
+    done: dict = {}
+    rootfs_path = Path(rootfs.create(record, cache, limit=quota or None, report=done))
     bundle = rootfs_path.parent
     touch_use(local_dir, record.manifest_digest)
     if job_id is not None:
@@ -120,7 +120,7 @@ def _stage(image_text: str, job_id: Optional[str], node_policy,
         _check_fits(local_dir, record.manifest_digest, bundle, quota, image_text)
         enforce_quota(local_dir, quota, keep=(record.manifest_digest,))
     return StageResult(rootfs_path, bundle, record.manifest_digest, record.reference,
-                       unpacked=not existed)
+                       unpacked=bool(done.get("unpacked")))
 
 
 @contextlib.contextmanager
@@ -150,12 +150,6 @@ def _point_defaults_at(cache_dir: Path, local_dir: Path) -> None:
     """The image pipeline finds its dirs through settings: make them the policy's."""
     os.environ["UCTR_CACHE"] = str(cache_dir)
     os.environ["UCTR_LOCAL_DIR"] = str(local_dir)
-
-
-def _is_complete(bundle: Path, digest: str) -> bool:
-    from uctr_batch.image import rootfs
-
-    return rootfs.bundle_info(bundle)["manifest_digest"] == digest
 
 
 def _check_fits(local_dir: Path, digest: str, bundle: Path, quota: int, image_text: str) -> None:

@@ -119,7 +119,7 @@ class _Puller:
     # -- manifests --------------------------------------------------------------------
     def resolve(self, wanted: Platform, explicit: bool) -> ImageRecord:
         repo = self.ref.repository
-        data, media_type, digest = self.client.get_manifest(repo, self.ref.manifest_reference)
+        data, media_type, digest = self._manifest(repo, self.ref.manifest_reference)
         if self.ref.digest and digest != self.ref.digest:
             raise DigestMismatch(f"registry returned manifest {digest} for {self.ref}",
                                  "the registry, a mirror or a proxy served other content; "
@@ -135,7 +135,7 @@ class _Puller:
             if not chosen["digest"].startswith("sha256:"):
                 raise RegistryError(f"unsupported digest {chosen['digest'][:16]}... in the image "
                                     f"index of {self.ref}", "uctr verifies sha256 digests only")
-            data, media_type, digest = self.client.get_manifest(repo, chosen["digest"])
+            data, media_type, digest = self._manifest(repo, chosen["digest"])
             if media_type not in mt.MANIFEST_TYPES:
                 raise RegistryError(f"index entry {digest} of {self.ref} is not an image "
                                     f"manifest ({media_type})",
@@ -150,6 +150,26 @@ class _Puller:
             self._check_single_platform(config, wanted, explicit)
         return build_record(str(self.ref), digest, manifest, config,
                             str(platform) if platform else None, index_digest)
+
+    def _manifest(self, repository: str, reference: str) -> Tuple[bytes, str, str]:
+        """A manifest or index: by digest from the shared cache when it holds it (the
+        submit-time pin put it there, so the nodes of a pinned job ask the registry for no
+        manifest at all), else from the registry."""
+        if reference.startswith("sha256:") and self.store.has_blob(reference):
+            data = self._cached_document(reference)
+            if data is not None:
+                media_type = _media_type_of(data)
+                if media_type:
+                    log.verbose("%s: manifest %s from the cache", self.ref, reference)
+                    return data, media_type, reference
+        return self.client.get_manifest(repository, reference)
+
+    def _cached_document(self, digest: str) -> Optional[bytes]:
+        try:
+            data = self.store.read_blob(digest, mt.MAX_DOCUMENT)
+        except StorageError:
+            return None
+        return data if digest_of_bytes(data, "sha256") == digest else None
 
     def _config(self, manifest: dict, manifest_digest: str) -> dict:
         desc = manifest["config"]  # check_image_manifest: a digest and a bounded size
@@ -231,6 +251,49 @@ class _Puller:
         if outcome != "downloaded" and self.progress:
             self.progress.add(layer.size)  # done by someone else: count it as done
         log.verbose("%s: %s", layer.digest, outcome)
+
+
+def _media_type_of(data: bytes) -> Optional[str]:
+    """The media type a cached manifest declares, or that its shape implies (an OCI
+    manifest may leave mediaType out); None when it is neither an index nor a manifest."""
+    import json
+
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    declared = doc.get("mediaType")
+    if declared in mt.INDEX_TYPES + mt.MANIFEST_TYPES:
+        return declared
+    if declared is None and isinstance(doc.get("manifests"), list):
+        return mt.OCI_INDEX
+    if declared is None and isinstance(doc.get("layers"), list):
+        return mt.OCI_MANIFEST
+    return None
+
+
+def pin(ref, config: settings.RegistryConfig, store: Store,
+        platform: Union[None, str, Platform] = None) -> str:
+    """IMAGE:tag -> registry/repository@sha256:... (the index digest of a multi-platform
+    image, so that every node still picks its own platform), asking the registry once.
+    The manifest(s) and config go into the shared cache, so the nodes need no manifest
+    request of their own. A digest reference or an image file is returned as it is,
+    without a request."""
+    text = ref if isinstance(ref, str) else str(ref)
+    ref = references.parse(ref) if isinstance(ref, str) else ref
+    if not ref.is_registry:
+        return text  # a file (squashfs, archive, layout) is read as it is: nothing to pin
+    if ref.digest:
+        return f"{ref.name}@{ref.digest}"
+    check_allowed(ref, config)
+    from uctr_batch.image.registry import RegistryClient
+
+    with RegistryClient(ref.registry, config) as client:
+        rec = _Puller(client, ref, store, config).resolve(_wanted(platform),
+                                                          explicit=platform is not None)
+    return f"{ref.name}@{rec.index_digest or rec.manifest_digest}"
 
 
 def _document(data: bytes, what: str, check, limit: int = mt.MAX_DOCUMENT) -> dict:
@@ -321,4 +384,28 @@ def cmd_pull(args) -> int:
                      explicit_platform=bool(args.platform))
     log.verbose("pulled %s in %.2f s", rec.reference, time.monotonic() - started)
     sys.stdout.write(f"{rec.reference} {rec.manifest_digest}\n")
+    return 0
+
+
+def cmd_resolve(args) -> int:
+    """uctr resolve IMAGE: print the digest reference IMAGE names now (what sbatch/srun
+    pin a job to); the manifest and config are cached on the way. Bounded by --timeout:
+    a submission must not hang on a registry that does not answer."""
+    import signal
+
+    store, config = command_context(args)
+
+    def expired(signum, frame):
+        raise RegistryError(f"could not resolve {args.image} within {args.timeout:g} s",
+                            "is the registry reachable from this host? (sites without "
+                            "registry access here can defer the pin to the prolog)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, max(args.timeout, 0.001))
+    try:
+        pinned = pin(args.image, config, store, args.platform)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    sys.stdout.write(pinned + "\n")
     return 0

@@ -110,7 +110,7 @@ def _marker_digest(bundle: Path) -> Optional[str]:
 
 
 def create(record: ImageRecord, store, dest: Optional[Path] = None,
-           limit: Optional[int] = None) -> Path:
+           limit: Optional[int] = None, report: Optional[dict] = None) -> Path:
     """Unpack RECORD's layers (blobs from STORE) into a bundle; return its rootfs path.
 
     A complete bundle is reused. Otherwise one process per bundle unpacks (lock), into a
@@ -119,7 +119,9 @@ def create(record: ImageRecord, store, dest: Optional[Path] = None,
     (bytes, the policy's storage.local_quota) bounds what one unpack may write.
 
     A full disk, quota or inode table anywhere on the way (the lock, the temp tree, the
-    records after the unpack) is an errors.NoSpace; nothing half-made stays behind."""
+    records after the unpack) is an errors.NoSpace; nothing half-made stays behind.
+    REPORT (a dict), when given, gets "unpacked": True if this call did the unpack (the
+    other concurrent callers waited on the lock and reused it)."""
     base = Path(dest).parent if dest is not None else None
     try:
         if dest is None:
@@ -138,6 +140,8 @@ def create(record: ImageRecord, store, dest: Optional[Path] = None,
                     _clear_target(bundle, dest is not None)
                     _remove_stale_work(bundle.parent, None if dest is None else bundle.name)
                     _unpack(record, store, bundle, limit, base)
+                    if report is not None:
+                        report["unpacked"] = True
         return bundle / ROOTFS
     except (OSError, StorageError) as e:
         cause = e if isinstance(e, OSError) else e.__cause__  # e.g. the base dir's mkdir
