@@ -14,12 +14,13 @@
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from . import users
 from .images import ImageSet, push
@@ -87,12 +88,35 @@ def run_demo(workdir: Path) -> None:
     say("registry stopped")
 
 
-MPI_IMAGE = "debian-openmpi"
 MPI_JOB = """#!/bin/bash
 #SBATCH --container={image}
 #SBATCH -N 2 --ntasks-per-node=2 --time=5
-srun --mpi=pmix python3 -m mpi4py.bench helloworld
+{launcher} {program}
 """
+# Launchers in order of preference: (Slurm MPI plugin, test image, program). Open MPI needs
+# PMIx; a Slurm without mpi/pmix (Debian's 26.05) still has pmi2, which MPICH speaks.
+LAUNCHERS = (
+    ("pmix", "debian-openmpi", "python3 -m mpi4py.bench helloworld"),
+    ("pmi2", "debian-mpich", "mpi_hello"),
+)
+RANK_RE = re.compile(r"I am process\s+(\d+) of \d+ on (\S+)\."  # mpi4py.bench helloworld
+                     r"|hello rank=(\d+) size=\d+ host=(\S+)")  # mpi_hello
+
+
+def pick_launcher(plugins: List[str]) -> Tuple[str, str, str]:
+    for plugin, image, program in LAUNCHERS:
+        if plugin in plugins:
+            return plugin, image, program
+    raise SystemExit("demo failed: this Slurm has neither mpi/pmix nor mpi/pmi2 "
+                     f"(srun --mpi=list: {', '.join(plugins)})")
+
+
+def ranks_and_nodes(output: str) -> Tuple[List[int], List[str]]:
+    ranks, nodes = [], set()
+    for match in RANK_RE.finditer(output):
+        ranks.append(int(match.group(1) or match.group(3)))
+        nodes.add(match.group(2) or match.group(4))
+    return sorted(ranks), sorted(nodes)
 
 
 def run_slurm_demo(workdir: Path) -> None:
@@ -111,9 +135,13 @@ def run_slurm_demo(workdir: Path) -> None:
     try:
         say(f"cluster up in {cluster.bringup_seconds:.1f} s; registry at "
             f"{cluster.registry_host}")
-        say(f"building (first run only: mmdebstrap) and pushing the {MPI_IMAGE} image")
-        image = cluster.image_ref(MPI_IMAGE, tag="demo")
-        script = MPI_JOB.format(image=image)
+        plugins = cluster.mpi_plugins()
+        plugin, mpi_image, program = pick_launcher(plugins)
+        say(f"launcher: srun --mpi={plugin} with the {mpi_image} image (this Slurm's MPI "
+            f"plugins: {', '.join(plugins)})")
+        say(f"building (first run only: mmdebstrap) and pushing the {mpi_image} image")
+        image = cluster.image_ref(mpi_image, tag="demo")
+        script = MPI_JOB.format(image=image, launcher=f"srun --mpi={plugin}", program=program)
         say(f"sbatch as {users.TEST_USER}:\n" + script.rstrip())
         job_id = cluster.submit(script, name="demo-mpi")
         result = cluster.wait(job_id, timeout=600)
@@ -122,6 +150,12 @@ def run_slurm_demo(workdir: Path) -> None:
         sys.stdout.flush()
         if result.state != "COMPLETED":
             raise SystemExit(f"demo failed: job {job_id} ended {result.state}")
+        ranks, nodes = ranks_and_nodes(result.output)
+        if ranks != [0, 1, 2, 3] or len(nodes) != 2:
+            raise SystemExit(f"demo failed: expected ranks 0-3 on 2 nodes, got ranks {ranks} "
+                             f"on {', '.join(nodes) or 'no node'}")
+        say(f"{len(ranks)} ranks on {len(nodes)} nodes ({', '.join(nodes)}) with "
+            f"srun --mpi={plugin}")
     finally:
         keep = os.environ.get("UCTR_SLURM_KEEP") == "1"
         say("leaving the cluster running (UCTR_SLURM_KEEP=1)" if keep

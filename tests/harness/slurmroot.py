@@ -303,7 +303,8 @@ def run_in_root(name: str, argv: Sequence[str], checkout: Path = REPO,
         all_binds[str(images)] = str(images)
     all_binds.update(dict(binds))
     run_env = {"UCTR_TEST_DEBIAN_MIRROR": host_mirror(),  # the cached images' key
-               "UCTR_TEST_DEBIAN_CACHE": str(images), **_pip_env()}
+               "UCTR_TEST_DEBIAN_CACHE": str(images)}
+    run_env.update({k: v for k, v in _pip_env().items() if k.startswith("PIP_")})
     run_env.update(env or {})
     return _enter(root, argv, isolate_net=True, binds=all_binds, env=run_env,
                   cwd=cwd or str(checkout), timeout=timeout, input=input)
