@@ -79,6 +79,13 @@ class RootError(RuntimeError):
     pass
 
 
+def selected_releases() -> List[str]:
+    """The releases the matrix runs: UCTR_SLURM_MATRIX (comma-separated names, or "none"),
+    else all of RELEASES."""
+    wanted = os.environ.get("UCTR_SLURM_MATRIX", ",".join(RELEASES)).split(",")
+    return [name for name in RELEASES if name in wanted]
+
+
 def install_packages(repo: Path = REPO) -> List[str]:
     """The PACKAGES array of scripts/install.sh (what a site installs)."""
     text = (repo / "scripts" / "install.sh").read_text()
@@ -231,7 +238,8 @@ mkdir -p "$new"
 mount --make-rprivate /
 if [ "$overlay" = 1 ]; then
     mkdir -p "$scratch/upper" "$scratch/work"
-    mount -t overlay overlay -o "lowerdir=$lower,upperdir=$scratch/upper,workdir=$scratch/work" "$new"
+    mount -t overlay overlay \
+        -o "lowerdir=$lower,upperdir=$scratch/upper,workdir=$scratch/work" "$new"
 else
     mount --bind "$lower" "$new"
 fi
@@ -257,7 +265,9 @@ done
 mkdir -p "$new/.old-root"
 cd "$new"
 pivot_root . .old-root
-exec /usr/sbin/chroot . /bin/sh -c 'umount -l /.old-root && rmdir /.old-root && cd "$0" && exec "$@"' "$cwd" "$@"
+# chroot to the new root (which is now the namespace's root: not "chrooted" for the kernel)
+exec /usr/sbin/chroot . /bin/sh -c \
+    'umount -l /.old-root && rmdir /.old-root && cd "$0" && exec "$@"' "$cwd" "$@"
 '''
 
 

@@ -9,7 +9,6 @@ reasons. The first run builds the roots (mmdebstrap, a few minutes each); later 
 them. UCTR_SLURM_MATRIX=trixie (or sid, or "none") limits the releases.
 """
 
-import os
 import re
 
 import pytest
@@ -18,8 +17,7 @@ from tests.harness import slurmroot
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-SELECTED = os.environ.get("UCTR_SLURM_MATRIX", "trixie,sid")
-RELEASES = [name for name in slurmroot.RELEASES if name in SELECTED.split(",")]
+RELEASES = slurmroot.selected_releases()
 SUITE_TIMEOUT = 1800  # seconds; tests/slurm takes 2-4 minutes in a root on 2 cores
 # What each release is known to lack, as tests/slurm reports it (the skip reason's start).
 EXPECTED_SKIPS = {

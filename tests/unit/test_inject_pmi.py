@@ -215,7 +215,8 @@ def _image_with_pmix(root: Path, builtin, dsos=(), libdir="usr/lib/x86_64-linux-
     (symbols pmix_mca_gds_NAME_component), plus component DSOs beside it."""
     lib = root / libdir
     lib.mkdir(parents=True)
-    body = b"\x7fELF junk" + b"".join(b"\0pmix_mca_gds_%s_component\0" % n.encode() for n in builtin)
+    symbols = (b"\0pmix_mca_gds_%s_component\0" % n.encode() for n in builtin)
+    body = b"\x7fELF junk" + b"".join(symbols)
     (lib / "libpmix.so.2.6.2").write_bytes(body)
     (lib / "libpmix.so.2").symlink_to("libpmix.so.2.6.2")
     if dsos:
@@ -247,7 +248,8 @@ def test_gds_unchanged_when_the_image_has_every_module(tmp_path):
 
 def test_gds_unchanged_without_a_readable_libpmix(tmp_path):
     (tmp_path / "image" / "usr/lib").mkdir(parents=True)
-    plan = pmi_plan(_pmix5_server_env(), host_root=str(tmp_path), image_root=str(tmp_path / "image"))
+    image = str(tmp_path / "image")
+    plan = pmi_plan(_pmix5_server_env(), host_root=str(tmp_path), image_root=image)
     assert plan.env["PMIX_MCA_gds"] == "shmem2,hash"
 
 
