@@ -6,6 +6,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${UCTR_VENV:-/opt/uctr-batch/venv}"
+BIN_DIR="${UCTR_BIN_DIR:-/usr/local/bin}"  # where `uctr` and `uctr-exec` are linked for every user
 TEST_USER="uctrtest"
 LOG="$(mktemp /tmp/uctr-install.XXXXXX.log)"
 trap 'rm -f "$LOG"' EXIT
@@ -21,7 +22,7 @@ PACKAGES=(
     slurmctld slurmd slurm-client munge libslurm-dev libpmix-dev libpmix-bin
     openmpi-bin libopenmpi-dev mpich libmpich-dev python3-mpi4py
     # build and inspection tools
-    gcc make patchelf binutils file hyperfine util-linux procps psmisc iproute2
+    gcc make patchelf binutils file hyperfine util-linux mount procps psmisc iproute2
 )
 
 fail() {
@@ -34,7 +35,7 @@ quietly() {  # run "$@" with its output kept in $LOG, shown only if it fails
     "$@" >"$LOG" 2>&1
 }
 
-[ "$(id -u)" -eq 0 ] || fail "run as root (sudo $0)"
+[ "$(id -u)" -eq 0 ] || fail "run as root (for example: su -c $0)"
 
 missing_packages() {
     local pkg status
@@ -68,18 +69,23 @@ install_packages() {
 }
 
 requirements() {  # runtime deps + the test and fast extras, read from pyproject.toml
+    # and what building the package needs (setuptools' bdist_wheel needs wheel), so that
+    # install_package builds it later without an index (a test root without network)
     /usr/bin/python3 - "$REPO/pyproject.toml" <<'PY'
 import sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+pyproject = tomllib.load(open(sys.argv[1], "rb"))
+project = pyproject["project"]
 extras = project.get("optional-dependencies", {})
 for requirement in project["dependencies"] + extras.get("test", []) + extras.get("fast", []):
+    print(requirement)
+for requirement in pyproject["build-system"]["requires"] + ["wheel"]:
     print(requirement)
 PY
 }
 
 install_venv() {
-    # The project itself is not installed: tests import the working tree (pytest pythonpath),
-    # so what is tested is always what is checked out.
+    # The requirements only; install_package installs the project itself. Tests import the
+    # working tree (pytest pythonpath), so what is tested is always what is checked out.
     local wanted stamp="$VENV/.uctr-requirements"
     wanted="$(requirements)" || fail "cannot read $REPO/pyproject.toml"
     if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
@@ -105,6 +111,52 @@ ensure_test_user() {
         || quietly usermod --add-subgids 100000-165535 "$TEST_USER" || fail "usermod --add-subgids"
 }
 
+package_sources_hash() {  # what an installed package was built from
+    (cd "$REPO" && find pyproject.toml README.md uctr_batch -type f ! -name '*.pyc' \
+        ! -path '*/__pycache__/*' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum
+}
+
+install_package() {
+    # A real (not editable) install of this checkout into the venv: `uctr` and `uctr-exec`
+    # then run for every user without reading the checkout, which may sit in /root or move.
+    # Built from a copy, so the checkout gets no build/ or *.egg-info.
+    local wanted build stamp="$VENV/.uctr-package"
+    # this script copied alone (to set up a test root) installs the requirements only
+    [ -d "$REPO/uctr_batch" ] || return 0
+    wanted="$(package_sources_hash)" || fail "cannot read the sources in $REPO"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && [ -x "$VENV/bin/uctr" ] \
+        && [ -x "$VENV/bin/uctr-exec" ]; then
+        return 0
+    fi
+    build="$(mktemp -d /tmp/uctr-package.XXXXXX)"
+    tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' -cf - pyproject.toml README.md \
+        uctr_batch | tar -C "$build" -xf - || { rm -rf "$build"; fail "cannot copy $REPO"; }
+    if ! quietly "$VENV/bin/pip" install --disable-pip-version-check --no-input --no-deps \
+        --no-build-isolation --force-reinstall "$build"; then
+        rm -rf "$build"
+        fail "pip install of the uctr-batch package failed in $VENV"
+    fi
+    rm -rf "$build"
+    chmod -R a+rX "$VENV"  # every user runs these commands, whatever root's umask was
+    printf '%s\n' "$wanted" >"$stamp"
+}
+
+link_commands() {  # BIN_DIR/uctr -> VENV/bin/uctr, the same for uctr-exec
+    local name link
+    [ -x "$VENV/bin/uctr" ] || return 0  # no package installed (see install_package)
+    mkdir -p "$BIN_DIR"
+    for name in uctr uctr-exec; do
+        link="$BIN_DIR/$name"
+        [ "$(readlink "$link" 2>/dev/null)" = "$VENV/bin/$name" ] && continue
+        if [ -e "$link" ] && [ ! -L "$link" ]; then
+            fail "$link exists and is not a link; remove it, then run this again"
+        fi
+        ln -sfn "$VENV/bin/$name" "$link" || fail "cannot link $link"
+    done
+}
+
 install_packages
 install_venv
+install_package
+link_commands
 ensure_test_user

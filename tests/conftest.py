@@ -37,6 +37,17 @@ INTEGRATION_DIR = REPO / "tests" / "integration"
 PYTHON = os.environ.get("UCTR_TEST_PYTHON", sys.executable)
 
 
+def pytest_sessionstart(session):
+    """Stop at once, with the reason, when the test user cannot read this checkout: the many
+    tests that run its code as that user would all fail (scripts/test tests a readable copy)."""
+    package = REPO / "uctr_batch" / "__init__.py"
+    if users.can_switch_user() and not users.can_read(users.TEST_USER, package):
+        pytest.exit(f"the test user {users.TEST_USER} cannot read {REPO}, and many tests run "
+                    f"its code as that user; run scripts/test, which tests a readable copy, or "
+                    f"put the checkout where {users.TEST_USER} can read it",
+                    returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if INTEGRATION_DIR in Path(str(item.fspath)).parents:

@@ -141,6 +141,25 @@ def _args_slurm(p):
                          help="append the hooks' diagnostics to DIR/uctr-{prolog,epilog}.NODE.log "
                               "(slurmd discards them otherwise)")
     install.add_argument("--dry-run", action="store_true", help="only print what would be done")
+    _args_slurm_oci(install, sub)
+
+
+def _args_slurm_oci(install, sub):
+    """--oci: uctr's oci.conf profile for Slurm's own --container (batch/oci_install.py)."""
+    conf_dir = dict(metavar="DIR", help="slurm.conf's directory, where oci.conf goes "
+                    "(default: that of $SLURM_CONF, else /etc/slurm)")
+    install.add_argument("--oci", action="store_true",
+                         help="also write uctr's oci.conf profile (Slurm >= 23.02), so that "
+                              "Slurm's own --container=IMAGE runs tasks through uctr-exec")
+    install.add_argument("--slurm-conf-dir", **conf_dir)
+    install.add_argument("--replace-oci-conf", action="store_true",
+                         help="replace an oci.conf that is not uctr's (kept as "
+                              "oci.conf.before-uctr; uninstall puts it back)")
+    uninstall = sub.add_parser("uninstall", help="remove uctr's oci.conf profile (--oci); "
+                                                 "an oci.conf that is not uctr's stays")
+    uninstall.add_argument("--oci", action="store_true", required=True,
+                           help="remove the oci.conf profile (the only thing uninstall does)")
+    uninstall.add_argument("--slurm-conf-dir", **conf_dir)
 
 
 def _args_pbs(p):

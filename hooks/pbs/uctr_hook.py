@@ -21,7 +21,9 @@ import pbs
 
 IMAGE_RESOURCE = "container_image"
 MODE_RESOURCE = "container_mode"
-JOB_VARIABLES = ("UCTR_IMAGE", "UCTR_MODE", "UCTR_MPI", "UCTR_GPU", "UCTR_JOB_SHELL")
+JOB_VARIABLES = ("UCTR_IMAGE", "UCTR_MODE", "UCTR_MPI", "UCTR_GPU", "UCTR_JOB_SHELL",
+                 "PBS_CONTAINER_ARGS")
+SELECT_RESOURCE = "select"  # PBS Professional syntax: container_engine=NAME in its chunks
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ANSWER_MARGIN = 3  # seconds between uctr's deadline and the hook alarm
 EXIT_EVENTS = ("execjob_epilogue", "execjob_end")
@@ -72,13 +74,17 @@ def job_fields(job):
         "queue": _text(getattr(queue, "name", None) or queue),
         "resources": {name: value for name, value in
                       ((IMAGE_RESOURCE, resource(job, IMAGE_RESOURCE)),
-                       (MODE_RESOURCE, resource(job, MODE_RESOURCE))) if value},
+                       (MODE_RESOURCE, resource(job, MODE_RESOURCE)),
+                       (SELECT_RESOURCE, resource(job, SELECT_RESOURCE))) if value},
         "variables": variables(job),
     }
 
 
 def wants_container(fields):
-    return bool(fields["resources"].get(IMAGE_RESOURCE) or fields["variables"].get("UCTR_IMAGE"))
+    """An image, or PBS Professional's container syntax (refused at qsub without an image)."""
+    return bool(fields["resources"].get(IMAGE_RESOURCE) or fields["variables"].get("UCTR_IMAGE")
+                or fields["variables"].get("PBS_CONTAINER_ARGS")
+                or "container_engine=" in (fields["resources"].get(SELECT_RESOURCE) or ""))
 
 
 def read_config():
@@ -180,6 +186,8 @@ def apply(event, answer, node):
         event.argv = list(answer["argv"])
     for name, value in (answer.get("env") or {}).items():
         event.env[name] = value
+    if answer.get("job_comment"):
+        set_comment(event.job, answer["job_comment"])
     if answer.get("offline"):
         offline_local_vnodes(event, node, answer.get("comment") or "uctr: node fault")
     if answer.get("job_action") == "rerun":
@@ -189,6 +197,15 @@ def apply(event, answer, node):
     if answer.get("action") == "reject":
         event.reject(answer.get("message") or "uctr: rejected")
     event.accept()
+
+
+def set_comment(job, text):
+    """The job's comment (qstat -f), where this event lets a hook set it; the same text is
+    in the job's .e file and the MoM log either way."""
+    try:
+        job.comment = text
+    except Exception as e:
+        pbs.logmsg(pbs.EVENT_DEBUG, "uctr: cannot set the job comment here: %s" % e)
 
 
 def offline_local_vnodes(event, node, comment):

@@ -58,9 +58,16 @@ class DemoUser:
             self.env.update(USER=user, LOGNAME=user)
             users.chown_tree(home, user)
         self.cwd = home
+        # The `uctr` a new user types, installed by scripts/install.sh (not the checkout);
+        # without it (the demo module run by hand) the checkout's package.
+        self.command: List[str] = [sys.executable, "-m", "uctr_batch"]
+        installed = shutil.which("uctr", path=users.login_path())
+        if installed:
+            self.command = [installed]
+            del self.env["PYTHONPATH"]
 
     def uctr(self, *args: str) -> subprocess.CompletedProcess:
-        argv: List[str] = [sys.executable, "-m", "uctr_batch", *args]
+        argv: List[str] = [*self.command, *args]
         if self.user:
             argv = users.as_user_argv(self.user, argv, self.env)
         say("uctr " + " ".join(args))

@@ -2,7 +2,8 @@
 
 munged and slurmctld run in the root namespaces. Each slurmd "node" runs in its own network
 namespace (veth on bridge uctrbr0, 10.200.0.0/24) plus private mount and UTS namespaces with
-its own hostname, /tmp, /dev/shm, /run/uctr and boot id, so node-local storage really is
+its own hostname, /tmp, /dev/shm, /run/uctr, boot id and sysfs (whose /sys/class/net lists the
+node's own eth0, whatever the host's NICs are called), so node-local storage really is
 separate and MPI libraries do not take the two nodes for one machine.
 The recipe and its pitfalls: /work/shared/research/slurm-lab-notes.md (nsenter, never
 `ip netns exec`, which hides the cgroup mounts slurmd needs).
@@ -217,7 +218,7 @@ class SlurmCluster:
         shutil.rmtree(staging, ignore_errors=True)
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
         shutil.copytree(self.repo / "uctr_batch", staging / "uctr_batch", ignore=ignore)
-        for tree in ("hooks", "spank", "launchers"):
+        for tree in ("hooks", "spank", "launchers", "site-config"):
             if (self.repo / tree).is_dir():
                 shutil.copytree(self.repo / tree, staging / tree,
                                 ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.o", "*.so"))
@@ -358,6 +359,8 @@ class SlurmCluster:
         Path(RUN_DIR).mkdir(parents=True, exist_ok=True)  # mount point for the node's own
         self.path("spool", node).mkdir(parents=True, exist_ok=True)
         self.path("tmpfs", node).mkdir(parents=True, exist_ok=True)
+        sysfs = self.path("sysfs", node)  # mount point, moved onto /sys once filled
+        sysfs.mkdir(parents=True, exist_ok=True)
         boot_id = self.path("run", f"boot_id.{node}")
         self._write(boot_id, f"{uuid.uuid4()}\n")
         script = " && ".join([
@@ -370,6 +373,14 @@ class SlurmCluster:
             "mount -t tmpfs -o mode=1777 tmpfs /dev/shm",
             f"mount -t tmpfs -o mode=0755,size=64m tmpfs {RUN_DIR}",
             f"mount --bind {self.path('etc', 'hosts')} /etc/hosts",
+            # A sysfs mounted in the node's netns shows that netns's devices: MPICH/UCX pick
+            # their device from /sys/class/net, and the outer one names the host's NICs.
+            # The cgroup mounts under /sys go along (slurmd and crun need them); the outer
+            # /sys is detached, not just covered.
+            f"mount -t sysfs sysfs {sysfs}",
+            f"mount --rbind /sys/fs/cgroup {sysfs}/fs/cgroup",
+            "umount -l /sys",
+            f"mount --move {sysfs} /sys",
             f"exec slurmd -N {node} -f {SLURM_CONF}",
         ])
         _run(["nsenter", f"--net=/run/netns/{self._netns(node)}", "unshare", "--mount", "--uts",

@@ -54,3 +54,15 @@ def copy_package(src: Path, dest_parent: Path) -> Path:
         for name in files:
             os.chmod(os.path.join(root, name), 0o644)
     return dest
+
+
+def can_read(user: str, path: Path) -> bool:
+    """Whether USER can reach and read PATH (asked as USER: permissions of every parent count)."""
+    return subprocess.run(["runuser", "-u", user, "--", "test", "-r", str(path)],
+                          stdin=subprocess.DEVNULL, capture_output=True).returncode == 0
+
+
+def login_path() -> str:
+    """The PATH of a new login: BASE_PATH, after the bin directory scripts/install.sh linked
+    `uctr` and `uctr-exec` into when told another one (UCTR_BIN_DIR)."""
+    return ":".join(filter(None, (os.environ.get("UCTR_BIN_DIR"), BASE_PATH)))

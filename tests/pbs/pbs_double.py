@@ -92,6 +92,7 @@ class Job:
         self.Variable_List = dict(spec.get("Variable_List") or {})
         self.rerun_requested = False
         self.delete_requested = False
+        self.comment = None  # settable; a real MoM may refuse it (the hook tolerates that)
 
     def rerun(self):
         if not self._event_type & MOM_EVENTS:
@@ -187,7 +188,8 @@ def run_hook(hook_file: str, spec: dict) -> dict:
     event = module.event()
     result = {"accepted": results.accepted is not False, "reject_message": results.reject_message,
               "exception": exception, "logs": results.logs,
-              "job_rerun": event.job.rerun_requested, "job_delete": event.job.delete_requested}
+              "job_rerun": event.job.rerun_requested, "job_delete": event.job.delete_requested,
+              "job_comment": event.job.comment}
     if "vnode_list" in event._param:
         result["vnodes"] = {n: {"state": v.state, "comment": v.comment}
                             for n, v in event.vnode_list.items()}

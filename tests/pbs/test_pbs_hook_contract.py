@@ -24,6 +24,7 @@ from tests.pbs.pbs_double import ND_FREE, ND_OFFLINE, REPO, HookRunner
 pytestmark = [pytest.mark.pbs, pytest.mark.contract]
 
 HOOK_FILE = REPO / "hooks" / "pbs" / "uctr_hook.py"
+GUARD_FILE = REPO / "hooks" / "pbs" / "uctr_guard.py"
 UCTR_EXEC = "/opt/uctr/bin/uctr-exec"  # only ever written into argv, never run here
 SERVER = "pbs-server"
 
@@ -54,11 +55,13 @@ class Site:
         self.write_config()
 
     def write_policy(self, allow=(), local_dir=None, user_modes=("N1", "R1", "P1"),
-                     stage_timeout=120):
+                     stage_timeout=120, engines=None):
         lines = ["version: 1", "defaults:",
                  f"  user_modes: [{', '.join(user_modes)}]",
                  "  registries:",
                  f"    insecure: [{', '.join(json.dumps(r) for r in self.registries)}]"]
+        if engines:  # PBS Professional's container_engine=NAME -> mode
+            lines.insert(2, "  container_engines: " + json.dumps(engines))
         if allow:
             lines.append(f"    allow: [{', '.join(json.dumps(a) for a in allow)}]")
         lines += ["  storage:", f"    cache_dir: {self.dirs.cache}",
@@ -240,29 +243,43 @@ def test_begin_on_a_second_job_reuses_the_rootfs(site, pushed, registry_http, te
     assert len(site.bundles()) == 1
 
 
-def test_begin_user_error_fails_the_job_and_leaves_the_vnode_alone(site, registry_http):
+def reaches_the_user(site, job, result, text, event="execjob_begin"):
+    """Issue 15, item 4: a user error found at execjob_begin/prologue does not reject the
+    job (its owner would only see "Execution server rejected request"): it is accepted
+    with the message as its comment, and its launch prints the error and hint on the job's
+    stderr (the .e file) instead of running anything, then exits 1. Returns the stderr."""
+    assert result["accepted"], result
+    assert not result["job_delete"] and not result["job_rerun"]
+    assert result["job_comment"].startswith("uctr: ") and text in result["job_comment"], result
+    assert all(v == {"state": ND_FREE, "comment": None} for v in result["vnodes"].values())
+    launch = site.event("execjob_launch", job, progname="/bin/bash", argv=[], env={})
+    assert launch["accepted"] and launch["progname"] == "/bin/sh", launch
+    assert UCTR_EXEC not in launch["argv"], "nothing of the job may run"
+    ran = subprocess.run(launch["argv"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert ran.returncode == 1 and ran.stdout == ""
+    assert ran.stderr.startswith("error: uctr: ") and text in ran.stderr, ran.stderr
+    assert "\nhint: " in ran.stderr
+    end = site.event("execjob_end", job)
+    assert end["accepted"], end
+    assert site.readiness(job) is None and site.state_files(job) == []
+    return ran.stderr
+
+
+def test_begin_user_error_reaches_the_job_and_leaves_the_vnode_alone(site, registry_http):
     missing = f"{registry_http.host}/no-such-image:1"
     job = site.job(missing)
     result = site.event("execjob_begin", job)
 
-    assert not result["accepted"]
-    assert result["job_delete"] and not result["job_rerun"]
-    assert result["reject_message"].startswith(f"uctr: cannot stage {missing} on node1: ")
-    assert "not found" in result["reject_message"] or "unknown" in result["reject_message"]
-    assert result["vnodes"] == {"node1": {"state": ND_FREE, "comment": None}}
-    # OpenPBS runs no execjob_end for a job rejected at execjob_begin: nothing may stay
-    assert site.readiness(job) is None and site.state_files(job) == []
+    stderr = reaches_the_user(site, job, result, f"cannot stage {missing} on node1: ")
+    assert "not found" in stderr or "unknown" in stderr
 
 
 def test_begin_refuses_what_the_node_policy_refuses_without_pulling(site, registry_http, pushed):
     site.write_policy(allow=["docker.io/library/*"])
     job = site.job(pushed["busybox"])
     result = site.event("execjob_begin", job)
-    assert not result["accepted"] and result["job_delete"]
-    assert "refused by the site policy" in result["reject_message"]
-    assert result["vnodes"]["node1"]["state"] == ND_FREE
+    reaches_the_user(site, job, result, "refused by the site policy")
     assert not site.dirs.cache.exists(), "nothing may be pulled for a refused image"
-    assert site.readiness(job) is None and site.state_files(job) == []
 
 
 @pytest.mark.parametrize("breakage", ["group-writable", "world-writable", "another-owner",
@@ -285,11 +302,8 @@ def test_a_policy_the_node_cannot_use_fails_the_job_and_never_offlines(site, pus
         site.policy.write_text("version: 1\ndefaults: [\n")
     job = site.job(pushed["busybox"])
     result = site.event(event, job, vnodes=["node1", "node1[1]"])
-    assert not result["accepted"] and result["job_delete"] and not result["job_rerun"]
-    assert "node node1 cannot run container jobs" in result["reject_message"]
-    assert "uctr policy check" in result["reject_message"]
-    assert all(v == {"state": ND_FREE, "comment": None} for v in result["vnodes"].values())
-    assert site.readiness(job) is None and site.state_files(job) == []
+    stderr = reaches_the_user(site, job, result, "node node1 cannot run container jobs")
+    assert "uctr policy check" in stderr
     site.policy.unlink(missing_ok=True)
     site.write_policy()  # fixed: the next job runs
     again = site.event("execjob_begin", site.job(pushed["busybox"]))
@@ -299,9 +313,7 @@ def test_a_policy_the_node_cannot_use_fails_the_job_and_never_offlines(site, pus
 def test_begin_refuses_a_bad_job_shell_choice_as_a_user_error(site, pushed):
     job = site.job(pushed["busybox"], variables={"UCTR_JOB_SHELL": "inside"})
     result = site.event("execjob_begin", job)
-    assert not result["accepted"] and result["job_delete"] and not result["job_rerun"]
-    assert "UCTR_JOB_SHELL=inside" in result["reject_message"]
-    assert result["vnodes"]["node1"]["state"] == ND_FREE
+    reaches_the_user(site, job, result, "UCTR_JOB_SHELL=inside")
 
 
 @pytest.mark.parametrize("node_fault, offlined", [("offline", True), ("requeue", False)])
@@ -315,6 +327,7 @@ def test_node_fault_requeues_the_job(site, pushed, node_fault, offlined):
     assert not result["accepted"]
     assert result["job_rerun"] and not result["job_delete"]
     assert "node node1 cannot run container jobs" in result["reject_message"]
+    assert result["job_comment"].endswith("; the job is requeued"), "the user sees why"
     vnodes = result["vnodes"]
     assert vnodes["node2"] == {"state": ND_FREE, "comment": None}  # another host's vnode
     for name in ("node1", "node1[1]"):
@@ -505,11 +518,22 @@ def test_launch_wraps_tm_tasks_but_not_mpi_daemons(site, staged, pushed):
     assert task["env"]["UCTR_ARGV0"] == "", "uctr-exec would run UCTR_ARGV0 instead"
     daemons = (["/usr/bin/orted", "-mca", "ess", "tm"],
                ["hydra_pmi_proxy", "--control-port", "x:1"])
+    host_shell = site.job(pushed["busybox"], variables={"UCTR_JOB_SHELL": "host"})
     for daemon in daemons:
-        result = site.event("execjob_launch", staged, progname=daemon[0], argv=daemon, env={})
+        # the job shell on the host: the host's mpiexec started its daemon, which starts
+        # the ranks the user's mpiexec line wraps
+        result = site.event("execjob_launch", host_shell, progname=daemon[0], argv=daemon,
+                            env={})
         assert result["accepted"]
         assert (result["progname"], result["argv"]) == (daemon[0], daemon), "a daemon starts ranks"
         assert result["env"]["UCTR_IMAGE"] == pushed["busybox"]  # for the user's mpiexec line
+        # the job shell in the image: its mpiexec asked for the image's daemon, which forks
+        # the ranks inside the same container
+        inside = site.event("execjob_launch", staged, progname=daemon[0], argv=daemon, env={})
+        assert inside["argv"] == [UCTR_EXEC, pushed["busybox"], "--"] + daemon
+    for tool in (["/opt/pbs/bin/pbs_attach", "-j", staged["id"], "x"], ["pbs_tmrsh", "n2", "x"]):
+        result = site.event("execjob_launch", staged, progname=tool[0], argv=tool, env={})
+        assert result["argv"] == tool, "PBS's own tools stay on the host"
     # the user already wrote `mpiexec uctr-exec IMAGE app`: not wrapped twice
     wrapped = ["/opt/uctr/bin/uctr-exec", pushed["busybox"], "app"]
     result = site.event("execjob_launch", staged, progname=wrapped[0], argv=wrapped, env={})
@@ -541,9 +565,16 @@ def test_launch_fails_the_job_after_a_staging_user_error(site, registry_http):
         "status": "error", "fault": "user", "image": job["Resource_List"]["container_image"],
         "message": "repository not found", "hint": "check the name"}))
     result = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env={})
-    assert not result["accepted"] and result["job_delete"]
-    assert result["reject_message"].startswith("uctr: cannot run in ")
-    assert result["progname"] == "/bin/sh", "a rejected launch changes nothing"
+    assert result["accepted"] and not result["job_delete"]
+    assert result["job_comment"] == "uctr: cannot run in " \
+        f"{job['Resource_List']['container_image']}: repository not found (hint: check the name)"
+    ran = subprocess.run(result["argv"], capture_output=True, text=True)
+    assert (ran.returncode, ran.stderr) == (1, "error: uctr: cannot run in "
+                                               f"{job['Resource_List']['container_image']}: "
+                                               "repository not found\nhint: check the name\n")
+    # a TM task of the job on this node reports the same, and runs nothing either
+    task = site.event("execjob_launch", job, progname="/bin/hostname", argv=["hostname"], env={})
+    assert task["progname"] == "/bin/sh" and "hostname" not in task["argv"]
 
 
 # -- execjob_end / execjob_epilogue -------------------------------------------------------
@@ -596,7 +627,10 @@ def test_install_dry_run_prints_the_qmgr_steps():
         "# unless: qmgr -c 'list resource container_mode'",
         "qmgr -c 'set resource container_mode flag = m'"]
     # job-wide (no h); m: the MoMs get the value, else execjob hooks never see it
-    assert "flag=h" not in result.stdout and "flag = h" not in result.stdout
+    assert "flag=h" not in "\n".join(commands[:4])
+    # PBS Professional's container_engine: host-level, for select chunks
+    assert commands[4] == ("qmgr -c 'create resource container_engine type=string, flag=h'   "
+                           "# unless: qmgr -c 'list resource container_engine'")
     text = "\n".join(commands)
     assert ("set hook uctr event = \"queuejob,execjob_begin,execjob_prologue,execjob_launch,"
             "execjob_end\"") in text
@@ -621,8 +655,20 @@ def test_uninstall_dry_run_reverses_install():
     result = _uctr("pbs", "uninstall", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert [line.split("   #")[0] for line in result.stdout.splitlines()] == [
+        "qmgr -c 'create hook uctr_guard'", "qmgr -c 'set hook uctr_guard event = queuejob'",
+        "qmgr -c 'set hook uctr_guard enabled = true'",
+        f"qmgr -c 'import hook uctr_guard application/x-python default {GUARD_FILE}'",
         "qmgr -c 'delete hook uctr'", "qmgr -c 'delete resource container_mode'",
         "qmgr -c 'delete resource container_image'"]
+
+
+def test_disable_dry_run_leaves_the_guard_and_keeps_the_hook():
+    result = _uctr("pbs", "disable", "--dry-run", "--hook-name", "site")
+    assert result.returncode == 0, result.stderr
+    lines = [line.split("   #")[0] for line in result.stdout.splitlines()]
+    assert lines[0] == "qmgr -c 'create hook site_guard'"
+    assert lines[-1] == "qmgr -c 'set hook site enabled = false'"
+    assert not any("delete" in line for line in lines)
 
 
 FAKE_QMGR = """#!/bin/sh
@@ -650,17 +696,28 @@ def test_install_runs_qmgr_and_is_idempotent(tmp_path):
     first = _uctr(*args)
     assert first.returncode == 0, first.stderr
     ran = [c for c in log.read_text().splitlines() if not c.startswith("list ")]
-    assert ran[:5] == ["create resource container_image type=string",
+    assert ran[:6] == ["create resource container_image type=string",
                        "set resource container_image flag = m",
                        "create resource container_mode type=string",
-                       "set resource container_mode flag = m", "create hook uctr"]
+                       "set resource container_mode flag = m",
+                       "create resource container_engine type=string, flag=h",
+                       "create hook uctr"]
     assert ran[-1].startswith("import hook uctr application/x-config default /")
     second = _uctr(*args)
     assert second.returncode == 0, second.stderr
-    assert second.stdout.count("# skipped, nothing to do: create") == 3
+    assert second.stdout.count("# skipped, nothing to do: create") == 4
     removed = _uctr("pbs", "uninstall", "--qmgr", str(qmgr))
     assert removed.returncode == 0, removed.stderr
-    assert state.read_text().strip() == ""
+    assert state.read_text().splitlines() == ["resource container_engine", "hook uctr_guard"], \
+        "only the guard is left, and container_engine, which vnodes may offer"
+    ran = [c for c in log.read_text().splitlines() if not c.startswith("list ")]
+    assert ran.index("create hook uctr_guard") < ran.index("delete hook uctr"), \
+        "the guard comes before the hook goes: no container job is accepted unchecked"
+    again = _uctr(*args)
+    assert again.returncode == 0, again.stderr
+    ran = [c for c in log.read_text().splitlines() if not c.startswith("list ")]
+    assert ran[-1] == "delete hook uctr_guard", "install removes the guard last"
+    assert "uctr_guard" not in state.read_text()
 
 
 @pytest.mark.contract
@@ -680,7 +737,7 @@ def test_uninstall_keeps_resources_that_jobs_still_name(tmp_path):
         in removed.stderr
     assert state.read_text().split("\n")[:2] == ["resource container_image",
                                                  "resource container_mode"]
-    assert "hook uctr" not in state.read_text()
+    assert "hook uctr\n" not in state.read_text() and "hook uctr_guard" in state.read_text()
 
 
 def test_install_without_qmgr_says_so():
@@ -817,9 +874,7 @@ def test_a_full_node_local_disk_fails_only_the_job(site, pushed, tmp_path):
         site.write_policy(local_dir=f"{small}/uctr-${{UID}}")
         job = site.job(pushed["busybox"])
         result = site.event("execjob_begin", job, vnodes=["node1"])
-        assert not result["accepted"] and result["job_delete"] and not result["job_rerun"]
-        assert result["vnodes"]["node1"]["state"] == ND_FREE, result
-        assert site.readiness(job) is None and site.state_files(job) == []
+        reaches_the_user(site, job, result, f"cannot stage {pushed['busybox']} on node1")
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
         small.rmdir()
@@ -854,3 +909,231 @@ def test_begin_sweeps_records_of_jobs_that_left_without_an_end(site, pushed, tmp
         ["91.pbs-server", "92.pbs-server", job["id"]])
     assert not list(state.glob("90.pbs-server.*")) and not list(state.glob("93.pbs-server.*"))
     assert list(state.glob("91.pbs-server.*"))
+
+
+# -- the guard left by uninstall/disable (issue 15, item 3) ---------------------------------
+@pytest.mark.parametrize("resources, variables, asked", [
+    ({"container_image": "docker.io/library/debian:12"}, {}, "-l container_image"),
+    ({}, {"UCTR_IMAGE": "debian:12"}, "-v UCTR_IMAGE"),
+    ({"select": "2:ncpus=1:container_engine=singularity"}, {}, "container_engine in select"),
+])
+def test_guard_refuses_container_jobs_with_a_message(tmp_path, resources, variables, asked):
+    runner = HookRunner(GUARD_FILE, tmp_path / "none.json")
+    job = {"id": "1.server", "euser": "u", "queue": "workq", "Resource_List": resources,
+           "Variable_List": variables}
+    result = runner.run("queuejob", job)
+    assert not result["accepted"], result
+    assert result["reject_message"].startswith("uctr: container jobs are not accepted now")
+    assert f"leave out {asked}" in result["reject_message"]
+    assert result["exception"] is None
+
+
+def test_guard_accepts_jobs_without_a_container(tmp_path):
+    runner = HookRunner(GUARD_FILE, tmp_path / "none.json")
+    job = {"id": "1.server", "euser": "u", "queue": "workq",
+           "Resource_List": {"select": "1:ncpus=2"}, "Variable_List": {"HOME": "/home/u"}}
+    result = runner.run("queuejob", job)
+    assert result["accepted"] and result["reject_message"] is None, result
+
+
+# -- PBS Professional syntax (issue 15, item 2) ------------------------------------------------
+def test_container_engine_in_select_takes_the_mode_the_policy_maps_it_to(site, pushed):
+    site.write_policy(engines={"singularity": "R1", "uctr": "auto", "docker": "S1"},
+                      user_modes=("N1", "R1", "P1"))
+    select = {"select": "2:ncpus=1:container_engine=singularity"}
+    job = site.job(pushed["busybox"], resources=select)
+    assert site.event("queuejob", job)["accepted"]
+    assert site.event("execjob_begin", job)["accepted"]
+    launch = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env={})
+    assert launch["env"]["UCTR_MODE"] == "R1", launch
+    # container_mode wins over the engine
+    job = site.job(pushed["busybox"], resources=dict(select, container_mode="P1"))
+    launch = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env={})
+    assert launch["env"]["UCTR_MODE"] == "P1"
+    # auto: the class's ladder, no UCTR_MODE
+    job = site.job(pushed["busybox"], resources={"select": "1:container_engine=uctr"})
+    launch = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env={})
+    assert "UCTR_MODE" not in launch["env"]
+
+
+@pytest.mark.parametrize("select, words", [
+    ("1:ncpus=1:container_engine=podman", "container_engine=podman is not an engine this site "
+                                          "offers (engines in the site policy: docker, "
+                                          "singularity)"),
+    ("1:container_engine=docker", "mode S1 is not allowed"),  # mapped, but not a user mode
+    ("1:container_engine=docker+1:container_engine=singularity", "different container_engine"),
+])
+def test_queuejob_refuses_an_engine_the_site_does_not_map(site, pushed, select, words):
+    site.write_policy(engines={"singularity": "R1", "docker": "S1"})
+    result = site.event("queuejob", site.job(pushed["busybox"], resources={"select": select}))
+    assert not result["accepted"] and words in result["reject_message"], result
+
+
+def test_pbs_container_args_reach_uctr_exec_as_its_settings(site, pushed, tmp_path):
+    args = "--bind=/scratch:/scratch;--bind=/data:/in:ro;--env=OMP_NUM_THREADS=4;--pwd=/in;--nv"
+    job = site.job(pushed["busybox"], variables={"PBS_CONTAINER_ARGS": args})
+    assert site.event("queuejob", job)["accepted"]
+    assert site.event("execjob_begin", job)["accepted"]
+    pbs_home = tmp_path / "pbs_home"
+    (pbs_home / "mom_priv" / "jobs").mkdir(parents=True)
+    env = {"UCTR_MOUNTS": "/home/u/x:/x", "PBS_CONTAINER_ARGS": args}
+    shell = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env=env,
+                       pbs_home=str(pbs_home))
+    scripts = f"{pbs_home}/mom_priv/jobs"
+    assert shell["env"]["UCTR_MOUNTS"] == ("/home/u/x:/x,/scratch:/scratch:rw,/data:/in:ro,"
+                                           f"{scripts}:{scripts}:ro")
+    assert shell["env"]["UCTR_WORKDIR"] == "/in" and shell["env"]["UCTR_GPU"] == "nvidia"
+    assert shell["env"]["OMP_NUM_THREADS"] == "4"
+    assert shell["env"]["UCTR_ENV_NAMES"] == "OMP_NUM_THREADS"
+    task = site.event("execjob_launch", job, progname="/bin/hostname", argv=["hostname"],
+                      env=env)
+    assert task["env"]["UCTR_WORKDIR"] == "/in" and task["argv"][-1] == "hostname"
+
+
+def test_pbs_container_args_it_cannot_honour_are_refused_at_qsub(site, pushed):
+    job = site.job(pushed["busybox"],
+                   variables={"PBS_CONTAINER_ARGS": "--bind=/a:/a;--fakeroot"})
+    result = site.event("queuejob", job)
+    assert not result["accepted"]
+    assert result["reject_message"].startswith("uctr: PBS_CONTAINER_ARGS: --fakeroot is not "
+                                               "supported by uctr")
+    assert "(hint: uctr understands --bind" in result["reject_message"]
+    # changed after qsub (qalter -v): the launch reports it instead of running the job
+    launch = site.event("execjob_launch", job, progname="/bin/sh", argv=[], env={})
+    assert launch["progname"] == "/bin/sh" and UCTR_EXEC not in launch["argv"]
+    assert "--fakeroot is not supported" in launch["job_comment"]
+
+
+def test_pbs_pro_syntax_without_an_image_is_refused(site):
+    for job in (site.job(resources={"select": "1:ncpus=1:container_engine=singularity"}),
+                site.job(variables={"PBS_CONTAINER_ARGS": "--nv"})):
+        result = site.event("queuejob", job)
+        assert not result["accepted"], result
+        assert "need an image" in result["reject_message"]
+
+
+# -- the job script's interpreter (issue 15, item 5) --------------------------------------------
+@pytest.mark.parametrize("first_line, missing", [
+    ("#!/bin/bash", "/bin/bash"),
+    ("#!/usr/bin/env sh", "/usr/bin/env"),  # busybox's env is /bin/env only
+    ("#!/bin/env python3", "python3 (run by /bin/env python3)"),
+    ("#!/bin/sh -e", None),
+    ("#!/bin/env sh", None),
+    ("echo no interpreter line", None),
+])
+def test_the_script_interpreter_is_checked_in_the_image(site, staged, pushed, tmp_path,
+                                                        first_line, missing):
+    jobs = tmp_path / "pbs_home" / "mom_priv" / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / f"{staged['id']}.SC").write_text(first_line + "\necho hi\n")
+    result = site.event("execjob_launch", staged, progname="/bin/bash", argv=[], env={},
+                        pbs_home=str(tmp_path / "pbs_home"))
+    assert result["accepted"]
+    if missing is None:
+        assert result["progname"] == UCTR_EXEC, result
+        return
+    assert result["progname"] == "/bin/sh" and UCTR_EXEC not in result["argv"]
+    ran = subprocess.run(result["argv"], capture_output=True, text=True)
+    assert ran.returncode == 127
+    assert ran.stderr.startswith(f"error: uctr: the job script's interpreter {missing} is not "
+                                 f"in the image {pushed['busybox']}\nhint: "), ran.stderr
+    assert "mom_priv" not in ran.stderr
+
+
+# -- multi-host MPI through TM (issue 15, item 1) -----------------------------------------------
+def test_two_hosts_stage_once_each_and_every_rank_and_tm_task_runs_in_the_image(
+        site, pushed, registry_http, test_images):
+    """A 2-chunk job on node1 (mother superior) and node2: what each MoM's hook does for
+    the job shell on the host, Open MPI's daemon (TM, or pbs_tmrsh) and MPICH's proxy on the
+    sister, and a pbsdsh task there; then a rank started the way orted starts it, with the
+    environment the sister's hook gave the daemon, really runs inside the image that node2
+    staged. Each host has its own node-local run dir and storage; the cache is shared."""
+    # root's and world-readable, like /etc/uctr and /run/uctr (the rank reads both)
+    node2_root = site.dirs.base.parent / f"node2-{site.dirs.base.name}"
+    node2_root.mkdir(mode=0o755)
+    node2_run = node2_root / "run"
+    node2_policy = node2_root / "etc" / "policy.yaml"
+    node2_policy.parent.mkdir(mode=0o755)
+    node2_local = site.dirs.local.parent / "node2-local"
+    node2_policy.write_text(site.policy.read_text().replace(str(site.dirs.local),
+                                                            str(node2_local)))
+    node2_policy.chmod(0o644)
+    config2 = site.tmp / "hook2" / "uctr_hook.json"
+    config2.parent.mkdir()
+    config2.write_text(json.dumps(dict(site.config, run_dir=str(node2_run),
+                                       policy=str(node2_policy))))
+    node2 = HookRunner(HOOK_FILE, config2, node="node2")
+    job = site.job(pushed["busybox"], resources={"select": "2:ncpus=1:mpiprocs=1"},
+                   variables={"UCTR_JOB_SHELL": "host"})
+    vnodes = ["node1", "node2"]
+    layers = test_images["busybox"].layer_digests()
+    gets = {d: registry_http.blob_gets(d) for d in layers}  # the registry is the session's
+
+    assert site.event("queuejob", job)["accepted"]
+    first = site.event("execjob_begin", job, vnodes=vnodes)
+    # the mother superior's prologue waits for its staging (a slow machine may leave it
+    # running past execjob_begin); then the sister stages from the shared cache
+    assert site.event("execjob_prologue", job, vnodes=vnodes)["accepted"]
+    second = node2.run("execjob_begin", job, vnodes=vnodes)
+    assert first["accepted"] and second["accepted"], (first, second)
+    # one stage per host: a readiness record and a root filesystem on each, blobs pulled once
+    record1 = site.readiness(job)
+    node2_record = node2_run / "readiness" / job["id"]
+    wait_for(node2_record.exists, timeout=120, what="node2's stager (it runs on after begin)")
+    record2 = dict(line.split("=", 1) for line in node2_record.read_text().splitlines())
+    assert record1["status"] == record2["status"] == "ok"
+    assert record1["bundle"] != record2["bundle"] and record2["bundle"].startswith(str(node2_local))
+    assert all(registry_http.blob_gets(d) - gets[d] == 1 for d in layers), "pulled once"
+
+    shell = site.event("execjob_launch", job, progname="/bin/bash", argv=[], env={})
+    assert (shell["progname"], shell["argv"]) == ("/bin/bash", []), "the job shell: on the host"
+    assert shell["env"]["UCTR_IMAGE"] == pushed["busybox"]
+    daemons = (["/usr/bin/orted", "-mca", "ess", "tm", "-mca", "ess_base_vpid", "1"],  # TM
+               ["orted", "-mca", "ess", "env", "-mca", "ess_base_vpid", "1"],  # pbs_tmrsh
+               ["/usr/bin/hydra_pmi_proxy", "--control-port", "node1:4000", "--proxy-id", "1"])
+    for daemon in daemons:
+        launched = node2.run("execjob_launch", job, progname=daemon[0], argv=daemon, env={})
+        assert (launched["progname"], launched["argv"]) == (daemon[0], daemon), launched
+        assert launched["env"]["UCTR_RUN_DIR"] == str(node2_run)
+    task = node2.run("execjob_launch", job, progname="/bin/readlink",
+                     argv=["readlink", "/bin/sh"], env={})
+    assert task["argv"] == [UCTR_EXEC, pushed["busybox"], "--", "readlink", "/bin/sh"]
+
+    # a rank as the daemon forks it: `uctr-exec "$UCTR_IMAGE" CMD` from the user's mpiexec
+    # line, as the job user, with the daemon's environment from node2's hook
+    from tests.harness.users import BASE_PATH, run_as
+
+    rank_env = dict(launched["env"], PATH=BASE_PATH, HOME=str(site.dirs.home),
+                    PBS_JOBID=job["id"], PYTHONPATH=str(REPO))
+    rank = run_as(site.user, [str(REPO / "launchers" / "uctr-exec"), pushed["busybox"],
+                              "readlink", "/bin/sh"], env=rank_env, timeout=120, cwd="/")
+    assert rank.returncode == 0, rank.stderr
+    assert rank.stdout.strip() == "busybox", "in the image (the host's /bin/sh is not busybox)"
+    assert all(registry_http.blob_gets(d) - gets[d] == 1 for d in layers), "node2's stage used"
+    for runner in (site.runner, node2):
+        assert runner.run("execjob_end", job, vnodes=vnodes)["accepted"]
+    assert not (node2_run / "readiness" / job["id"]).exists()
+
+
+def test_pbs_container_args_really_apply_in_the_container(site, pushed):
+    """The launch environment PBS_CONTAINER_ARGS produces, given to the real uctr-exec as
+    the job user: the variable, the working directory and the bind are there inside."""
+    from tests.harness.users import BASE_PATH, run_as
+
+    args = "--env=FOO=bar baz;--pwd=/etc;--bind=/usr/share:/mnt/share:ro"
+    job = site.job(pushed["busybox"], variables={"PBS_CONTAINER_ARGS": args})
+    task = site.event("execjob_launch", job, progname="/bin/sh", argv=["sh", "-c", "x"],
+                      env={"PBS_CONTAINER_ARGS": args})
+    # root's, world-readable (like /etc/uctr): the user's uctr-exec reads the policy
+    etc = site.dirs.base.parent / f"etc-{site.dirs.base.name}"
+    etc.mkdir(mode=0o755)
+    policy = etc / "policy.yaml"
+    policy.write_text(site.policy.read_text())
+    policy.chmod(0o644)
+    env = dict(task["env"], PATH=BASE_PATH, HOME=str(site.dirs.home), PYTHONPATH=str(REPO),
+               UCTR_POLICY=str(policy), UCTR_RUN_DIR=str(etc / "run"))
+    probe = 'echo "FOO=$FOO cwd=$(pwd)"; test -d /mnt/share/doc && echo bound'
+    ran = run_as(site.user, [str(REPO / "launchers" / "uctr-exec"), pushed["busybox"],
+                             "sh", "-c", probe], env=env, timeout=180, cwd="/")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == ["FOO=bar baz cwd=/etc", "bound"], ran.stdout

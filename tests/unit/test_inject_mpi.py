@@ -2,10 +2,11 @@
 small image roots, each with an ld.so.cache written by ldconfig -r. No mocks: the plan is
 computed from the files exactly as on a node."""
 
-import ctypes
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -252,9 +253,12 @@ def test_glibc_check_refuses_a_library_needing_a_newer_glibc(tmp_path):
     assert refusal[0].reason == expected
     assert expected in dict(_steps(plan))["full swap refused"]
     assert plan.binds == []
-    # The dynamic loader agrees: this glibc cannot load it.
-    with pytest.raises(OSError, match="GLIBC_2.99"):
-        ctypes.CDLL(str(mpi))
+    # The dynamic loader agrees: this glibc cannot load it. In a child, with the stand-in
+    # libopen-pal found first (not the host's, which may have another soname or none).
+    load = subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({str(mpi)!r})"],
+                          env=dict(os.environ, LD_LIBRARY_PATH=str(_lib(host))),
+                          capture_output=True, text=True)
+    assert load.returncode != 0 and "GLIBC_2.99" in load.stderr, load.stderr
 
 
 @needs_toolchain
@@ -487,3 +491,70 @@ def test_profile_lib_dirs_outside_the_ld_cache(tmp_path):
     plan = mpi_plan(str(image), "site", missing, host_root=str(host))
     assert plan.mpi_level == "none"
     assert "no libraries in /opt/none" in dict(_steps(plan))["full swap refused"]
+
+
+def _ucx_stack(root: Path, label: str, link_ucs=()) -> None:
+    """libucp -> libucs, with UCX's unversioned file names (libucs.so.0.0.0)."""
+    ucs = build_lib(_lib(root), "libucs.so.0", "0.0", label, link=list(link_ucs),
+                    symbols=NEEDS_FUTURE if link_ucs else "")
+    build_lib(_lib(root), "libucp.so.0", "0.0", label, link=[ucs])
+
+
+def _host_with_ucx(tmp_path, link_ucs=()) -> Path:
+    root = make_root(tmp_path / "host", glibc=False)
+    _ucx_stack(root, "host", link_ucs)
+    ucp = _lib(root) / "libucp.so.0.0.0"
+    _ompi(_lib(root), "host", "30.4", "30.2", extra_link=[ucp])
+    ldconfig(root)
+    return root
+
+
+def _image_with_ucx(tmp_path) -> Path:
+    image = make_root(tmp_path / "image")
+    _ompi(_lib(image), "image", "20.0", "20.1")
+    _ucx_stack(image, "image")
+    ldconfig(image)
+    return image
+
+
+@needs_toolchain
+def test_fabric_library_goes_with_the_hosts_build_of_what_it_needs(tmp_path):
+    """The host's libucp is bound with the host's libucs over the image's other build of the
+    same file: UCX has no symbol versions, and the host's libucp may need newer symbols."""
+    host = _host_with_ucx(tmp_path)
+    image = _image_with_ucx(tmp_path)
+    plan = mpi_plan(str(image), "site", _profile(abi_check="strict", dependency_libs=["libucp"]),
+                    host_root=str(host))
+    assert plan.mpi_level == "fabric", plan.summary_lines()
+    assert _binds(plan) == {
+        libdir() + "/libucp.so.0.0.0": str(_lib(host) / "libucp.so.0.0.0"),
+        libdir() + "/libucs.so.0.0.0": str(_lib(host) / "libucs.so.0.0.0"),
+    }
+
+
+@needs_toolchain
+def test_fabric_library_refused_when_the_hosts_build_of_a_need_is_refused(tmp_path):
+    """Debian trixie host, bookworm image: the host's libucs needs a newer glibc, so the host's
+    libucp must not be bound alone over the image's (it would fail with an undefined symbol
+    of the image's older libucs)."""
+    host = _host_with_ucx(tmp_path, link_ucs=[stub_libc(tmp_path / "stub")])
+    image = _image_with_ucx(tmp_path)
+    plan = mpi_plan(str(image), "site", _profile(abi_check="strict", dependency_libs=["libucp"]),
+                    host_root=str(host))
+    assert plan.mpi_level == "none", plan.summary_lines()
+    assert plan.binds == []
+    refusal = [m.reason for m in plan.manifest
+               if m.action == REFUSE and m.subject == str(_lib(host) / "libucp.so.0.0.0")]
+    assert refusal and "libucs.so.0" in refusal[0] and "GLIBC_2.99" in refusal[0], refusal
+
+
+@needs_toolchain
+def test_a_need_the_image_has_byte_identical_stays_the_images(tmp_path):
+    """An image built from the host's own packages: its identical copy is not bound over."""
+    host = _host_with_ucx(tmp_path)
+    image = _image_with_ucx(tmp_path)
+    shutil.copy(_lib(host) / "libucs.so.0.0.0", _lib(image) / "libucs.so.0.0.0")
+    plan = mpi_plan(str(image), "site", _profile(abi_check="strict", dependency_libs=["libucp"]),
+                    host_root=str(host))
+    assert plan.mpi_level == "fabric", plan.summary_lines()
+    assert list(_binds(plan)) == [libdir() + "/libucp.so.0.0.0"]

@@ -80,7 +80,9 @@ def test_the_hooks_answer_is_always_utf8_encodable(tmp_path, image):
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)}, timeout=60)
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
-    assert answer["action"] == "reject" and answer["job_action"] == "delete"
-    for text in [answer["message"]] + [line for _, line in answer["log"]]:
+    # a user error found at execjob_begin is reported at the launch (issue 15): the job is
+    # accepted with the message as its comment
+    assert answer["action"] == "accept" and not answer.get("job_action"), answer
+    for text in [answer["job_comment"]] + [line for _, line in answer["log"]]:
         text.encode("utf-8")  # raised UnicodeEncodeError
-    assert "\\ud800" in answer["message"] or "\\udcff" in answer["message"]
+    assert "\\ud800" in answer["job_comment"] or "\\udcff" in answer["job_comment"]

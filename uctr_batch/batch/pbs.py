@@ -55,14 +55,24 @@ INSTALLED_EVENTS = (QUEUEJOB, EXECJOB_BEGIN, EXECJOB_PROLOGUE, EXECJOB_LAUNCH, E
 IMAGE_RESOURCE = "container_image"
 MODE_RESOURCE = "container_mode"
 # -v NAME=VALUE job variables the hook reads (the resources above win over UCTR_IMAGE/MODE)
-JOB_VARIABLES = ("UCTR_IMAGE", "UCTR_MODE", "UCTR_MPI", "UCTR_GPU", "UCTR_JOB_SHELL")
+JOB_VARIABLES = ("UCTR_IMAGE", "UCTR_MODE", "UCTR_MPI", "UCTR_GPU", "UCTR_JOB_SHELL",
+                 "PBS_CONTAINER_ARGS")  # the last: PBS Professional's syntax, see pbs_pro.py
+SELECT_RESOURCE = "select"  # its chunks may ask for container_engine (PBS Professional)
 
 ALARM_MARGIN = 8.0  # seconds kept free below the hook alarm: start-up, answer, apply
 SWEEP_BUDGET = 2.0  # seconds execjob_begin spends at most on other jobs' leftovers
 DISCARD_BUDGET = 3.0  # seconds a rejecting start event spends at most on the job's records
+COMMENT_MAX = 480  # characters of a job comment the hook sets (qstat -f shows it)
 STATE_DIR = "pbs"  # under the run dir: <job>.lock, <job>.outcome, <job>.log (root, 0700)
 
-# Programs TM starts that must stay on the host: MPI daemons start the ranks themselves.
+# PBS's own tools: a TM task running them stays on the host wherever the job shell runs.
+PBS_TOOLS = ("pbs_attach", "pbs_tmrsh")
+# Programs TM starts that stay on the host when the job shell does (the default list of
+# the host_programs key): MPI daemons a PBS-aware host mpiexec started through TM (TM
+# directly, or pbs_tmrsh), which start the ranks themselves, with `uctr-exec IMAGE` in the
+# user's mpiexec line. With the job shell in the container, the mpiexec that asked for them
+# is the image's, so the daemons are the image's too and run inside it, and so do the ranks
+# they fork (only PBS_TOOLS and uctr-exec stay out).
 DEFAULT_HOST_PROGRAMS = ("orted", "prted", "prte", "prterun", "hydra_pmi_proxy",
                          "hydra_bstrap_proxy", "pmi_proxy", "pbs_attach", "pbs_tmrsh",
                          "uctr-exec")
@@ -152,6 +162,12 @@ class Request:
     mpi: Optional[str]
     gpu: Optional[str]
     job_shell: Optional[str]
+    engines: Tuple[str, ...] = ()  # container_engine values in select (PBS Professional)
+    container_args: Optional[str] = None  # PBS_CONTAINER_ARGS (PBS Professional)
+
+    @property
+    def pbs_pro_syntax(self) -> bool:
+        return bool(self.engines or self.container_args)
 
 
 def _value(mapping: Mapping, name: str) -> Optional[str]:
@@ -163,12 +179,34 @@ def _value(mapping: Mapping, name: str) -> Optional[str]:
 
 
 def job_request(job: Mapping) -> Request:
+    from uctr_batch.batch import pbs_pro
+
     resources, variables = job.get("resources") or {}, job.get("variables") or {}
     return Request(
         image=_value(resources, IMAGE_RESOURCE) or _value(variables, "UCTR_IMAGE"),
         mode=_value(resources, MODE_RESOURCE) or _value(variables, "UCTR_MODE"),
         mpi=_value(variables, "UCTR_MPI"), gpu=_value(variables, "UCTR_GPU"),
-        job_shell=_value(variables, "UCTR_JOB_SHELL"))
+        job_shell=_value(variables, "UCTR_JOB_SHELL"),
+        engines=pbs_pro.select_engines(_value(resources, SELECT_RESOURCE)),
+        container_args=_value(variables, pbs_pro.ARGS_VARIABLE))
+
+
+def request_mode(request: Request, node_policy) -> Optional[str]:
+    """The mode asked for: container_mode/UCTR_MODE, else what the site policy maps the
+    select's container_engine to (None: the class's ladder). Raises UsageError."""
+    from uctr_batch.batch import pbs_pro
+
+    if request.mode:
+        return request.mode
+    return pbs_pro.engine_mode(request.engines, node_policy)
+
+
+def check_pbs_pro(request: Request, node_policy) -> Optional[str]:
+    """request_mode(), with PBS_CONTAINER_ARGS checked too (raises UsageError)."""
+    from uctr_batch.batch import pbs_pro
+
+    pbs_pro.parse_args(request.container_args)
+    return request_mode(request, node_policy)
 
 
 def job_context(req: Mapping):
@@ -235,10 +273,28 @@ def user_error(message: str, hint: Optional[str] = None, job_action: Optional[st
     return reject(text, job_action).note("info", text)
 
 
+def report(message: str, hint: Optional[str] = None, code: int = errors.EXIT_USER) -> Answer:
+    """Launch, instead of the job shell or task, a host /bin/sh that prints uctr's error and
+    hint on its standard error (the job's .e file, which its owner can read) and exits
+    CODE: a user error found on the node reaches the user, and nothing of the job runs.
+    The text goes in as arguments, never into the shell's code."""
+    lines = [f"error: uctr: {message}"] + ([f"hint: {hint}"] if hint else [])
+    argv = ["/bin/sh", "-c", 'for line; do printf "%%s\\n" "$line" >&2; done; exit %d'
+            % int(code), "uctr"] + lines
+    answer = accept(progname="/bin/sh", argv=argv, job_comment=_comment(message, hint))
+    return answer.note("info", f"uctr: {message}" + (f" (hint: {hint})" if hint else ""))
+
+
+def _comment(message: str, hint: Optional[str]) -> str:
+    """The job comment (qstat -f) for a user error: the message, then the hint."""
+    return (f"uctr: {message}" + (f" (hint: {hint})" if hint else ""))[:COMMENT_MAX]
+
+
 def node_fault(config: HookConfig, node: str, message: str) -> Answer:
     """Requeue the job; with node_fault=offline also take this host's vnodes out."""
     text = f"uctr: node {node} cannot run container jobs: {message}"
     answer = reject(text, "rerun").note("error", text)
+    answer["job_comment"] = (text + "; the job is requeued")[:COMMENT_MAX]  # qstat -f
     if config.node_fault == "offline":
         answer["offline"] = True
         answer["comment"] = f"uctr: {message}"[:200]
@@ -257,7 +313,11 @@ def handle(req: Mapping, env: Optional[Mapping[str, str]] = None) -> Answer:
         return failure(event, HookConfig(node_fault="requeue"), node,
                        f"broken hook configuration: {e.message}")
     try:
-        if job_request(req.get("job") or {}).image is None:
+        request = job_request(req.get("job") or {})
+        if request.image is None:
+            if event == QUEUEJOB and request.pbs_pro_syntax:
+                return user_error("container_engine and PBS_CONTAINER_ARGS need an image",
+                                  "add -l container_image=IMAGE", job_action=None)
             return accept()  # the hook skips these itself; this is the same rule
         if event == QUEUEJOB:
             return queuejob(req, config, env)
@@ -275,13 +335,16 @@ def handle(req: Mapping, env: Optional[Mapping[str, str]] = None) -> Answer:
         message = e.message if isinstance(e, errors.UctrError) else f"{type(e).__name__}: {e}"
         if isinstance(e, NodeFault) or event in (QUEUEJOB, EXECJOB_EPILOGUE, EXECJOB_END):
             return failure(event, config, node, message)
-        _discard_quietly(req, config, env)
         if isinstance(e, PolicyFault):  # the site's to fix: the job fails, the vnode stays
-            return user_error(message, e.hint).note("error", f"uctr: {message} (the vnode is "
-                                                             "not offlined)")
-        # a bug or an input uctr did not expect: in doubt the job fails, the vnode stays up
-        return user_error(f"internal error while preparing the container job: {message}",
-                          "this is a bug in uctr-batch; the MoM log has details")
+            hint, level = e.hint, ("error", f"uctr: {message} (the vnode is not offlined)")
+        else:  # a bug or an input uctr did not expect: in doubt the job fails, the vnode stays
+            message = f"internal error while preparing the container job: {message}"
+            hint, level = "this is a bug in uctr-batch; the MoM log has details", None
+        if event == EXECJOB_LAUNCH:
+            answer = report(message, hint)
+        else:
+            answer = defer_failure(req, config, env, stage_error(message, hint))
+        return answer.note(*level) if level else answer
 
 
 def failure(event: Optional[str], config: HookConfig, node: str, message: str) -> Answer:
@@ -307,7 +370,8 @@ def queuejob(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Answer
     node_policy = resolve(policy, node=_short(req.get("node") or os.uname().nodename),
                           partition=req["job"].get("queue") or None, features=())
     try:
-        common.validate_request(request.image, request.mode, request.mpi, node_policy)
+        mode = check_pbs_pro(request, node_policy)
+        common.validate_request(request.image, mode, request.mpi, node_policy)
         _check_job_shell(request.job_shell)
     except errors.UctrError as e:
         return user_error(e.message, e.hint, job_action=None)
@@ -350,11 +414,10 @@ def stage_event(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Ans
     started = time.monotonic()
     if req.get("event") == EXECJOB_BEGIN:
         sweep(req, ctx, node_policy, env)
-    refused = common.check_request(ctx, node_policy) or _job_shell_outcome(req["job"])
+    ctx, refused = _resolve_mode(ctx, req["job"], node_policy)
+    refused = refused or common.check_request(ctx, node_policy) or _job_shell_outcome(req["job"])
     if refused:
-        # OpenPBS runs no execjob_end for a job rejected here: keep nothing of it
-        discard_job(ctx, node_policy, env, budget=DISCARD_BUDGET)
-        return user_error(refused["message"], refused.get("hint"))
+        return defer_failure(req, config, env, refused, ctx=ctx)
     if req.get("event") == EXECJOB_BEGIN:
         _forget_earlier_run(ctx, env)
     budget = wait_budget(req, config) - (time.monotonic() - started)
@@ -365,11 +428,57 @@ def stage_event(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Ans
     if outcome["status"] == "ok":
         return accept().note("info", "uctr: " + common.describe_outcome(
             ctx, outcome, outcome.get("seconds", 0.0)))
-    discard_job(ctx, node_policy, env, budget=DISCARD_BUDGET)
     if outcome.get("fault") == "node":
+        discard_job(ctx, node_policy, env, budget=DISCARD_BUDGET)
         return node_fault(config, ctx.node, outcome["message"])
-    return user_error(f"cannot stage {ctx.image} on {ctx.node}: {outcome['message']}",
-                      outcome.get("hint"))
+    return defer_failure(req, config, env, dict(outcome, message=f"cannot stage {ctx.image} "
+                                                f"on {ctx.node}: {outcome['message']}"), ctx=ctx)
+
+
+def _resolve_mode(ctx, job: Mapping, node_policy):
+    """(ctx with the mode the site maps container_engine to, None), or (ctx, the user-error
+    outcome of a bad container_engine or PBS_CONTAINER_ARGS)."""
+    import dataclasses
+
+    from uctr_batch.batch import stage
+
+    try:
+        mode = check_pbs_pro(job_request(job), node_policy)
+    except errors.UctrError as e:
+        return ctx, stage.error_outcome(e, stage.USER)
+    return (dataclasses.replace(ctx, mode=mode) if mode != ctx.mode else ctx), None
+
+
+def stage_error(message: str, hint: Optional[str]) -> dict:
+    from uctr_batch.batch import stage
+
+    return {"status": "error", "fault": stage.USER, "message": message, "hint": hint}
+
+
+def defer_failure(req: Mapping, config: HookConfig, env: Mapping[str, str], outcome: dict,
+                  ctx=None) -> Answer:
+    """A user error found at execjob_begin/prologue: record it and accept, so that the
+    launch reports it on the job's stderr (report()) and the job ends with it, rather than
+    rejecting, which leaves its owner only "Execution server rejected request". The job is
+    then ended by its launch and gets its execjob_end, which removes the records.
+    Where the records cannot be written: reject and delete the job, as before."""
+    from uctr_batch.batch import common, readiness
+
+    env = _with(env, config.uctr_environment())
+    message, hint = outcome["message"], outcome.get("hint")
+    try:
+        ctx = ctx or job_context(req)
+        failed = dict(outcome, image=ctx.image, status="error")
+        readiness.write_readiness(ctx.job_id, ctx.uid, common.record_fields(ctx, failed), env)
+        _ensure_state_dir(env)
+        _write_outcome(ctx.job_id, failed, env)
+    except Exception as e:  # noqa: BLE001 - no place for the record: fail the job now
+        _log.debug("cannot record the failure: %s", e)
+        _discard_quietly(req, config, env)
+        return user_error(message, hint)
+    answer = accept(job_comment=_comment(message, hint))
+    return answer.note("info", f"uctr: job {ctx.job_id} on {ctx.node}: {message}; the job "
+                               "ends with this message at its launch")
 
 
 def discard_job(ctx, node_policy, env: Mapping[str, str], budget: float) -> bool:
@@ -706,23 +815,95 @@ def launch(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Answer:
         if outcome.get("fault") == "node":
             return node_fault(config, _short(req.get("node") or os.uname().nodename),
                               outcome["message"])
-        return user_error(f"cannot run in {request.image}: {outcome['message']}",
-                          outcome.get("hint"))
+        return report(f"cannot run in {request.image}: {outcome['message']}",
+                      outcome.get("hint"))
     rootfs = outcome.get("rootfs") if outcome and outcome["status"] == "ok" else None
     spec = req.get("launch") or {}
     progname, argv = spec.get("progname") or "", list(spec.get("argv") or [])
     command = launch_command(config, request, progname, argv, rootfs)
-    env_set = launch_environment(config, request)
     job_env = spec.get("env") or {}
+    try:
+        env_set = launch_environment(config, request)
+        env_set.update(pbs_pro_environment(req, config, env, request, job_env))
+    except errors.UctrError as e:  # qalter may have changed what queuejob checked
+        return report(e.message, e.hint)
     if job_env.get("UCTR_ARGV0"):
         env_set["UCTR_ARGV0"] = ""  # inherited (qsub -V in a Slurm step): not our argv
     if command is not None and not argv and req.get("pbs_home"):
-        env_set["UCTR_MOUNTS"] = _with_script_dir(job_env.get("UCTR_MOUNTS"), req["pbs_home"])
+        missing = script_interpreter_missing(req["pbs_home"], str(job["id"]), rootfs)
+        if missing:
+            return report(f"the job script's interpreter {missing} is not in the image "
+                          f"{request.image}", "install it in the image, or start the script "
+                          "with a #! line the image has (e.g. #!/bin/sh), or run the script on "
+                          "the host with -v UCTR_JOB_SHELL=host", code=127)
+        env_set["UCTR_MOUNTS"] = _with_script_dir(env_set.get("UCTR_MOUNTS")
+                                                  or job_env.get("UCTR_MOUNTS"), req["pbs_home"])
     answer = accept(env=env_set)
     if command is not None:
         answer.update(progname=command[0], argv=command)
         answer.note("debug", f"uctr: {job['id']}: {' '.join(command)}")
     return answer
+
+
+def pbs_pro_environment(req: Mapping, config: HookConfig, env: Mapping[str, str],
+                        request: Request, job_env: Mapping[str, str]) -> Dict[str, str]:
+    """UCTR_* settings from PBS Professional's syntax: the mode the site maps
+    container_engine to, and PBS_CONTAINER_ARGS (see pbs_pro.py). Raises UsageError."""
+    from uctr_batch.batch import common, pbs_pro
+
+    out = pbs_pro.parse_args(request.container_args).environment(dict(job_env))
+    if request.engines and not request.mode:
+        ctx = job_context(req)
+        mode = request_mode(request, common.site_policy(ctx, _with(env,
+                                                                   config.uctr_environment())))
+        if mode:
+            out["UCTR_MODE"] = mode
+    return out
+
+
+# where a #! line's program is looked for when it is `env PROGRAM` (the usual PATH)
+IMAGE_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+SHEBANG_MAX = 256  # bytes of the script's first line read (Linux reads 256 as well)
+
+
+def script_interpreter_missing(pbs_home: str, job_id: str, rootfs: Optional[str]
+                               ) -> Optional[str]:
+    """The #! interpreter of the job script (mom_priv/jobs/JOB.SC) when the image at ROOTFS
+    lacks it, else None (also when it cannot tell: still staging, no #! line, no script).
+    Without this check a `#!/bin/bash` script in an image without bash fails with exit 127
+    and a message that names MoM's copy of the script instead."""
+    if not rootfs:
+        return None
+    try:
+        interpreter = _shebang(os.path.join(pbs_home, "mom_priv", "jobs", job_id + ".SC"))
+        if not interpreter:
+            return None
+        program, _, rest = interpreter.partition(" ")
+        if not program.startswith("/"):
+            return None
+        root = Path(rootfs)
+        if not _exists_in(root, program):
+            return program
+        words = rest.split()
+        if os.path.basename(program) == "env" and words and not words[0].startswith("-") \
+                and "/" not in words[0]:
+            if not any(_exists_in(root, f"{d}/{words[0]}") for d in IMAGE_PATH):
+                return f"{words[0]} (run by {interpreter})"
+    except (OSError, ValueError):  # the image's links are the user's: never a hook failure
+        return None
+    return None
+
+
+def _shebang(path: str) -> Optional[str]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        head = os.read(fd, SHEBANG_MAX)
+    finally:
+        os.close(fd)
+    if not head.startswith(b"#!"):
+        return None
+    line = head[2:].split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    return line or None
 
 
 def _with_script_dir(mounts: Optional[str], pbs_home: str) -> str:
@@ -756,13 +937,16 @@ def launch_command(config: HookConfig, request: Request, progname: str, argv: Se
     MoM passes no argv for the job shell (it builds "-bash" itself afterwards); a TM task
     (pbsdsh, tm_spawn, pbs_tmrsh) comes with its argv."""
     prefix = [config.uctr_exec, request.image, "--"]
+    shell_on_host = (request.job_shell or config.job_shell) == "host"
     if not argv:
-        if (request.job_shell or config.job_shell) == "host":
+        if shell_on_host:
             return None
         return prefix + [shell_in_image(progname or "/bin/sh", rootfs)]
     program = os.path.basename(progname or argv[0])
-    if program in config.host_programs or program == os.path.basename(config.uctr_exec):
+    if program in PBS_TOOLS or program == os.path.basename(config.uctr_exec):
         return None
+    if shell_on_host and program in config.host_programs:
+        return None  # a host MPI daemon: the user's mpiexec line wraps the ranks
     return prefix + list(argv)
 
 
@@ -840,7 +1024,10 @@ def add_arguments(p: argparse.ArgumentParser, parser_class) -> None:
     sub = p.add_subparsers(dest="pbs_command", metavar="ACTION", parser_class=parser_class)
     sub.required = True
     for name, what in (("install", "create the resources and the hook with qmgr"),
-                       ("uninstall", "delete the hook and the resources with qmgr")):
+                       ("uninstall", "delete the hook and the resources with qmgr; a guard "
+                                     "hook then refuses container jobs"),
+                       ("disable", "disable the hook with qmgr; a guard hook refuses "
+                                   "container jobs until `uctr pbs install`")):
         action = sub.add_parser(name, help=what, description=what)
         action.add_argument("--dry-run", action="store_true",
                             help="print the qmgr commands (and the hook config) only")
@@ -856,6 +1043,8 @@ def add_arguments(p: argparse.ArgumentParser, parser_class) -> None:
                                 help="hook alarm in seconds (default 60)")
             action.add_argument("--no-mode-resource", action="store_true",
                                 help="do not create the container_mode resource")
+            action.add_argument("--no-engine-resource", action="store_true",
+                                help="do not create the container_engine host resource")
     # internal, unlisted: the hook's entry (JSON in and out) and the detached stager
     hook = sub.add_parser("hook")
     hook.add_argument("--event", help="for ps and logs only: the request names its event")
@@ -872,6 +1061,7 @@ def cmd_pbs(args) -> int:
 
     if args.pbs_command == "install":
         return pbs_install.install(args, out=sys.stdout)
+    args.disable_only = args.pbs_command == "disable"
     return pbs_install.uninstall(args, out=sys.stdout)
 
 

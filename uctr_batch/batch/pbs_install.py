@@ -4,12 +4,15 @@ install:
     create resource container_image type=string      job-wide: no flag=h, not in sched_config
     set resource container_image flag = m            sent to the MoMs: execjob hooks see it
     create resource container_mode type=string       (both unless --no-mode-resource)
+    create resource container_engine type=string, flag=h   host-level (PBS Professional's
+                                                     syntax; unless --no-engine-resource)
     set resource container_mode flag = m
     create hook uctr
     set hook uctr event = "queuejob,execjob_begin,execjob_prologue,execjob_launch,execjob_end"
     set hook uctr alarm = 60, fail_action = none, enabled = true
     import hook uctr application/x-python default hooks/pbs/uctr_hook.py
     import hook uctr application/x-config default <hook config>
+    delete hook uctr_guard                               only if a guard was left behind
 
 Without flag=m, pbs_server keeps a custom job-wide resource to itself: the execjob hooks on
 the MoMs would see no container_image in Resource_List (found on a real OpenPBS; the `set`
@@ -18,8 +21,11 @@ MoMs only receive the files of an enabled hook with events. fail_action stays "n
 hook failure must never offline a vnode by itself (the hook offlines vnodes only for node
 faults, and only when its config says so). Creations are skipped when qmgr already knows
 the object, so install can be run again to update the hook. uninstall deletes the hook,
-then the resources (a resource that jobs in the history still name is kept, with a
-warning).
+then container_image and container_mode (a resource that jobs in the history still name
+is kept, with a warning); container_engine stays, as vnodes may offer it. Before it deletes anything, uninstall (and `uctr pbs disable`, which only
+disables the hook) creates the guard: a queuejob hook (hooks/pbs/uctr_guard.py) that refuses
+jobs asking for an image, which would otherwise run on the host. install deletes the guard
+last, once the uctr hook is enabled, so no container job is accepted unchecked in between.
 """
 
 import json
@@ -40,6 +46,7 @@ _log = log.get("pbs")
 
 REPO_HOOK_DIR = Path(__file__).resolve().parents[2] / "hooks" / "pbs"
 HOOK_FILE = "uctr_hook.py"
+GUARD_FILE = "uctr_guard.py"  # left behind by uninstall/disable, deleted by install
 CONFIG_FILE = "uctr_hook.json"  # qmgr takes a config by its suffix: .json
 
 
@@ -53,12 +60,17 @@ class Step:
 
 
 def install_steps(hook: str, hook_file: Path, config_file: Path, alarm: int,
-                  mode_resource: bool = True) -> List[Step]:
+                  mode_resource: bool = True, engine_resource: bool = True) -> List[Step]:
+    from uctr_batch.batch.pbs_pro import ENGINE_RESOURCE
+
     resources = [pbs.IMAGE_RESOURCE] + ([pbs.MODE_RESOURCE] if mode_resource else [])
     steps = []
     for name in resources:
         steps += [Step(f"create resource {name} type=string", exists=f"list resource {name}"),
                   Step(f"set resource {name} flag = m")]
+    if engine_resource:  # PBS Professional's: host-level, asked for in select chunks
+        steps.append(Step(f"create resource {ENGINE_RESOURCE} type=string, flag=h",
+                          exists=f"list resource {ENGINE_RESOURCE}"))
     steps.append(Step(f"create hook {hook}", exists=f"list hook {hook}"))
     steps += [Step(f'set hook {hook} event = "{",".join(pbs.INSTALLED_EVENTS)}"'),
               Step(f"set hook {hook} alarm = {alarm}"),
@@ -66,14 +78,38 @@ def install_steps(hook: str, hook_file: Path, config_file: Path, alarm: int,
               Step(f"set hook {hook} enabled = true"),
               Step(f"import hook {hook} application/x-python default {_qmgr_path(hook_file)}"),
               Step(f"import hook {hook} application/x-config default {_qmgr_path(config_file)}")]
+    guard = guard_name(hook)  # last: the uctr hook checks container jobs from now on
+    steps.append(Step(f"delete hook {guard}", exists=f"list hook {guard}"))
     return steps
 
 
-def uninstall_steps(hook: str) -> List[Step]:
-    # the reverse of install: a query that FAILS means there is nothing to delete
-    return [Step(f"delete hook {hook}", exists=f"list hook {hook}"),
+def uninstall_steps(hook: str, guard_file: Path) -> List[Step]:
+    # the guard first: from then on no container job is accepted to run on the host;
+    # then the reverse of install (a query that FAILS means there is nothing to delete)
+    return [*guard_steps(hook, guard_file),
+            Step(f"delete hook {hook}", exists=f"list hook {hook}"),
             *(Step(f"delete resource {name}", exists=f"list resource {name}")
               for name in (pbs.MODE_RESOURCE, pbs.IMAGE_RESOURCE))]
+
+
+def disable_steps(hook: str, guard_file: Path) -> List[Step]:
+    """The guard, then the hook disabled (kept, with its config, for a later install)."""
+    return [*guard_steps(hook, guard_file), Step(f"set hook {hook} enabled = false",
+                                                            exists=f"list hook {hook}")]
+
+
+def guard_name(hook: str) -> str:
+    return f"{hook}_guard"
+
+
+def guard_steps(hook: str, guard_file: Path) -> List[Step]:
+    """The queuejob hook that refuses container jobs while HOOK is gone or disabled. A
+    queuejob hook that raises rejects the job: the guard fails closed."""
+    guard = guard_name(hook)
+    return [Step(f"create hook {guard}", exists=f"list hook {guard}"),
+            Step(f"set hook {guard} event = queuejob"),
+            Step(f"set hook {guard} enabled = true"),
+            Step(f"import hook {guard} application/x-python default {_qmgr_path(guard_file)}")]
 
 
 def _qmgr_path(path: Path) -> str:
@@ -143,11 +179,7 @@ def install(args, out: TextIO) -> int:
         config = load_config(args.config)
     else:
         config = default_config(args.policy, args.uctr_exec, args.alarm)
-    hook_file = REPO_HOOK_DIR / HOOK_FILE
-    if not hook_file.is_file():
-        raise errors.ConfigError(f"the hook file is missing: {hook_file}",
-                                 "run `uctr pbs install` from a complete uctr-batch checkout or "
-                                 "installation")
+    hook_file = _hook_file(HOOK_FILE)
     if not os.access(config.uctr_exec, os.X_OK):
         _log.warning("uctr-exec is not at %s on this host; it must be there on every "
                      "execution host (--uctr-exec PATH)", config.uctr_exec)
@@ -155,23 +187,37 @@ def install(args, out: TextIO) -> int:
         out.write(f"# {CONFIG_FILE}, imported as application/x-config:\n")
         out.write("".join(f"#   {line}\n" for line in config_json(config).splitlines()))
         steps = install_steps(args.hook_name, hook_file, Path(CONFIG_FILE), args.alarm,
-                              mode_resource=not args.no_mode_resource)
+                              mode_resource=not args.no_mode_resource,
+                              engine_resource=not args.no_engine_resource)
         return _print_steps(steps, args.qmgr, out)
     with tempfile.TemporaryDirectory(prefix="uctr-pbs-") as tmp:
         config_file = Path(tmp) / CONFIG_FILE
         config_file.write_text(config_json(config))
         os.chmod(tmp, 0o755)  # qmgr hands the path to pbs_server, which reads it as root
         steps = install_steps(args.hook_name, hook_file, config_file, args.alarm,
-                              mode_resource=not args.no_mode_resource)
+                              mode_resource=not args.no_mode_resource,
+                              engine_resource=not args.no_engine_resource)
         return _run_steps(steps, args.qmgr, out, "install")
 
 
 def uninstall(args, out: TextIO) -> int:
-    steps = uninstall_steps(args.hook_name)
+    """uninstall, or with args.disable_only `uctr pbs disable`: both leave the guard."""
+    guard_file = _hook_file(GUARD_FILE)
+    what = "disable" if getattr(args, "disable_only", False) else "uninstall"
+    steps = (disable_steps if what == "disable" else uninstall_steps)(args.hook_name, guard_file)
     if args.dry_run:
         return _print_steps(steps, args.qmgr, out)
     _require(args.qmgr)
-    return _run_steps(steps, args.qmgr, out, "uninstall")
+    return _run_steps(steps, args.qmgr, out, what)
+
+
+def _hook_file(name: str) -> Path:
+    path = REPO_HOOK_DIR / name
+    if not path.is_file():
+        raise errors.ConfigError(f"the hook file is missing: {path}",
+                                 "run `uctr pbs` from a complete uctr-batch checkout or "
+                                 "installation")
+    return path
 
 
 def _require(qmgr: str) -> None:

@@ -193,15 +193,43 @@ def epilog(env: Optional[Mapping[str, str]] = None) -> None:
 
 # -- uctr slurm install -------------------------------------------------------------------
 def cmd_slurm(args) -> int:
+    if args.slurm_command == "uninstall":  # --oci: the only thing it removes (oci_install.py)
+        from uctr_batch.batch import oci_install
+
+        directory = oci_install.conf_dir(args.slurm_conf_dir)
+        sys.stdout.write(f"{directory / 'oci.conf'}: {oci_install.uninstall_profile(directory)}\n")
+        return EXIT_OK
     if args.slurm_command == "install":
         plan = install_plan(Path(args.prefix), policy=args.policy, log_dir=args.log_dir)
+        oci = _oci_first(plan, args)
         if not args.dry_run:
             install(plan)
         else:
             for step in plan.steps():
                 _log.info("would %s", step)
         sys.stdout.write(plan.snippets())
+        if oci:
+            sys.stdout.write(oci())
     return EXIT_OK
+
+
+def _oci_first(plan, args):
+    """With --oci: refuse before building anything when the profile cannot go in (old Slurm,
+    a foreign oci.conf); returns the step that writes it after the plugin is installed."""
+    if not getattr(args, "oci", False):
+        return None
+    from uctr_batch.batch import oci_install
+
+    directory = oci_install.conf_dir(args.slurm_conf_dir)
+    release = oci_install.installed_release()
+    oci_install.check_release(release)
+    oci_install.check_foreign(directory, args.replace_oci_conf)
+
+    def write() -> str:
+        what = oci_install.install(plan, directory, replace=args.replace_oci_conf,
+                                   dry_run=args.dry_run, release=release)
+        return oci_install.snippet(directory, what)
+    return write
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ Rules (Sarus' ABI checker, plus what none of the peers does):
 - musl and static images get nothing, with the reason in the plan.
 """
 
+import filecmp
 import glob
 import os
 import posixpath
@@ -407,9 +408,11 @@ class _Swap:
             )
         self.add(lib, own.real, note)
 
-    def complete(self, owners: Iterable[Lib], required: bool = True) -> None:
+    def complete(self, owners: Iterable[Lib], required: bool = True,
+                 host_builds: bool = False) -> None:
         """Add host copies of DT_NEEDED libraries of owners that neither the image nor the
-        injected set provides, recursively. Core MPI libraries always come from the host."""
+        injected set provides, recursively. Core MPI libraries always come from the host;
+        with host_builds, so do needed libraries the image has in another build."""
         queue = list(owners)
         while queue:
             lib = queue.pop()
@@ -419,6 +422,10 @@ class _Swap:
                     continue
                 core = self.family is not None and is_core(need, self.family)
                 if not core and self.image.find(need):
+                    dep = self._other_host_build(lib, need) if host_builds else None
+                    if dep is not None:
+                        self.over_or_add(dep, "the host's build, needed by %s" % lib.name)
+                        queue.append(dep)
                     continue
                 dep = self.host.find_needed(lib, need)
                 if dep is None:
@@ -436,6 +443,18 @@ class _Swap:
                 else:
                     self.add(dep, None, "needed by %s; the image has none" % lib.name)
                 queue.append(dep)
+
+    def _other_host_build(self, owner: Lib, need: str) -> Optional[Lib]:
+        """The host's NEED for OWNER when the image's copy is another build, not newer. UCX's
+        libraries carry no symbol versions and keep their file names (libucs.so.0.0.0), so
+        neither the version check nor the numbers tell that the host's libucp needs symbols
+        only the host's libucs has: then the host's copy goes with it."""
+        dep, own = self.host.find_needed(owner, need), self.image.find(need)
+        if dep is None or own is None or own.version > dep.version:
+            return None
+        if _same_file(self.host.outside(dep.real), self.image.outside(own.real)):
+            return None
+        return dep
 
     def check_versions(self, must: Iterable[str]) -> None:
         """Symbol-version check of every library. A failure of a library in `must` ends the
@@ -811,6 +830,14 @@ def _add_plugin_needs(swap: _Swap) -> None:
         swap.plan.record(C, INFO, shown, "plugins will not load in the image: " + reason)
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Byte-identical (an image built from the host's own packages), unreadable counts as not."""
+    try:
+        return os.path.getsize(a) == os.path.getsize(b) and filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
 def _try_fabric(plan, host, image, glibc, deps):
     """Swap only host dependency libraries the image itself uses, each at least as new and
     passing the checks on its own."""
@@ -834,7 +861,7 @@ def _try_fabric(plan, host, image, glibc, deps):
             own.real,
             "fabric library %s over the image's %s" % (vtext(lib.version), vtext(own.version)),
         )
-        trial.complete([lib], required=True)
+        trial.complete([lib], required=True, host_builds=True)
         if not trial.problems:
             trial.check_versions(trial.libs)
         if trial.problems:

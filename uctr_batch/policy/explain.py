@@ -124,6 +124,9 @@ def explain_text(policy: Policy, np: NodePolicy, trace, probes, paths) -> str:
         tag = "" if mode in np.modes else " (user-selectable only)"
         add(f"  {mode}{tag}: probe: {probes[mode]}")
     add("user may choose: " + (", ".join(np.user_modes) or "(none: --mode is refused)"))
+    if np.container_engines:  # PBS: container_engine=NAME in select (PBS Professional)
+        add("PBS container_engine: " + ", ".join(
+            f"{name} -> {mode}" for name, mode in sorted(np.container_engines.items())))
     add("binds:" + ("" if np.binds else "      (none)"))
     for b in np.binds:
         add(f"  {b.src} -> {b.dst} ({b.mode}{', optional' if b.optional else ''})")

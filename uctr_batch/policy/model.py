@@ -50,6 +50,7 @@ def builtin_body() -> dict:
         "munge_socket": "/run/munge/munge.socket.2",
         "pmix": True,
         "readonly_rootfs": False,
+        "container_engines": {},  # PBS Professional's container_engine=NAME -> a mode or auto
     }
 
 
@@ -290,6 +291,7 @@ class NodePolicy:
     sources: Tuple[str, ...] = ()  # policy files read, main file first
     fingerprint: str = ""  # policy_fingerprint() of the watched paths at load time
     builtin: bool = False  # True: no (trusted) policy file, built-in defaults
+    container_engines: Dict[str, str] = field(default_factory=dict)  # engine -> mode|auto
 
     @classmethod
     def from_body(cls, body: Mapping, profiles: Mapping[str, Mapping], **where) -> "NodePolicy":
@@ -304,6 +306,7 @@ class NodePolicy:
             munge=bool(body["munge"]), munge_socket=body["munge_socket"], pmix=bool(body["pmix"]),
             readonly_rootfs=bool(body["readonly_rootfs"]),
             mpi_profiles={n: MpiProfile.from_dict(n, p) for n, p in profiles.items()},
+            container_engines=dict(body.get("container_engines") or {}),
             **where,
         )
 
