@@ -31,7 +31,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import tempfile
@@ -276,7 +275,10 @@ def _enter(root: Path, argv: Sequence[str], isolate_net: bool = True,
            env: Optional[Mapping[str, str]] = None, cwd: str = "/", timeout: float = 3600,
            overlay: bool = True, input: Optional[str] = None) -> subprocess.CompletedProcess:
     pairs = [f"{p}={p}" for p in extra_binds] + [f"{s}={d}" for s, d in dict(binds).items()]
-    flags = ["--mount", "--pid", "--fork", "--uts", "--ipc"] + (["--net"] if isolate_net else [])
+    # --kill-child: a run that times out (subprocess kills unshare) takes its whole PID
+    # namespace along, so no daemon of the root's cluster outlives it
+    flags = ["--mount", "--pid", "--fork", "--kill-child", "--uts", "--ipc"]
+    flags += ["--net"] if isolate_net else []
     scratch = Path(tempfile.mkdtemp(prefix="uctr-root-run-", dir="/var/tmp"))
     full_env = dict(BASE_ENV, **(env or {}))
     name = (root_info(root)["suite"] if (root / "etc" / "uctr-root.json").exists()
@@ -318,7 +320,3 @@ def run_in_root(name: str, argv: Sequence[str], checkout: Path = REPO,
     run_env.update(env or {})
     return _enter(root, argv, isolate_net=True, binds=all_binds, env=run_env,
                   cwd=cwd or str(checkout), timeout=timeout, input=input)
-
-
-def command_line(result: subprocess.CompletedProcess) -> str:
-    return " ".join(shlex.quote(a) for a in result.args)
