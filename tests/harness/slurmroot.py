@@ -31,7 +31,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import tempfile
@@ -77,6 +76,13 @@ RELEASES: Dict[str, Release] = {
 
 class RootError(RuntimeError):
     pass
+
+
+def selected_releases() -> List[str]:
+    """The releases the matrix runs: UCTR_SLURM_MATRIX (comma-separated names, or "none"),
+    else all of RELEASES."""
+    wanted = os.environ.get("UCTR_SLURM_MATRIX", ",".join(RELEASES)).split(",")
+    return [name for name in RELEASES if name in wanted]
 
 
 def install_packages(repo: Path = REPO) -> List[str]:
@@ -231,7 +237,8 @@ mkdir -p "$new"
 mount --make-rprivate /
 if [ "$overlay" = 1 ]; then
     mkdir -p "$scratch/upper" "$scratch/work"
-    mount -t overlay overlay -o "lowerdir=$lower,upperdir=$scratch/upper,workdir=$scratch/work" "$new"
+    mount -t overlay overlay \
+        -o "lowerdir=$lower,upperdir=$scratch/upper,workdir=$scratch/work" "$new"
 else
     mount --bind "$lower" "$new"
 fi
@@ -257,7 +264,9 @@ done
 mkdir -p "$new/.old-root"
 cd "$new"
 pivot_root . .old-root
-exec /usr/sbin/chroot . /bin/sh -c 'umount -l /.old-root && rmdir /.old-root && cd "$0" && exec "$@"' "$cwd" "$@"
+# chroot to the new root (which is now the namespace's root: not "chrooted" for the kernel)
+exec /usr/sbin/chroot . /bin/sh -c \
+    'umount -l /.old-root && rmdir /.old-root && cd "$0" && exec "$@"' "$cwd" "$@"
 '''
 
 
@@ -266,7 +275,10 @@ def _enter(root: Path, argv: Sequence[str], isolate_net: bool = True,
            env: Optional[Mapping[str, str]] = None, cwd: str = "/", timeout: float = 3600,
            overlay: bool = True, input: Optional[str] = None) -> subprocess.CompletedProcess:
     pairs = [f"{p}={p}" for p in extra_binds] + [f"{s}={d}" for s, d in dict(binds).items()]
-    flags = ["--mount", "--pid", "--fork", "--uts", "--ipc"] + (["--net"] if isolate_net else [])
+    # --kill-child: a run that times out (subprocess kills unshare) takes its whole PID
+    # namespace along, so no daemon of the root's cluster outlives it
+    flags = ["--mount", "--pid", "--fork", "--kill-child", "--uts", "--ipc"]
+    flags += ["--net"] if isolate_net else []
     scratch = Path(tempfile.mkdtemp(prefix="uctr-root-run-", dir="/var/tmp"))
     full_env = dict(BASE_ENV, **(env or {}))
     name = (root_info(root)["suite"] if (root / "etc" / "uctr-root.json").exists()
@@ -303,11 +315,8 @@ def run_in_root(name: str, argv: Sequence[str], checkout: Path = REPO,
         all_binds[str(images)] = str(images)
     all_binds.update(dict(binds))
     run_env = {"UCTR_TEST_DEBIAN_MIRROR": host_mirror(),  # the cached images' key
-               "UCTR_TEST_DEBIAN_CACHE": str(images), **_pip_env()}
+               "UCTR_TEST_DEBIAN_CACHE": str(images)}
+    run_env.update({k: v for k, v in _pip_env().items() if k.startswith("PIP_")})
     run_env.update(env or {})
     return _enter(root, argv, isolate_net=True, binds=all_binds, env=run_env,
                   cwd=cwd or str(checkout), timeout=timeout, input=input)
-
-
-def command_line(result: subprocess.CompletedProcess) -> str:
-    return " ".join(shlex.quote(a) for a in result.args)

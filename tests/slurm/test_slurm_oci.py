@@ -47,8 +47,12 @@ def oci_profile(slurm_cluster):
         pytest.skip(f"Slurm {shown}: oci.conf takes only bundle directories before 23.02 "
                     "(uctr slurm install --oci refuses; tests/unit/test_oci_install.py)")
     directory = str(SLURM_CONF.parent)
+    # the harness's own install options (SlurmCluster._install_code), --log-dir included:
+    # without it the reinstalled hooks log to slurmd's stderr, and later tests that read the
+    # hook logs (test_slurm_staging) find nothing
     result = uctr_as_admin(slurm_cluster, "slurm", "install", "--prefix",
                            str(slurm_cluster.prefix), "--policy", str(slurm_cluster.policy_file),
+                           "--log-dir", str(slurm_cluster.path("log")),
                            "--oci", "--slurm-conf-dir", directory)
     assert result.returncode == 0, result.stderr
     assert "oci.conf" in result.stdout

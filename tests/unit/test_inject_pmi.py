@@ -206,3 +206,69 @@ def test_reading_a_cached_plan_stays_lean():
         cwd=str(Path(__file__).resolve().parents[2]),
     ).stdout
     assert out.split() == ["uctr_batch.inject.plan"]
+
+
+# -- gds modules both sides have (a PMIx 4.2 image under a PMIx 5 server) ----------------------
+
+def _image_with_pmix(root: Path, builtin, dsos=(), libdir="usr/lib/x86_64-linux-gnu"):
+    """An image tree whose libpmix names its built-in gds components as PMIx's build does
+    (symbols pmix_mca_gds_NAME_component), plus component DSOs beside it."""
+    lib = root / libdir
+    lib.mkdir(parents=True)
+    symbols = (b"\0pmix_mca_gds_%s_component\0" % n.encode() for n in builtin)
+    body = b"\x7fELF junk" + b"".join(symbols)
+    (lib / "libpmix.so.2.6.2").write_bytes(body)
+    (lib / "libpmix.so.2").symlink_to("libpmix.so.2.6.2")
+    if dsos:
+        (lib / "pmix").mkdir()
+        for name in dsos:
+            (lib / "pmix" / ("mca_gds_%s.so" % name)).write_bytes(b"\x7fELF")
+    return str(root)
+
+
+def _pmix5_server_env():
+    return {"PMIX_RANK": "0", "PMIX_NAMESPACE": "slurm.pmix.5.0", "PMIX_GDS_MODULE": "shmem2,hash"}
+
+
+def test_gds_the_image_lacks_is_left_out(tmp_path):
+    image = _image_with_pmix(tmp_path / "image", ["hash", "ds12", "ds21"])
+    plan = pmi_plan(_pmix5_server_env(), host_root=str(tmp_path), image_root=image)
+    assert plan.env["PMIX_MCA_gds"] == "hash"
+    assert "PMIX_MCA_gds" in plan.passthrough_env
+    reasons = [e.reason for e in plan.manifest if e.subject == "PMIX_MCA_gds"]
+    assert reasons == ["set from PMIX_GDS_MODULE=shmem2,hash, less what the image's PMIx "
+                       "lacks (it has ds12, ds21, hash)"]
+
+
+def test_gds_unchanged_when_the_image_has_every_module(tmp_path):
+    image = _image_with_pmix(tmp_path / "image", ["hash"], dsos=["shmem2"])
+    plan = pmi_plan(_pmix5_server_env(), host_root=str(tmp_path), image_root=image)
+    assert plan.env["PMIX_MCA_gds"] == "shmem2,hash"
+
+
+def test_gds_unchanged_without_a_readable_libpmix(tmp_path):
+    (tmp_path / "image" / "usr/lib").mkdir(parents=True)
+    image = str(tmp_path / "image")
+    plan = pmi_plan(_pmix5_server_env(), host_root=str(tmp_path), image_root=image)
+    assert plan.env["PMIX_MCA_gds"] == "shmem2,hash"
+
+
+def test_gds_none_in_common_falls_back_to_hash(tmp_path):
+    image = _image_with_pmix(tmp_path / "image", ["hash", "ds21"])
+    env = dict(_pmix5_server_env(), PMIX_GDS_MODULE="shmem2")
+    assert pmi_plan(env, host_root=str(tmp_path), image_root=image).env["PMIX_MCA_gds"] == "hash"
+
+
+def test_gds_user_choice_is_never_overridden(tmp_path):
+    image = _image_with_pmix(tmp_path / "image", ["hash", "ds21"])
+    env = dict(_pmix5_server_env(), PMIX_MCA_gds="shmem2")
+    assert "PMIX_MCA_gds" not in pmi_plan(env, host_root=str(tmp_path), image_root=image).env
+
+
+def test_gds_image_symlinks_stay_inside_the_image(tmp_path):
+    """An image whose usr/lib points at this machine's /usr/lib is read inside the image."""
+    image = tmp_path / "image"
+    image.mkdir()
+    (image / "usr").symlink_to("/usr")
+    plan = pmi_plan(_pmix5_server_env(), host_root=str(tmp_path), image_root=str(image))
+    assert plan.env["PMIX_MCA_gds"] == "shmem2,hash"  # nothing read from the host's libpmix

@@ -149,6 +149,15 @@ def test_apptainer_argv_and_env():
     assert env == {"HOME": "/h", "SINGULARITYENV_PATH": "/usr/bin:/bin", "SINGULARITYENV_A": "1"}
 
 
+def test_apptainer_home_is_an_option_not_a_variable():
+    """apptainer refuses APPTAINERENV_HOME ("Overriding HOME ... is not permitted") and keeps
+    its own; --home sets $HOME (--no-home still mounts nothing)."""
+    spec = SPEC.replace(env=dict(SPEC.env, HOME="/home/u"))
+    argv = apptainer_argv(spec, "apptainer", host_uid=1000)
+    assert argv[argv.index("--home") + 1] == "/home/u" and "--no-home" in argv
+    assert "APPTAINERENV_HOME" not in apptainer_env(spec, "apptainer", host_env={})
+
+
 # --- F1: a real little glibc rootfs made of host files -----------------------------------
 
 HOST_TRUE = "/usr/bin/true"

@@ -9,6 +9,7 @@ asks for it, and whether the host network is needed (PMIx and hydra talk TCP on 
 import os
 import posixpath
 import re
+import stat
 from typing import Dict, List, Mapping, Optional
 
 from uctr_batch.inject import fsroot, policyview
@@ -64,13 +65,15 @@ _NETWORK_VARS = (
 )
 
 
-def pmi_plan(env: Mapping[str, str], host_root: str = "/", policy=None) -> InjectionPlan:
-    """Plan the PMI/PMIx wiring of one rank from its launcher environment."""
+def pmi_plan(env: Mapping[str, str], host_root: str = "/", policy=None,
+             image_root: Optional[str] = None) -> InjectionPlan:
+    """Plan the PMI/PMIx wiring of one rank from its launcher environment. IMAGE_ROOT, the
+    container's root filesystem, lets the PMIx module choice fit the image's PMIx."""
     plan = InjectionPlan()
     plan.passthrough_env = required_env(env)
     _keep_pmi_fd(plan, env)
     if policyview.get(policy, "pmix", True):
-        _map_pmix_mca(plan, env)
+        _map_pmix_mca(plan, env, image_root)
         for path in shared_dirs(env, host_root, policy):
             plan.add_bind(
                 C,
@@ -103,13 +106,87 @@ def flavour(env: Mapping[str, str]) -> str:
     return "none"
 
 
-def _map_pmix_mca(plan: InjectionPlan, env: Mapping[str, str]) -> None:
+def _map_pmix_mca(plan: InjectionPlan, env: Mapping[str, str],
+                  image_root: Optional[str] = None) -> None:
     for source, target in PMIX_MCA_MAP:
         if source in env and target not in env:
-            plan.env[target] = env[source]
-            plan.record(C, INFO, target, "set from %s=%s" % (source, env[source]))
+            value, why = env[source], "set from %s=%s" % (source, env[source])
+            if target == "PMIX_MCA_gds" and image_root:
+                value, why = _common_gds(value, image_root, why)
+            plan.env[target] = value
+            plan.record(C, INFO, target, why)
             if target not in plan.passthrough_env:
                 plan.passthrough_env.append(target)
+
+
+# -- the gds (data store) modules both PMIx sides have ------------------------------------------
+# A newer server (PMIx 5: gds shmem2,hash) offers modules an older client lacks (PMIx 4.2:
+# hash, ds12, ds21); an MCA selection naming a missing component makes the client print a
+# "Component: shmem2 not found" block on every rank. The client's list comes from its
+# library (built-in components are named by symbols) and from component DSOs beside it.
+PMIX_LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu",
+                 "usr/lib/powerpc64le-linux-gnu", "usr/lib64", "usr/lib", "usr/local/lib",
+                 "usr/lib/x86_64-linux-gnu/pmix2/lib", "usr/lib/aarch64-linux-gnu/pmix2/lib")
+_GDS_SYMBOL = re.compile(rb"pmix_mca_gds_([a-z0-9]+)_component\0")
+_GDS_DSO = re.compile(r"^(?:pmix_)?mca_gds_([a-z0-9]+)\.so$")
+PMIX_LIB_MAX = 64 << 20  # a libpmix is a few MiB: never read an odd file whole
+
+
+def image_gds_modules(image_root: str) -> Optional[List[str]]:
+    """The gds components of the image's PMIx (sorted), or None where it has no libpmix
+    this can read (then nothing is changed)."""
+    found = set()
+    seen_lib = False
+    for sub in PMIX_LIB_DIRS:
+        # the image's symlinks resolve inside the image, never to this machine's files
+        directory = fsroot.outside(image_root, fsroot.resolve(image_root, "/" + sub))
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith("libpmix.so"):
+                modules = _gds_in_library(os.path.join(directory, name))
+                if modules is not None:
+                    seen_lib = True
+                    found.update(modules)
+        try:
+            found.update(m.group(1) for m in map(_GDS_DSO.match, os.listdir(
+                os.path.join(directory, "pmix"))) if m)
+        except OSError:
+            pass
+    return sorted(found) if seen_lib and found else None
+
+
+def _gds_in_library(path: str) -> Optional[List[str]]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None  # a symlink: its target is listed too
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > PMIX_LIB_MAX:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(PMIX_LIB_MAX)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return [m.decode() for m in _GDS_SYMBOL.findall(data)]
+
+
+def _common_gds(server: str, image_root: str, why: str):
+    """(PMIX_MCA_gds value, reason): the server's modules the image's PMIx also has, in the
+    server's order; the server's list unchanged where the image's modules are unknown or all
+    there."""
+    client = image_gds_modules(image_root)
+    wanted = [m for m in (s.strip() for s in server.split(",")) if m]
+    if client is None or all(m in client for m in wanted):
+        return server, why
+    common = [m for m in wanted if m in client] or (["hash"] if "hash" in client else client[:1])
+    return ",".join(common), "%s, less what the image's PMIx lacks (it has %s)" % (
+        why, ", ".join(client))
 
 
 def _keep_pmi_fd(plan: InjectionPlan, env: Mapping[str, str]) -> None:

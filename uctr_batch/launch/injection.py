@@ -51,7 +51,7 @@ def plan_step(staged, image_plan: dict, policy: dict, env):
     inject.build_plan."""
     from uctr_batch.inject import InjectionPlan, pmi_plan
 
-    pmi = pmi_plan(env, "/", policy)
+    pmi = pmi_plan(env, "/", policy, image_root=staged.rootfs)
     plan = InjectionPlan.from_dict(pmi.to_dict()).merge(InjectionPlan.from_dict(image_plan))
     _check(plan, staged)
     return plan, pmi

@@ -46,7 +46,15 @@ class Apptainer(Mode):
         self.require(spec)
         name, path = find_apptainer()
         root = os.path.realpath(spec.rootfs)
-        argv = apptainer_argv(spec, path, destination=lambda p, d: inroot.resolved(root, p, d))
+        if spec.readonly:  # apptainer makes missing mount points in an overlay of its own
+            def destination(path, is_dir):
+                return inroot.resolved(root, path, is_dir)
+        else:  # --writable: apptainer mounts onto the rootfs itself and creates nothing
+            inroot.system_dirs(root)
+
+            def destination(path, is_dir):
+                return inroot.container_path(root, inroot.ensure_mountpoint(root, path, is_dir))
+        argv = apptainer_argv(spec, path, destination=destination)
         execve(path, argv, apptainer_env(spec, name))
 
 
@@ -57,6 +65,8 @@ def apptainer_argv(spec, program="apptainer", host_uid=None, destination=None):
     destination = destination or (lambda path, _is_dir: path)
     argv = [program, "exec", "--cleanenv", "--no-home", "--no-mount", "tmp,cwd",
             "--pwd", spec.cwd]
+    if spec.env.get("HOME"):  # apptainer refuses APPTAINERENV_HOME; --home sets it (no mount)
+        argv += ["--home", spec.env["HOME"]]
     for host, path in ((spec.passwd, "/etc/passwd"), (spec.group, "/etc/group")):
         if host:
             argv += ["--bind", "%s:%s:ro" % (host, destination(path, False))]
@@ -76,5 +86,6 @@ def apptainer_env(spec, name: str = "apptainer", host_env=None) -> dict:
     host_env = os.environ if host_env is None else host_env
     env = {k: v for k, v in host_env.items() if not k.startswith(prefix)}
     for key, value in spec.env.items():
-        env[prefix + key] = value
+        if key != "HOME":  # passed as --home (apptainer_argv)
+            env[prefix + key] = value
     return env
