@@ -52,7 +52,8 @@ def test_plugin_exports_only_what_slurm_looks_up(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     names = sorted(line.split()[-1] for line in out.splitlines() if line.strip())
     expected = ["plugin_name", "plugin_type", "plugin_version", "slurm_spank_init",
-                "slurm_spank_init_post_opt", "slurm_spank_task_init", "spank_plugin_version"]
+                "slurm_spank_init_post_opt", "slurm_spank_task_init",
+                "slurm_spank_task_init_privileged", "spank_plugin_version"]
     if slurm_version() >= (25, 5):  # init failures fail the job, not the node
         expected.insert(4, "slurm_spank_init_failure_mode")
     assert names == expected
