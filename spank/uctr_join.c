@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <slurm/slurm.h>
@@ -130,6 +131,34 @@ static const char *same_command(const struct fj_join *j, int argc, char **argv)
     return NULL;
 }
 
+/* The tasks of a step start together: without a wait, all of them would find no record
+ * and start uctr-exec. Local task 0 goes through uctr-exec and creates the container; the
+ * others wait for its record, at most CREATOR_WAIT_MS (cold staging, a failing creator:
+ * then they take uctr-exec too, as before). Not for a mode other than N1 (no record). */
+#define CREATOR_WAIT_MS 10000
+
+static int not_yet(const char *why)
+{
+    return why && (!strcmp(why, "no record for this step")
+                   || !strcmp(why, "no private record directory"));
+}
+
+static int waits_for_creator(spank_t sp)
+{
+    static int answer = -1;
+    if (answer >= 0)
+        return answer;
+    int task = 0;
+    uint32_t count = 0;
+    char mode[16];
+    answer = spank_get_item(sp, S_TASK_ID, &task) == ESPANK_SUCCESS && task > 0
+             && spank_get_item(sp, S_JOB_LOCAL_TASK_COUNT, &count) == ESPANK_SUCCESS
+             && count > 1
+             && (spank_getenv(sp, "UCTR_MODE", mode, sizeof(mode)) != ESPANK_SUCCESS
+                 || !mode[0] || !strcmp(mode, "N1"));
+    return answer;
+}
+
 /* Before the first setns: NULL when the task can join, else why not (j released). */
 static const char *prepare(spank_t sp, const struct uctr_config *cfg, struct fj_join *j,
                            char *started, size_t size)
@@ -147,6 +176,12 @@ static const char *prepare(spank_t sp, const struct uctr_config *cfg, struct fj_
     for (int i = 1; i < argc; i++)
         request[i] = argv[i];
     const char *why = fj_prepare(j, argc, request, job_env(sp));
+    for (long waited = 0; not_yet(why) && waits_for_creator(sp) && waited < CREATOR_WAIT_MS;
+         waited += 5) {
+        struct timespec pause = { 0, 5 * 1000 * 1000 };
+        nanosleep(&pause, NULL);
+        why = fj_prepare(j, argc, request, job_env(sp));
+    }
     free(request);
     if (!why)
         why = same_command(j, argc, argv);
