@@ -134,13 +134,14 @@ static const char *same_command(const struct fj_join *j, int argc, char **argv)
 /* The tasks of a step start together: without a wait, all of them would find no record
  * and start uctr-exec. Local task 0 goes through uctr-exec and creates the container; the
  * others wait for its record, at most CREATOR_WAIT_MS (cold staging, a failing creator:
- * then they take uctr-exec too, as before). Not for a mode other than N1 (no record). */
+ * then they take uctr-exec too, as before). Only on a warm node, where the user's record
+ * directory exists (an earlier step ran N1 here), and not for a mode other than N1: a step
+ * that writes no record must not make its tasks wait. */
 #define CREATOR_WAIT_MS 10000
 
 static int not_yet(const char *why)
 {
-    return why && (!strcmp(why, "no record for this step")
-                   || !strcmp(why, "no private record directory"));
+    return why && !strcmp(why, "no record for this step");
 }
 
 static int waits_for_creator(spank_t sp)

@@ -72,7 +72,15 @@ def run_step(cluster, image, *command, tasks=8):
                         env={"UCTR_FAST_DEBUG": "1"}, name="fastjoin", timeout=300)
 
 
-def test_warm_tasks_join_from_c_and_see_what_uctr_exec_gives(slurm_cluster, busybox):
+@pytest.fixture(scope="module")
+def warm(slurm_cluster, busybox):
+    """One step first: the image staged on both nodes and the user's record directory
+    there (tasks wait for local task 0's record only on such a warm node)."""
+    result = run_step(slurm_cluster, busybox, "true", tasks=2)
+    assert result.returncode == 0, result.stderr
+
+
+def test_warm_tasks_join_from_c_and_see_what_uctr_exec_gives(slurm_cluster, busybox, warm):
     result = run_step(slurm_cluster, busybox, "sh", "-c", VIEW)
     assert result.returncode == 0, result.stderr
     seen = views(result.stdout)
@@ -97,7 +105,7 @@ def test_warm_tasks_join_from_c_and_see_what_uctr_exec_gives(slurm_cluster, busy
         assert seen[c_path[0]]["root"] != "", seen[c_path[0]]
 
 
-def test_exit_status_and_not_found_on_the_c_path(slurm_cluster, busybox):
+def test_exit_status_and_not_found_on_the_c_path(slurm_cluster, busybox, warm):
     result = run_step(slurm_cluster, busybox, "sh", "-c", "exit 7", tasks=4)
     assert result.returncode == 7, result.stderr
     assert joined_tasks(result.stderr), result.stderr
