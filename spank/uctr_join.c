@@ -35,6 +35,18 @@
 #include "front_config.h"
 #endif
 
+#if SLURM_VERSION_NUMBER >= SLURM_VERSION_NUM(23, 11, 0)
+/* uctr-exec is prepended there (spank_prepend_task_argv, no UCTR_ARGV0 hand-over): the
+ * request a joining task would have to match is not built here yet, so every task goes
+ * through uctr-exec (whose C front joins without Python). */
+int uctr_join_task(spank_t sp, const struct uctr_config *cfg)
+{
+    (void)sp;
+    (void)cfg;
+    return 1;
+}
+#else
+
 #define EXIT_USER 1
 #define EXIT_MODE 3
 #define EXIT_NOT_EXECUTABLE 126
@@ -212,12 +224,6 @@ static void payload_found(char **env, const char *command)
 
 int uctr_join_task(spank_t sp, const struct uctr_config *cfg)
 {
-#if SLURM_VERSION_NUMBER >= SLURM_VERSION_NUM(23, 11, 0)
-    /* uctr-exec is prepended there (no UCTR_ARGV0 hand-over): not matched yet */
-    (void)sp;
-    (void)cfg;
-    return 1;
-#else
     struct fj_join j = FJ_JOIN_INIT;
     char started[32];
     char **env = job_env(sp);
@@ -258,5 +264,5 @@ int uctr_join_task(spank_t sp, const struct uctr_config *cfg)
         fprintf(stderr, "uctr: task_init: joined the step's container from C\n");
     fj_release(&j);
     return 0;
-#endif
 }
+#endif
