@@ -231,7 +231,8 @@ const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp)
     const char *why;
     if (getuid() != geteuid() || getgid() != getegid())
         return "set-uid or set-gid";
-    if (fr_detect(envp, (long)getppid(), &me) < 0 || fr_record_name(me.step_key, name, sizeof(name)) < 0)
+    if (fr_detect(envp, (long)getppid(), &me) < 0
+        || fr_record_name(me.step_key, name, sizeof(name)) < 0)
         return "cannot tell the step";
     j->me = me;
     const char *local = fr_getenv(envp, "UCTR_LOCAL_DIR");
@@ -275,7 +276,8 @@ const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp)
         return "the rendezvous directory is not private";
     }
     char lockname[512];
-    if (snprintf(lockname, sizeof(lockname), "%s.lock", fr_value(&j->rec, "stem")) >= (int)sizeof(lockname)
+    if (snprintf(lockname, sizeof(lockname), "%s.lock", fr_value(&j->rec, "stem"))
+            >= (int)sizeof(lockname)
         || strchr(fr_value(&j->rec, "stem"), '/')) {
         close(dir);
         return "bad stem";

@@ -26,12 +26,16 @@ p=/proc/$$
 echo "argv0 $(tr '\0' '\n' < $p/cmdline | head -n1)"
 echo "cwd $(pwd)"
 echo "id $(id)"
-grep -E '^(Uid|Gid|Groups|Cap[A-Za-z]+|Sig[A-Za-z]+|NoNewPrivs|Seccomp):' $p/status | tr '\t' ' ' | sed 's/^/status /'
+grep -E '^(Uid|Gid|Groups|Cap[A-Za-z]+|Sig[A-Za-z]+|NoNewPrivs|Seccomp):' $p/status \
+    | tr '\t' ' ' | sed 's/^/status /'
 for n in user mnt pid net ipc uts cgroup; do echo "ns_$n $(readlink $p/ns/$n)"; done
 echo "mountinfo $(md5sum < $p/mountinfo | cut -c1-32)"
 echo "root $(ls / | tr '\n' ' ')"
 # inherited descriptors: anything past stdio but sh's own pipes (command substitution)
-for f in $p/fd/*; do n=${f##*/}; t=$(readlink $f); case $n:$t in [012]:*|*:pipe:*) ;; *) echo "fd$n $t";; esac; done
+for f in $p/fd/*; do
+    n=${f##*/}; t=$(readlink $f)
+    case $n:$t in [012]:*|*:pipe:*) ;; *) echo "fd$n $t";; esac
+done
 env | sort | sed 's/^/env /'
 """
 
