@@ -75,4 +75,8 @@ int uctr_client_post_opt(spank_t sp, const struct uctr_config *cfg);
 int uctr_remote_task_init(spank_t sp, const struct uctr_config *cfg);
 int uctr_remote_mark_named(spank_t sp, const struct uctr_config *cfg);
 
+/* uctr_join.c: 0 when the task joined its step's running container (setns, cwd, env),
+ * 1 when it must go through uctr-exec; errors after joining end the task there */
+int uctr_join_task(spank_t sp, const struct uctr_config *cfg);
+
 #endif

@@ -208,6 +208,8 @@ int uctr_remote_task_init(spank_t sp, const struct uctr_config *cfg)
         mounts = mounts_with_script(uctr_args.mounts, script);
     if (export_settings(sp, cfg, image, mounts))
         return -1;
+    if (!is_batch && uctr_join_task(sp, cfg) == 0)
+        return 0;  /* joined the step's container from C: slurmstepd execs the payload */
     return wrap_argv(sp, cfg, image);
 }
 

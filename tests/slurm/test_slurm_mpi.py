@@ -184,7 +184,9 @@ def test_scancel_during_a_step_leaves_nothing_behind(slurm_cluster, uctr_exec, o
 
     def sleepers(node):
         return [p for p in user_processes(slurm_cluster, node, uid)
-                if p.split(": ", 1)[1].startswith("sleep 321")]  # not srun's "... sleep 321"
+                # not srun's "... sleep 321"; a task that joined in task_init was exec'd by
+                # slurmstepd, with argv[0] the full path (docs/launcher.md, "Two paths")
+                if re.match(r"(\S*/)?sleep 321", p.split(": ", 1)[1])]
     deadline = time.monotonic() + 120
     while not all(len(sleepers(node)) == 2 for node in NODES):  # the payloads, in the image
         assert time.monotonic() < deadline, "the step never started"

@@ -395,11 +395,21 @@ def _front(plan: InstallPlan) -> Optional[bytes]:
 
 def _build_plugin(plan: InstallPlan) -> None:
     """make in a scratch copy (the source tree may be read-only), then install atomically."""
+    from uctr_batch.batch import cfront
+
     with tempfile.TemporaryDirectory(prefix="uctr-spank-") as scratch:
         build = Path(scratch) / "spank"
         shutil.copytree(plan.source / "spank", build,
                         ignore=shutil.ignore_patterns("*.o", "*.so"))
-        proc.run(["make", "-s", "-C", str(build)], error="building the SPANK plugin failed",
+        # task_init's join links the C front's record code, with the front's configuration
+        # (the exports it sets before reading a record): spank/uctr_join.c
+        front = Path(scratch) / "launchers" / "c"
+        shutil.copytree(plan.source / "launchers" / "c", front,
+                        ignore=shutil.ignore_patterns("uctr-exec", "*-asan", "fastrec-*"))
+        (front / "front_config.h").write_text(
+            cfront.front_config(str(plan.python_launcher), plan.launcher_env()))
+        proc.run(["make", "-s", "-C", str(build), "FRONT_CONFIG=1"],
+                 error="building the SPANK plugin failed",
                  hint="it needs make, a C compiler and Slurm's headers (libslurm-dev)")
         _install_file(plan.plugin, (build / "uctr_spank.so").read_bytes(), 0o755)
     _log.info("built the SPANK plugin for %s (%s); rebuild it after every Slurm upgrade",

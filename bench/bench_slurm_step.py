@@ -1,0 +1,105 @@
+"""A whole Slurm step in a container against the same step without one, on the simulated
+two-node cluster (tests/harness/slurm.py; it waits for the cluster's session lock).
+
+    python3 bench/bench_slurm_step.py [--runs 10] [--tasks 64] [--no-write]
+
+Cases, interleaved round by round (bench/README.md), each timed around `srun` as the test
+user sees it:
+
+  bare       srun -O -N2 -nTASKS true
+  container  srun -O -N2 -nTASKS --container-image=busybox true, warm node: local task 0
+             of each node goes through uctr-exec (Python) and sets up the step's container,
+             the other tasks join it from C in the SPANK plugin's task_init (no process)
+
+Target (issue 12): container / bare <= 1.1. Also reported: how many tasks of the container
+step joined from C (UCTR_FAST_DEBUG=1). The section "Slurm step" of bench/RESULTS.md is
+replaced with the results.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common, tests.harness
+
+from bench.common import (  # noqa: E402
+    REPO, Case, fmt_time, info_lines, machine_info, markdown_table, replace_section, run_rounds,
+)
+
+SECTION, HEADING = "slurm-step", "## Slurm step (bench/bench_slurm_step.py)"
+VENV_PYTHON = "/opt/uctr-batch/venv/bin/python3"
+JOINED = "uctr: task_init: joined the step's container from C"
+
+
+def say(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def srun(cluster, args, env=None) -> subprocess.CompletedProcess:
+    result = cluster.srun(["--time=5", "-O", *args], env=env, name="bench-step", timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"srun {' '.join(args)} exited {result.returncode}:\n"
+                           f"{result.stderr[-3000:]}")
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--tasks", type=int, default=64)
+    p.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    args = p.parse_args(argv)
+
+    from tests.harness import slurm
+    from tests.harness.images import ImageSet
+
+    why = slurm.missing_prerequisites()
+    if why:
+        say(f"skipped: {why}")
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="uctr-bench-step-", dir="/tmp"))
+    root.chmod(0o755)
+    cluster = slurm.SessionCluster(REPO, os.environ.get("UCTR_TEST_PYTHON", VENV_PYTHON),
+                                   ImageSet(root / "images")).start()
+    try:
+        image = cluster.image_ref("busybox")
+        step = ["-N2", f"-n{args.tasks}"]
+        container = step + [f"--container-image={image}"]
+        srun(cluster, container + ["true"])  # warm: image staged, record directory there
+        debug = srun(cluster, container + ["true"], env={"UCTR_FAST_DEBUG": "1"})
+        joined = len(re.findall(re.escape(JOINED), debug.stderr))
+        cases = [Case("bare", lambda: srun(cluster, step + ["true"])),
+                 Case("container", lambda: srun(cluster, container + ["true"]))]
+        samples = run_rounds(cases, args.runs, say=say)
+        info = machine_info(REPO)
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+    median = {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
+    ratio = median["container"] / median["bare"]
+    rows = [[name, fmt_time(median[name]), fmt_time(min(samples[name])),
+             fmt_time(max(samples[name])), f"{median[name] / median['bare']:.2f}x"]
+            for name in ("bare", "container")]
+    body = ("`srun -O -N2 -n%d true` on the simulated two-node cluster, %d interleaved runs, "
+            "warm node (image staged, record directory there). In the container step %d of "
+            "%d tasks joined the step's container from C in task_init; the others (local "
+            "task 0 per node, or a task that found no record yet) went through uctr-exec.\n\n"
+            % (args.tasks, args.runs, joined, args.tasks)
+            + markdown_table(["case", "median", "min", "max", "/ bare"], rows)
+            + "\ncontainer / bare = %.2fx (target <= 1.1x)\n\n" % ratio
+            + info_lines(info))
+    print(body)
+    if not args.no_write:
+        replace_section(SECTION, body, HEADING)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+/* Joining the running N1 container of a job step on this node (launchers/c/record.md): the
+ * steps both C callers share, the C front uctr-exec (uctr_exec.c) and the SPANK plugin's
+ * task_init (spank/uctr_join.c). Everything here runs as the user and checks every file it
+ * opens (owner, mode, O_NOFOLLOW); nothing here changes namespaces: the callers setns. */
+#define _GNU_SOURCE
+#include "fastjoin.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/utsname.h>
+#include <time.h>
+#include <unistd.h>
+
+#define LOCK_WAIT_NS (2L * 1000 * 1000 * 1000) /* then Python waits, with its messages */
+
+/* -- files we trust -------------------------------------------------------------------- */
+
+/* A directory of ours that nobody else can write to (nodelock.open_private_dir). */
+static int open_private_dir(int at, const char *path)
+{
+    struct stat st;
+    int fd = openat(at, path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    if (fstat(fd, &st) < 0 || st.st_uid != getuid() || (st.st_mode & 022)) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* The record: a regular file of ours, not writable by others, of bounded size. */
+static char *read_record(int dir, const char *name, size_t *len, struct stat *st)
+{
+    int fd = openat(dir, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return NULL;
+    char *buf = NULL;
+    if (fstat(fd, st) == 0 && S_ISREG(st->st_mode) && st->st_uid == getuid() &&
+        !(st->st_mode & 022) && st->st_size > 0 && st->st_size <= FR_MAX_BYTES) {
+        buf = malloc((size_t)st->st_size);
+        ssize_t got = buf ? read(fd, buf, (size_t)st->st_size) : -1;
+        if (got != st->st_size) {
+            free(buf);
+            buf = NULL;
+        }
+        *len = (size_t)st->st_size;
+    }
+    close(fd);
+    return buf;
+}
+
+/* Field 22 of /proc/PID/stat (start time in clock ticks), as sharedns.start_time. */
+int fj_start_time(const char *pid, char *out, size_t size)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%s/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')');
+    if (!p)
+        return -1;
+    p++;
+    for (int field = 0; field < 19; field++) { /* skip state .. field 21 */
+        p += strspn(p, " ");
+        p += strcspn(p, " ");
+    }
+    p += strspn(p, " ");
+    size_t len = strcspn(p, " \n");
+    if (len == 0 || len >= size)
+        return -1;
+    memcpy(out, p, len);
+    out[len] = '\0';
+    return 0;
+}
+
+static int digits(const char *s)
+{
+    if (!*s || strlen(s) > 10)
+        return 0;
+    for (; *s; s++)
+        if (*s < '0' || *s > '9')
+            return 0;
+    return 1;
+}
+
+/* Open /proc/PID/ns/{user,mnt} of a live member with the recorded inodes
+ * (sharedns._open_member): the open files keep the namespaces alive. */
+static int open_member(const char *pid, const char *started, unsigned long long user_ino,
+                       unsigned long long mnt_ino, int fds[2])
+{
+    char now[32], path[64];
+    struct stat st;
+    const char *ns[2] = { "user", "mnt" };
+    unsigned long long ino[2] = { user_ino, mnt_ino };
+    /* One start-time check, after the opens, is enough: a pid that was reused before
+     * them shows a new start time, one that exits after them leaves us its namespaces. */
+    if (!digits(pid))
+        return -1;
+    fds[0] = fds[1] = -1;
+    for (int i = 0; i < 2; i++) {
+        snprintf(path, sizeof(path), "/proc/%s/ns/%s", pid, ns[i]);
+        fds[i] = open(path, O_RDONLY | O_CLOEXEC);
+        if (fds[i] < 0 || fstat(fds[i], &st) < 0 || (unsigned long long)st.st_ino != ino[i])
+            goto bad;
+    }
+    if (fj_start_time(pid, now, sizeof(now)) < 0 || strcmp(now, started) != 0)
+        goto bad; /* the pid was reused while we opened */
+    return 0;
+bad:
+    for (int i = 0; i < 2; i++) {
+        if (fds[i] >= 0)
+            close(fds[i]);
+        fds[i] = -1;
+    }
+    return -1;
+}
+
+/* The members file (sharedns._read_members), newest first: a live one. */
+static int member_from_file(int launch, const char *name, unsigned long long u,
+                            unsigned long long m, int fds[2])
+{
+    int fd = openat(launch, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return -1;
+    /* the newest members are at the end: read the last 64 KiB (a line cut at its start
+     * is skipped: its pid does not parse or its start time does not match) */
+    static char buf[1 << 16];
+    struct stat st;
+    off_t from = fstat(fd, &st) == 0 && st.st_size > (off_t)sizeof(buf) - 1
+                 ? st.st_size - (off_t)sizeof(buf) + 1 : 0;
+    ssize_t n = pread(fd, buf, sizeof(buf) - 1, from);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    for (ssize_t end = n; end > 0;) {
+        ssize_t start = end - 1;
+        while (start > 0 && buf[start - 1] != '\n')
+            start--;
+        char line[128];
+        size_t len = (size_t)(end - start);
+        if (len < sizeof(line)) {
+            memcpy(line, buf + start, len);
+            line[len] = '\0';
+            char *nl = strchr(line, '\n'), *sp;
+            if (nl)
+                *nl = '\0';
+            sp = strchr(line, ' ');
+            if (sp) {
+                *sp = '\0';
+                if (open_member(line, sp + 1, u, m, fds) == 0)
+                    return 0;
+            }
+        }
+        end = start;
+    }
+    return -1;
+}
+
+/* -- the rendezvous lock (nodelock.NodeLock) ------------------------------------------- */
+
+static int lock_step(int launch, const char *name)
+{
+    struct timespec pause = { 0, 1000 * 1000 };
+    for (long waited = 0; waited < LOCK_WAIT_NS; waited += pause.tv_nsec) {
+        int fd = openat(launch, name, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (fd < 0)
+            return -1;
+        if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
+            /* Still named? A cleaner unlinks a lock file only while holding it; then our
+             * inode has no name left (nodelock.NodeLock._still_named, in one call). */
+            struct stat own;
+            if (fstat(fd, &own) == 0 && own.st_nlink > 0) {
+                char pid[16];
+                snprintf(pid, sizeof(pid), "%10d\n", (int)getpid());
+                if (pwrite(fd, pid, 11, 0) != 11) {
+                    /* only a diagnostic for waiters */
+                }
+                return fd;
+            }
+        }
+        close(fd);
+        nanosleep(&pause, NULL);
+    }
+    return -1;
+}
+
+/* staged.mark_in_use: pid-PID in the bundle's inuse directory (the directory exists: the
+ * creator made its own mark there). */
+void fj_mark_in_use(const char *dir)
+{
+    char path[4096], text[512];
+    struct utsname u;
+    struct timespec now;
+    if (snprintf(path, sizeof(path), "%s/pid-%d", dir, (int)getpid()) >= (int)sizeof(path))
+        return;
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return;
+    uname(&u);
+    for (char *p = u.nodename; *p; p++)
+        if (*p == '"')
+            memmove(p, p + 1, strlen(p));
+    clock_gettime(CLOCK_REALTIME, &now);
+    int n = snprintf(text, sizeof(text), "{\"pid\": %d, \"job\": null, \"host\": \"%s\", "
+                     "\"created\": %lld.%03ld}", (int)getpid(), u.nodename,
+                     (long long)now.tv_sec, now.tv_nsec / 1000000);
+    if (n > 0 && write(fd, text, (size_t)n) < 0) {
+        /* an empty mark still counts: its name is the reference */
+    }
+    close(fd);
+}
+
+/* Everything that can still hand over to Python; 0 when we are about to setns. */
+const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp)
+{
+    struct fr_rank me;
+    char name[160], cwd[4096], dirpath[4096];
+    const char *why;
+    if (getuid() != geteuid() || getgid() != getegid())
+        return "set-uid or set-gid";
+    if (fr_detect(envp, (long)getppid(), &me) < 0
+        || fr_record_name(me.step_key, name, sizeof(name)) < 0)
+        return "cannot tell the step";
+    j->me = me;
+    const char *local = fr_getenv(envp, "UCTR_LOCAL_DIR");
+    if (local && *local) {
+        if (local[0] != '/')
+            return "UCTR_LOCAL_DIR is relative";
+        snprintf(dirpath, sizeof(dirpath), "%s/fast", local);
+    } else {
+        snprintf(dirpath, sizeof(dirpath), "/tmp/uctr-%d/fast", (int)getuid());
+    }
+    int dir = open_private_dir(AT_FDCWD, dirpath);
+    if (dir < 0)
+        return "no private record directory";
+    size_t len = 0;
+    struct stat rst;
+    char *data = read_record(dir, name, &len, &rst);
+    if (!data) {
+        close(dir);
+        return "no record for this step";
+    }
+    int bad = fr_parse(data, len, &j->rec, &why);
+    free(data);
+    if (bad) {
+        close(dir);
+        return why;
+    }
+    if (strcmp(fr_value(&j->rec, "step"), me.step_key) != 0) {
+        close(dir);
+        return "the record is another step's";
+    }
+    if (!getcwd(cwd, sizeof(cwd)))
+        cwd[0] = '\0';
+    if (fr_match(&j->rec, argc - 1, argv + 1, envp, cwd[0] ? cwd : NULL, getuid(), getgid(),
+                 &j->command, &j->ncommand, &why) < 0) {
+        close(dir);
+        return why;
+    }
+    j->launch = open_private_dir(AT_FDCWD, fr_value(&j->rec, "launch_dir"));
+    if (j->launch < 0) {
+        close(dir);
+        return "the rendezvous directory is not private";
+    }
+    char lockname[512];
+    if (snprintf(lockname, sizeof(lockname), "%s.lock", fr_value(&j->rec, "stem"))
+            >= (int)sizeof(lockname)
+        || strchr(fr_value(&j->rec, "stem"), '/')) {
+        close(dir);
+        return "bad stem";
+    }
+    j->lock = lock_step(j->launch, lockname);
+    if (j->lock < 0) {
+        close(dir);
+        return "the step's lock is busy";
+    }
+    /* Under the lock, the record must still be the one we read (a new generation
+     * replaces it by rename, under this same lock). */
+    struct stat now;
+    fr_record_name(me.step_key, name, sizeof(name));
+    int same = fstatat(dir, name, &now, AT_SYMLINK_NOFOLLOW) == 0 && now.st_ino == rst.st_ino
+               && now.st_dev == rst.st_dev;
+    close(dir);
+    if (!same)
+        return "the record changed";
+    unsigned long long u = strtoull(fr_value(&j->rec, "user_ns"), NULL, 10);
+    unsigned long long m = strtoull(fr_value(&j->rec, "mnt_ns"), NULL, 10);
+    int found = -1;
+    for (size_t i = j->rec.n; i-- > 0 && found < 0;) {
+        const struct fr_line *l = &j->rec.lines[i];
+        if (strcmp(fr_fields[l->field].name, "member") == 0)
+            found = open_member(l->argv[0], l->argv[1], u, m, j->ns);
+    }
+    if (found < 0) {
+        char members[600];
+        snprintf(members, sizeof(members), "%s.g%s.members", fr_value(&j->rec, "stem"),
+                 fr_value(&j->rec, "generation"));
+        found = member_from_file(j->launch, members, u, m, j->ns);
+    }
+    if (found < 0)
+        return "no live member (the Python launcher starts a new generation)";
+    j->env = fr_run_env(&j->rec, envp);
+    if (!j->env)
+        return "out of memory";
+    return NULL;
+}
+
+void fj_add_member(struct fj_join *j, const char *started)
+{
+    char members[600], line[64];
+    snprintf(members, sizeof(members), "%s.g%s.members", fr_value(&j->rec, "stem"),
+             fr_value(&j->rec, "generation"));
+    int fd = openat(j->launch, members, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC,
+                    0600);
+    if (fd >= 0) {
+        int n = snprintf(line, sizeof(line), "%d %s\n", (int)getpid(), started);
+        if (write(fd, line, (size_t)n) != n) {
+            /* the holder then waits for its idle limit: no harm */
+        }
+        close(fd);
+    }
+    close(j->lock);
+    close(j->launch);
+    j->lock = j->launch = -1;
+}
+
+void fj_release(struct fj_join *j)
+{
+    int *fds[] = { &j->launch, &j->lock, &j->ns[0], &j->ns[1] };
+    for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++) {
+        if (*fds[i] >= 0)
+            close(*fds[i]);
+        *fds[i] = -1;
+    }
+    fr_free_env(j->env);
+    free(j->command);
+    fr_free(&j->rec);
+    j->env = j->command = NULL;
+}
+
+/* base.resolve_command: COMMAND in the payload's PATH (a regular file we may execute). */
+const char *fj_resolve(const char *command, const char *path, int *denied)
+{
+    static char candidate[8192];
+    char *copy = strdup(path);
+    *denied = 0;
+    for (char *p = copy, *save = NULL, *dir; copy && (dir = strtok_r(p, ":", &save)); p = NULL) {
+        struct stat st;
+        if (dir[0] != '/' ||
+            snprintf(candidate, sizeof(candidate), "%s/%s", dir, command) >= (int)sizeof(candidate))
+            continue;
+        if (stat(candidate, &st) == 0 && S_ISREG(st.st_mode)) {
+            if (access(candidate, X_OK) == 0) {
+                free(copy);
+                return candidate;
+            }
+            *denied = 1;
+        }
+    }
+    free(copy);
+    return NULL;
+}
+

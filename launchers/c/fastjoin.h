@@ -1,0 +1,42 @@
+/* Joining a step's running N1 container (launchers/c/record.md, "What a joining rank
+ * checks"): shared by the C front (uctr_exec.c) and the SPANK plugin (spank/uctr_join.c). */
+#ifndef FASTJOIN_H_INCLUDED
+#define FASTJOIN_H_INCLUDED
+
+#include "fastrec.h"
+
+struct fj_join {
+    struct fr_record rec;
+    struct fr_rank me;
+    int launch, lock, ns[2];   /* -1 when not open */
+    char **command, **env;     /* the payload's argv (strings borrowed) and environment */
+    int ncommand;
+};
+
+#define FJ_JOIN_INIT { .launch = -1, .lock = -1, .ns = { -1, -1 } }
+
+/* Everything before the first setns that can still hand over to Python, for the request
+ * ARGV (argv[0] is the launcher) in environment ENVP, from the current directory: NULL
+ * when j->ns[] are open on a live member under the step's lock, else why not. */
+const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp);
+
+/* Close what fj_prepare left open and free it (a caller that does not exec afterwards). */
+void fj_release(struct fj_join *j);
+
+/* Field 22 of /proc/PID/stat ("self" for us), as sharedns.start_time. */
+int fj_start_time(const char *pid, char *out, size_t size);
+
+/* pid-PID in the bundle's in-use directory; before setns (a host path). */
+void fj_mark_in_use(const char *dir);
+
+/* After both setns: add "PID STARTED" to the members file, then drop the lock. */
+void fj_add_member(struct fj_join *j, const char *started);
+
+/* base.resolve_command: COMMAND in PATH, a regular file we may execute (a static buffer),
+ * else NULL with *denied set when one was found but is not executable. */
+const char *fj_resolve(const char *command, const char *path, int *denied);
+
+#define FJ_HINT_CHMOD "make it executable in the image (chmod +x), or run it through its " \
+                      "interpreter, e.g. sh FILE"
+
+#endif

@@ -1,0 +1,268 @@
+/*
+ * Remote side, per task, as the job user (task_init): join the step's running container
+ * from C, so that slurmstepd execs the payload itself and no uctr-exec process (C front or
+ * Python) starts for this task (issue 12, docs/launcher.md "Two paths").
+ *
+ * The first task of a step on a node has no container to join: it goes through uctr-exec,
+ * whose Python launcher creates the step's N1 container and writes the fast-join record
+ * (launchers/c/record.md). Tasks that start after that find the record; tasks that start
+ * at the same time do not and take uctr-exec too, which joins or waits, as before.
+ *
+ * The record is read, checked and matched by the C front's own code (launchers/c/fastrec.c,
+ * fastjoin.c), against the request uctr-exec would have received: the same argv, the job
+ * environment with UCTR_ARGV0 and the installed front's exports. Every doubt before the
+ * first setns() returns 1 and the task goes through uctr-exec unchanged. Errors after it
+ * end the task with uctr-exec's messages and exit codes (nothing is left to hand over).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <slurm/slurm.h>
+#include <slurm/slurm_version.h>
+
+#include "uctr.h"
+#include "fastjoin.h"
+
+#ifdef UCTR_FRONT_CONFIG
+/* The installed front's configuration (uctr slurm install writes it for both). */
+#include "front_config.h"
+#endif
+
+#if SLURM_VERSION_NUMBER >= SLURM_VERSION_NUM(23, 11, 0)
+/* uctr-exec is prepended there (spank_prepend_task_argv, no UCTR_ARGV0 hand-over): the
+ * request a joining task would have to match is not built here yet, so every task goes
+ * through uctr-exec (whose C front joins without Python). */
+int uctr_join_task(spank_t sp, const struct uctr_config *cfg)
+{
+    (void)sp;
+    (void)cfg;
+    return 1;
+}
+#else
+
+#define EXIT_USER 1
+#define EXIT_MODE 3
+#define EXIT_NOT_EXECUTABLE 126
+#define EXIT_NOT_FOUND 127
+
+static char prefix[64] = "uctr";
+
+/* An error after the namespaces were joined: the task ends as uctr-exec would have. */
+static void join_fail(int code, const char *hint, const char *fmt, ...)
+{
+    va_list ap;
+    char msg[8400];
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "%s: error: %s\n%s: hint: %s\n", prefix, msg, prefix, hint);
+    fflush(stderr);
+    _exit(code);
+}
+
+static char **job_env(spank_t sp)
+{
+    char **env = NULL;
+    if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS)
+        return NULL;
+    return env;
+}
+
+/* What the installed uctr-exec sets before it reads the record (uctr_exec.c,
+ * apply_front_env): the request must be the one the front would see. */
+static int front_env(spank_t sp)
+{
+#ifdef UCTR_FRONT_ENV
+    static const char *const pairs[] = { UCTR_FRONT_ENV NULL };
+    for (size_t i = 0; pairs[i] && pairs[i + 1]; i += 2)
+        if (spank_setenv(sp, pairs[i], pairs[i + 1], 1) != ESPANK_SUCCESS)
+            return -1;
+#else
+    (void)sp;
+#endif
+    return 0;
+}
+
+static int in_env(char **env, const char *entry, size_t name_len)
+{
+    for (char **p = env; *p; p++)
+        if (strncmp(*p, entry, name_len + 1) == 0)
+            return 1;
+    return 0;
+}
+
+/* Make the job environment, the one slurmstepd hands to execve, equal to ENV. */
+static int replace_env(spank_t sp, char **env)
+{
+    char **old = job_env(sp);
+    size_t n = 0;
+    for (char **p = old; p && *p; p++)
+        n++;
+    char **gone = calloc(n + 1, sizeof(char *));
+    if (!gone)
+        return -1;
+    size_t k = 0;
+    for (char **p = old; p && *p; p++) {
+        const char *eq = strchr(*p, '=');
+        size_t len = eq ? (size_t)(eq - *p) : strlen(*p);
+        if (!eq || !in_env(env, *p, len))
+            gone[k++] = strndup(*p, len);
+    }
+    int rc = 0;
+    for (size_t i = 0; i < k; i++) {
+        if (!gone[i] || spank_unsetenv(sp, gone[i]) != ESPANK_SUCCESS)
+            rc = -1;
+        free(gone[i]);
+    }
+    free(gone);
+    for (char **p = env; rc == 0 && *p; p++) {
+        char *name = strdup(*p), *eq = name ? strchr(name, '=') : NULL;
+        if (!eq || (*eq = '\0', spank_setenv(sp, name, eq + 1, 1) != ESPANK_SUCCESS))
+            rc = -1;
+        free(name);
+    }
+    return rc;
+}
+
+/* This Slurm execs the task's own argv (it cannot grow): join only when the payload's
+ * command is exactly that argv (an image without Entrypoint). */
+static const char *same_command(const struct fj_join *j, int argc, char **argv)
+{
+    if (j->ncommand != argc)
+        return "the image's Entrypoint changes the command line";
+    for (int i = 0; i < argc; i++)
+        if (strcmp(j->command[i], argv[i]) != 0)
+            return "the image's Entrypoint changes the command line";
+    return NULL;
+}
+
+/* The tasks of a step start together: without a wait, all of them would find no record
+ * and start uctr-exec. Local task 0 goes through uctr-exec and creates the container; the
+ * others wait for its record, at most CREATOR_WAIT_MS (cold staging, a failing creator:
+ * then they take uctr-exec too, as before). Only on a warm node, where the user's record
+ * directory exists (an earlier step ran N1 here), and not for a mode other than N1: a step
+ * that writes no record must not make its tasks wait. */
+#define CREATOR_WAIT_MS 10000
+
+static int not_yet(const char *why)
+{
+    return why && !strcmp(why, "no record for this step");
+}
+
+static int waits_for_creator(spank_t sp)
+{
+    static int answer = -1;
+    if (answer >= 0)
+        return answer;
+    int task = 0;
+    uint32_t count = 0;
+    char mode[16];
+    answer = spank_get_item(sp, S_TASK_ID, &task) == ESPANK_SUCCESS && task > 0
+             && spank_get_item(sp, S_JOB_LOCAL_TASK_COUNT, &count) == ESPANK_SUCCESS
+             && count > 1
+             && (spank_getenv(sp, "UCTR_MODE", mode, sizeof(mode)) != ESPANK_SUCCESS
+                 || !mode[0] || !strcmp(mode, "N1"));
+    return answer;
+}
+
+/* Before the first setns: NULL when the task can join, else why not (j released). */
+static const char *prepare(spank_t sp, const struct uctr_config *cfg, struct fj_join *j,
+                           char *started, size_t size)
+{
+    int argc = 0;
+    char **argv = NULL;
+    if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1)
+        return "cannot read the task's command line";
+    if (front_env(sp) || spank_setenv(sp, "UCTR_ARGV0", argv[0], 1) != ESPANK_SUCCESS)
+        return "cannot set the environment";
+    char **request = calloc((size_t)argc + 1, sizeof(char *));
+    if (!request)
+        return "out of memory";
+    request[0] = (char *)cfg->uctr_exec;  /* uctr-exec's argv: ours, argv[0] replaced */
+    for (int i = 1; i < argc; i++)
+        request[i] = argv[i];
+    const char *why = fj_prepare(j, argc, request, job_env(sp));
+    for (long waited = 0; not_yet(why) && waits_for_creator(sp) && waited < CREATOR_WAIT_MS;
+         waited += 5) {
+        struct timespec pause = { 0, 5 * 1000 * 1000 };
+        nanosleep(&pause, NULL);
+        why = fj_prepare(j, argc, request, job_env(sp));
+    }
+    free(request);
+    if (!why)
+        why = same_command(j, argc, argv);
+    if (!why && fj_start_time("self", started, size) < 0)
+        why = "cannot read /proc/self/stat";
+    if (why)
+        fj_release(j);
+    return why;
+}
+
+static void payload_found(char **env, const char *command)
+{
+    int denied = 0;
+    const char *path = fr_getenv(env, "PATH");
+    char hint[8300];
+    if (strchr(command, '/'))
+        return;  /* slurmstepd's execve reports it, as uctr-exec's would */
+    if (fj_resolve(command, path ? path : "/usr/local/bin:/usr/bin:/bin", &denied))
+        return;
+    if (denied)
+        join_fail(EXIT_NOT_EXECUTABLE, FJ_HINT_CHMOD, "cannot execute %s: permission denied",
+                  command);
+    snprintf(hint, sizeof(hint), "check the image has it on its PATH (PATH=%s)",
+             path ? path : "");
+    join_fail(EXIT_NOT_FOUND, hint, "command not found in the container: %s", command);
+}
+
+int uctr_join_task(spank_t sp, const struct uctr_config *cfg)
+{
+    struct fj_join j = FJ_JOIN_INIT;
+    char started[32];
+    char **env = job_env(sp);
+    int debug = env && fr_getenv(env, "UCTR_FAST_DEBUG");
+    const char *why = prepare(sp, cfg, &j, started, sizeof(started));
+    if (!why) {
+        const char *inuse = fr_value(&j.rec, "inuse_dir");
+        if (inuse)
+            fj_mark_in_use(inuse);  /* a host path: before setns */
+        /* EINVAL: already in that user namespace */
+        if (setns(j.ns[0], CLONE_NEWUSER) < 0 && errno != EINVAL) {
+            fj_release(&j);
+            why = "cannot join the user namespace";
+        }
+    }
+    if (why) {
+        if (debug)
+            fprintf(stderr, "uctr: task_init: uctr-exec path: %s\n", why);
+        return 1;
+    }
+    if (j.me.size > 1)
+        snprintf(prefix, sizeof(prefix), "uctr[rank %ld]", j.me.rank);
+    if (setns(j.ns[1], CLONE_NEWNS) < 0)
+        join_fail(EXIT_MODE, "the step's container is gone; start the step again",
+                  "cannot join the mount namespace of the step's container: %s",
+                  strerror(errno));
+    fj_add_member(&j, started);
+    const char *cwd = fr_value(&j.rec, "cwd");
+    if (chdir(cwd) < 0)
+        join_fail(EXIT_USER, "check -w / the image's WorkingDir",
+                  "cannot change to working directory %s in the container: %s", cwd,
+                  strerror(errno));
+    payload_found(j.env, j.command[0]);
+    if (replace_env(sp, j.env) < 0)
+        join_fail(EXIT_USER, "the node may be out of memory; run the step again",
+                  "cannot set the task's environment in the container");
+    if (debug)
+        fprintf(stderr, "uctr: task_init: joined the step's container from C\n");
+    fj_release(&j);
+    return 0;
+}
+#endif

@@ -1,0 +1,122 @@
+"""End to end on the two-node cluster: tasks of a container step join their node's step
+container from C in the SPANK plugin's task_init (spank/uctr_join.c), with no uctr-exec
+process, and their payload sees what a task that went through uctr-exec sees.
+
+Local task 0 of each node goes through uctr-exec (its Python launcher creates the step's
+container and writes the fast-join record); the other local tasks wait for that record in
+task_init and join from C. UCTR_FAST_DEBUG=1 makes each path say which it took on stderr.
+
+How we know no uctr-exec ran for a joined task: slurmstepd resolves argv[0] in PATH after
+task_init and execs that absolute path itself, so the payload's own argv[0] is `/bin/sh`;
+uctr-exec (C front or Python) execs the command as given, `sh`.
+"""
+
+import re
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+LIMIT = ("--time=3",)
+JOINED = "uctr: task_init: joined the step's container from C"
+
+# What the payload sees, one "KEY VALUE" line each (busybox sh and tools).
+VIEW = r"""
+p=/proc/$$
+echo "argv0 $(tr '\0' '\n' < $p/cmdline | head -n1)"
+echo "cwd $(pwd)"
+echo "id $(id)"
+grep -E '^(Uid|Gid|Groups|Cap[A-Za-z]+|Sig[A-Za-z]+|NoNewPrivs|Seccomp):' $p/status \
+    | tr '\t' ' ' | sed 's/^/status /'
+for n in user mnt pid net ipc uts cgroup; do echo "ns_$n $(readlink $p/ns/$n)"; done
+echo "mountinfo $(md5sum < $p/mountinfo | cut -c1-32)"
+echo "root $(ls / | tr '\n' ' ')"
+# inherited descriptors: anything past stdio but sh's own pipes (command substitution)
+for f in $p/fd/*; do
+    n=${f##*/}; t=$(readlink $f)
+    case $n:$t in [012]:*|*:pipe:*) ;; *) echo "fd$n $t";; esac
+done
+env | sort | sed 's/^/env /'
+"""
+
+# Differ from one task of a step to the next whatever the path.
+PER_TASK = {"argv0", "env SLURM_PROCID", "env SLURM_LOCALID", "env SLURM_TASK_PID",
+            "env PMIX_RANK", "env PMI_RANK", "env SLURM_GTIDS"}
+
+
+def views(output):
+    """{task: {key: value}} from `srun -l` output (lines "TASK: KEY VALUE")."""
+    out = {}
+    for line in output.splitlines():
+        m = re.match(r"^\s*(\d+): (.*)$", line)
+        if not m:
+            continue
+        task, text = int(m.group(1)), m.group(2)
+        if text.startswith("env "):
+            key, _, value = text.partition("=")
+        else:
+            key, _, value = text.partition(" ")
+        out.setdefault(task, {})[key] = value
+    return out
+
+
+def joined_tasks(stderr):
+    return {int(m.group(1)) for m in re.finditer(r"^\s*(\d+): " + re.escape(JOINED) + "$",
+                                                 stderr, re.M)}
+
+
+@pytest.fixture(scope="module")
+def busybox(slurm_cluster):
+    return slurm_cluster.image_ref("busybox")
+
+
+def run_step(cluster, image, *command, tasks=8):
+    return cluster.srun([*LIMIT, "-l", "-N2", f"-n{tasks}", "--ntasks-per-node=%d" % (tasks // 2),
+                         f"--container-image={image}", *command],
+                        env={"UCTR_FAST_DEBUG": "1"}, name="fastjoin", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def warm(slurm_cluster, busybox):
+    """One step first: the image staged on both nodes and the user's record directory
+    there (tasks wait for local task 0's record only on such a warm node)."""
+    result = run_step(slurm_cluster, busybox, "true", tasks=2)
+    assert result.returncode == 0, result.stderr
+
+
+def test_warm_tasks_join_from_c_and_see_what_uctr_exec_gives(slurm_cluster, busybox, warm):
+    result = run_step(slurm_cluster, busybox, "sh", "-c", VIEW)
+    assert result.returncode == 0, result.stderr
+    seen = views(result.stdout)
+    assert sorted(seen) == list(range(8)), result.stdout + result.stderr
+    joined = joined_tasks(result.stderr)
+    # local task 0 of each node (tasks 0 and 4) creates the container through uctr-exec
+    assert joined and not joined & {0, 4}, result.stderr
+    for task, view in seen.items():
+        assert view["argv0"] == ("/bin/sh" if task in joined else "sh"), (task, result.stderr)
+    for node_tasks in (range(0, 4), range(4, 8)):
+        python_path = [t for t in node_tasks if t not in joined]
+        c_path = [t for t in node_tasks if t in joined]
+        assert python_path and c_path, (joined, result.stderr)
+        reference = {k: v for k, v in seen[python_path[0]].items() if k not in PER_TASK}
+        for task in node_tasks:
+            view = {k: v for k, v in seen[task].items() if k not in PER_TASK}
+            differ = {k: (reference.get(k), view.get(k)) for k in set(reference) | set(view)
+                      if reference.get(k) != view.get(k)}
+            assert not differ, (task, "C" if task in joined else "uctr-exec", differ)
+        # one container per node: the same mount namespace on both paths
+        assert seen[c_path[0]]["ns_mnt"] == seen[python_path[0]]["ns_mnt"]
+        assert seen[c_path[0]]["root"] != "", seen[c_path[0]]
+
+
+def test_exit_status_and_not_found_on_the_c_path(slurm_cluster, busybox, warm):
+    result = run_step(slurm_cluster, busybox, "sh", "-c", "exit 7", tasks=4)
+    assert result.returncode == 7, result.stderr
+    assert joined_tasks(result.stderr), result.stderr
+    result = run_step(slurm_cluster, busybox, "no-such-command-uctr", tasks=4)
+    assert result.returncode == 127, result.stderr
+    # every task, joined in task_init or through uctr-exec, says the same
+    lines = re.findall(r"^\s*(\d+): uctr\[rank \d+\]: error: (.*)$", result.stderr, re.M)
+    assert sorted(int(t) for t, _ in lines) == [0, 1, 2, 3], result.stderr
+    assert {text for _, text in lines} == \
+        {"command not found in the container: no-such-command-uctr"}, result.stderr
