@@ -146,7 +146,27 @@ def cached_root(name: str, repo: Path = REPO) -> Path:
                 os.rename(staging / "root", root)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+        _prune_stale(base, name, root)
     return root
+
+
+def _use_lock(root: Path) -> Path:
+    return root.parent / f".{root.name}.use"
+
+
+def _prune_stale(base: Path, name: str, current: Path) -> None:
+    """Each change to install.sh or pyproject.toml makes a new root (1-2 GB): remove this
+    release's older roots that no run holds (run_in_root keeps a shared lock on its root)."""
+    for old in base.glob(f"{name}-*"):
+        if old == current or not old.is_dir():
+            continue
+        with open(_use_lock(old), "w") as use:
+            try:
+                fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a run of another checkout still uses it
+            shutil.rmtree(old, ignore_errors=True)
+        _use_lock(old).unlink(missing_ok=True)
 
 
 def root_info(root: Path) -> Dict:
@@ -318,5 +338,7 @@ def run_in_root(name: str, argv: Sequence[str], checkout: Path = REPO,
                "UCTR_TEST_DEBIAN_CACHE": str(images)}
     run_env.update({k: v for k, v in _pip_env().items() if k.startswith("PIP_")})
     run_env.update(env or {})
-    return _enter(root, argv, isolate_net=True, binds=all_binds, env=run_env,
-                  cwd=cwd or str(checkout), timeout=timeout, input=input)
+    with open(_use_lock(root), "w") as use:
+        fcntl.flock(use, fcntl.LOCK_SH)  # not pruned while in use (_prune_stale)
+        return _enter(root, argv, isolate_net=True, binds=all_binds, env=run_env,
+                      cwd=cwd or str(checkout), timeout=timeout, input=input)
