@@ -52,21 +52,6 @@ int uctr_join_task(spank_t sp, const struct uctr_config *cfg)
 #define EXIT_NOT_EXECUTABLE 126
 #define EXIT_NOT_FOUND 127
 
-static char prefix[64] = "uctr";
-
-/* An error after the namespaces were joined: the task ends as uctr-exec would have. */
-static void join_fail(int code, const char *hint, const char *fmt, ...)
-{
-    va_list ap;
-    char msg[8400];
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "%s: error: %s\n%s: hint: %s\n", prefix, msg, prefix, hint);
-    fflush(stderr);
-    _exit(code);
-}
-
 static char **job_env(spank_t sp)
 {
     char **env = NULL;
@@ -215,11 +200,11 @@ static void payload_found(char **env, const char *command)
     if (fj_resolve(command, path ? path : "/usr/local/bin:/usr/bin:/bin", &denied))
         return;
     if (denied)
-        join_fail(EXIT_NOT_EXECUTABLE, FJ_HINT_CHMOD, "cannot execute %s: permission denied",
-                  command);
+        fj_die(EXIT_NOT_EXECUTABLE, FJ_HINT_CHMOD, "cannot execute %s: permission denied",
+               command);
     snprintf(hint, sizeof(hint), "check the image has it on its PATH (PATH=%s)",
              path ? path : "");
-    join_fail(EXIT_NOT_FOUND, hint, "command not found in the container: %s", command);
+    fj_die(EXIT_NOT_FOUND, hint, "command not found in the container: %s", command);
 }
 
 int uctr_join_task(spank_t sp, const struct uctr_config *cfg)
@@ -245,21 +230,21 @@ int uctr_join_task(spank_t sp, const struct uctr_config *cfg)
         return 1;
     }
     if (j.me.size > 1)
-        snprintf(prefix, sizeof(prefix), "uctr[rank %ld]", j.me.rank);
+        fj_name_rank(j.me.rank);
     if (setns(j.ns[1], CLONE_NEWNS) < 0)
-        join_fail(EXIT_MODE, "the step's container is gone; start the step again",
-                  "cannot join the mount namespace of the step's container: %s",
-                  strerror(errno));
+        fj_die(EXIT_MODE, "the step's container is gone; start the step again",
+               "cannot join the mount namespace of the step's container: %s",
+               strerror(errno));
     fj_add_member(&j, started);
     const char *cwd = fr_value(&j.rec, "cwd");
     if (chdir(cwd) < 0)
-        join_fail(EXIT_USER, "check -w / the image's WorkingDir",
-                  "cannot change to working directory %s in the container: %s", cwd,
-                  strerror(errno));
+        fj_die(EXIT_USER, "check -w / the image's WorkingDir",
+               "cannot change to working directory %s in the container: %s", cwd,
+               strerror(errno));
     payload_found(j.env, j.command[0]);
     if (replace_env(sp, j.env) < 0)
-        join_fail(EXIT_USER, "the node may be out of memory; run the step again",
-                  "cannot set the task's environment in the container");
+        fj_die(EXIT_USER, "the node may be out of memory; run the step again",
+               "cannot set the task's environment in the container");
     if (debug)
         fprintf(stderr, "uctr: task_init: joined the step's container from C\n");
     fj_release(&j);

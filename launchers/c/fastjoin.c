@@ -6,6 +6,7 @@
 #include "fastjoin.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -374,3 +375,21 @@ const char *fj_resolve(const char *command, const char *path, int *denied)
     return NULL;
 }
 
+static char diag_prefix[64] = "uctr";
+
+void fj_name_rank(long rank)
+{
+    snprintf(diag_prefix, sizeof(diag_prefix), "uctr[rank %ld]", rank);
+}
+
+void fj_die(int code, const char *hint, const char *fmt, ...)
+{
+    va_list ap;
+    char msg[8400];
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "%s: error: %s\n%s: hint: %s\n", diag_prefix, msg, diag_prefix, hint);
+    fflush(stderr);
+    _exit(code);
+}

@@ -36,6 +36,13 @@ void fj_add_member(struct fj_join *j, const char *started);
  * else NULL with *denied set when one was found but is not executable. */
 const char *fj_resolve(const char *command, const char *path, int *denied);
 
+/* An error after the namespaces were joined (no handing over to Python any more):
+ * "error:" and "hint:" as the Python launcher prints them (launch.main.Diag), prefixed
+ * "uctr", or "uctr[rank N]" once fj_name_rank(N) was called, then _exit(CODE). */
+void fj_name_rank(long rank);
+void fj_die(int code, const char *hint, const char *fmt, ...)
+    __attribute__((noreturn, format(printf, 3, 4)));
+
 #define FJ_HINT_CHMOD "make it executable in the image (chmod +x), or run it through its " \
                       "interpreter, e.g. sh FILE"
 

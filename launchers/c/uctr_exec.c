@@ -58,21 +58,6 @@ static void fallback(const char *why)
     _exit(70);
 }
 
-static char prefix[64] = "uctr";
-
-/* An uctr error after the namespaces were joined: "error:" and "hint:" as the Python
- * launcher prints them (launch.main.Diag), then its exit code. */
-static void fail(int code, const char *hint, const char *fmt, ...)
-{
-    va_list ap;
-    char msg[8400];
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "%s: error: %s\n%s: hint: %s\n", prefix, msg, prefix, hint);
-    exit(code);
-}
-
 /* -- exec ------------------------------------------------------------------------------ */
 
 #define HINT_CHMOD FJ_HINT_CHMOD
@@ -87,20 +72,21 @@ static void exec_payload(char **argv, char **env)
         char hint[8300];
         file = fj_resolve(command, path ? path : "/usr/local/bin:/usr/bin:/bin", &denied);
         if (!file && denied)
-            fail(EXIT_NOT_EXECUTABLE, HINT_CHMOD, "cannot execute %s: permission denied", command);
+            fj_die(EXIT_NOT_EXECUTABLE, HINT_CHMOD, "cannot execute %s: permission denied",
+                   command);
         snprintf(hint, sizeof(hint), "check the image has it on its PATH (PATH=%s)",
                  path ? path : "");
         if (!file)
-            fail(EXIT_NOT_FOUND, hint, "command not found in the container: %s", command);
+            fj_die(EXIT_NOT_FOUND, hint, "command not found in the container: %s", command);
     }
     execve(file, argv, env);
     if (errno == ENOENT)
-        fail(EXIT_NOT_FOUND, "check the command exists in the image and is on its PATH",
-             "command not found: %s", file);
+        fj_die(EXIT_NOT_FOUND, "check the command exists in the image and is on its PATH",
+               "command not found: %s", file);
     if (errno == EACCES)
-        fail(EXIT_NOT_EXECUTABLE, HINT_CHMOD, "cannot execute %s: permission denied", file);
-    fail(EXIT_NOT_EXECUTABLE, "check that it is a program for this architecture, or run it "
-         "through its interpreter", "cannot execute %s: %s", file, strerror(errno));
+        fj_die(EXIT_NOT_EXECUTABLE, HINT_CHMOD, "cannot execute %s: permission denied", file);
+    fj_die(EXIT_NOT_EXECUTABLE, "check that it is a program for this architecture, or run it "
+           "through its interpreter", "cannot execute %s: %s", file, strerror(errno));
 }
 
 /* -- main ------------------------------------------------------------------------------ */
@@ -127,7 +113,7 @@ int main(int argc, char **argv)
     if (why)
         fallback(why); /* the kernel drops our lock and descriptors at exec (O_CLOEXEC) */
     if (j.me.size > 1)
-        snprintf(prefix, sizeof(prefix), "uctr[rank %ld]", j.me.rank);
+        fj_name_rank(j.me.rank);
     if (fj_start_time("self", started, sizeof(started)) < 0)
         fallback("cannot read /proc/self/stat");
     const char *inuse = fr_value(&j.rec, "inuse_dir");
@@ -137,15 +123,15 @@ int main(int argc, char **argv)
     if (setns(j.ns[0], CLONE_NEWUSER) < 0 && errno != EINVAL)
         fallback("cannot join the user namespace");
     if (setns(j.ns[1], CLONE_NEWNS) < 0)
-        fail(EXIT_MODE, "the step's container is gone; start the step again",
-             "cannot join the mount namespace of the step's container: %s", strerror(errno));
+        fj_die(EXIT_MODE, "the step's container is gone; start the step again",
+               "cannot join the mount namespace of the step's container: %s", strerror(errno));
     close(j.ns[0]);
     close(j.ns[1]);
     fj_add_member(&j, started);
     const char *cwd = fr_value(&j.rec, "cwd");
     if (chdir(cwd) < 0)
-        fail(EXIT_USER, "check -w / the image's WorkingDir",
-             "cannot change to working directory %s in the container: %s", cwd, strerror(errno));
+        fj_die(EXIT_USER, "check -w / the image's WorkingDir",
+               "cannot change to working directory %s in the container: %s", cwd, strerror(errno));
     exec_payload(j.command, j.env);
     return 70;
 }
