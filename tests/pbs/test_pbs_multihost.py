@@ -265,7 +265,7 @@ def test_pbsdsh_tasks_run_in_the_image_on_both_hosts(two_hosts):
     assert set(tasks.values()) == {"inside-the-image"}, output
 
 
-def test_open_mpi_ranks_run_in_the_image_on_both_hosts(two_hosts, image):
+def test_open_mpi_ranks_run_in_the_image_on_both_hosts(two_hosts):
     if shutil.which("mpiexec.openmpi") is None:
         pytest.skip("Open MPI (mpiexec.openmpi) is not installed")
     site, mom, _ = two_hosts
@@ -281,7 +281,7 @@ def test_open_mpi_ranks_run_in_the_image_on_both_hosts(two_hosts, image):
     assert set(ranks.values()) == {"inside-the-image"}, output
 
 
-def test_mpich_hydra_ranks_run_in_the_image_on_both_hosts(two_hosts, image):
+def test_mpich_hydra_ranks_run_in_the_image_on_both_hosts(two_hosts):
     if shutil.which("mpiexec.mpich") is None:
         pytest.skip("MPICH (mpiexec.mpich) is not installed")
     site, mom, _ = two_hosts
