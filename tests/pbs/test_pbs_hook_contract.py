@@ -272,6 +272,8 @@ def test_begin_user_error_reaches_the_job_and_leaves_the_vnode_alone(site, regis
 
     stderr = reaches_the_user(site, job, result, f"cannot stage {missing} on node1: ")
     assert "not found" in stderr or "unknown" in stderr
+    # as docs/pbs.md shows it: the image named once (a real OpenPBS run printed it twice)
+    assert stderr.startswith(f"error: uctr: cannot stage {missing} on node1: "), stderr
 
 
 def test_begin_refuses_what_the_node_policy_refuses_without_pulling(site, registry_http, pushed):

@@ -815,8 +815,10 @@ def launch(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Answer:
         if outcome.get("fault") == "node":
             return node_fault(config, _short(req.get("node") or os.uname().nodename),
                               outcome["message"])
-        return report(f"cannot run in {request.image}: {outcome['message']}",
-                      outcome.get("hint"))
+        message = outcome["message"]  # execjob_begin's "cannot stage IMAGE on NODE: ..."
+        if request.image not in message:  # the stager's own words do not name the image
+            message = f"cannot run in {request.image}: {message}"
+        return report(message, outcome.get("hint"))
     rootfs = outcome.get("rootfs") if outcome and outcome["status"] == "ok" else None
     spec = req.get("launch") or {}
     progname, argv = spec.get("progname") or "", list(spec.get("argv") or [])
