@@ -75,8 +75,10 @@ class SecondMom:
     def __init__(self, base: Path, run_dir: Path):
         self.base, self.run_dir = base, run_dir
         self.conf = _pbs_conf()
-        self.home = base / "pbs_home"
-        self.conf_file = base / "pbs.conf"
+        # not under the harness's /tmp: pbs_mom refuses a PBS_HOME whose path passes a
+        # directory others may write ("Security violation ... resolves to /tmp")
+        self.home = Path(self.conf.get("PBS_HOME", "/var/spool/pbs")).parent / f"{MOM2}-home"
+        self.conf_file = self.home / "pbs.conf"
         self.netns = MOM2
         self.veth = "uctrve-pbsm2"
 
@@ -180,6 +182,7 @@ class SecondMom:
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
         self._hosts_line(add=False)
+        shutil.rmtree(self.home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
