@@ -1097,6 +1097,12 @@ def test_two_hosts_stage_once_each_and_every_rank_and_tm_task_runs_in_the_image(
         launched = node2.run("execjob_launch", job, progname=daemon[0], argv=daemon, env={})
         assert (launched["progname"], launched["argv"]) == (daemon[0], daemon), launched
         assert launched["env"]["UCTR_RUN_DIR"] == str(node2_run)
+    # hydra's rsh launcher quotes the proxy for a remote shell; through pbs_tmrsh no shell
+    # takes the quotes off: the hook does, and leaves the proxy on the host
+    quoted = ['"/usr/bin/hydra_pmi_proxy"', "--control-port", "node1:4000", "--proxy-id", "1"]
+    launched = node2.run("execjob_launch", job, progname=quoted[0], argv=quoted, env={})
+    assert launched["argv"] == ["/usr/bin/hydra_pmi_proxy"] + quoted[1:], launched
+    assert launched["progname"] == "/usr/bin/hydra_pmi_proxy"
     task = node2.run("execjob_launch", job, progname="/bin/readlink",
                      argv=["readlink", "/bin/sh"], env={})
     assert task["argv"] == [UCTR_EXEC, pushed["busybox"], "--", "readlink", "/bin/sh"]

@@ -298,7 +298,7 @@ def test_mpich_hydra_ranks_run_in_the_image_on_both_hosts(two_hosts):
     # to a loopback address on the test host (on a cluster it names a real interface)
     from tests.harness.slurm import BRIDGE_ADDR
 
-    line = ("mpiexec.mpich -launcher rsh -launcher-exec pbs_tmrsh -f \"$PBS_NODEFILE\" "
+    line = ("timeout 120 mpiexec.mpich -launcher rsh -launcher-exec pbs_tmrsh -f \"$PBS_NODEFILE\" "
             f"-localhost {BRIDGE_ADDR} -ppn 1 -n 2 {find_uctr_exec()} \"$UCTR_IMAGE\" "
             f"sh -c '{ECHO.format(prefix='rank')}'")
     output = _run_two_chunks(site, image, line)
