@@ -134,14 +134,6 @@ def default_config(policy: Optional[str], uctr_exec: Optional[str], alarm: int) 
         run_dir=os.environ.get("UCTR_RUN_DIR") or None, alarm=float(alarm))
 
 
-def _installed_package() -> bool:
-    """Whether this uctr_batch is an installed one (site-packages), not a checkout."""
-    import uctr_batch
-
-    package_parent = Path(uctr_batch.__file__).resolve().parent.parent
-    return any(part in ("site-packages", "dist-packages") for part in package_parent.parts)
-
-
 def find_uctr_exec() -> str:
     """uctr-exec beside this Python, on PATH, or the shim in the checkout.
 
@@ -158,6 +150,14 @@ def find_uctr_exec() -> str:
         if candidate and os.access(str(candidate), os.X_OK):
             return str(candidate)
     return str(beside)
+
+
+def _installed_package() -> bool:
+    """Whether this uctr_batch is an installed one (site-packages), not a checkout."""
+    import uctr_batch
+
+    package_parent = Path(uctr_batch.__file__).resolve().parent.parent
+    return any(part in ("site-packages", "dist-packages") for part in package_parent.parts)
 
 
 def load_config(path: str) -> pbs.HookConfig:
