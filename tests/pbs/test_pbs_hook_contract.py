@@ -272,6 +272,8 @@ def test_begin_user_error_reaches_the_job_and_leaves_the_vnode_alone(site, regis
 
     stderr = reaches_the_user(site, job, result, f"cannot stage {missing} on node1: ")
     assert "not found" in stderr or "unknown" in stderr
+    # as docs/pbs.md shows it: the image named once (a real OpenPBS run printed it twice)
+    assert stderr.startswith(f"error: uctr: cannot stage {missing} on node1: "), stderr
 
 
 def test_begin_refuses_what_the_node_policy_refuses_without_pulling(site, registry_http, pushed):
@@ -1095,6 +1097,12 @@ def test_two_hosts_stage_once_each_and_every_rank_and_tm_task_runs_in_the_image(
         launched = node2.run("execjob_launch", job, progname=daemon[0], argv=daemon, env={})
         assert (launched["progname"], launched["argv"]) == (daemon[0], daemon), launched
         assert launched["env"]["UCTR_RUN_DIR"] == str(node2_run)
+    # hydra's rsh launcher quotes the proxy for a remote shell; through pbs_tmrsh no shell
+    # takes the quotes off: the hook does, and leaves the proxy on the host
+    quoted = ['"/usr/bin/hydra_pmi_proxy"', "--control-port", "node1:4000", "--proxy-id", "1"]
+    launched = node2.run("execjob_launch", job, progname=quoted[0], argv=quoted, env={})
+    assert launched["argv"] == ["/usr/bin/hydra_pmi_proxy"] + quoted[1:], launched
+    assert launched["progname"] == "/usr/bin/hydra_pmi_proxy"
     task = node2.run("execjob_launch", job, progname="/bin/readlink",
                      argv=["readlink", "/bin/sh"], env={})
     assert task["argv"] == [UCTR_EXEC, pushed["busybox"], "--", "readlink", "/bin/sh"]

@@ -18,7 +18,7 @@ and `ip`, `nsenter` and `unshare` exist; skipped with the reason otherwise. Ever
 adds (the namespace, the MoM, its vnode, its /etc/hosts line, its jobs, the hook) is removed
 at the end, also after a failure.
 
-It has not run against a real OpenPBS yet: none was available where it was written.
+It passed against OpenPBS built from sources (docs/pbs.md, "Tested").
 """
 
 import os
@@ -75,8 +75,10 @@ class SecondMom:
     def __init__(self, base: Path, run_dir: Path):
         self.base, self.run_dir = base, run_dir
         self.conf = _pbs_conf()
-        self.home = base / "pbs_home"
-        self.conf_file = base / "pbs.conf"
+        # not under the harness's /tmp: pbs_mom refuses a PBS_HOME whose path passes a
+        # directory others may write ("Security violation ... resolves to /tmp")
+        self.home = Path(self.conf.get("PBS_HOME", "/var/spool/pbs")).parent / f"{MOM2}-home"
+        self.conf_file = self.home / "pbs.conf"
         self.netns = MOM2
         self.veth = "uctrve-pbsm2"
 
@@ -180,6 +182,7 @@ class SecondMom:
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
         self._hosts_line(add=False)
+        shutil.rmtree(self.home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +238,7 @@ def _submit_two_chunks(site, image: str, lines: str):
 
 def _run_two_chunks(site, image: str, lines: str) -> str:
     sub = _submit_two_chunks(site, image, lines)
-    job = site.wait(sub.stdout.strip())
+    job = site.wait(sub.stdout.strip(), timeout=180)
     output = sub.output_file.read_text() if sub.output_file.exists() else ""
     assert job.get("Exit_status") == 0, (job, output)
     hosts = {part.split("+")[0].split("/")[0].split(":")[0]
@@ -265,13 +268,17 @@ def test_pbsdsh_tasks_run_in_the_image_on_both_hosts(two_hosts):
     assert set(tasks.values()) == {"inside-the-image"}, output
 
 
-def test_open_mpi_ranks_run_in_the_image_on_both_hosts(two_hosts, image):
+def test_open_mpi_ranks_run_in_the_image_on_both_hosts(two_hosts):
     if shutil.which("mpiexec.openmpi") is None:
         pytest.skip("Open MPI (mpiexec.openmpi) is not installed")
-    site, mom, _ = two_hosts
+    site, mom, image = two_hosts
     from uctr_batch.batch.pbs_install import find_uctr_exec
 
-    line = ("mpiexec.openmpi --mca plm_rsh_agent pbs_tmrsh --hostfile \"$PBS_NODEFILE\" "
+    # pbs_tmrsh by its full path: the orted on the second host checks the agent on its own
+    # PATH, which lacks PBS's bin (seen on a real OpenPBS: "plm_rsh_agent ... could not be
+    # found", then a crash)
+    tmrsh = shutil.which("pbs_tmrsh")
+    line = (f"mpiexec.openmpi --mca plm_rsh_agent {tmrsh} --hostfile \"$PBS_NODEFILE\" "
             "--map-by node -n 2 --mca oob_tcp_if_include 10.200.0.0/24 --mca btl self,tcp "
             "--mca btl_tcp_if_include 10.200.0.0/24 "
             f"{find_uctr_exec()} \"$UCTR_IMAGE\" sh -c '{ECHO.format(prefix='rank')}'")
@@ -281,14 +288,18 @@ def test_open_mpi_ranks_run_in_the_image_on_both_hosts(two_hosts, image):
     assert set(ranks.values()) == {"inside-the-image"}, output
 
 
-def test_mpich_hydra_ranks_run_in_the_image_on_both_hosts(two_hosts, image):
+def test_mpich_hydra_ranks_run_in_the_image_on_both_hosts(two_hosts):
     if shutil.which("mpiexec.mpich") is None:
         pytest.skip("MPICH (mpiexec.mpich) is not installed")
-    site, mom, _ = two_hosts
+    site, mom, image = two_hosts
     from uctr_batch.batch.pbs_install import find_uctr_exec
 
-    line = ("mpiexec.mpich -launcher rsh -launcher-exec pbs_tmrsh -f \"$PBS_NODEFILE\" "
-            f"-ppn 1 -n 2 {find_uctr_exec()} \"$UCTR_IMAGE\" "
+    # -localhost: the proxies connect back to mpiexec by this host's name, which resolves
+    # to a loopback address on the test host (on a cluster it names a real interface)
+    from tests.harness.slurm import BRIDGE_ADDR
+
+    line = ("timeout 120 mpiexec.mpich -launcher rsh -launcher-exec pbs_tmrsh -f \"$PBS_NODEFILE\" "
+            f"-localhost {BRIDGE_ADDR} -ppn 1 -n 2 {find_uctr_exec()} \"$UCTR_IMAGE\" "
             f"sh -c '{ECHO.format(prefix='rank')}'")
     output = _run_two_chunks(site, image, line)
     ranks = _rank_lines(output, "rank")
@@ -314,5 +325,6 @@ def test_the_second_host_stages_for_itself(two_hosts):
     assert job.get("Exit_status") == 0, job
     deadline = time.monotonic() + 30
     while job_id in mom.readiness_records():
-        assert time.monotonic() < deadline, "the second MoM's execjob_end kept the record"
+        assert time.monotonic() < deadline, ("the second MoM's execjob_end kept the record",
+                                             mom.log_tail(80))
         time.sleep(1)

@@ -858,8 +858,10 @@ def launch(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Answer:
         if outcome.get("fault") == "node":
             return node_fault(config, _short(req.get("node") or os.uname().nodename),
                               outcome["message"])
-        return report(f"cannot run in {request.image}: {outcome['message']}",
-                      outcome.get("hint"))
+        message = outcome["message"]  # execjob_begin's "cannot stage IMAGE on NODE: ..."
+        if request.image not in message:  # the stager's own words do not name the image
+            message = f"cannot run in {request.image}: {message}"
+        return report(message, outcome.get("hint"))
     rootfs = outcome.get("rootfs") if outcome and outcome["status"] == "ok" else None
     spec = req.get("launch") or {}
     progname, argv = spec.get("progname") or "", list(spec.get("argv") or [])
@@ -985,12 +987,24 @@ def launch_command(config: HookConfig, request: Request, progname: str, argv: Se
         if shell_on_host:
             return None
         return prefix + [shell_in_image(progname or "/bin/sh", rootfs)]
-    program = os.path.basename(progname or argv[0])
+    program = os.path.basename(_unquoted(progname or argv[0]))
     if program in PBS_TOOLS or program == os.path.basename(config.uctr_exec):
         return None
     if shell_on_host and program in config.host_programs:
-        return None  # a host MPI daemon: the user's mpiexec line wraps the ranks
+        # a host MPI daemon: the user's mpiexec line wraps the ranks. hydra's rsh launcher
+        # quotes the proxy's path for a remote shell, and pbs_tmrsh passes it on to TM
+        # without one: MoM would exec '"/usr/bin/hydra_pmi_proxy"' (seen on a real OpenPBS)
+        if argv[0] != _unquoted(argv[0]):
+            return [_unquoted(argv[0])] + list(argv[1:])
+        return None
     return prefix + list(argv)
+
+
+def _unquoted(word: str) -> str:
+    """WORD without the one pair of quotes a launcher put around it for a remote shell."""
+    if len(word) >= 2 and word[0] == word[-1] and word[0] in "\"'":
+        return word[1:-1]
+    return word
 
 
 def shell_in_image(shell: str, rootfs: Optional[str]) -> str:

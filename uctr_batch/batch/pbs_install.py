@@ -127,9 +127,8 @@ def default_config(policy: Optional[str], uctr_exec: Optional[str], alarm: int) 
     import uctr_batch
 
     package_parent = Path(uctr_batch.__file__).resolve().parent.parent
-    installed = any(part in ("site-packages", "dist-packages") for part in package_parent.parts)
     return pbs.HookConfig(
-        python=sys.executable, pythonpath=None if installed else str(package_parent),
+        python=sys.executable, pythonpath=None if _installed_package() else str(package_parent),
         uctr_exec=os.path.abspath(uctr_exec or find_uctr_exec()),
         policy=policy or os.environ.get("UCTR_POLICY") or None,
         run_dir=os.environ.get("UCTR_RUN_DIR") or None, alarm=float(alarm))
@@ -160,14 +159,29 @@ def with_c_front(config: pbs.HookConfig, directory: str, dry_run: bool) -> pbs.H
 
 
 def find_uctr_exec() -> str:
-    """uctr-exec beside this Python, on PATH, or the shim in the checkout."""
+    """uctr-exec beside this Python, on PATH, or the shim in the checkout.
+
+    Run from a checkout (the hook config then names it as pythonpath), the checkout's shim
+    comes first: uctr-exec beside the Python would run whatever uctr_batch is installed
+    there, another version than the hook's (seen on a real OpenPBS: an older installed copy
+    refused the policy the hook had accepted)."""
     beside = Path(sys.executable).parent / "uctr-exec"
     shim = REPO_HOOK_DIR.parents[1] / "launchers" / "uctr-exec"
     candidates = [beside, shutil.which("uctr-exec"), shim]
+    if not _installed_package():
+        candidates.insert(0, shim)
     for candidate in candidates:
         if candidate and os.access(str(candidate), os.X_OK):
             return str(candidate)
     return str(beside)
+
+
+def _installed_package() -> bool:
+    """Whether this uctr_batch is an installed one (site-packages), not a checkout."""
+    import uctr_batch
+
+    package_parent = Path(uctr_batch.__file__).resolve().parent.parent
+    return any(part in ("site-packages", "dist-packages") for part in package_parent.parts)
 
 
 def load_config(path: str) -> pbs.HookConfig:
