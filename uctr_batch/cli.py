@@ -49,9 +49,11 @@ def _args_pull(p):
 
 
 def _args_resolve(p):
+    from uctr_batch.envnum import bounded
+
     _registry_opts(p)
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="give up after this long (default 30)")
+    p.add_argument("--timeout", type=bounded(float, 0.1, 600), default=30.0, metavar="SECONDS",
+                   help="give up after this long (0.1 to 600, default 30)")
     p.add_argument("image", help="image reference, e.g. docker.io/library/debian:12")
 
 

@@ -66,18 +66,23 @@ def flag_type(name: str):
 
 def bounded_int(low: int, high: int):
     """An argparse type: a whole number from low to high (other flags' bounds)."""
+    return bounded(int, low, high)
 
-    def convert(text: str) -> int:
+
+def bounded(kind, low, high):
+    """An argparse type: an int or float (KIND) from low to high; NaN and inf fail."""
+    noun = "a whole number" if kind is int else "a number"
+
+    def convert(text: str):
         import argparse
 
         try:
-            value = int(text.strip())
-        except ValueError:
+            value = kind(text.strip())
+        except (ValueError, OverflowError):
             value = None
         if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(
-                f"{text[:40]!r} is not a whole number from {low} to {high}")
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {noun} from {low} to {high}")
         return value
 
-    convert.__name__ = "int"
+    convert.__name__ = kind.__name__
     return convert
