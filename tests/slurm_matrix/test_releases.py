@@ -21,9 +21,11 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(SUITE_TIM
 
 RELEASES = slurmroot.selected_releases()
 # What each release is known to lack, as tests/slurm reports it (the skip reason's start).
+# the task_init join (spank/uctr_join.c) handles only the < 23.11 hand-over so far (issue 12)
+JOIN = "the task_init join is built for Slurm < 23.11 only"
 EXPECTED_SKIPS = {
-    "trixie": {},
-    "sid": {"this Slurm has no mpi/pmix plugin": 3},
+    "trixie": {JOIN: 2},
+    "sid": {"this Slurm has no mpi/pmix plugin": 3, JOIN: 2},
 }
 
 
