@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common,
 
 from bench.common import (  # noqa: E402
     REPO, Case, Result, fmt_time, info_lines, machine_info, markdown_table, remove,
-    replace_section, run_rounds, wait_for_quiet,
+    replace_section, run_rounds, say, wait_for_quiet,
 )
 
 SHIM = REPO / "launchers" / "uctr-exec"
@@ -47,10 +47,6 @@ PLOT_PYTHON = "/usr/bin/python3"  # Debian's python3-matplotlib
 PNG = REPO / "bench" / "fastpath-ranks.png"
 SECTION, HEADING = "fastpath", "## uctr-exec C front (bench/bench_fastpath.py)"
 
-
-def say(text: str) -> None:
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
 
 
 class Bench:

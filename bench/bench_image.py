@@ -37,7 +37,9 @@ from typing import Dict, List, Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
-from bench.common import Case, Result, fmt_ratio, fmt_time, markdown_table, ratio  # noqa: E402
+from bench.common import (  # noqa: E402
+    Case, Result, fmt_ratio, fmt_time, markdown_table, ratio, say,
+)
 
 SECTION = "image"
 HEADING = "## Image pipeline (bench/bench_image.py)"
@@ -54,10 +56,6 @@ TEARDOWN_STEP = "exit: interpreter teardown (thread joins, module cleanup) + rea
 DEFAULT_IMAGES = ("debian", "debian-openmpi", "debian-mpich", "busybox")
 MEDIA_TAR_FLAGS = {"gzip": "-z", "zstd": "--zstd", "none": ""}
 
-
-def say(message: str) -> None:
-    sys.stderr.write(message + "\n")
-    sys.stderr.flush()
 
 
 # -- images --------------------------------------------------------------------------------------

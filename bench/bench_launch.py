@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common,
 
 from bench.common import (  # noqa: E402
     REPO, Case, Result, fmt_time, info_lines, machine_info, markdown_table, remove,
-    replace_section, run_rounds, wait_for_quiet,
+    replace_section, run_rounds, say, wait_for_quiet,
 )
 
 SHIM = REPO / "launchers" / "uctr-exec"
@@ -43,10 +43,6 @@ VENV_PYTHON = "/opt/uctr-batch/venv/bin/python3"
 HOST_PYTHON = "/usr/bin/python3"
 SECTION, HEADING = "launch", "## uctr-exec (bench/bench_launch.py)"
 
-
-def say(text: str) -> None:
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
 
 
 class Bench:

@@ -29,16 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common,
 
 from bench.common import (  # noqa: E402
     REPO, Case, fmt_time, info_lines, machine_info, markdown_table, replace_section, run_rounds,
+    say,
 )
 
 SECTION, HEADING = "slurm-step", "## Slurm step (bench/bench_slurm_step.py)"
 VENV_PYTHON = "/opt/uctr-batch/venv/bin/python3"
 JOINED = "uctr: task_init: joined the step's container from C"
 
-
-def say(text: str) -> None:
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
 
 
 def srun(cluster, args, env=None) -> subprocess.CompletedProcess:

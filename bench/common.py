@@ -39,6 +39,12 @@ def reexec_in_venv() -> None:
 
 
 # -- machine -------------------------------------------------------------------------------------
+def say(text: str) -> None:
+    """Progress for the person running a bench: stderr, at once (results go to RESULTS.md)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def load_average() -> Tuple[float, float, float]:
     return os.getloadavg()
 
