@@ -11,6 +11,7 @@ import pytest
 
 from tests.harness.images import build_busybox
 from uctr_batch.batch import readiness, slurm
+from uctr_batch.image.rootfs import MARKER
 
 TEST_USER = "uctrtest"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the hooks switch users: needs root")
@@ -86,6 +87,42 @@ def test_mode_outside_the_policy_is_recorded_not_fatal(site):
     assert record["status"] == "error"
     assert record["message"].startswith("mode F1 is not allowed on node node9")
     assert not (root / "users" / f"local-{user.pw_uid}").exists()  # nothing was staged
+
+
+def test_a_policy_changed_after_a_warm_prolog_applies_to_the_next_job(site):
+    """The prolog keeps the policy bytes it validated (run dir); the next job's prolog
+    still sees the site's edit at once."""
+    root, user = site
+    env = hook_env(root, user, SPANK_UCTR_IMAGE=f"oci:{root / 'busybox'}:1", SPANK_UCTR_MODE="R1")
+    assert slurm.prolog(env) == 0
+    assert readiness.read_readiness("100", user.pw_uid, env)["status"] == "ok"
+    assert (root / "run" / "policy" / "validated.marshal").is_file()
+    slurm.epilog(env)
+    write_policy(root, user_modes=("N1",))
+    env = dict(env, SLURM_JOB_ID="101")
+    assert slurm.prolog(env) == 0
+    record = readiness.read_readiness("101", user.pw_uid, env)
+    assert record["status"] == "error"
+    assert record["message"].startswith("mode R1 is not allowed on node node9")
+
+
+def test_a_warm_node_whose_rootfs_went_away_stages_it_again(site):
+    """Warm node, but its bundle was removed (or left without its completion marker): the
+    next job's prolog unpacks again instead of pointing the job at nothing."""
+    root, user = site
+    env = hook_env(root, user, SPANK_UCTR_IMAGE=f"oci:{root / 'busybox'}:1")
+    assert slurm.prolog(env) == 0
+    rootfs = Path(readiness.read_readiness("100", user.pw_uid, env)["rootfs"])
+    slurm.epilog(env)
+    for job_id, damage in (("101", lambda: shutil.rmtree(rootfs.parent)),
+                           ("102", lambda: (rootfs.parent / MARKER).unlink())):
+        damage()
+        env = dict(env, SLURM_JOB_ID=job_id)
+        assert slurm.prolog(env) == 0
+        record = readiness.read_readiness(job_id, user.pw_uid, env)
+        assert record["status"] == "ok" and Path(record["rootfs"]) == rootfs
+        assert (rootfs / "bin" / "busybox").is_file()
+        slurm.epilog(env)
 
 
 def test_missing_image_is_a_user_error(site):

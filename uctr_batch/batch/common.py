@@ -66,10 +66,24 @@ def site_policy(ctx: JobContext, env: Optional[Mapping[str, str]] = None):
 
     try:
         return node_step("the site policy", lambda: resolve(
-            load_policy(env=env), node=ctx.node, partition=ctx.partition, env=env))
+            load_policy(env=env, validated_dir=validated_dir(env)), node=ctx.node,
+            partition=ctx.partition, env=env))
     except NodeFault as e:
         raise PolicyFault(f"node {ctx.node} cannot run container jobs: {e.message}",
                           POLICY_HINT) from e
+
+
+def validated_dir(env: Optional[Mapping[str, str]]):
+    """<run dir>/policy: where the hooks keep the policy bytes they validated (root's own,
+    node-local: policy/validated.py), or None when it cannot be made root's alone."""
+    from uctr_batch.batch import readiness
+
+    path = readiness.run_dir(env) / "policy"
+    try:
+        readiness.ensure_root_dir(path)
+    except OSError:  # a planted or full run dir: write_record() reports it; validate again
+        return None
+    return path
 
 
 def policy_fault_fields(ctx: JobContext, fault: "PolicyFault") -> dict:

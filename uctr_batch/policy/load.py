@@ -544,13 +544,17 @@ def builtin_policy(path: Path, fingerprint: str = "", note: str = "") -> Policy:
 
 
 def load_policy(path: Optional[Path] = None, *, require_trusted: bool = True,
-                euid: Optional[int] = None, env: Optional[Mapping[str, str]] = None) -> Policy:
+                euid: Optional[int] = None, env: Optional[Mapping[str, str]] = None,
+                validated_dir: Optional[Path] = None) -> Policy:
     """Load, check and merge the site policy and its drop-ins.
 
     Trust (require_trusted, always on in the CLI): as root (euid 0, prolog and hooks) an
     untrusted file is a ConfigError; as a user it is ignored with a warning and built-in
     defaults apply, so users cannot grant themselves settings. A missing file at the default
     path gives the built-in defaults; a missing UCTR_POLICY or explicit path is an error.
+    Every file is opened, trust-checked and read every time; with VALIDATED_DIR (the batch
+    hooks' node-local, root-only dir) bytes validated there before are not parsed again
+    (policy/validated.py).
     """
     env = os.environ if env is None else env
     explicit = path is not None or bool(env.get("UCTR_POLICY"))
@@ -560,17 +564,33 @@ def load_policy(path: Optional[Path] = None, *, require_trusted: bool = True,
     if not explicit and not path.exists():
         note = f"no policy file at {path}: built-in defaults apply"
         return builtin_policy(path, fingerprint, note)
-    files = []
+    texts = []
     for p in [path] + paths.dropin_paths(path):
         text, reason = read_file(p, require_trusted)
         if reason:
             return _untrusted(p, reason, path, fingerprint, euid)
-        files.append(parse_text(str(p), text))
+        texts.append((str(p), text))
+    defaults, classes, profiles = _validated_merge(texts, validated_dir)
+    return Policy(path, defaults, classes, profiles, tuple(p for p, _ in texts), fingerprint)
+
+
+def _validated_merge(texts: Sequence[Tuple[str, str]], validated_dir: Optional[Path]):
+    """merge_files() of the parsed TEXTS ((path, text) each), PolicyInvalid if they do not
+    validate; from VALIDATED_DIR when these very bytes passed before."""
+    from uctr_batch.policy import validated
+
+    wanted = validated.key(texts) if validated_dir is not None else None
+    merged = validated.read(validated_dir, wanted) if wanted else None
+    if merged is not None:
+        return merged
+    files = [parse_text(p, text) for p, text in texts]
     problems = validate_files(files)
     if problems:
         raise PolicyInvalid(problems)
-    defaults, classes, profiles = merge_files(files)
-    return Policy(path, defaults, classes, profiles, tuple(pf.path for pf in files), fingerprint)
+    merged = merge_files(files)
+    if wanted:
+        validated.store(validated_dir, wanted, merged)
+    return merged
 
 
 def _untrusted(p: Path, reason: str, path: Path, fingerprint: str, euid: Optional[int]) -> Policy:
