@@ -5,6 +5,9 @@ simulated Slurm cluster of tests/harness/slurm.py (one slurmd per network namesp
 
     python3 bench/bench_scale.py                 # as root; N = 1 2 4 8 16 32
     python3 bench/bench_scale.py --nodes 1 2 4   # fewer sizes
+    python3 bench/bench_scale.py --states none warm-node --repeat 5 --merge
+                                                 # the warm-node ratio alone (~4 min),
+                                                 # merged into the last run's scale.json
 
 For every N, in this order (each a fresh sbatch job, `srun --mpi=pmix` of mpi_hello in the
 debian-openmpi test image, 2 ranks per node):
@@ -16,12 +19,20 @@ debian-openmpi test image, 2 ranks per node):
   cold        uctr: nothing cached (shared cache and every node-local dir emptied)
   warm-node   uctr: the same job again (rootfs already on every node)
   warm-cache  uctr: layers in the shared cache, node-local dirs emptied
+--states runs some states only; "warm-node" without "cold" or "warm-cache" before it is
+primed by one unrecorded job per N (so every node holds the rootfs). --merge keeps the rows
+of bench/out/scale.json that this run did not measure (by N and state); the report then
+names the run each state's rows come from.
+
 Measured per job: start = submit -> the last rank running (each rank prints its clock
 before exec'ing mpi_hello), total = submit -> job finished; registry requests from the
 registry's access log (manifest and blob GETs); unpacks per node from the prolog logs (the
 baseline: one per node by construction); bytes read from the shared cache (= compressed
 layer bytes x unpacks, the unpack reads each layer once); CPU seconds per node spent staging
-(slurmd's reaped-children CPU, i.e. prolog + epilog; the baseline: its pull+unpack steps).
+(slurmd's reaped-children CPU, i.e. prolog + epilog; the baseline: its pull+unpack steps);
+and node CPU = everything the node ran for the job (slurmd, prolog, epilog, slurmstepd,
+uctr-exec and the ranks), from a cpuacct cgroup (v1; cgroup v2: cpu.stat) around each
+slurmd, when the machine has one ("-" otherwise).
 
 One run per cold/warm-cache/per-node cell (a cold start cannot be repeated without redoing
 the whole cell, and the cluster is shared by other engineers' tests); "none" and "warm-node"
@@ -58,7 +69,7 @@ IMAGE = "debian-openmpi"
 RANKS_PER_NODE = 2
 SIZES = (1, 2, 4, 8, 16, 32)
 STATES = ("none", "per-node", "cold", "warm-node", "warm-cache")
-REPEAT = 3  # runs of "none" and "warm-node" per N (their median is reported)
+REPEAT = 3  # runs of "none" and "warm-node" per N (their median is reported; --repeat)
 HELLO_RE = re.compile(r"hello rank=(\d+) size=(\d+) host=(\S+) sum=(\d+)")
 T_RE = re.compile(r"^T=(\d+\.\d+) host=(\S+)$", re.M)
 RANK = "echo \"T=$(date +%s.%N) host=$(hostname)\"; exec {hello}"
@@ -109,6 +120,60 @@ def slurmd_child_cpu(cluster, nodes):
     return out
 
 
+class NodeCpu:
+    """CPU seconds of everything each simulated node runs for a job: its slurmd is moved into
+    a cgroup of its own (what it starts stays there) and moved back by close()."""
+
+    V1, V2 = Path("/sys/fs/cgroup/cpuacct"), Path("/sys/fs/cgroup")
+
+    def __init__(self, cluster, nodes):
+        self.groups = {}  # node -> (cgroup dir, slurmd pid, the cgroup it came from)
+        root = self.V1 if (self.V1 / "cpuacct.usage").exists() else \
+            self.V2 if (self.V2 / "cgroup.controllers").exists() else None
+        for node in nodes if root else ():
+            pid = harness._read_pid(cluster.path("run", f"slurmd.{node}.pid"))
+            group = root / f"uctr-bench-{node}"
+            try:
+                origin = root / self._cgroup_of(pid, root == self.V1).lstrip("/")
+                group.mkdir(exist_ok=True)
+                (group / "cgroup.procs").write_text(str(pid))
+            except (OSError, TypeError):
+                continue
+            self.groups[node] = (group, pid, origin)
+
+    @staticmethod
+    def _cgroup_of(pid, v1: bool) -> str:
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if ("cpuacct" in controllers.split(",")) if v1 else controllers == "":
+                return path
+        raise OSError(f"no {'cpuacct' if v1 else 'unified'} cgroup for pid {pid}")
+
+    def seconds(self):
+        out = {}
+        for node, (group, _pid, _origin) in self.groups.items():
+            if (group / "cpuacct.usage").exists():
+                out[node] = int((group / "cpuacct.usage").read_text()) / 1e9
+            else:
+                stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+                out[node] = int(stat["usage_usec"]) / 1e6
+        return out
+
+    def close(self) -> None:
+        for group, pid, origin in self.groups.values():
+            try:
+                (origin / "cgroup.procs").write_text(str(pid))
+            except OSError:
+                pass
+            for _ in range(50):  # the last of the node's processes may still be leaving
+                try:
+                    group.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        self.groups = {}
+
+
 def registry_counts(cluster):
     lines = cluster.registry.access_log()
     manifests = sum(1 for line in lines if re.match(r'GET /v2/\S+/manifests/\S+ HTTP\S+" 200', line))
@@ -116,7 +181,8 @@ def registry_counts(cluster):
     return manifests, blobs
 
 
-def run_job(cluster, n: int, state: str, image: str, host_hello: str, layer_bytes: int) -> dict:
+def run_job(cluster, n: int, state: str, image: str, host_hello: str, layer_bytes: int,
+            node_cpu: NodeCpu) -> dict:
     nodes = sorted(cluster.nodes, key=lambda name: int(name[4:]))[:n]
     script = job_script(cluster, n, state, image, host_hello)
     args = ["-N", str(n), f"--ntasks-per-node={RANKS_PER_NODE}", "--time=4",
@@ -124,11 +190,14 @@ def run_job(cluster, n: int, state: str, image: str, host_hello: str, layer_byte
     if state not in ("none", "per-node"):
         args.append(f"--container-image={image}")
     cpu0, (m0, b0) = slurmd_child_cpu(cluster, nodes), registry_counts(cluster)
+    all0 = node_cpu.seconds()
     submitted = time.time()
     job_id = cluster.submit(script, name=f"scale-{n}-{state}", args=args)
     result = wait_or_cut(cluster, job_id, n, f"scale-{n}-{state}")
     total = time.time() - submitted
     cpu1, (m1, b1) = slurmd_child_cpu(cluster, nodes), registry_counts(cluster)
+    all1 = node_cpu.seconds()
+    node_all = [all1[node] - all0[node] for node in nodes if node in all0 and node in all1]
     hello = HELLO_RE.findall(result.output)
     starts = [float(t) for t, _host in T_RE.findall(result.output)]
     ok = (result.state == "COMPLETED" and len(hello) == n * RANKS_PER_NODE
@@ -150,7 +219,8 @@ def run_job(cluster, n: int, state: str, image: str, host_hello: str, layer_byte
            "cache_bytes_read": (sum(unpacks.values()) * layer_bytes
                                 if state not in ("none", "per-node") else 0),
            "cpu_per_node_s": (sum(cpu.values()) / len(cpu)) if cpu else 0.0,
-           "cpu_max_node_s": max(cpu.values()) if cpu else 0.0}
+           "cpu_max_node_s": max(cpu.values()) if cpu else 0.0,
+           "node_cpu_s": (sum(node_all) / len(node_all)) if len(node_all) == n else None}
     if not ok:
         row["output_tail"] = result.output[-2000:]
     print(json.dumps({k: v for k, v in row.items() if k != "output_tail"}), flush=True)
@@ -198,14 +268,18 @@ def host_mpi_hello(cluster) -> str:
     return str(binary)
 
 
-def measure(sizes, states) -> dict:
+def measure(sizes, states, repeat: int = REPEAT) -> dict:
     images = ImageSet(OUT / "images")
     cluster = harness.SessionCluster(REPO, str(common.VENV_PYTHON), images,
                                      nodes=harness.make_nodes(max(sizes)))
     info = common.machine_info(OUT)
     started = time.monotonic()
     cluster.start()
+    node_cpu = None
     try:
+        node_cpu = NodeCpu(cluster, cluster.nodes)
+        info["node CPU"] = ("cgroup per slurmd" if node_cpu.groups else
+                            "not measured (no cpuacct or cgroup v2 here)")
         info["cluster bring-up"] = f"{cluster.bringup_seconds:.1f} s for {max(sizes)} nodes"
         image = cluster.image_ref(IMAGE)
         test_image = images[IMAGE]
@@ -213,20 +287,31 @@ def measure(sizes, states) -> dict:
         layer_bytes = sum(layer["size"] for layer in layers)
         host_hello = host_mpi_hello(cluster)
         rows = []
+        # only the cold and warm-cache cells and the baseline need the storage emptied; the
+        # warm-node cells alone keep it, so each N unpacks only on its new nodes
+        fresh = bool({"cold", "warm-cache", "per-node"} & set(states))
         for n in sizes:
-            cluster.reset_user_storage()
-            forget_local(cluster)
+            if fresh:
+                cluster.reset_user_storage()
+                forget_local(cluster)
+            warm = False  # every node holds the rootfs
             for state in states:
                 if state == "cold":
                     cluster.reset_user_storage()
                 if state == "warm-cache":
                     forget_local(cluster)
+                if state == "warm-node" and not warm:  # prime it: one job, not recorded
+                    run_job(cluster, n, state, image, host_hello, layer_bytes, node_cpu)
                 # the cheap states run REPEAT times (median reported); a cold one cannot
-                for _ in range(REPEAT if state in ("none", "warm-node") else 1):
-                    rows.append(run_job(cluster, n, state, image, host_hello, layer_bytes))
-            cluster.reset_user_storage()
-            forget_local(cluster)
+                for _ in range(repeat if state in ("none", "warm-node") else 1):
+                    rows.append(run_job(cluster, n, state, image, host_hello, layer_bytes,
+                                        node_cpu))
+                warm = warm or state in ("cold", "warm-node", "warm-cache")
+        cluster.reset_user_storage()
+        forget_local(cluster)
     finally:
+        if node_cpu is not None:
+            node_cpu.close()
         cluster.stop()
     info["bench wall time"] = f"{time.monotonic() - started:.0f} s"
     return {"info": info, "image": {"name": IMAGE, "layers": len(layers),
@@ -251,6 +336,54 @@ def cell(rows, n, state):
     return found[0] if found else None
 
 
+def merge(old: dict, new: dict) -> dict:
+    """NEW, plus the rows of OLD for the (N, state) cells NEW did not measure; every row
+    keeps the date of the run it comes from."""
+    for data in (old, new):
+        for row in data["rows"]:
+            row.setdefault("run", data["info"]["date"])
+    measured = {(r["n"], r["state"]) for r in new["rows"]}
+    kept = [r for r in old["rows"] if (r["n"], r["state"]) not in measured]
+    new["rows"] = sorted(kept + new["rows"], key=lambda r: r["n"])
+    return new
+
+
+def run_lines(rows) -> list:
+    """Which run each state's rows come from, when they come from more than one."""
+    runs = {}
+    for r in rows:
+        runs.setdefault(r.get("run", "this run"), {}).setdefault(r["state"], set()).add(r["n"])
+    if len(runs) < 2:
+        return []
+    out = ["Rows merged from several runs (--merge):", ""]
+    for run, states in sorted(runs.items()):
+        cells = "; ".join(f"{state} at N = {', '.join(map(str, sorted(ns)))}"
+                          for state, ns in sorted(states.items()))
+        out.append(f"- {run}: {cells}")
+    return out + [""]
+
+
+def node_cpu_table(rows, sizes) -> list:
+    """Mean CPU per node of every process the node ran for the job, none vs warm-node."""
+    table = []
+    for n in sizes:
+        values = []
+        for state in ("none", "warm-node"):
+            found = [r["node_cpu_s"] for r in rows if r["n"] == n and r["state"] == state
+                     and r.get("node_cpu_s") is not None]
+            values.append(sorted(found)[(len(found) - 1) // 2] if found else None)
+        if values == [None, None]:
+            continue
+        gap = f"{values[1] - values[0]:+.2f}" if None not in values else "-"
+        table.append([str(n)] + ["-" if v is None else f"{v:.2f}" for v in values] + [gap])
+    if not table:
+        return []
+    return ["CPU per node per job (s, median; everything the node ran: slurmd, prolog, epilog, "
+            "slurmstepd, uctr-exec, the ranks):", "",
+            common.markdown_table(["N", "none", "uctr warm-node", "container's share"], table),
+            ""]
+
+
 def fmt_s(value):
     return "-" if value is None else f"{value:.1f}"
 
@@ -263,7 +396,7 @@ def report(data) -> str:
            f"Image: {image['name']}, {image['layers']} layers, {mib:.1f} MiB compressed. "
            f"One job per cell, {RANKS_PER_NODE} ranks per node, `srun --mpi=pmix` mpi_hello. "
            "All simulated nodes share this machine's cores: the times show its contention, "
-           "the counts are what scales (model: docs/scale.md).", "",
+           "the counts are what scales (model: docs/scale.md).", "", *run_lines(rows),
            "Job start (s, submit -> last rank running):", ""]
     headers = ["N", "none", "uctr warm-node", "ratio", "uctr warm-cache", "uctr cold",
                "per-node pull", "per-node / cold"]
@@ -276,8 +409,9 @@ def report(data) -> str:
         pn_ratio = (f"{get(pn) / get(cold):.2f}x" if get(pn) and get(cold) else "-")
         table.append([str(n), fmt_s(get(none)), fmt_s(get(warm)), ratio, fmt_s(get(wc)),
                       fmt_s(get(cold)), fmt_s(get(pn)), pn_ratio])
-    out += [common.markdown_table(headers, table), "",
-            "Registry requests, unpacks, shared-cache reads and staging CPU per job:", ""]
+    out += [common.markdown_table(headers, table), ""]
+    out += node_cpu_table(rows, sizes)
+    out += ["Registry requests, unpacks, shared-cache reads and staging CPU per job:", ""]
     headers = ["N", "state", "manifest GETs", "blob GETs", "unpacks/node", "unpacks",
                "MiB read from shared cache", "CPU s/node (mean)", "CPU s/node (max)", "job"]
     table = []
@@ -348,6 +482,10 @@ def main() -> None:
                    help=f"cluster sizes (default {' '.join(map(str, SIZES))}; at most "
                         f"{harness.MAX_NODES})")
     p.add_argument("--states", nargs="+", default=list(STATES), choices=STATES)
+    p.add_argument("--repeat", type=int, default=REPEAT, choices=range(1, 11), metavar="1..10",
+                   help=f"runs of none and warm-node per N, the median reported (default {REPEAT})")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of bench/out/scale.json this run does not measure")
     p.add_argument("--report-only", action="store_true", help="redo tables/plots from scale.json")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -357,7 +495,9 @@ def main() -> None:
     else:
         if os.geteuid() != 0:
             sys.exit("run as root: the simulated cluster needs namespaces and munge")
-        data = measure(sorted(args.nodes), args.states)
+        data = measure(sorted(args.nodes), [s for s in STATES if s in args.states], args.repeat)
+        if args.merge and json_path.exists():
+            data = merge(json.loads(json_path.read_text()), data)
         json_path.write_text(json.dumps(data, indent=1))
     text = report(data)
     common.replace_section("scale", text, heading="## Cluster scale (bench/bench_scale.py)")
