@@ -11,7 +11,6 @@ Values from SPANK_UCTR_* are the user's requests: the policy decides whether the
 
 import os
 import re
-import subprocess
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -108,6 +107,8 @@ def container_via_pyslurm(job_id: str) -> Optional[str]:
 
 
 def container_via_scontrol(job_id: str, scontrol: str = "scontrol") -> Optional[str]:
+    import subprocess  # not on the hooks' path when the plugin set SPANK_UCTR_IMAGE
+
     cp = subprocess.run([scontrol, "show", "job", "-o", str(job_id)], capture_output=True,
                         text=True, timeout=30)
     if cp.returncode != 0:

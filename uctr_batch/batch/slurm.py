@@ -11,17 +11,15 @@ references; then enforce the node-local quota. Missing state is normal; it never
 """
 
 import os
-import shlex
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Mapping, Optional
 
-from uctr_batch import log, proc
+# The hooks start for every job on every node: shlex, shutil, subprocess, tempfile and
+# uctr_batch.proc (scontrol lookups, `uctr slurm install`) are imported where they are used.
+from uctr_batch import log
 from uctr_batch.batch import common
 from uctr_batch.batch import job as jobs
 from uctr_batch.batch import readiness
@@ -144,6 +142,8 @@ _LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "COMPLETING", 
 
 def _slurm_job_gone(job_id: str) -> bool:
     """True when the controller no longer knows job JOB_ID as live (in doubt: False)."""
+    import subprocess
+
     cp = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True,
                         text=True, timeout=common.SWEEP_BUDGET)
     if cp.returncode != 0:
@@ -157,6 +157,8 @@ def _slurm_job_gone(job_id: str) -> bool:
 def _container_or_none(job_id: str) -> Optional[str]:
     """Slurm's --container value; None if the controller cannot tell us now. Not knowing is
     no reason to drain a node: the steps then stage the image themselves (uctr-exec)."""
+    import subprocess
+
     try:
         return jobs.job_container(job_id)
     except (UctrError, OSError, subprocess.SubprocessError) as e:
@@ -311,6 +313,8 @@ class InstallPlan:
 
     def wrapper(self, target: str) -> str:
         """A hook/launcher script: this Python, this package, the site policy."""
+        import shlex
+
         lines = ["#!/bin/sh", "# written by `uctr slurm install`; re-run it to update",
                  f"export PYTHONPATH={shlex.quote(str(self.source))}"]
         if self.policy:
@@ -335,6 +339,8 @@ def install_plan(prefix: Path, policy: Optional[str] = None,
 
 
 def install(plan: InstallPlan) -> None:
+    import shlex
+
     if not Path(SPANK_HEADER).exists():
         raise ConfigError(f"{SPANK_HEADER} is missing: cannot build the SPANK plugin",
                           "install Slurm's headers (Debian/Ubuntu: apt-get install libslurm-dev)")
@@ -375,6 +381,8 @@ def slurm_release(header: str = VERSION_HEADER) -> str:
 
 
 def _launcher_command(plan: InstallPlan) -> str:
+    import shlex
+
     shim = plan.source / "launchers" / "uctr-exec"  # a sh script that picks UCTR_PYTHON
     if shim.exists():
         return f'export UCTR_PYTHON={shlex.quote(plan.python)}\nexec {shlex.quote(str(shim))} "$@"'
@@ -395,6 +403,10 @@ def _front(plan: InstallPlan) -> Optional[bytes]:
 
 def _build_plugin(plan: InstallPlan) -> None:
     """make in a scratch copy (the source tree may be read-only), then install atomically."""
+    import shutil
+    import tempfile
+
+    from uctr_batch import proc
     from uctr_batch.batch import cfront
 
     with tempfile.TemporaryDirectory(prefix="uctr-spank-") as scratch:
