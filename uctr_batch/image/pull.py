@@ -363,10 +363,13 @@ def _isatty(stream) -> bool:
 # -- command ----------------------------------------------------------------------------
 
 def command_context(args) -> Tuple[Store, settings.RegistryConfig]:
-    """The cache and registry settings of an image command: flags > environment > policy."""
-    from uctr_batch.policy import current_node_policy, registry_settings
+    """The cache and registry settings of an image command: flags > environment > policy.
+    The policy through the per-node cache `uctr run` and uctr-exec use: `uctr resolve` runs
+    at every sbatch/srun with an image, and YAML + schema cost ~55 ms of it."""
+    from uctr_batch.policy import registry_settings
+    from uctr_batch.run import node_policy as cached_node_policy
 
-    node_policy = current_node_policy()
+    node_policy = cached_node_policy()
     config = settings.registry_config(args, base=registry_settings(node_policy))
     return Store(settings.cache_dir(node_policy)), config
 
