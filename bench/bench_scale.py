@@ -195,6 +195,7 @@ def run_job(cluster, n: int, state: str, image: str, host_hello: str, layer_byte
     job_id = cluster.submit(script, name=f"scale-{n}-{state}", args=args)
     result = wait_or_cut(cluster, job_id, n, f"scale-{n}-{state}")
     total = time.time() - submitted
+    drained = drained_nodes()
     cpu1, (m1, b1) = slurmd_child_cpu(cluster, nodes), registry_counts(cluster)
     all1 = node_cpu.seconds()
     node_all = [all1[node] - all0[node] for node in nodes if node in all0 and node in all1]
@@ -221,6 +222,9 @@ def run_job(cluster, n: int, state: str, image: str, host_hello: str, layer_byte
            "cpu_per_node_s": (sum(cpu.values()) / len(cpu)) if cpu else 0.0,
            "cpu_max_node_s": max(cpu.values()) if cpu else 0.0,
            "node_cpu_s": (sum(node_all) / len(node_all)) if len(node_all) == n else None}
+    if drained:  # see resume_after_cut
+        row["resumed"] = drained
+        cluster.resume_nodes()
     if not ok:
         row["output_tail"] = result.output[-2000:]
     print(json.dumps({k: v for k, v in row.items() if k != "output_tail"}), flush=True)
@@ -246,6 +250,15 @@ def wait_or_cut(cluster, job_id: str, n: int, name: str):
             subprocess.run(["scancel", str(job_id)], capture_output=True)
             return cluster.wait(job_id, timeout=120)
         time.sleep(0.5)
+
+
+def drained_nodes() -> list:
+    """Nodes Slurm drained. Seen only after a cut (scancel of an MPI hang) on a loaded
+    machine: "Kill task failed", the ranks outlived slurmstepd's kill timeout. The bench
+    resumes them (the next cell needs them) and the row says so ("resumed")."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-t", "drain,drained,draining", "-o", "%N %E"],
+                         capture_output=True, text=True).stdout
+    return sorted({line.strip() for line in out.splitlines() if line.strip()})
 
 
 def forget_local(cluster) -> None:
@@ -426,6 +439,13 @@ def report(data) -> str:
                           f"{r['cpu_max_node_s']:.2f}",
                           r["job_state"] if r["ok"] else f"{r['job_state']} (MPI failed)"])
     out.append(common.markdown_table(headers, table))
+    resumed = [r for r in rows if r.get("resumed")]
+    if resumed:
+        out += ["", "Nodes Slurm drained after a job the bench cancelled (an MPI hang, see "
+                "HANG_GRACE; the ranks outlived slurmstepd's kill timeout on the loaded "
+                "machine), resumed by the bench: " + "; ".join(
+                    f"N = {r['n']} {r['state']} job {r['job']}: {', '.join(r['resumed'])}"
+                    for r in resumed) + "."]
     out += ["", "Plots: docs/img/scale-start.png, docs/img/scale-requests.png (shown in "
             "docs/scale.md)."]
     return "\n".join(out)
