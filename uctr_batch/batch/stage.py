@@ -172,6 +172,14 @@ def stage_outcome(image_text: str, *, job_id: Optional[str] = None, node_policy=
         refused = _local_dir_outcome(node_policy)
         if refused is not None:
             return refused
+        from uctr_batch.image import sif
+
+        sif_file = sif.sif_path(image_text)
+        if sif_file is not None:  # nothing to stage: the steps run the file in mode S1
+            from uctr_batch.policy import current_node_policy
+
+            return sif.stage_outcome(image_text, sif_file,
+                                     (node_policy or current_node_policy()).modes)
         return stage(image_text, job_id=job_id, node_policy=node_policy, timeout=timeout).to_dict()
     except Exception as e:  # noqa: BLE001 - classified, reported, and the hook decides
         local_dir = None

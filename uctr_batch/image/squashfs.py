@@ -34,13 +34,12 @@ from uctr_batch.errors import ConfigError, UctrError
 from uctr_batch.image import manifest as mt
 from uctr_batch.image import platforms
 from uctr_batch.image import reference as references
+from uctr_batch.image import sif
 from uctr_batch.image.store import Store, build_record, digest_of_bytes
 
 _log = log.get("squashfs")
 
 MAGIC = b"hsqs"  # squashfs superblock, little endian
-_SIF_MAGIC = b"SIF_MAGIC"  # after the 32-byte launch line of an Apptainer/Singularity image
-_SIF_MAGIC_AT = 32
 _INDEX_DIR = "squashfs"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _MAX_ENVIRONMENT = 1 << 20  # /etc/environment read into memory
@@ -76,11 +75,10 @@ def _check_file(path: str) -> os.stat_result:
         os.close(fd)
     if head[:4] == MAGIC:
         return st
-    if head[_SIF_MAGIC_AT:_SIF_MAGIC_AT + len(_SIF_MAGIC)] == _SIF_MAGIC or path.endswith(".sif"):
-        raise SquashfsError(f"{path} is an Apptainer/Singularity image (SIF), not a squashfs",
-                            "run it in mode S1 (--container-mode=S1) where apptainer is "
-                            "installed, or use the OCI image it was built from; see "
-                            "docs/migration.md")
+    if sif.has_magic(head) or path.endswith(".sif"):  # `uctr run`/uctr-exec run a SIF in S1
+        raise SquashfsError(f"{path} is an Apptainer/Singularity image (SIF), not a squashfs: "
+                            "uctr runs it (uctr run, uctr-exec, --container-image) in mode S1 "
+                            "but never unpacks it", sif.CONVERT_HINT)
     raise SquashfsError(f"{path} is not a squashfs image",
                         "references starting with '/' or '.' name squashfs files (as in pyxis); "
                         "use oci:DIR, oci-archive:FILE or docker-archive:FILE for other formats")

@@ -131,6 +131,8 @@ class Launch:
         _cache_dir, local_dir = policy_cache.storage_dirs(policy, self.env)
         local_dir = staged.usable_local_dir(local_dir, self.env)  # a planted one: the fallback
         timeout = policy_cache.stage_timeout(policy, self.env)
+        if (self.opts.image or "").startswith(("/", ".")):  # maybe an Apptainer image (SIF)
+            self.run_sif(policy, local_dir)  # execs, raises, or returns: not a SIF
         def stage():
             return staged.ensure(self.opts.image, local_dir, policy=policy, timeout=timeout,
                                  job_id=self.ctx.job_id, env=self.env,
@@ -168,6 +170,31 @@ class Launch:
         if not self.opts.entrypoint:  # pyxis --no-container-entrypoint (its default)
             config = dict(config, Entrypoint=None)
         return compose_argv(config, self.opts.command)
+
+    # -- Apptainer images: run as they are in mode S1 (image/sif.py) ------------------------
+    def run_sif(self, policy, local_dir) -> None:
+        """Exec the SIF file the image names in mode S1; return if it names no SIF."""
+        from uctr_batch import run
+        from uctr_batch.image import sif
+        from uctr_batch.launch import policy_cache
+        from uctr_batch.policy.model import NodePolicy
+
+        target = run.sif_target(self.opts.image)
+        if target is None:
+            return
+        opts = self.opts
+        sif.refuse_options(opts.image, (("--container-name", opts.name),
+                                        ("--container-save", opts.save)))
+        ladder = sif.s1_ladder(opts.image, policy_cache.mode_ladder(policy, opts.mode),
+                               explicit=opts.mode is not None)
+        scratch = os.path.join(local_dir, "run")
+        os.makedirs(scratch, 0o700, exist_ok=True)
+        spec = run.build_spec(
+            target, NodePolicy.from_dict(policy), command=opts.command, volumes=opts.volumes,
+            user_env=opts.env, workdir=opts.workdir, read_only=not opts.writable,
+            root=opts.remap_root, extra_binds=self.host_binds(), host_env=self.env,
+            host_cwd=self.host_cwd, scratch=scratch)
+        run.exec_ladder(ladder, spec, explicit=True)
 
     # -- pyxis: named containers and --container-save ---------------------------------------
     def named_container(self, local_dir, stage, timeout):
