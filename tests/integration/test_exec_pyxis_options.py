@@ -5,6 +5,7 @@ entrypoint switch. Images are enroot-style squashfs files: no registry is involv
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -163,3 +164,27 @@ def test_a_changed_squashfs_file_is_staged_again(node, sqsh, harness):
     mksquashfs(root, copy)
     assert ok(node.run("--mode", "P1", copy, "--", "/bin/sh", "-c", "echo $GREETING",
                        env=job(1))) == "version 2\n"
+
+
+def test_exec_flag_joins_the_running_steps_namespace(node, sqsh):
+    """pyxis: --container-name=NAME:exec attaches to the running container: a mount made in
+    the running step is seen. :no_exec starts its own namespaces over the same files."""
+    running = node.popen(
+        "--name", "live", "--mode", "N1", "--remap-root", sqsh, "--", "/bin/sh", "-c",
+        "busybox mkdir -p /mymnt && busybox mount -t tmpfs none /mymnt && echo up > /mymnt/flag"
+        " && echo ready && exec busybox sleep 600", env=job(0), start_new_session=True)
+    try:
+        assert running.stdout.readline() == "ready\n", running.stderr.read()
+        joined = ok(node.run("--name", "live:exec", "--", "/bin/cat", "/mymnt/flag", env=job(1)))
+        assert joined == "up\n"
+        own = node.run("--name", "live:no_exec", "--mode", "N1", "--", "/bin/cat",
+                       "/mymnt/flag", env=job(2))
+        assert own.returncode != 0  # the same files (/mymnt exists), not the step's tmpfs
+        other = node.run("--name", "live:exec", "--mode", "P1", "--", "/bin/true", env=job(3))
+        assert other.returncode == 3 and "--container-name=live:exec" in other.stderr
+        assert "needs mode N1" in other.stderr and "hint:" in other.stderr
+    finally:  # the whole session: the user switch leaves the payload in a child
+        os.killpg(running.pid, signal.SIGKILL)
+        running.communicate()
+    cp = node.run("--name", "live:exec", "--", "/bin/true", env=job(4))  # nothing to join
+    assert cp.returncode == 2 and "--container-name=live:exec" in cp.stderr

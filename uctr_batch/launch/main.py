@@ -119,6 +119,7 @@ class Launch:
     def __init__(self, opts, ctx, env, diag: Diag):
         self.opts, self.ctx, self.env, self.diag = opts, ctx, env, diag
         self.fast_request = None  # (handover, option tokens): main() sets it
+        self.box = None  # the named container of --container-name/--container-save
         try:
             self.host_cwd = os.getcwd()
         except OSError:
@@ -149,6 +150,8 @@ class Launch:
         self.image_part = recipe.image_inputs(self.opts, self.env, image, policy, self.host_cwd,
                                               recipe.policy_bind_sources(policy, self.env))
         self.inputs = recipe.inputs(self.image_part, self.env)
+        if self.box is not None and self.opts.name:
+            self.join_named()  # --container-name=NAME:exec: execs or raises; else returns
         ladder = policy_cache.mode_ladder(policy, self.opts.mode)
         explicit = self.opts.mode is not None
         skipped = []
@@ -203,12 +206,56 @@ class Launch:
         from uctr_batch.launch import named
 
         image, box = named.prepare(local_dir, self.opts, self.ctx, stage, self.diag.say)
+        self.box = box
         self.opts.writable = True  # a named container keeps its changes: that is its point
         if self.opts.save and self.ctx.local_rank == 0 and self.ctx.node_id in (None, 0):
             named.save_after_payload(box, self.opts.save, self.ctx, timeout,
                                      keep=bool(self.opts.name), diag=self.diag)
             # (returns in the child only, which goes on to exec the payload)
         return image
+
+    def join_named(self) -> None:
+        """--container-name=NAME:exec (pyxis): join the namespaces of a step running in the
+        named container, as that step's own ranks join them (so its mounts are seen). Only
+        N1 shares a namespace: anything else is refused with the reason, never ignored."""
+        from uctr_batch.errors import UsageError
+        from uctr_batch.launch import named, sharedns, staged
+        from uctr_batch.modes import get_mode, n1
+        from uctr_batch.modes.spec import RunSpec
+
+        if not named.joins_running(self.opts.name):
+            return
+        option = "--container-name=%s" % self.opts.name
+        instead = "drop ':exec' to start this step in the container's files, with namespaces " \
+                  "of its own"
+        if self.opts.mode not in (None, "N1"):
+            raise ModeError("%s: joining a running container needs mode N1, not %s"
+                            % (option, self.opts.mode), instead)
+        probe = get_mode("N1").probe(RunSpec(self.image.rootfs, self.argv))
+        if not probe.ok:
+            raise ModeError("%s: joining a running container needs mode N1, which is not "
+                            "usable here: %s" % (option, probe.reason), instead)
+        for step_key, key in self.box.running_steps(self.ctx.step_key):
+            rdv = sharedns.Rendezvous(staged.launch_dir(self.local_dir), step_key, key,
+                                      self.timeout)
+            rdv.lock()
+            try:
+                member = rdv.live_member()
+                if member is None:  # that step has ended
+                    self.box.forget_running(step_key)
+                    continue
+                try:
+                    spec = self.rank_spec(rdv.record["extras"])
+                except BaseException:
+                    member.close()
+                    raise
+                self.diag.say("%s: joining step %s" % (option, step_key), 1)
+                rdv.join(member)
+            finally:
+                rdv.release()
+            n1.exec_payload(spec)
+        raise UsageError("%s: no step runs in the container in a namespace that can be joined"
+                         % option, "only a step running in mode N1 can be joined; " + instead)
 
     # -- N1: one container per step and node ------------------------------------------------
     def run_shared(self, explicit: bool) -> str:
@@ -225,8 +272,9 @@ class Launch:
                 raise ModeError("mode N1 is not usable here: %s" % probe.reason,
                                 "run `uctr doctor` to see which modes work on this node")
             return probe.reason
-        rdv = sharedns.Rendezvous(staged.launch_dir(self.local_dir), self.ctx.step_key,
-                                  recipe.digest(self.inputs), self.timeout)
+        ns_key = recipe.digest(self.inputs)
+        rdv = sharedns.Rendezvous(staged.launch_dir(self.local_dir), self.ctx.step_key, ns_key,
+                                  self.timeout)
         # Everything a joining rank needs is computed (and imported) before setns: inside,
         # the host's files, our Python modules included, are out of sight. Computed before
         # taking the lock from the record as it is now, so that ranks do not queue for it.
@@ -254,6 +302,8 @@ class Launch:
                 spec = self.rank_spec(entry["extras"], entry["spec"])
                 self.before_setup(entry, spec)
                 fast = self.fast_record_dir()  # opened before pivot_root hides the host
+                if self.box is not None and self.opts.name:  # for the steps that join it
+                    self.box.note_running(self.ctx.step_key, ns_key)
                 try:
                     n1.setup_namespace(spec)
                 except ModeUnavailable as e:

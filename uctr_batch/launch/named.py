@@ -12,14 +12,19 @@ A named container is a private, writable copy of an image's rootfs on this node:
         meta.json      reference, manifest digest and runtime config of the image it came from
         active/<pid>   a live rank using it (pids of finished ranks are ignored)
         started/<n>    local rank n of the current step has begun (--container-save waits)
+        running/<step> the N1 rendezvous (launch.sharedns) of a step whose ranks share a
+                       namespace over it: what an `:exec` step joins
 
 Flags, as pyxis takes them after NAME: (pyxis_slurmstepd.c)
     auto (default)  use the container if it exists, else create it from --container-image
     create          create it; an error if it already exists
-    exec            use it only while another step runs in it (pyxis joins that step's
-                    namespaces; uctr runs the new step in the same files, its own namespaces)
+    exec            join a step running in it: its namespaces (mode N1), so what that step
+                    mounted is seen; an error if none runs, or if it runs in another mode
+                    (only N1 shares a namespace) or N1 is not usable here
     no_create       use it only if it exists (never import)
-    no_exec         as auto: uctr never joins another step's namespaces anyway
+    no_exec         as auto, never joining a running step
+auto and no_exec start the step in the container's files with namespaces of its own: unlike
+pyxis, auto does not join a running step (write :exec for that; docs/migration.md).
 When the container exists, --container-image is not staged again (as in pyxis: "the import is
 skipped"); with verbosity the reuse is reported.
 
@@ -39,6 +44,7 @@ import time
 from uctr_batch.errors import UsageError
 
 FLAGS = ("auto", "create", "exec", "no_create", "no_exec")
+RUNNING = "running"
 SCOPES = ("job", "global")
 CONTAINERS = "containers"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
@@ -55,6 +61,11 @@ def parse_name(text: str):
     if flag not in FLAGS:
         raise UsageError("--container-name=%s: unknown flag %r" % (text, flag), _NAME_HINT)
     return name, flag
+
+
+def joins_running(text) -> bool:
+    """Whether --container-name=TEXT asks to join a running step (the :exec flag)."""
+    return bool(text) and parse_name(text)[1] == "exec"
 
 
 def scope_dir(local_dir: str, job_id: str, scope: str) -> str:
@@ -100,6 +111,35 @@ class Container:
     def mark_active(self, pid: int) -> None:
         _touch(os.path.join(self.path, "active", str(pid)))
 
+    def note_running(self, step_key: str, ns_key: str) -> None:
+        """Record that the ranks of STEP_KEY share the N1 namespace NS_KEY (sharedns
+        rendezvous) over this container, for the `:exec` steps that join it."""
+        running = os.path.join(self.path, RUNNING)
+        os.makedirs(running, 0o700, exist_ok=True)
+        path = os.path.join(running, _file_name(step_key))
+        tmp = "%s.tmp-%d" % (path, os.getpid())
+        with open(tmp, "w") as f:
+            json.dump({"step": step_key, "key": ns_key}, f)
+        os.replace(tmp, path)
+
+    def forget_running(self, step_key: str) -> None:
+        _unlink(os.path.join(self.path, RUNNING, _file_name(step_key)))
+
+    def running_steps(self, own_step: str):
+        """(step key, namespace key) of the steps recorded as running here, newest first,
+        other than OWN_STEP (whether they still run, the rendezvous tells)."""
+        running = os.path.join(self.path, RUNNING)
+        found = []
+        for name in _listdir(running):
+            path = os.path.join(running, name)
+            try:
+                with open(path) as f:
+                    entry = json.load(f)
+                found.append((os.stat(path).st_mtime, entry["step"], entry["key"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return [(step, key) for _t, step, key in sorted(found, reverse=True) if step != own_step]
+
     def mark_started(self, step_key: str, local_rank: int) -> None:
         started = os.path.join(self.path, "started")
         os.makedirs(started, 0o700, exist_ok=True)
@@ -121,7 +161,7 @@ def prepare(local_dir: str, opts, ctx, stage_fn, say):
     if opts.name:
         name, flag = parse_name(opts.name)
     else:  # --container-save alone: the step's own copy
-        name, flag = ".save-%s" % re.sub(r"[^A-Za-z0-9_.-]", "_", ctx.step_key), "auto"
+        name, flag = ".save-%s" % _file_name(ctx.step_key), "auto"
     base = scope_dir(local_dir, ctx.job_id, opts.name_scope if opts.name else "job")
     os.makedirs(base, 0o700, exist_ok=True)
     box = Container(os.path.join(base, name))
@@ -265,6 +305,10 @@ class _locked:
 
     def __exit__(self, *exc):
         os.close(self.fd)
+
+
+def _file_name(step_key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", step_key)[:120]
 
 
 def _listdir(path: str):
