@@ -368,8 +368,10 @@ def named_target(args):
 
     opts = SimpleNamespace(name=args.name, image=args.image,
                            name_scope=os.environ.get("UCTR_NAME_SCOPE") or "job")
-    local_dir = staged.usable_local_dir(str(settings.local_dir(node_policy())))
-    image, box = named.prepare(local_dir, opts, _RunCtx(), stage, _RunDiag().say)
+    policy = node_policy()
+    local_dir = staged.usable_local_dir(str(settings.local_dir(policy)))
+    image, box = named.prepare(local_dir, opts, _RunCtx(), stage, _RunDiag().say,
+                               policy.storage.local_quota_bytes)
     return Target(image.rootfs, image.config, image.reference), box
 
 

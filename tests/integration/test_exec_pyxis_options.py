@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -188,3 +189,44 @@ def test_exec_flag_joins_the_running_steps_namespace(node, sqsh):
         running.communicate()
     cp = node.run("--name", "live:exec", "--", "/bin/true", env=job(4))  # nothing to join
     assert cp.returncode == 2 and "--container-name=live:exec" in cp.stderr
+
+
+def quota_node(harness, quota):
+    """A node whose policy sets storage.local_quota (root-owned, as the policy must be)."""
+    policy = harness.root / f"quota-{quota}-{uuid.uuid4().hex[:8]}" / "policy.yaml"
+    policy.parent.mkdir()
+    policy.parent.chmod(0o755)
+    policy.write_text(f"version: 1\ndefaults:\n  storage:\n    local_quota: {quota}\n")
+    policy.chmod(0o644)
+    node = Node(harness.root / "uctr-exec-quota", unprivileged_user())
+    return node, {"UCTR_POLICY": str(policy)}
+
+
+def test_a_named_container_must_fit_in_the_local_quota(harness, sqsh):
+    """The busybox image unpacks to about 2 MB: its bundle fits in 3M, a copy beside it not."""
+    node, policy = quota_node(harness, "3M")
+    ok(node.run("--mode", "P1", sqsh, "--", "/bin/true", env=job(0, **policy)))
+    cp = node.run("--name", "big", "--mode", "P1", sqsh, "--", "/bin/true", env=job(1, **policy))
+    assert cp.returncode == 1 and "cannot create the container big" in cp.stderr, cp.stderr
+    assert "quota" in cp.stderr and "hint:" in cp.stderr
+    from uctr_batch.launch import named
+
+    assert named.container_dirs(str(node.local)) == []  # nothing half-made left behind
+
+
+def test_named_containers_count_when_another_image_is_staged(harness, sqsh):
+    """5M: bundle A + container from A fit (4 MB); staging image B (2 MB more) must evict
+    bundle A, because the container's 2 MB count too; the container itself stays."""
+    other_root = sqsh.parent / "other-root"
+    if not other_root.exists():
+        shutil.copytree(sqsh.parent / "root", other_root, symlinks=True)
+        (other_root / "etc" / "other").write_text("another image\n")
+    other = sqsh.parent / "other.sqsh"
+    if not other.exists():
+        mksquashfs(other_root, other)
+    node, policy = quota_node(harness, "5M")
+    ok(node.run("--name", "kept", "--mode", "P1", sqsh, "--", "/bin/true", env=job(0, **policy)))
+    assert len(node.bundles()) == 1
+    ok(node.run("--mode", "P1", other, "--", "/bin/cat", "/etc/other", env=job(1, **policy)))
+    assert len(node.bundles()) == 1  # A was evicted for B
+    ok(node.run("--name", "kept", "--mode", "P1", "--", "/bin/true", env=job(2, **policy)))

@@ -140,7 +140,8 @@ class Launch:
                                  verbosity=self.opts.verbose_flags, say=self.diag.say)
 
         if self.opts.name or self.opts.save:
-            image = self.named_container(local_dir, stage, timeout)
+            quota = policy_cache.section(policy, "storage").get("local_quota_bytes")
+            image = self.named_container(local_dir, stage, timeout, quota)
         else:
             image = stage()
         self.diag.say("%s: rootfs %s (%s, %s)" % (self.opts.image, image.rootfs,
@@ -200,12 +201,12 @@ class Launch:
         run.exec_ladder(ladder, spec, explicit=True)
 
     # -- pyxis: named containers and --container-save ---------------------------------------
-    def named_container(self, local_dir, stage, timeout):
+    def named_container(self, local_dir, stage, timeout, quota=None):
         """The named (or, for --container-save, the step's own) writable container; local
         rank 0 of node 0 of a saving step stays behind its payload to save it at the end."""
         from uctr_batch.launch import named
 
-        image, box = named.prepare(local_dir, self.opts, self.ctx, stage, self.diag.say)
+        image, box = named.prepare(local_dir, self.opts, self.ctx, stage, self.diag.say, quota)
         self.box = box
         self.opts.writable = True  # a named container keeps its changes: that is its point
         if self.opts.save and self.ctx.local_rank == 0 and self.ctx.node_id in (None, 0):

@@ -77,6 +77,20 @@ def scope_dir(local_dir: str, job_id: str, scope: str) -> str:
     return os.path.join(local_dir, CONTAINERS, "user")
 
 
+def container_dirs(local_dir: str):
+    """Every container directory on this node (all scopes, creations in progress too): what
+    the node-local quota counts besides the bundles."""
+    top = os.path.join(local_dir, CONTAINERS)
+    found = []
+    for scope in _listdir(top):
+        base = os.path.join(top, scope)
+        for name in _listdir(base):
+            path = os.path.join(base, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                found.append(path)
+    return found
+
+
 def job_dir(local_dir: str, job_id: str) -> str:
     """What the epilog removes at the end of JOB_ID."""
     return os.path.join(local_dir, CONTAINERS, "job-%s" % job_id)
@@ -153,9 +167,10 @@ class Container:
                    if n.startswith(step_key + "."))
 
 
-def prepare(local_dir: str, opts, ctx, stage_fn, say):
+def prepare(local_dir: str, opts, ctx, stage_fn, say, quota=None):
     """(Staged image whose rootfs is the named (or step's) container, its Container),
-    created from stage_fn() (the staged --container-image) when it must be."""
+    created from stage_fn() (the staged --container-image) when it must be. QUOTA: the
+    policy's storage.local_quota in bytes, which the new copy must fit in (else an error)."""
     from uctr_batch.launch.staged import Staged
 
     if opts.name:
@@ -176,7 +191,10 @@ def prepare(local_dir: str, opts, ctx, stage_fn, say):
             if not opts.image:
                 raise UsageError("--container-name=%s: no such container on this node" % name,
                                  "give --container-image too, to create it")
-            _create(box, stage_fn(), say)
+            image = stage_fn()
+            if quota:
+                _make_room(local_dir, quota, image, opts.name or "--container-save")
+            _create(box, image, say)
         os.makedirs(os.path.join(box.path, "active"), 0o700, exist_ok=True)
         box.mark_active(os.getpid())
         box.mark_started(ctx.step_key, ctx.local_rank)
@@ -196,6 +214,31 @@ def _check_flag(text: str, flag: str, exists: bool, box: Container) -> None:
     if flag == "exec" and not box.live_pids(ignore=(os.getpid(),)):
         raise UsageError("%s: the container is not running (no step uses it now)" % option,
                          "drop ':exec' to start a step in it")
+
+
+def _make_room(local_dir: str, quota: int, image, what: str) -> None:
+    """Evict unused bundles (least recently used first) so that a copy of IMAGE's rootfs
+    fits under QUOTA beside the bundles and containers already there; StorageError if even
+    then it does not."""
+    from pathlib import Path
+
+    from uctr_batch import fsutil
+    from uctr_batch.batch import stage
+    from uctr_batch.errors import StorageError
+
+    need = fsutil.disk_usage(image.rootfs)
+    keep = (image.manifest_digest,) if image.manifest_digest else ()
+    stage.enforce_quota(Path(local_dir), quota, keep=keep, need=need)
+    used = stage.local_usage(Path(local_dir))
+    if used + need > quota:
+        raise StorageError(
+            "cannot create the container %s: its copy of %s needs %s, and this node's quota "
+            "of %s for node-local root filesystems has %s left (bundles in use and named "
+            "containers take %s)" % (what, image.reference, stage.human(need),
+                                     stage.human(quota), stage.human(max(quota - used, 0)),
+                                     stage.human(used)),
+            "remove named containers you no longer need (kept ones are under %s), or ask "
+            "the site to raise storage.local_quota" % os.path.join(local_dir, CONTAINERS))
 
 
 def _create(box: Container, image, say) -> None:
