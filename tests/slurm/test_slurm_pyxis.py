@@ -175,3 +175,10 @@ def test_sif_image_runs_in_s1_or_fails_with_the_reason(slurm_cluster, images):
                       "apptainer build --sandbox"):
             assert words in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_save_on_every_node_of_a_multinode_step(results):
+    """pyxis: each node's last task exports its own container."""
+    values = job(results, "save_multinode")
+    assert values["local"].split() == ["node1", "node2"]  # each node saved its own
+    assert values["shared"] in ("node1", "node2")  # one node's complete image, which runs

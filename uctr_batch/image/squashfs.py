@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 from typing import Dict, List, Optional
@@ -199,7 +200,7 @@ def parse_environment(text: str) -> List[str]:
 
 def save(rootfs: str, target: str) -> None:
     """Write ROOTFS as a squashfs image at TARGET (atomically: a temporary file beside it,
-    renamed), in the format ensure_local() and enroot read. Files are stored as root-owned
+    named for this host and process, renamed), in the format ensure_local() and enroot read. Files are stored as root-owned
     (-all-root), as `enroot export` does: the image must not carry the saving user's uid."""
     mksquashfs = _tool("mksquashfs")
     target = os.path.abspath(target)
@@ -210,7 +211,10 @@ def save(rootfs: str, target: str) -> None:
     if not os.access(directory, os.W_OK):
         raise ConfigError(f"--container-save: cannot write in {directory}",
                           "choose a directory you can write to")
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.getpid()}.tmp")
+    # the nodes of a multi-node step may all save to one shared path: a temporary file of
+    # each node's own, renamed, so the file there is always one node's complete image
+    tmp = os.path.join(directory, f".{os.path.basename(target)}.{socket.gethostname()}."
+                                  f"{os.getpid()}.tmp")
     argv = [mksquashfs, rootfs, tmp, "-all-root", "-noappend", "-no-xattrs", "-quiet",
             "-no-progress", "-comp", "gzip"]
     try:

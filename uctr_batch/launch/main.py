@@ -203,13 +203,14 @@ class Launch:
     # -- pyxis: named containers and --container-save ---------------------------------------
     def named_container(self, local_dir, stage, timeout, quota=None):
         """The named (or, for --container-save, the step's own) writable container; local
-        rank 0 of node 0 of a saving step stays behind its payload to save it at the end."""
+        rank 0 of a saving step stays behind its payload to save it when the node's ranks
+        have ended: on every node, as in pyxis (each node's last task exports)."""
         from uctr_batch.launch import named
 
         image, box = named.prepare(local_dir, self.opts, self.ctx, stage, self.diag.say, quota)
         self.box = box
         self.opts.writable = True  # a named container keeps its changes: that is its point
-        if self.opts.save and self.ctx.local_rank == 0 and self.ctx.node_id in (None, 0):
+        if self.opts.save and self.ctx.local_rank == 0:
             named.save_after_payload(box, self.opts.save, self.ctx, timeout,
                                      keep=bool(self.opts.name), diag=self.diag)
             # (returns in the child only, which goes on to exec the payload)
