@@ -49,13 +49,18 @@ def sif_path(image: str):
     if not _is_path_reference(image):
         return None
     path = os.path.abspath(image)
-    try:
-        with open(path, "rb", buffering=0) as f:  # a FIFO or a directory: not a SIF
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return None
-            head = f.read(MAGIC_AT + len(MAGIC))
+    try:  # O_NONBLOCK: a FIFO must not block us (it is no SIF)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        head = os.pread(fd, MAGIC_AT + len(MAGIC), 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     return path if has_magic(head) else None
 
 

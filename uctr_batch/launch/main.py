@@ -178,13 +178,16 @@ class Launch:
     # -- Apptainer images: run as they are in mode S1 (image/sif.py) ------------------------
     def run_sif(self, policy, local_dir) -> None:
         """Exec the SIF file the image names in mode S1; return if it names no SIF."""
-        from uctr_batch import run
         from uctr_batch.image import sif
+
+        if sif.sif_path(self.opts.image) is None:  # a squashfs file, a rootfs: go on
+            return
+        from uctr_batch import run
         from uctr_batch.launch import policy_cache
         from uctr_batch.policy.model import NodePolicy
 
         target = run.sif_target(self.opts.image)
-        if target is None:
+        if target is None:  # replaced meanwhile: what it is now decides
             return
         opts = self.opts
         sif.refuse_options(opts.image, (("--container-name", opts.name),
