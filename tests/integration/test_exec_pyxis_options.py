@@ -168,8 +168,9 @@ def test_a_changed_squashfs_file_is_staged_again(node, sqsh, harness):
 
 
 def test_exec_flag_joins_the_running_steps_namespace(node, sqsh):
-    """pyxis: --container-name=NAME:exec attaches to the running container: a mount made in
-    the running step is seen. :no_exec starts its own namespaces over the same files."""
+    """pyxis: --container-name=NAME:exec (and NAME alone) attaches to the running container:
+    a mount made in the running step is seen, the joining step's mounts are ignored with a
+    warning. :no_exec starts its own namespaces over the same files."""
     running = node.popen(
         "--name", "live", "--mode", "N1", "--remap-root", sqsh, "--", "/bin/sh", "-c",
         "busybox mkdir -p /mymnt && busybox mount -t tmpfs none /mymnt && echo up > /mymnt/flag"
@@ -178,6 +179,9 @@ def test_exec_flag_joins_the_running_steps_namespace(node, sqsh):
         assert running.stdout.readline() == "ready\n", running.stderr.read()
         joined = ok(node.run("--name", "live:exec", "--", "/bin/cat", "/mymnt/flag", env=job(1)))
         assert joined == "up\n"
+        auto = node.run("--name", "live", "-v", f"{node.work}:/data", "--", "/bin/cat",
+                        "/mymnt/flag", env=job(5))
+        assert ok(auto) == "up\n" and "ignoring --container-mounts" in auto.stderr
         own = node.run("--name", "live:no_exec", "--mode", "N1", "--", "/bin/cat",
                        "/mymnt/flag", env=job(2))
         assert own.returncode != 0  # the same files (/mymnt exists), not the step's tmpfs

@@ -220,24 +220,30 @@ class Launch:
         return image
 
     def join_named(self) -> None:
-        """--container-name=NAME:exec (pyxis): join the namespaces of a step running in the
-        named container, as that step's own ranks join them (so its mounts are seen). Only
-        N1 shares a namespace: anything else is refused with the reason, never ignored."""
+        """--container-name=NAME[:exec] (pyxis): join the namespaces of a step running in the
+        named container, as that step's own ranks join them (so its mounts are seen); return
+        when there is none and the flag lets the step start its own. Only N1 shares a
+        namespace: for :exec anything else is refused with the reason, never ignored."""
         from uctr_batch.errors import UsageError
         from uctr_batch.launch import named, sharedns, staged
         from uctr_batch.modes import get_mode, n1
         from uctr_batch.modes.spec import RunSpec
 
-        if not named.joins_running(self.opts.name):
+        request = named.join_request(self.opts.name)
+        if request is None:
             return
         option = "--container-name=%s" % self.opts.name
         instead = "drop ':exec' to start this step in the container's files, with namespaces " \
                   "of its own"
         if self.opts.mode not in (None, "N1"):
+            if request == "may":
+                return
             raise ModeError("%s: joining a running container needs mode N1, not %s"
                             % (option, self.opts.mode), instead)
         probe = get_mode("N1").probe(RunSpec(self.image.rootfs, self.argv))
         if not probe.ok:
+            if request == "may":
+                return
             raise ModeError("%s: joining a running container needs mode N1, which is not "
                             "usable here: %s" % (option, probe.reason), instead)
         for step_key, key in self.box.running_steps(self.ctx.step_key):
@@ -255,10 +261,16 @@ class Launch:
                     member.close()
                     raise
                 self.diag.say("%s: joining step %s" % (option, step_key), 1)
+                if self.opts.volumes:
+                    self.diag.warn("%s: ignoring --container-mounts: this step joins the "
+                                   "running container of step %s, with its mounts"
+                                   % (option, step_key))
                 rdv.join(member)
             finally:
                 rdv.release()
             n1.exec_payload(spec)
+        if request == "may":
+            return
         raise UsageError("%s: no step runs in the container in a namespace that can be joined"
                          % option, "only a step running in mode N1 can be joined; " + instead)
 

@@ -23,8 +23,10 @@ Flags, as pyxis takes them after NAME: (pyxis_slurmstepd.c)
                     (only N1 shares a namespace) or N1 is not usable here
     no_create       use it only if it exists (never import)
     no_exec         as auto, never joining a running step
-auto and no_exec start the step in the container's files with namespaces of its own: unlike
-pyxis, auto does not join a running step (write :exec for that; docs/migration.md).
+auto joins a step running in the container as exec does (pyxis attaches), and otherwise
+starts the step in the container's files with namespaces of its own; so do create,
+no_create and no_exec always. A joining step's mounts are the running step's (its own
+--container-mounts are ignored, with a warning, as pyxis does).
 When the container exists, --container-image is not staged again (as in pyxis: "the import is
 skipped"); with verbosity the reuse is reported.
 
@@ -63,9 +65,11 @@ def parse_name(text: str):
     return name, flag
 
 
-def joins_running(text) -> bool:
-    """Whether --container-name=TEXT asks to join a running step (the :exec flag)."""
-    return bool(text) and parse_name(text)[1] == "exec"
+def join_request(text):
+    """What --container-name=TEXT says about a step running in the container: "must" join
+    it (:exec), "may" (auto: join one if it runs, as pyxis attaches), or None (never)."""
+    flag = parse_name(text)[1] if text else None
+    return {"exec": "must", "auto": "may"}.get(flag)
 
 
 def scope_dir(local_dir: str, job_id: str, scope: str) -> str:
