@@ -182,3 +182,8 @@ def test_save_on_every_node_of_a_multinode_step(results):
     values = job(results, "save_multinode")
     assert values["local"].split() == ["node1", "node2"]  # each node saved its own
     assert values["shared"] in ("node1", "node2")  # one node's complete image, which runs
+
+
+def test_exec_attaches_to_the_running_container(results):
+    values = job(results, "attach_running")
+    assert (values["attached"], values["own"]) == ("up", "not-mounted")
