@@ -152,7 +152,7 @@ class Launch:
                                               recipe.policy_bind_sources(policy, self.env))
         self.inputs = recipe.inputs(self.image_part, self.env)
         if self.box is not None and self.opts.name:
-            self.join_named()  # --container-name=NAME:exec: execs or raises; else returns
+            self.join_named()  # a step running in the named container: joined (exec)
         ladder = policy_cache.mode_ladder(policy, self.opts.mode)
         explicit = self.opts.mode is not None
         skipped = []
