@@ -65,9 +65,9 @@ static int on_option(int val, const char *optarg, int remote)
 }
 
 static struct spank_option options[] = {
-    { "container-image", "[USER@][REGISTRY#|REGISTRY/]IMAGE[:TAG|@DIGEST]|PATH.sqsh",
-      "[uctr] run each task in this OCI/Docker image or squashfs file "
-      "(env UCTR_CONTAINER_IMAGE)",
+    { "container-image", "[USER@][REGISTRY#|REGISTRY/]IMAGE[:TAG|@DIGEST]|PATH.sqsh|PATH.sif",
+      "[uctr] run each task in this OCI/Docker image, squashfs file or Apptainer image "
+      "(.sif: mode S1) (env UCTR_CONTAINER_IMAGE)",
       1, OPT_IMAGE, on_option },
     { "container-mounts", "SRC:DST[:ro|rw],...",
       "[uctr] bind mounts into the container (env UCTR_CONTAINER_MOUNTS)",

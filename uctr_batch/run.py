@@ -47,12 +47,25 @@ def node_policy():
 # --- what to run ------------------------------------------------------------------------
 
 class Target:
-    """A root filesystem and the image runtime config that goes with it (may be empty)."""
+    """A root filesystem and the image runtime config that goes with it (may be empty).
+    sif: ROOTFS is an Apptainer image file, run as it is in mode S1 (image/sif.py)."""
 
-    def __init__(self, rootfs: str, config: Optional[Mapping] = None, reference: str = ""):
+    def __init__(self, rootfs: str, config: Optional[Mapping] = None, reference: str = "",
+                 sif: bool = False):
         self.rootfs = rootfs
         self.config = dict(config or {})
         self.reference = reference
+        self.sif = sif
+
+
+def sif_target(image: str) -> Optional[Target]:
+    """The Target of IMAGE when it names an Apptainer image file (SIF), else None."""
+    from uctr_batch.image import sif
+
+    path = sif.sif_path(image)
+    if path is None:
+        return None
+    return Target(sif.checked(path), sif.config(), image, sif=True)
 
 
 def looks_like_path(text: str) -> bool:
@@ -208,10 +221,14 @@ def build_spec(target: Target, policy, *, command: Sequence[str] = (),
     cwd = choose_cwd(workdir, host_cwd, binds, config.get("WorkingDir"))
     scratch = scratch or state_dir()
     ident = identity.caller(root, env.get("HOME"), host_env)
-    passwd, group = identity.identity_files(target.rootfs, ident, os.path.join(scratch, "identity"))
+    if target.sif:  # apptainer writes the SIF's passwd entry and makes the workdir itself
+        passwd = group = None
+    else:
+        passwd, group = identity.identity_files(target.rootfs, ident,
+                                                os.path.join(scratch, "identity"))
+        ensure_workdir(target.rootfs, cwd, binds)
     if config.get("User") and not root:
         log.verbose("image user %r ignored: the payload runs as you (%s)", config["User"], ident.user)
-    ensure_workdir(target.rootfs, cwd, binds)
     return RunSpec(
         rootfs=target.rootfs, argv=argv, env=env, cwd=cwd, binds=binds,
         devices=list(policy.devices) + list(devices), uid=ident.uid, gid=ident.gid,
@@ -281,7 +298,15 @@ def cmd_run(args) -> int:
     policy = node_policy()
     ladder = policy.mode_ladder(args.mode)
     box = None
-    if getattr(args, "name", None) or getattr(args, "save", None):
+    target = sif_target(args.image)
+    if target is not None:  # an Apptainer image: read-only, as `apptainer exec` runs it
+        from uctr_batch.image import sif
+
+        sif.refuse_options(args.image, (("--name", getattr(args, "name", None)),
+                                        ("--save", getattr(args, "save", None))))
+        ladder = sif.s1_ladder(args.image, ladder, explicit=args.mode is not None)
+        args.read_only = True
+    elif getattr(args, "name", None) or getattr(args, "save", None):
         target, box = named_target(args)
     elif looks_like_path(args.image):
         target = target_from_path(args.image)
@@ -343,8 +368,10 @@ def named_target(args):
 
     opts = SimpleNamespace(name=args.name, image=args.image,
                            name_scope=os.environ.get("UCTR_NAME_SCOPE") or "job")
-    local_dir = staged.usable_local_dir(str(settings.local_dir(node_policy())))
-    image, box = named.prepare(local_dir, opts, _RunCtx(), stage, _RunDiag().say)
+    policy = node_policy()
+    local_dir = staged.usable_local_dir(str(settings.local_dir(policy)))
+    image, box = named.prepare(local_dir, opts, _RunCtx(), stage, _RunDiag().say,
+                               policy.storage.local_quota_bytes)
     return Target(image.rootfs, image.config, image.reference), box
 
 

@@ -275,6 +275,13 @@ mount --rbind /dev "$new/dev"
 mount -t tmpfs -o mode=1777 tmpfs "$new/dev/shm"
 mount -t tmpfs -o mode=0755 tmpfs "$new/run"
 mount -t tmpfs -o mode=1777 tmpfs "$new/tmp"
+# A node gives users /dev/fuse (0666, Debian's default: apptainer mounts SIF images with
+# squashfuse); the host's may be root-only. A node of the run's own, bound over it in this
+# mount namespace only: the host's device is not touched.
+if [ -c /dev/fuse ]; then
+    mknod -m 666 "$new/run/uctr-fuse" c 10 229
+    mount --bind "$new/run/uctr-fuse" "$new/dev/fuse"
+fi
 printf '%s\n' "$binds" | while IFS= read -r pair; do
     [ -n "$pair" ] || continue
     src=${pair%%=*} dest=$new${pair#*=}

@@ -5,8 +5,10 @@ entrypoint switch. Images are enroot-style squashfs files: no registry is involv
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -163,3 +165,72 @@ def test_a_changed_squashfs_file_is_staged_again(node, sqsh, harness):
     mksquashfs(root, copy)
     assert ok(node.run("--mode", "P1", copy, "--", "/bin/sh", "-c", "echo $GREETING",
                        env=job(1))) == "version 2\n"
+
+
+def test_exec_flag_joins_the_running_steps_namespace(node, sqsh):
+    """pyxis: --container-name=NAME:exec (and NAME alone) attaches to the running container:
+    a mount made in the running step is seen, the joining step's mounts are ignored with a
+    warning. :no_exec starts its own namespaces over the same files."""
+    running = node.popen(
+        "--name", "live", "--mode", "N1", "--remap-root", sqsh, "--", "/bin/sh", "-c",
+        "busybox mkdir -p /mymnt && busybox mount -t tmpfs none /mymnt && echo up > /mymnt/flag"
+        " && echo ready && exec busybox sleep 600", env=job(0), start_new_session=True)
+    try:
+        assert running.stdout.readline() == "ready\n", running.stderr.read()
+        joined = ok(node.run("--name", "live:exec", "--", "/bin/cat", "/mymnt/flag", env=job(1)))
+        assert joined == "up\n"
+        auto = node.run("--name", "live", "-v", f"{node.work}:/data", "--", "/bin/cat",
+                        "/mymnt/flag", env=job(5))
+        assert ok(auto) == "up\n" and "ignoring --container-mounts" in auto.stderr
+        own = node.run("--name", "live:no_exec", "--mode", "N1", "--", "/bin/cat",
+                       "/mymnt/flag", env=job(2))
+        assert own.returncode != 0  # the same files (/mymnt exists), not the step's tmpfs
+        other = node.run("--name", "live:exec", "--mode", "P1", "--", "/bin/true", env=job(3))
+        assert other.returncode == 3 and "--container-name=live:exec" in other.stderr
+        assert "needs mode N1" in other.stderr and "hint:" in other.stderr
+    finally:  # the whole session: the user switch leaves the payload in a child
+        os.killpg(running.pid, signal.SIGKILL)
+        running.communicate()
+    cp = node.run("--name", "live:exec", "--", "/bin/true", env=job(4))  # nothing to join
+    assert cp.returncode == 2 and "--container-name=live:exec" in cp.stderr
+
+
+def quota_node(harness, quota):
+    """A node whose policy sets storage.local_quota (root-owned, as the policy must be)."""
+    policy = harness.root / f"quota-{quota}-{uuid.uuid4().hex[:8]}" / "policy.yaml"
+    policy.parent.mkdir()
+    policy.parent.chmod(0o755)
+    policy.write_text(f"version: 1\ndefaults:\n  storage:\n    local_quota: {quota}\n")
+    policy.chmod(0o644)
+    node = Node(harness.root / "uctr-exec-quota", unprivileged_user())
+    return node, {"UCTR_POLICY": str(policy)}
+
+
+def test_a_named_container_must_fit_in_the_local_quota(harness, sqsh):
+    """The busybox image unpacks to about 2 MB: its bundle fits in 3M, a copy beside it not."""
+    node, policy = quota_node(harness, "3M")
+    ok(node.run("--mode", "P1", sqsh, "--", "/bin/true", env=job(0, **policy)))
+    cp = node.run("--name", "big", "--mode", "P1", sqsh, "--", "/bin/true", env=job(1, **policy))
+    assert cp.returncode == 1 and "cannot create the container big" in cp.stderr, cp.stderr
+    assert "quota" in cp.stderr and "hint:" in cp.stderr
+    from uctr_batch.launch import named
+
+    assert named.container_dirs(str(node.local)) == []  # nothing half-made left behind
+
+
+def test_named_containers_count_when_another_image_is_staged(harness, sqsh):
+    """5M: bundle A + container from A fit (4 MB); staging image B (2 MB more) must evict
+    bundle A, because the container's 2 MB count too; the container itself stays."""
+    other_root = sqsh.parent / "other-root"
+    if not other_root.exists():
+        shutil.copytree(sqsh.parent / "root", other_root, symlinks=True)
+        (other_root / "etc" / "other").write_text("another image\n")
+    other = sqsh.parent / "other.sqsh"
+    if not other.exists():
+        mksquashfs(other_root, other)
+    node, policy = quota_node(harness, "5M")
+    ok(node.run("--name", "kept", "--mode", "P1", sqsh, "--", "/bin/true", env=job(0, **policy)))
+    assert len(node.bundles()) == 1
+    ok(node.run("--mode", "P1", other, "--", "/bin/cat", "/etc/other", env=job(1, **policy)))
+    assert len(node.bundles()) == 1  # A was evicted for B
+    ok(node.run("--name", "kept", "--mode", "P1", "--", "/bin/true", env=job(2, **policy)))

@@ -98,16 +98,6 @@ def test_not_a_squashfs_is_refused_with_a_hint(uctr, images):
     assert "Traceback" not in result.stderr
 
 
-def test_sif_is_refused_with_the_apptainer_alternative(uctr, tmp_path):
-    sif = tmp_path / "app.img"  # not named .sif: the header alone must give it away
-    # the start of a SIF global header: a 32-byte launch script line, then the magic
-    header = b"#!/usr/bin/env run-singularity\n".ljust(32, b"\0") + b"SIF_MAGIC\0" + b"\0" * 64
-    sif.write_bytes(header)
-    result = uctr("run", sif, "/bin/true")
-    assert result.returncode == 1 and "Apptainer/Singularity image (SIF)" in result.stderr
-    assert "S1" in result.stderr
-
-
 def test_saved_rootfs_is_accepted_again(uctr, images, tmp_path):
     rootfs = enroot_like_rootfs(tmp_path / "changed")
     (rootfs / "etc" / "step1").write_text("written in step 1\n")

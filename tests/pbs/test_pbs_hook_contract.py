@@ -10,6 +10,7 @@ the job user and writes the records uctr-exec reads.
 import json
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
@@ -282,6 +283,25 @@ def test_begin_refuses_what_the_node_policy_refuses_without_pulling(site, regist
     result = site.event("execjob_begin", job)
     reaches_the_user(site, job, result, "refused by the site policy")
     assert not site.dirs.cache.exists(), "nothing may be pulled for a refused image"
+
+
+@pytest.mark.skipif(shutil.which("apptainer") is not None, reason="apptainer is installed here")
+def test_begin_a_sif_where_s1_cannot_run_reaches_the_user(site, harness):
+    """-l container_image=PATH.sif: nothing is staged (a SIF runs as it is in mode S1); on a
+    node without apptainer the job gets the reason and the alternative, the vnode stays up."""
+    from tests.integration.test_sif_images import SIF_HEADER
+
+    images = harness.root / "pbs-sif"
+    images.mkdir(exist_ok=True)
+    images.chmod(0o755)
+    sif = images / "app.sif"
+    sif.write_bytes(SIF_HEADER)
+    sif.chmod(0o644)
+    job = site.job(str(sif))
+    result = site.event("execjob_begin", job)
+    stderr = reaches_the_user(site, job, result, "is an Apptainer image (SIF)")
+    assert "apptainer/singularity is not installed" in stderr and "--sandbox" in stderr
+    assert site.bundles() == []
 
 
 @pytest.mark.parametrize("breakage", ["group-writable", "world-writable", "another-owner",

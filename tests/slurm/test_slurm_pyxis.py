@@ -9,6 +9,7 @@ together and waited for together, so the shared cluster is held as briefly as po
 import os
 import pwd
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,27 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
 SCRIPTS = Path(__file__).parent / "pyxis_scripts"
 UID = pwd.getpwnam(TEST_USER).pw_uid
 LOCAL = f"/tmp/uctr-{UID}"
+APPTAINER = shutil.which("apptainer")
 
 
 def enroot_form(ref: str) -> str:
     """host:port/repo:tag -> host:port#repo:tag, as NGC documentation writes images."""
     registry, _, rest = ref.partition("/")
     return f"{registry}#{rest}"
+
+
+def apptainer_image(root, sif):
+    """ROOT as a SIF built by apptainer where it is installed (Debian sid), else a file with
+    only a SIF header: enough for the nodes to tell that it is one, and to refuse it."""
+    from tests.integration.test_sif_images import SIF_HEADER
+
+    if APPTAINER:
+        subprocess.run([APPTAINER, "build", str(sif), str(root)], check=True,
+                       capture_output=True, stdin=subprocess.DEVNULL)
+    else:
+        sif.write_bytes(SIF_HEADER)
+    os.chmod(sif, 0o644)
+    return sif
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +59,13 @@ def images(slurm_cluster):
     os.chmod(shared, 0o755)
     root = enroot_like_rootfs(shared / "rootfs")
     sqsh = mksquashfs(root, shared / "app.sqsh")
+    sif = apptainer_image(root, shared / "app.sif")
     shutil.rmtree(root)
     entry = ["/bin/sh", "-c", 'export FROM_ENTRYPOINT=yes; exec "$@"', "entrypoint"]
     ep_image = readable_layout(shared / "ep-layout",
                                ImageConfig(entrypoint=entry, cmd=["/bin/sh"]), busybox_layer())
     return {"@IMAGE@": enroot_form(slurm_cluster.image_ref("busybox")), "@SQSH@": str(sqsh),
+            "@SIF@": str(sif),
             "@EPIMAGE@": ep_image,
             # relative to the job's work dir (state/work/NAME), as a user writes ./img.sqsh
             "@RELSQSH@": os.path.relpath(sqsh, slurm_cluster.path("work", "x"))}
@@ -142,3 +160,30 @@ def test_refusals_name_the_option(slurm_cluster, images):
     daemon = slurm_cluster.srun(["-N1", "-n1", "--time=1", "--container-image=dockerd://busybox",
                                  "true"], timeout=120)
     assert daemon.returncode != 0 and "docker save" in daemon.stderr, daemon.stderr
+
+
+def test_sif_image_runs_in_s1_or_fails_with_the_reason(slurm_cluster, images):
+    """--container-image=PATH.sif: run by apptainer (mode S1) on nodes that have it; on nodes
+    without it, the step fails with the image, the reason and the alternative."""
+    result = slurm_cluster.srun(["-N1", "-n1", "--time=2", f"--container-image={images['@SIF@']}",
+                                 "sh", "-c", "echo sif-uid=$(id -u)"], timeout=300)
+    if APPTAINER:
+        assert result.returncode == 0 and f"sif-uid={UID}" in result.stdout, result.stderr
+    else:
+        assert result.returncode != 0, result.stdout
+        for words in (images["@SIF@"], "Apptainer image (SIF)", "not installed",
+                      "apptainer build --sandbox"):
+            assert words in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_save_on_every_node_of_a_multinode_step(results):
+    """pyxis: each node's last task exports its own container."""
+    values = job(results, "save_multinode")
+    assert values["local"].split() == ["node1", "node2"]  # each node saved its own
+    assert values["shared"] in ("node1", "node2")  # one node's complete image, which runs
+
+
+def test_exec_attaches_to_the_running_container(results):
+    values = job(results, "attach_running")
+    assert (values["attached"], values["own"]) == ("up", "not-mounted")

@@ -149,6 +149,21 @@ def test_apptainer_argv_and_env():
     assert env == {"HOME": "/h", "SINGULARITYENV_PATH": "/usr/bin:/bin", "SINGULARITYENV_A": "1"}
 
 
+def test_apptainer_argv_and_env_for_a_sif():
+    """A SIF is never written: --writable-tmpfs where the container is writable; the image's
+    own PATH (its environment scripts) wins over uctr's default; a PATH someone set is kept."""
+    from uctr_batch.envspec import DEFAULT_PATH
+
+    argv = apptainer_argv(SPEC, "apptainer", host_uid=1000, sif=True)
+    assert argv[:3] == ["apptainer", "--quiet", "exec"]
+    assert "--writable-tmpfs" in argv and "--writable" not in argv
+    assert "--writable-tmpfs" not in apptainer_argv(SPEC.replace(readonly=True), sif=True)
+    default = SPEC.replace(env=dict(SPEC.env, PATH=DEFAULT_PATH))
+    assert "APPTAINERENV_PATH" not in apptainer_env(default, host_env={}, sif=True)
+    assert apptainer_env(default, host_env={})["APPTAINERENV_PATH"] == DEFAULT_PATH
+    assert apptainer_env(SPEC, host_env={}, sif=True)["APPTAINERENV_PATH"] == "/usr/bin:/bin"
+
+
 def test_apptainer_home_is_an_option_not_a_variable():
     """apptainer refuses APPTAINERENV_HOME ("Overriding HOME ... is not permitted") and keeps
     its own; --home sets $HOME (--no-home still mounts nothing)."""

@@ -158,8 +158,8 @@ def _check_fits(local_dir: Path, digest: str, bundle: Path, quota: int, image_te
         remove_references(local_dir, digest, lambda key: True)
         _remove_bundle(local_dir, bundle)
         raise errors.StorageError(
-            f"image {image_text} needs {_human(size)} unpacked, more than this node's quota "
-            f"of {_human(quota)} for node-local root filesystems",
+            f"image {image_text} needs {human(size)} unpacked, more than this node's quota "
+            f"of {human(quota)} for node-local root filesystems",
             "use a smaller image or ask the site to raise storage.local_quota")
 
 
@@ -172,6 +172,14 @@ def stage_outcome(image_text: str, *, job_id: Optional[str] = None, node_policy=
         refused = _local_dir_outcome(node_policy)
         if refused is not None:
             return refused
+        from uctr_batch.image import sif
+
+        sif_file = sif.sif_path(image_text)
+        if sif_file is not None:  # nothing to stage: the steps run the file in mode S1
+            from uctr_batch.policy import current_node_policy
+
+            return sif.stage_outcome(image_text, sif_file,
+                                     (node_policy or current_node_policy()).modes)
         return stage(image_text, job_id=job_id, node_policy=node_policy, timeout=timeout).to_dict()
     except Exception as e:  # noqa: BLE001 - classified, reported, and the hook decides
         local_dir = None
@@ -365,16 +373,32 @@ def _last_use(local_dir: Path, digest: str, bundle: Path) -> float:
     return max(times) if times else 0.0
 
 
+def named_containers_size(local_dir: Path) -> int:
+    """Bytes taken by the named containers (and --container-save copies) in the node-local
+    dir: they count against the quota like bundles, but are never evicted (they hold the
+    user's changes; the epilog removes a job's, the user a kept one)."""
+    from uctr_batch.launch import named
+
+    return sum(fsutil.disk_usage(path) for path in named.container_dirs(str(local_dir)))
+
+
+def local_usage(local_dir: Path) -> int:
+    """Bytes under the quota: complete bundles plus named containers."""
+    return sum(bundle_size(b) for bundles in _bundles(local_dir).values() for b in bundles) \
+        + named_containers_size(local_dir)
+
+
 def enforce_quota(local_dir: Path, quota: int, keep: Iterable[str] = (), need: int = 0) -> List[str]:
-    """Evict least recently used bundles without live references until the bundles use at
-    most QUOTA - NEED bytes. Returns the evicted digests. Bundles in KEEP stay."""
+    """Evict least recently used bundles without live references until bundles and named
+    containers use at most QUOTA - NEED bytes. Returns the evicted digests. Bundles in KEEP
+    stay."""
     keep = set(keep)
     entries = []
     for digest, bundles in _bundles(local_dir).items():
         for bundle in bundles:
             entries.append((_last_use(local_dir, digest, bundle), digest, bundle,
                             bundle_size(bundle)))
-    used = sum(e[3] for e in entries)
+    used = sum(e[3] for e in entries) + named_containers_size(local_dir)
     evicted = []
     for _, digest, bundle, size in sorted(entries, key=lambda e: e[0]):
         if used + need <= quota:
@@ -385,7 +409,7 @@ def enforce_quota(local_dir: Path, quota: int, keep: Iterable[str] = (), need: i
             used -= size
             evicted.append(digest)
             shutil.rmtree(_inuse(local_dir, digest), ignore_errors=True)
-            log.verbose("evicted %s (%s) from %s", digest, _human(size), local_dir)
+            log.verbose("evicted %s (%s) from %s", digest, human(size), local_dir)
     return evicted
 
 
@@ -414,7 +438,7 @@ def _touch(path: Path) -> None:
         pass
 
 
-def _human(n: float) -> str:
+def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

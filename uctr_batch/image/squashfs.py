@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 from typing import Dict, List, Optional
@@ -34,13 +35,12 @@ from uctr_batch.errors import ConfigError, UctrError
 from uctr_batch.image import manifest as mt
 from uctr_batch.image import platforms
 from uctr_batch.image import reference as references
+from uctr_batch.image import sif
 from uctr_batch.image.store import Store, build_record, digest_of_bytes
 
 _log = log.get("squashfs")
 
 MAGIC = b"hsqs"  # squashfs superblock, little endian
-_SIF_MAGIC = b"SIF_MAGIC"  # after the 32-byte launch line of an Apptainer/Singularity image
-_SIF_MAGIC_AT = 32
 _INDEX_DIR = "squashfs"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _MAX_ENVIRONMENT = 1 << 20  # /etc/environment read into memory
@@ -76,11 +76,10 @@ def _check_file(path: str) -> os.stat_result:
         os.close(fd)
     if head[:4] == MAGIC:
         return st
-    if head[_SIF_MAGIC_AT:_SIF_MAGIC_AT + len(_SIF_MAGIC)] == _SIF_MAGIC or path.endswith(".sif"):
-        raise SquashfsError(f"{path} is an Apptainer/Singularity image (SIF), not a squashfs",
-                            "run it in mode S1 (--container-mode=S1) where apptainer is "
-                            "installed, or use the OCI image it was built from; see "
-                            "docs/migration.md")
+    if sif.has_magic(head) or path.endswith(".sif"):  # `uctr run`/uctr-exec run a SIF in S1
+        raise SquashfsError(f"{path} is an Apptainer/Singularity image (SIF), not a squashfs: "
+                            "uctr runs it (uctr run, uctr-exec, --container-image) in mode S1 "
+                            "but never unpacks it", sif.CONVERT_HINT)
     raise SquashfsError(f"{path} is not a squashfs image",
                         "references starting with '/' or '.' name squashfs files (as in pyxis); "
                         "use oci:DIR, oci-archive:FILE or docker-archive:FILE for other formats")
@@ -201,7 +200,7 @@ def parse_environment(text: str) -> List[str]:
 
 def save(rootfs: str, target: str) -> None:
     """Write ROOTFS as a squashfs image at TARGET (atomically: a temporary file beside it,
-    renamed), in the format ensure_local() and enroot read. Files are stored as root-owned
+    named for this host and process, renamed), in the format ensure_local() and enroot read. Files are stored as root-owned
     (-all-root), as `enroot export` does: the image must not carry the saving user's uid."""
     mksquashfs = _tool("mksquashfs")
     target = os.path.abspath(target)
@@ -212,7 +211,10 @@ def save(rootfs: str, target: str) -> None:
     if not os.access(directory, os.W_OK):
         raise ConfigError(f"--container-save: cannot write in {directory}",
                           "choose a directory you can write to")
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.getpid()}.tmp")
+    # the nodes of a multi-node step may all save to one shared path: a temporary file of
+    # each node's own, renamed, so the file there is always one node's complete image
+    tmp = os.path.join(directory, f".{os.path.basename(target)}.{socket.gethostname()}."
+                                  f"{os.getpid()}.tmp")
     argv = [mksquashfs, rootfs, tmp, "-all-root", "-noappend", "-no-xattrs", "-quiet",
             "-no-progress", "-comp", "gzip"]
     try:

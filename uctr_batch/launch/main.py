@@ -119,6 +119,7 @@ class Launch:
     def __init__(self, opts, ctx, env, diag: Diag):
         self.opts, self.ctx, self.env, self.diag = opts, ctx, env, diag
         self.fast_request = None  # (handover, option tokens): main() sets it
+        self.box = None  # the named container of --container-name/--container-save
         try:
             self.host_cwd = os.getcwd()
         except OSError:
@@ -131,13 +132,16 @@ class Launch:
         _cache_dir, local_dir = policy_cache.storage_dirs(policy, self.env)
         local_dir = staged.usable_local_dir(local_dir, self.env)  # a planted one: the fallback
         timeout = policy_cache.stage_timeout(policy, self.env)
+        if (self.opts.image or "").startswith(("/", ".")):  # maybe an Apptainer image (SIF)
+            self.run_sif(policy, local_dir)  # execs, raises, or returns: not a SIF
         def stage():
             return staged.ensure(self.opts.image, local_dir, policy=policy, timeout=timeout,
                                  job_id=self.ctx.job_id, env=self.env,
                                  verbosity=self.opts.verbose_flags, say=self.diag.say)
 
         if self.opts.name or self.opts.save:
-            image = self.named_container(local_dir, stage, timeout)
+            quota = policy_cache.section(policy, "storage").get("local_quota_bytes")
+            image = self.named_container(local_dir, stage, timeout, quota)
         else:
             image = stage()
         self.diag.say("%s: rootfs %s (%s, %s)" % (self.opts.image, image.rootfs,
@@ -147,6 +151,8 @@ class Launch:
         self.image_part = recipe.image_inputs(self.opts, self.env, image, policy, self.host_cwd,
                                               recipe.policy_bind_sources(policy, self.env))
         self.inputs = recipe.inputs(self.image_part, self.env)
+        if self.box is not None and self.opts.name:
+            self.join_named()  # a step running in the named container: joined (exec)
         ladder = policy_cache.mode_ladder(policy, self.opts.mode)
         explicit = self.opts.mode is not None
         skipped = []
@@ -169,19 +175,104 @@ class Launch:
             config = dict(config, Entrypoint=None)
         return compose_argv(config, self.opts.command)
 
+    # -- Apptainer images: run as they are in mode S1 (image/sif.py) ------------------------
+    def run_sif(self, policy, local_dir) -> None:
+        """Exec the SIF file the image names in mode S1; return if it names no SIF."""
+        from uctr_batch.image import sif
+
+        if sif.sif_path(self.opts.image) is None:  # a squashfs file, a rootfs: go on
+            return
+        from uctr_batch import run
+        from uctr_batch.launch import policy_cache
+        from uctr_batch.policy.model import NodePolicy
+
+        target = run.sif_target(self.opts.image)
+        if target is None:  # replaced meanwhile: what it is now decides
+            return
+        opts = self.opts
+        sif.refuse_options(opts.image, (("--container-name", opts.name),
+                                        ("--container-save", opts.save)))
+        ladder = sif.s1_ladder(opts.image, policy_cache.mode_ladder(policy, opts.mode),
+                               explicit=opts.mode is not None)
+        scratch = os.path.join(local_dir, "run")
+        os.makedirs(scratch, 0o700, exist_ok=True)
+        spec = run.build_spec(
+            target, NodePolicy.from_dict(policy), command=opts.command, volumes=opts.volumes,
+            user_env=opts.env, workdir=opts.workdir, read_only=not opts.writable,
+            root=opts.remap_root, extra_binds=self.host_binds(), host_env=self.env,
+            host_cwd=self.host_cwd, scratch=scratch)
+        run.exec_ladder(ladder, spec, explicit=True)
+
     # -- pyxis: named containers and --container-save ---------------------------------------
-    def named_container(self, local_dir, stage, timeout):
+    def named_container(self, local_dir, stage, timeout, quota=None):
         """The named (or, for --container-save, the step's own) writable container; local
-        rank 0 of node 0 of a saving step stays behind its payload to save it at the end."""
+        rank 0 of a saving step stays behind its payload to save it when the node's ranks
+        have ended: on every node, as in pyxis (each node's last task exports)."""
         from uctr_batch.launch import named
 
-        image, box = named.prepare(local_dir, self.opts, self.ctx, stage, self.diag.say)
+        image, box = named.prepare(local_dir, self.opts, self.ctx, stage, self.diag.say, quota)
+        self.box = box
         self.opts.writable = True  # a named container keeps its changes: that is its point
-        if self.opts.save and self.ctx.local_rank == 0 and self.ctx.node_id in (None, 0):
+        if self.opts.save and self.ctx.local_rank == 0:
             named.save_after_payload(box, self.opts.save, self.ctx, timeout,
                                      keep=bool(self.opts.name), diag=self.diag)
             # (returns in the child only, which goes on to exec the payload)
         return image
+
+    def join_named(self) -> None:
+        """--container-name=NAME[:exec] (pyxis): join the namespaces of a step running in the
+        named container, as that step's own ranks join them (so its mounts are seen); return
+        when there is none and the flag lets the step start its own. Only N1 shares a
+        namespace: for :exec anything else is refused with the reason, never ignored."""
+        from uctr_batch.errors import UsageError
+        from uctr_batch.launch import named, sharedns, staged
+        from uctr_batch.modes import get_mode, n1
+        from uctr_batch.modes.spec import RunSpec
+
+        request = named.join_request(self.opts.name)
+        if request is None:
+            return
+        option = "--container-name=%s" % self.opts.name
+        instead = "drop ':exec' to start this step in the container's files, with namespaces " \
+                  "of its own"
+        if self.opts.mode not in (None, "N1"):
+            if request == "may":
+                return
+            raise ModeError("%s: joining a running container needs mode N1, not %s"
+                            % (option, self.opts.mode), instead)
+        probe = get_mode("N1").probe(RunSpec(self.image.rootfs, self.argv))
+        if not probe.ok:
+            if request == "may":
+                return
+            raise ModeError("%s: joining a running container needs mode N1, which is not "
+                            "usable here: %s" % (option, probe.reason), instead)
+        for step_key, key in self.box.running_steps(self.ctx.step_key):
+            rdv = sharedns.Rendezvous(staged.launch_dir(self.local_dir), step_key, key,
+                                      self.timeout)
+            rdv.lock()
+            try:
+                member = rdv.live_member()
+                if member is None:  # that step has ended
+                    self.box.forget_running(step_key)
+                    continue
+                try:
+                    spec = self.rank_spec(rdv.record["extras"])
+                except BaseException:
+                    member.close()
+                    raise
+                self.diag.say("%s: joining step %s" % (option, step_key), 1)
+                if self.opts.volumes:
+                    self.diag.warn("%s: ignoring --container-mounts: this step joins the "
+                                   "running container of step %s, with its mounts"
+                                   % (option, step_key))
+                rdv.join(member)
+            finally:
+                rdv.release()
+            n1.exec_payload(spec)
+        if request == "may":
+            return
+        raise UsageError("%s: no step runs in the container in a namespace that can be joined"
+                         % option, "only a step running in mode N1 can be joined; " + instead)
 
     # -- N1: one container per step and node ------------------------------------------------
     def run_shared(self, explicit: bool) -> str:
@@ -198,8 +289,9 @@ class Launch:
                 raise ModeError("mode N1 is not usable here: %s" % probe.reason,
                                 "run `uctr doctor` to see which modes work on this node")
             return probe.reason
-        rdv = sharedns.Rendezvous(staged.launch_dir(self.local_dir), self.ctx.step_key,
-                                  recipe.digest(self.inputs), self.timeout)
+        ns_key = recipe.digest(self.inputs)
+        rdv = sharedns.Rendezvous(staged.launch_dir(self.local_dir), self.ctx.step_key, ns_key,
+                                  self.timeout)
         # Everything a joining rank needs is computed (and imported) before setns: inside,
         # the host's files, our Python modules included, are out of sight. Computed before
         # taking the lock from the record as it is now, so that ranks do not queue for it.
@@ -227,6 +319,8 @@ class Launch:
                 spec = self.rank_spec(entry["extras"], entry["spec"])
                 self.before_setup(entry, spec)
                 fast = self.fast_record_dir()  # opened before pivot_root hides the host
+                if self.box is not None and self.opts.name:  # for the steps that join it
+                    self.box.note_running(self.ctx.step_key, ns_key)
                 try:
                     n1.setup_namespace(spec)
                 except ModeUnavailable as e:

@@ -12,14 +12,21 @@ A named container is a private, writable copy of an image's rootfs on this node:
         meta.json      reference, manifest digest and runtime config of the image it came from
         active/<pid>   a live rank using it (pids of finished ranks are ignored)
         started/<n>    local rank n of the current step has begun (--container-save waits)
+        running/<step> the N1 rendezvous (launch.sharedns) of a step whose ranks share a
+                       namespace over it: what an `:exec` step joins
 
 Flags, as pyxis takes them after NAME: (pyxis_slurmstepd.c)
     auto (default)  use the container if it exists, else create it from --container-image
     create          create it; an error if it already exists
-    exec            use it only while another step runs in it (pyxis joins that step's
-                    namespaces; uctr runs the new step in the same files, its own namespaces)
+    exec            join a step running in it: its namespaces (mode N1), so what that step
+                    mounted is seen; an error if none runs, or if it runs in another mode
+                    (only N1 shares a namespace) or N1 is not usable here
     no_create       use it only if it exists (never import)
-    no_exec         as auto: uctr never joins another step's namespaces anyway
+    no_exec         as auto, never joining a running step
+auto joins a step running in the container as exec does (pyxis attaches), and otherwise
+starts the step in the container's files with namespaces of its own; so do create,
+no_create and no_exec always. A joining step's mounts are the running step's (its own
+--container-mounts are ignored, with a warning, as pyxis does).
 When the container exists, --container-image is not staged again (as in pyxis: "the import is
 skipped"); with verbosity the reuse is reported.
 
@@ -39,6 +46,7 @@ import time
 from uctr_batch.errors import UsageError
 
 FLAGS = ("auto", "create", "exec", "no_create", "no_exec")
+RUNNING = "running"
 SCOPES = ("job", "global")
 CONTAINERS = "containers"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
@@ -57,6 +65,13 @@ def parse_name(text: str):
     return name, flag
 
 
+def join_request(text):
+    """What --container-name=TEXT says about a step running in the container: "must" join
+    it (:exec), "may" (auto: join one if it runs, as pyxis attaches), or None (never)."""
+    flag = parse_name(text)[1] if text else None
+    return {"exec": "must", "auto": "may"}.get(flag)
+
+
 def scope_dir(local_dir: str, job_id: str, scope: str) -> str:
     if scope not in SCOPES:
         raise UsageError("unknown container scope %r" % scope,
@@ -64,6 +79,20 @@ def scope_dir(local_dir: str, job_id: str, scope: str) -> str:
     if scope == "job" and job_id:
         return os.path.join(local_dir, CONTAINERS, "job-%s" % job_id)
     return os.path.join(local_dir, CONTAINERS, "user")
+
+
+def container_dirs(local_dir: str):
+    """Every container directory on this node (all scopes, creations in progress too): what
+    the node-local quota counts besides the bundles."""
+    top = os.path.join(local_dir, CONTAINERS)
+    found = []
+    for scope in _listdir(top):
+        base = os.path.join(top, scope)
+        for name in _listdir(base):
+            path = os.path.join(base, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                found.append(path)
+    return found
 
 
 def job_dir(local_dir: str, job_id: str) -> str:
@@ -100,6 +129,35 @@ class Container:
     def mark_active(self, pid: int) -> None:
         _touch(os.path.join(self.path, "active", str(pid)))
 
+    def note_running(self, step_key: str, ns_key: str) -> None:
+        """Record that the ranks of STEP_KEY share the N1 namespace NS_KEY (sharedns
+        rendezvous) over this container, for the `:exec` steps that join it."""
+        running = os.path.join(self.path, RUNNING)
+        os.makedirs(running, 0o700, exist_ok=True)
+        path = os.path.join(running, _file_name(step_key))
+        tmp = "%s.tmp-%d" % (path, os.getpid())
+        with open(tmp, "w") as f:
+            json.dump({"step": step_key, "key": ns_key}, f)
+        os.replace(tmp, path)
+
+    def forget_running(self, step_key: str) -> None:
+        _unlink(os.path.join(self.path, RUNNING, _file_name(step_key)))
+
+    def running_steps(self, own_step: str):
+        """(step key, namespace key) of the steps recorded as running here, newest first,
+        other than OWN_STEP (whether they still run, the rendezvous tells)."""
+        running = os.path.join(self.path, RUNNING)
+        found = []
+        for name in _listdir(running):
+            path = os.path.join(running, name)
+            try:
+                with open(path) as f:
+                    entry = json.load(f)
+                found.append((os.stat(path).st_mtime, entry["step"], entry["key"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return [(step, key) for _t, step, key in sorted(found, reverse=True) if step != own_step]
+
     def mark_started(self, step_key: str, local_rank: int) -> None:
         started = os.path.join(self.path, "started")
         os.makedirs(started, 0o700, exist_ok=True)
@@ -113,15 +171,16 @@ class Container:
                    if n.startswith(step_key + "."))
 
 
-def prepare(local_dir: str, opts, ctx, stage_fn, say):
+def prepare(local_dir: str, opts, ctx, stage_fn, say, quota=None):
     """(Staged image whose rootfs is the named (or step's) container, its Container),
-    created from stage_fn() (the staged --container-image) when it must be."""
+    created from stage_fn() (the staged --container-image) when it must be. QUOTA: the
+    policy's storage.local_quota in bytes, which the new copy must fit in (else an error)."""
     from uctr_batch.launch.staged import Staged
 
     if opts.name:
         name, flag = parse_name(opts.name)
     else:  # --container-save alone: the step's own copy
-        name, flag = ".save-%s" % re.sub(r"[^A-Za-z0-9_.-]", "_", ctx.step_key), "auto"
+        name, flag = ".save-%s" % _file_name(ctx.step_key), "auto"
     base = scope_dir(local_dir, ctx.job_id, opts.name_scope if opts.name else "job")
     os.makedirs(base, 0o700, exist_ok=True)
     box = Container(os.path.join(base, name))
@@ -136,7 +195,10 @@ def prepare(local_dir: str, opts, ctx, stage_fn, say):
             if not opts.image:
                 raise UsageError("--container-name=%s: no such container on this node" % name,
                                  "give --container-image too, to create it")
-            _create(box, stage_fn(), say)
+            image = stage_fn()
+            if quota:
+                _make_room(local_dir, quota, image, opts.name or "--container-save")
+            _create(box, image, say)
         os.makedirs(os.path.join(box.path, "active"), 0o700, exist_ok=True)
         box.mark_active(os.getpid())
         box.mark_started(ctx.step_key, ctx.local_rank)
@@ -156,6 +218,31 @@ def _check_flag(text: str, flag: str, exists: bool, box: Container) -> None:
     if flag == "exec" and not box.live_pids(ignore=(os.getpid(),)):
         raise UsageError("%s: the container is not running (no step uses it now)" % option,
                          "drop ':exec' to start a step in it")
+
+
+def _make_room(local_dir: str, quota: int, image, what: str) -> None:
+    """Evict unused bundles (least recently used first) so that a copy of IMAGE's rootfs
+    fits under QUOTA beside the bundles and containers already there; StorageError if even
+    then it does not."""
+    from pathlib import Path
+
+    from uctr_batch import fsutil
+    from uctr_batch.batch import stage
+    from uctr_batch.errors import StorageError
+
+    need = fsutil.disk_usage(image.rootfs)
+    keep = (image.manifest_digest,) if image.manifest_digest else ()
+    stage.enforce_quota(Path(local_dir), quota, keep=keep, need=need)
+    used = stage.local_usage(Path(local_dir))
+    if used + need > quota:
+        raise StorageError(
+            "cannot create the container %s: its copy of %s needs %s, and this node's quota "
+            "of %s for node-local root filesystems has %s left (bundles in use and named "
+            "containers take %s)" % (what, image.reference, stage.human(need),
+                                     stage.human(quota), stage.human(max(quota - used, 0)),
+                                     stage.human(used)),
+            "remove named containers you no longer need (kept ones are under %s), or ask "
+            "the site to raise storage.local_quota" % os.path.join(local_dir, CONTAINERS))
 
 
 def _create(box: Container, image, say) -> None:
@@ -265,6 +352,10 @@ class _locked:
 
     def __exit__(self, *exc):
         os.close(self.fd)
+
+
+def _file_name(step_key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", step_key)[:120]
 
 
 def _listdir(path: str):

@@ -246,6 +246,8 @@ def check_command(spec) -> None:
     mode runs: otherwise each runtime reports a missing command in its own way and with its
     own exit status (crun and proot exit 1)."""
     check_exec_size(spec)
+    if os.path.isfile(spec.rootfs):
+        return  # an image file (SIF, mode S1): only apptainer can look inside
     command = spec.argv[0]
     if "/" in command and not command.startswith("/"):
         return  # relative to the working directory: left to the mode
