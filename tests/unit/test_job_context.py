@@ -131,22 +131,3 @@ def test_scontrol_failure_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with pytest.raises(ConfigError, match="Invalid job id"):
         job.job_container("77")
-
-
-@pytest.mark.parametrize("first_line, ours", [
-    (job.OCI_PROFILE_MARK, True), ("# uctr-batch oci.conf", False), ("RunTimeRun=x", False),
-    (None, False)])
-def test_oci_profile_installed_reads_the_oci_conf_beside_slurm_conf(tmp_path, first_line, ours):
-    if first_line is not None:
-        (tmp_path / "oci.conf").write_text(first_line + "\n")
-    assert job.oci_profile_installed({"SLURM_CONF": str(tmp_path / "slurm.conf")}) is ours
-
-
-def test_the_shipped_oci_profile_is_what_the_prolog_recognises():
-    from pathlib import Path
-
-    from uctr_batch.batch import oci_install
-
-    profile = Path(__file__).resolve().parents[2] / oci_install.PROFILE
-    assert profile.read_text().startswith(job.OCI_PROFILE_MARK)
-    assert oci_install.is_ours(profile)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.images import build_busybox
-from uctr_batch.batch import job, readiness, slurm
+from uctr_batch.batch import readiness, slurm
 from uctr_batch.image.rootfs import MARKER
 
 TEST_USER = "uctrtest"
@@ -148,54 +148,24 @@ def test_untrusted_policy_fails_the_job_and_never_drains(site, mode):
     assert readiness.read_readiness("100", user.pw_uid, env) is None
 
 
-def fake_scontrol(tmp_path, monkeypatch, body: str) -> Path:
-    """An scontrol first on PATH that leaves CALLED beside it when it runs."""
-    scontrol = tmp_path / "scontrol"
-    scontrol.write_text(f"#!/bin/sh\ntouch {tmp_path}/CALLED\n{body}\n")
-    scontrol.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
-    return tmp_path / "CALLED"
-
-
-def slurm_conf(tmp_path, oci_first_line=None) -> str:
-    """A SLURM_CONF whose directory holds an oci.conf starting with OCI_FIRST_LINE (or none)."""
-    conf = tmp_path / "etc-slurm"
-    conf.mkdir()
-    if oci_first_line is not None:
-        (conf / "oci.conf").write_text(oci_first_line + "\nRunTimeRun=\"x\"\n")
-    return str(conf / "slurm.conf")
-
-
 def test_job_without_container_does_nothing(site, tmp_path, monkeypatch):
     root, user = site
-    called = fake_scontrol(tmp_path, monkeypatch, "echo 'JobId=100 JobName=x'")  # no Container=
-    env = hook_env(root, user, SLURM_CONF=slurm_conf(tmp_path, job.OCI_PROFILE_MARK))
+    scontrol = tmp_path / "scontrol"  # the job record: no Container= field
+    scontrol.write_text("#!/bin/sh\necho 'JobId=100 JobName=x'\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    env = hook_env(root, user)
     assert slurm.prolog(env) == 0
-    assert called.exists()  # uctr's oci.conf: a --container job would be ours to stage
-    assert not (root / "run").exists()
-
-
-@pytest.mark.parametrize("oci_first_line", [None, "# a site's own oci.conf"])
-def test_no_controller_rpc_unless_the_oci_conf_is_uctrs(site, tmp_path, monkeypatch,
-                                                        oci_first_line):
-    """Every job of the cluster runs the prolog on each of its nodes: without uctr's oci.conf a
-    --container job is not uctr's, and asking the controller from every node costs it a
-    thousand RPCs per thousand-node job for nothing."""
-    root, user = site
-    called = fake_scontrol(tmp_path, monkeypatch, "echo 'JobId=100 Container=busybox:1'")
-    env = hook_env(root, user, SLURM_CONF=slurm_conf(tmp_path, oci_first_line))
-    assert slurm.prolog(env) == 0
-    assert not called.exists()
     assert not (root / "run").exists()
 
 
 def test_unreadable_job_record_does_not_drain(site, tmp_path, monkeypatch):
     root, user = site
-    called = fake_scontrol(tmp_path, monkeypatch,
-                           "echo 'Unable to contact slurm controller' >&2\nexit 1")
-    env = hook_env(root, user, SLURM_CONF=slurm_conf(tmp_path, job.OCI_PROFILE_MARK))
-    assert slurm.prolog_main(env) == 0
-    assert called.exists()
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\necho 'Unable to contact slurm controller' >&2\nexit 1\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert slurm.prolog_main(hook_env(root, user)) == 0
 
 
 def test_epilog_never_fails(site):

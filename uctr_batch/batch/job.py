@@ -4,9 +4,7 @@ Everything comes from the hook's environment (SLURM_JOB_*, SLURMD_NODENAME, and 
 set by the SPANK plugin through spank_job_control_setenv). Slurm's own ``--container=IMAGE``
 is only in the job record, never in the Prolog environment, so it is looked up there, with
 pyslurm when it imports (it must be built for the site's Slurm) and else with
-``scontrol show job -o``; only on a node whose oci.conf is uctr's profile, because without it
-such a job is not uctr's to stage, and a controller RPC from every node's prolog for every job
-of the cluster is load a site must not pay for nothing.
+``scontrol show job -o``.
 
 Values from SPANK_UCTR_* are the user's requests: the policy decides whether they are allowed.
 """
@@ -21,7 +19,6 @@ from uctr_batch.errors import ConfigError
 
 _log = log.get("job")
 
-OCI_PROFILE_MARK = "# uctr-batch oci.conf profile"  # the first line of uctr's oci.conf
 _CONTAINER_RE = re.compile(r"(?:^|\s)Container=(\S*)")
 _UNSET = ("", "(null)", "None")
 
@@ -86,19 +83,6 @@ def from_env(env: Optional[Mapping[str, str]] = None,
         mode=env.get("SPANK_UCTR_MODE") or None, mpi=env.get("SPANK_UCTR_MPI") or None,
         gpu=env.get("SPANK_UCTR_GPU") or None,
     )
-
-
-def oci_profile_installed(env: Optional[Mapping[str, str]] = None) -> bool:
-    """True when slurmstepd on this node hands Slurm's --container jobs to uctr: the oci.conf
-    next to slurm.conf ($SLURM_CONF, else /etc/slurm) is uctr's profile."""
-    env = os.environ if env is None else env
-    conf = env.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
-    try:
-        with open(os.path.join(os.path.dirname(conf), "oci.conf"), "rb") as f:
-            return f.readline(len(OCI_PROFILE_MARK) + 1).decode(errors="replace") \
-                .startswith(OCI_PROFILE_MARK)
-    except OSError:
-        return False
 
 
 def job_container(job_id: str) -> Optional[str]:

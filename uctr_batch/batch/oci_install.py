@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from uctr_batch import fsutil, log
-from uctr_batch.batch.job import OCI_PROFILE_MARK
 from uctr_batch.errors import ConfigError
 
 _log = log.get("slurm")
 
 PROFILE = "site-config/slurm/oci.conf.uctr"
-PROFILE_MARK = OCI_PROFILE_MARK  # the first line of the profile: ours
+PROFILE_MARK = "# uctr-batch oci.conf profile"  # the first line of the profile: ours
 EXAMPLE_RUNTIME = "/opt/uctr/libexec/uctr/uctr-oci"  # the path the shipped example names
 BACKUP_SUFFIX = ".before-uctr"
 MIN_RELEASE = (23, 2)

@@ -115,8 +115,7 @@ def prolog(env: Optional[Mapping[str, str]] = None) -> int:
     file system is read-only) stands in the way; a policy the node cannot use fails the job: a failing prolog drains the node, and
     nothing a user does, by mistake or malice, may do that."""
     env = os.environ if env is None else env
-    ctx = common.node_step("the job", jobs.from_env, env,
-                           container_lookup=lambda job_id: _container_or_none(job_id, env))
+    ctx = common.node_step("the job", jobs.from_env, env, container_lookup=_container_or_none)
     if not ctx.wants_container:
         return EXIT_OK
     started = time.monotonic()
@@ -155,14 +154,11 @@ def _slurm_job_gone(job_id: str) -> bool:
     return False
 
 
-def _container_or_none(job_id: str, env: Mapping[str, str]) -> Optional[str]:
+def _container_or_none(job_id: str) -> Optional[str]:
     """Slurm's --container value; None if the controller cannot tell us now. Not knowing is
-    no reason to drain a node: the steps then stage the image themselves (uctr-exec). None
-    without asking when this node's oci.conf is not uctr's (job.oci_profile_installed)."""
+    no reason to drain a node: the steps then stage the image themselves (uctr-exec)."""
     import subprocess
 
-    if not jobs.oci_profile_installed(env):
-        return None
     try:
         return jobs.job_container(job_id)
     except (UctrError, OSError, subprocess.SubprocessError) as e:
