@@ -183,6 +183,24 @@ static char **exec_request(spank_t sp, const struct uctr_config *cfg, const char
     return request;
 }
 
+/* Slurm >= 23.02 with an oci.conf runs a --container step through its OCI runtime: after
+ * task_init the task writes the runtime's files under slurmd's spool directory, a host
+ * path that a task in the container's mount namespace cannot see, so it must not join.
+ * The oci.conf is looked for where slurmstepd's own slurm.conf is (SLURM_CONF in its
+ * environment, else Debian's /etc/slurm). */
+static int slurm_runs_container(spank_t sp)
+{
+    char container[16], dir[PATH_MAX];
+    if (spank_getenv(sp, "SLURM_CONTAINER", container, sizeof(container)) != ESPANK_SUCCESS
+        && spank_getenv(sp, "SLURM_CONTAINER", container, sizeof(container)) != ESPANK_NOSPACE)
+        return 0;
+    const char *conf = getenv("SLURM_CONF");
+    snprintf(dir, sizeof(dir), "%s", conf && conf[0] == '/' ? conf : "/etc/slurm/slurm.conf");
+    char *slash = strrchr(dir, '/');
+    snprintf(slash + 1, sizeof(dir) - (size_t)(slash + 1 - dir), "oci.conf");
+    return access(dir, F_OK) == 0;
+}
+
 /* Before the first setns: NULL when the task can join, else why not (j released). */
 static const char *prepare(spank_t sp, const struct uctr_config *cfg, const char *image,
                            struct fj_join *j, char *started, size_t size)
@@ -191,6 +209,8 @@ static const char *prepare(spank_t sp, const struct uctr_config *cfg, const char
     char **argv = NULL;
     if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1)
         return "cannot read the task's command line";
+    if (slurm_runs_container(sp))
+        return "Slurm's OCI runtime runs this step (oci.conf)";
     char **request = exec_request(sp, cfg, image, argc, argv, &n);
     if (!request)
         return "cannot build uctr-exec's request";
