@@ -10,6 +10,9 @@ user sees it:
   container  srun -O -N2 -nTASKS --container-image=busybox true, warm node: local task 0
              of each node goes through uctr-exec (Python) and sets up the step's container,
              the other tasks join it from C in the SPANK plugin's task_init (no process)
+  bare-2, container-2   the same with -n2 (one task per node): what a container costs per
+             step (submit-time pin, prolog, epilog, the creator's uctr-exec), whatever
+             the task count; the rest of container - bare is what the joining tasks cost
 
 Target (issue 12): container / bare <= 1.1. Also reported: how many tasks of the container
 step joined from C (UCTR_FAST_DEBUG=1). The section "Slurm step" of bench/RESULTS.md is
@@ -71,8 +74,11 @@ def main(argv=None) -> int:
         srun(cluster, container + ["true"])  # warm: image staged, record directory there
         debug = srun(cluster, container + ["true"], env={"UCTR_FAST_DEBUG": "1"})
         joined = len(re.findall(re.escape(JOINED), debug.stderr))
+        two = ["-N2", "-n2"]
         cases = [Case("bare", lambda: srun(cluster, step + ["true"])),
-                 Case("container", lambda: srun(cluster, container + ["true"]))]
+                 Case("container", lambda: srun(cluster, container + ["true"])),
+                 Case("bare-2", lambda: srun(cluster, two + ["true"])),
+                 Case("container-2", lambda: srun(cluster, two + container[2:] + ["true"]))]
         samples = run_rounds(cases, args.runs, say=say)
         info = machine_info(REPO)
     finally:
@@ -81,16 +87,22 @@ def main(argv=None) -> int:
 
     median = {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
     ratio = median["container"] / median["bare"]
+    base = {"bare": "bare", "container": "bare", "bare-2": "bare-2", "container-2": "bare-2"}
     rows = [[name, fmt_time(median[name]), fmt_time(min(samples[name])),
-             fmt_time(max(samples[name])), f"{median[name] / median['bare']:.2f}x"]
-            for name in ("bare", "container")]
+             fmt_time(max(samples[name])), f"{median[name] / median[base[name]]:.2f}x"]
+            for name in base]
+    per_step = median["container-2"] - median["bare-2"]
+    per_tasks = (median["container"] - median["bare"]) - per_step
     body = ("`srun -O -N2 -n%d true` on the simulated two-node cluster, %d interleaved runs, "
             "warm node (image staged, record directory there). In the container step %d of "
             "%d tasks joined the step's container from C in task_init; the others (local "
             "task 0 per node, or a task that found no record yet) went through uctr-exec.\n\n"
             % (args.tasks, args.runs, joined, args.tasks)
-            + markdown_table(["case", "median", "min", "max", "/ bare"], rows)
+            + markdown_table(["case", "median", "min", "max", "/ bare (same -n)"], rows)
             + "\ncontainer / bare = %.2fx (target <= 1.1x)\n\n" % ratio
+            + "Per step, with one task per node (container-2 - bare-2): %s. The other %d "
+              "tasks (container - bare, less that): %s.\n\n"
+              % (fmt_time(per_step), args.tasks - 2, fmt_time(per_tasks))
             + info_lines(info))
     print(body)
     if not args.no_write:

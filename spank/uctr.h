@@ -74,9 +74,13 @@ int uctr_client_post_opt(spank_t sp, const struct uctr_config *cfg);
 /* uctr_remote.c */
 int uctr_remote_task_init(spank_t sp, const struct uctr_config *cfg);
 int uctr_remote_mark_named(spank_t sp, const struct uctr_config *cfg);
+/* Slurm >= 23.11: what is prepended to a task's argv, uctr-exec IMAGE -- (the count) */
+#define UCTR_PREFIX_MAX 3
+int uctr_exec_prefix(const struct uctr_config *cfg, const char *image,
+                     const char *prefix[UCTR_PREFIX_MAX]);
 
 /* uctr_join.c: 0 when the task joined its step's running container (setns, cwd, env),
  * 1 when it must go through uctr-exec; errors after joining end the task there */
-int uctr_join_task(spank_t sp, const struct uctr_config *cfg);
+int uctr_join_task(spank_t sp, const struct uctr_config *cfg, const char *image);
 
 #endif

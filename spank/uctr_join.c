@@ -9,8 +9,10 @@
  * at the same time do not and take uctr-exec too, which joins or waits, as before.
  *
  * The record is read, checked and matched by the C front's own code (launchers/c/fastrec.c,
- * fastjoin.c), against the request uctr-exec would have received: the same argv, the job
- * environment with UCTR_ARGV0 and the installed front's exports. Every doubt before the
+ * fastjoin.c), against the request uctr-exec would have received (exec_request): before
+ * Slurm 23.11 the task's argv with argv[0] replaced and UCTR_ARGV0 in the job environment;
+ * from 23.11 `uctr-exec IMAGE --` prepended to the task's argv (spank_prepend_task_argv).
+ * Both with the installed front's exports in the environment. Every doubt before the
  * first setns() returns 1 and the task goes through uctr-exec unchanged. Errors after it
  * end the task with uctr-exec's messages and exit codes (nothing is left to hand over).
  */
@@ -34,18 +36,6 @@
 /* The installed front's configuration (uctr slurm install writes it for both). */
 #include "front_config.h"
 #endif
-
-#if SLURM_VERSION_NUMBER >= SLURM_VERSION_NUM(23, 11, 0)
-/* uctr-exec is prepended there (spank_prepend_task_argv, no UCTR_ARGV0 hand-over): the
- * request a joining task would have to match is not built here yet, so every task goes
- * through uctr-exec (whose C front joins without Python). */
-int uctr_join_task(spank_t sp, const struct uctr_config *cfg)
-{
-    (void)sp;
-    (void)cfg;
-    return 1;
-}
-#else
 
 #define EXIT_USER 1
 #define EXIT_MODE 3
@@ -116,8 +106,8 @@ static int replace_env(spank_t sp, char **env)
     return rc;
 }
 
-/* This Slurm execs the task's own argv (it cannot grow): join only when the payload's
- * command is exactly that argv (an image without Entrypoint). */
+/* slurmstepd execs the task's own argv: join only when the payload's command is exactly
+ * that argv (an image without Entrypoint). */
 static const char *same_command(const struct fj_join *j, int argc, char **argv)
 {
     if (j->ncommand != argc)
@@ -157,28 +147,79 @@ static int waits_for_creator(spank_t sp)
     return answer;
 }
 
-/* Before the first setns: NULL when the task can join, else why not (j released). */
-static const char *prepare(spank_t sp, const struct uctr_config *cfg, struct fj_join *j,
-                           char *started, size_t size)
+/* The argv uctr-exec would receive (uctr_remote.c, wrap_argv), in a new array of *N
+ * borrowed strings; the environment is the job's with the front's exports and, before
+ * 23.11, the hand-over's UCTR_ARGV0. */
+static char **exec_request(spank_t sp, const struct uctr_config *cfg, const char *image,
+                           int argc, char **argv, int *n)
 {
-    int argc = 0;
+    if (front_env(sp))
+        return NULL;
+#if SLURM_VERSION_NUMBER >= SLURM_VERSION_NUM(23, 11, 0)
+    /* uctr-exec IMAGE -- ARGV... (spank_prepend_task_argv) */
+    const char *prefix[UCTR_PREFIX_MAX];
+    int np = uctr_exec_prefix(cfg, image, prefix);
+    char **request = calloc((size_t)(np + argc) + 1, sizeof(char *));
+    if (!request)
+        return NULL;
+    for (int i = 0; i < np; i++)
+        request[i] = (char *)prefix[i];
+    for (int i = 0; i < argc; i++)
+        request[np + i] = argv[i];
+    *n = np + argc;
+#else
+    /* ARGV with argv[0] replaced by uctr-exec, the program in UCTR_ARGV0 */
+    (void)image;
+    if (spank_setenv(sp, "UCTR_ARGV0", argv[0], 1) != ESPANK_SUCCESS)
+        return NULL;
+    char **request = calloc((size_t)argc + 1, sizeof(char *));
+    if (!request)
+        return NULL;
+    request[0] = (char *)cfg->uctr_exec;
+    for (int i = 1; i < argc; i++)
+        request[i] = argv[i];
+    *n = argc;
+#endif
+    return request;
+}
+
+/* Slurm >= 23.02 with an oci.conf runs a --container step through its OCI runtime: after
+ * task_init the task writes the runtime's files under slurmd's spool directory, a host
+ * path that a task in the container's mount namespace cannot see, so it must not join.
+ * The oci.conf is looked for where slurmstepd's own slurm.conf is (SLURM_CONF in its
+ * environment, else Debian's /etc/slurm). */
+static int slurm_runs_container(spank_t sp)
+{
+    char container[16], dir[PATH_MAX];
+    if (spank_getenv(sp, "SLURM_CONTAINER", container, sizeof(container)) != ESPANK_SUCCESS
+        && spank_getenv(sp, "SLURM_CONTAINER", container, sizeof(container)) != ESPANK_NOSPACE)
+        return 0;
+    const char *conf = getenv("SLURM_CONF");
+    snprintf(dir, sizeof(dir), "%s", conf && conf[0] == '/' ? conf : "/etc/slurm/slurm.conf");
+    char *slash = strrchr(dir, '/');
+    snprintf(slash + 1, sizeof(dir) - (size_t)(slash + 1 - dir), "oci.conf");
+    return access(dir, F_OK) == 0;
+}
+
+/* Before the first setns: NULL when the task can join, else why not (j released). */
+static const char *prepare(spank_t sp, const struct uctr_config *cfg, const char *image,
+                           struct fj_join *j, char *started, size_t size)
+{
+    int argc = 0, n = 0;
     char **argv = NULL;
     if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1)
         return "cannot read the task's command line";
-    if (front_env(sp) || spank_setenv(sp, "UCTR_ARGV0", argv[0], 1) != ESPANK_SUCCESS)
-        return "cannot set the environment";
-    char **request = calloc((size_t)argc + 1, sizeof(char *));
+    if (slurm_runs_container(sp))
+        return "Slurm's OCI runtime runs this step (oci.conf)";
+    char **request = exec_request(sp, cfg, image, argc, argv, &n);
     if (!request)
-        return "out of memory";
-    request[0] = (char *)cfg->uctr_exec;  /* uctr-exec's argv: ours, argv[0] replaced */
-    for (int i = 1; i < argc; i++)
-        request[i] = argv[i];
-    const char *why = fj_prepare(j, argc, request, job_env(sp));
+        return "cannot build uctr-exec's request";
+    const char *why = fj_prepare(j, n, request, job_env(sp));
     for (long waited = 0; not_yet(why) && waits_for_creator(sp) && waited < CREATOR_WAIT_MS;
          waited += 5) {
         struct timespec pause = { 0, 5 * 1000 * 1000 };
         nanosleep(&pause, NULL);
-        why = fj_prepare(j, argc, request, job_env(sp));
+        why = fj_prepare(j, n, request, job_env(sp));
     }
     free(request);
     if (!why)
@@ -207,13 +248,13 @@ static void payload_found(char **env, const char *command)
     fj_die(EXIT_NOT_FOUND, hint, "command not found in the container: %s", command);
 }
 
-int uctr_join_task(spank_t sp, const struct uctr_config *cfg)
+int uctr_join_task(spank_t sp, const struct uctr_config *cfg, const char *image)
 {
     struct fj_join j = FJ_JOIN_INIT;
     char started[32];
     char **env = job_env(sp);
     int debug = env && fr_getenv(env, "UCTR_FAST_DEBUG");
-    const char *why = prepare(sp, cfg, &j, started, sizeof(started));
+    const char *why = prepare(sp, cfg, image, &j, started, sizeof(started));
     if (!why) {
         const char *inuse = fr_value(&j.rec, "inuse_dir");
         if (inuse)
@@ -250,4 +291,3 @@ int uctr_join_task(spank_t sp, const struct uctr_config *cfg)
     fj_release(&j);
     return 0;
 }
-#endif

@@ -141,12 +141,21 @@ static int export_settings(spank_t sp, const struct uctr_config *cfg, const char
     return 0;
 }
 
+int uctr_exec_prefix(const struct uctr_config *cfg, const char *image,
+                     const char *prefix[UCTR_PREFIX_MAX])
+{
+    /* no image (a --container-name step): uctr-exec takes the named container */
+    prefix[0] = cfg->uctr_exec;
+    prefix[1] = image[0] ? image : "--";
+    prefix[2] = "--";
+    return image[0] ? 3 : 2;
+}
+
 static int wrap_argv(spank_t sp, const struct uctr_config *cfg, const char *image)
 {
 #if SLURM_VERSION_NUMBER >= SLURM_VERSION_NUM(23, 11, 0)
-    /* no image (a --container-name step): uctr-exec takes the named container */
-    const char *prefix[] = { cfg->uctr_exec, image[0] ? image : "--", "--" };
-    spank_err_t rc = spank_prepend_task_argv(sp, image[0] ? 3 : 2, prefix);
+    const char *prefix[UCTR_PREFIX_MAX];
+    spank_err_t rc = spank_prepend_task_argv(sp, uctr_exec_prefix(cfg, image, prefix), prefix);
     if (rc != ESPANK_SUCCESS) {
         slurm_error(UCTR_PREFIX "cannot prepend uctr-exec: %s", spank_strerror(rc));
         return -1;
@@ -208,7 +217,7 @@ int uctr_remote_task_init(spank_t sp, const struct uctr_config *cfg)
         mounts = mounts_with_script(uctr_args.mounts, script);
     if (export_settings(sp, cfg, image, mounts))
         return -1;
-    if (!is_batch && uctr_join_task(sp, cfg) == 0)
+    if (!is_batch && uctr_join_task(sp, cfg, image) == 0)
         return 0;  /* joined the step's container from C: slurmstepd execs the payload */
     return wrap_argv(sp, cfg, image);
 }

@@ -8,11 +8,14 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
@@ -96,6 +99,13 @@ static int digits(const char *s)
     return 1;
 }
 
+/* include/uapi/linux/pidfd.h (Linux 6.11), missing from older headers */
+#define PIDFS_IOCTL_MAGIC_ 0xFF
+static const unsigned long pidfd_ns_ioctl[2] = {
+    _IO(PIDFS_IOCTL_MAGIC_, 9), /* PIDFD_GET_USER_NAMESPACE */
+    _IO(PIDFS_IOCTL_MAGIC_, 3), /* PIDFD_GET_MNT_NAMESPACE */
+};
+
 /* Open /proc/PID/ns/{user,mnt} of a live member with the recorded inodes
  * (sharedns._open_member): the open files keep the namespaces alive. */
 static int open_member(const char *pid, const char *started, unsigned long long user_ino,
@@ -110,16 +120,28 @@ static int open_member(const char *pid, const char *started, unsigned long long 
     if (!digits(pid))
         return -1;
     fds[0] = fds[1] = -1;
+    long number = strtol(pid, NULL, 10);
+    int pidfd = number > 0 && number <= INT_MAX ? (int)syscall(SYS_pidfd_open, number, 0) : -1;
     for (int i = 0; i < 2; i++) {
-        snprintf(path, sizeof(path), "/proc/%s/ns/%s", pid, ns[i]);
-        fds[i] = open(path, O_RDONLY | O_CLOEXEC);
+        /* Linux >= 6.11 hands the namespaces out through the pidfd, without a path to look
+         * up; older kernels refuse the ioctl and we open /proc/PID/ns/ (same checks) */
+        fds[i] = pidfd >= 0 ? ioctl(pidfd, pidfd_ns_ioctl[i], 0) : -1;
+        if (fds[i] < 0) {
+            snprintf(path, sizeof(path), "/proc/%s/ns/%s", pid, ns[i]);
+            fds[i] = open(path, O_RDONLY | O_CLOEXEC);
+        }
         if (fds[i] < 0 || fstat(fds[i], &st) < 0 || (unsigned long long)st.st_ino != ino[i])
             goto bad;
     }
+    if (pidfd >= 0)
+        close(pidfd);
+    pidfd = -1;
     if (fj_start_time(pid, now, sizeof(now)) < 0 || strcmp(now, started) != 0)
         goto bad; /* the pid was reused while we opened */
     return 0;
 bad:
+    if (pidfd >= 0)
+        close(pidfd);
     for (int i = 0; i < 2; i++) {
         if (fds[i] >= 0)
             close(fds[i]);

@@ -15,23 +15,7 @@ import re
 
 import pytest
 
-
-
-def _release():
-    from uctr_batch.batch import slurm
-
-    words = slurm.slurm_release().split()
-    try:
-        return tuple(int(n) for n in words[1].split(".")[:2])
-    except (IndexError, ValueError):
-        return (0, 0)
-
-
-# Slurm >= 23.11 hands the task over with spank_prepend_task_argv; the join for that request
-# is not written yet (spank/uctr_join.c), so every task goes through uctr-exec (its C front).
-pytestmark = [pytest.mark.slurm,
-              pytest.mark.skipif(_release() >= (23, 11), reason="the task_init join is built for "
-                                 "Slurm < 23.11 only; newer releases take uctr-exec's C front")]
+pytestmark = pytest.mark.slurm
 
 LIMIT = ("--time=3",)
 JOINED = "uctr: task_init: joined the step's container from C"

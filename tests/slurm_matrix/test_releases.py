@@ -21,11 +21,11 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(SUITE_TIM
 
 RELEASES = slurmroot.selected_releases()
 # What each release is known to lack, as tests/slurm reports it (the skip reason's start).
-# the task_init join (spank/uctr_join.c) handles only the < 23.11 hand-over so far (issue 12)
-JOIN = "the task_init join is built for Slurm < 23.11 only"
+# Nothing else may skip: the task_init join (tests/slurm/test_slurm_fast_join.py) runs on
+# every release, so a release where it regresses fails here.
 EXPECTED_SKIPS = {
-    "trixie": {JOIN: 2},
-    "sid": {"this Slurm has no mpi/pmix plugin": 3, JOIN: 2},
+    "trixie": {},
+    "sid": {"this Slurm has no mpi/pmix plugin": 3},
 }
 
 
