@@ -102,5 +102,11 @@ int uctr_client_post_opt(spank_t sp, const struct uctr_config *cfg)
         || hand_over(sp, "UCTR_REMAP_ROOT", flag(a->remap_root))
         || hand_over(sp, "UCTR_ENTRYPOINT", flag(a->entrypoint)))
         return -1;
+    /* Slurm's --container is in the job record only, so without this the prolog of every
+     * node of every job asks the controller for it (one RPC per node per job). The client
+     * sees the option as SLURM_CONTAINER (set from --container before this callback). */
+    const char *container = getenv("SLURM_CONTAINER");
+    if (!a->image && !(container && container[0]) && hand_over(sp, "UCTR_NO_IMAGE", "1"))
+        return -1;
     return 0;
 }

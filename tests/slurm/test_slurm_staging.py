@@ -186,6 +186,21 @@ def test_container_option_of_slurm_is_an_image_reference(cold, busybox):
         assert records[node]["status"] == "ok" and records[node]["image"] == busybox
 
 
+@pytest.mark.parametrize("option, flag", [(None, "1"), ("--container", ""),
+                                          ("--container-image", "")])
+def test_the_client_tells_the_prolog_when_there_is_no_image(slurm_cluster, busybox, option,
+                                                            flag):
+    """Without the flag every node's prolog asks slurmctld for Slurm's --container (job.py):
+    one RPC per node for every job of the cluster. The job control environment that carries
+    it reaches the prolog as SPANK_UCTR_NO_IMAGE and the batch script as SLURM_SPANK_*."""
+    script = '#!/bin/sh\necho "no-image=[$SLURM_SPANK_UCTR_NO_IMAGE]"\n'
+    args = ["-N1"] + ([f"{option}={busybox}"] if option else [])
+    job_id = slurm_cluster.submit(script, name="no-image-flag", args=args)
+    result = slurm_cluster.wait(job_id)
+    assert result.state == "COMPLETED", result.output
+    assert f"no-image=[{flag}]" in result.output
+
+
 def test_batch_script_runs_on_the_host_so_srun_works(cold, busybox):
     script = "#!/bin/sh\necho \"sbatch=$(command -v sbatch) host=$(hostname)\"\n"
     job_id = cold.submit(script, name="host", args=["-N2", f"--container-image={busybox}"])

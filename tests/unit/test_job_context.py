@@ -23,7 +23,7 @@ SHOW_JOB = ("JobId=8 JobName=job.sh UserId=uctrtest(1001) GroupId=uctrtest(1001)
 
 
 def no_lookup(job_id):
-    raise AssertionError("the job record must not be read when SPANK_UCTR_IMAGE is set")
+    raise AssertionError("the job record must not be read here")
 
 
 def test_spank_values_are_the_request():
@@ -40,6 +40,19 @@ def test_container_option_comes_from_the_job_record():
     seen = []
     ctx = job.from_env(BASE_ENV, container_lookup=lambda j: seen.append(j) or "busybox:1")
     assert seen == ["123"] and ctx.image == "busybox:1" and ctx.mode is None
+
+
+def test_the_plugins_no_image_flag_spares_the_job_record_lookup():
+    ctx = job.from_env(dict(BASE_ENV, SPANK_UCTR_NO_IMAGE="1"), container_lookup=no_lookup)
+    assert not ctx.wants_container
+
+
+@pytest.mark.parametrize("flag", ["", "0", "yes"])
+def test_anything_but_the_flag_still_reads_the_job_record(flag):
+    seen = []
+    job.from_env(dict(BASE_ENV, SPANK_UCTR_NO_IMAGE=flag),
+                 container_lookup=lambda j: seen.append(j))
+    assert seen == ["123"]
 
 
 def test_no_container_at_all():

@@ -4,7 +4,10 @@ Everything comes from the hook's environment (SLURM_JOB_*, SLURMD_NODENAME, and 
 set by the SPANK plugin through spank_job_control_setenv). Slurm's own ``--container=IMAGE``
 is only in the job record, never in the Prolog environment, so it is looked up there, with
 pyslurm when it imports (it must be built for the site's Slurm) and else with
-``scontrol show job -o``.
+``scontrol show job -o``. The plugin's client side sets SPANK_UCTR_NO_IMAGE=1 when it saw
+neither option: then there is nothing to look up (a job submitted without the plugin, e.g.
+through slurmrestd, is still looked up). The flag is the submitter's word; a false one only
+makes that user's steps stage their own image.
 
 Values from SPANK_UCTR_* are the user's requests: the policy decides whether they are allowed.
 """
@@ -74,7 +77,7 @@ def from_env(env: Optional[Mapping[str, str]] = None,
     job_id = _required(env, "SLURM_JOB_ID")
     uid = _int(env, "SLURM_JOB_UID")
     image = env.get("SPANK_UCTR_IMAGE") or None
-    if image is None:
+    if image is None and env.get("SPANK_UCTR_NO_IMAGE") != "1":
         image = (container_lookup or job_container)(job_id)
     return JobContext(
         job_id=job_id, uid=uid, gid=_gid(env, uid), user=env.get("SLURM_JOB_USER") or None,
