@@ -41,6 +41,13 @@ def front(harness):
     return cfront.build(harness.root / "cfront", ("uctr-exec-asan",))["uctr-exec-asan"]
 
 
+@pytest.fixture(scope="module")
+def front_proc_ns(harness):
+    """The front as it joins on kernels before 6.11: through /proc/PID/ns/, no pidfd."""
+    return cfront.build(harness.root / "cfront",
+                        ("uctr-exec-asan-procns",))["uctr-exec-asan-procns"]
+
+
 @pytest.fixture
 def node(harness):
     return Node(harness.root / "fast-exec", unprivileged_user())
@@ -160,19 +167,24 @@ def test_what_the_c_front_must_not_take_goes_to_python(node, busybox, front):
         stop(creator)
 
 
-def test_all_ranks_through_the_c_front_share_one_container(node, busybox, front):
+@pytest.mark.parametrize("kernel", ["pidfd", "proc"])
+def test_all_ranks_through_the_c_front_share_one_container(node, busybox, front, front_proc_ns,
+                                                           kernel):
     """The install case: every rank starts the C front. The early ones find no record and
-    run the Python launcher (one of them sets up the container); the later ones join from C."""
+    run the Python launcher (one of them sets up the container); the later ones join from C,
+    taking the namespaces through a pidfd (Linux >= 6.11) or /proc/PID/ns/ (older kernels)."""
+    front = front if kernel == "pidfd" else front_proc_ns
+    job = "65" if kernel == "pidfd" else "67"  # a step of its own
     assert node.run(busybox, "true").returncode == 0
     probe = 'echo "ns $(stat -L -c %i /proc/self/ns/mnt)"; sleep 2'
 
     def start(r):
-        return rank(node, front, [busybox, "sh", "-c", probe], step_env("65", "0", 6, r),
+        return rank(node, front, [busybox, "sh", "-c", probe], step_env(job, "0", 6, r),
                     popen=True)
 
     early = [start(r) for r in range(3)]
     deadline = time.monotonic() + 120
-    while not (node.local / "fast" / "step-65.0.rec").exists():
+    while not (node.local / "fast" / f"step-{job}.0.rec").exists():
         assert time.monotonic() < deadline, "no fast-join record"
         time.sleep(0.05)
     late = [start(r) for r in range(3, 6)]
