@@ -14,6 +14,7 @@ Three parts:
 import pwd
 import shutil
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -204,6 +205,26 @@ def test_uctr_exec_runs_a_rank_with_the_step_environment(harness, app_sif):
     assert out.strip() == "w"
     assert ok(node.run("--remap-root", app_sif, "id", "-u", env=env)).strip() == "0"
     assert node.bundles() == []  # nothing unpacked on the node
+
+
+@needs_apptainer
+def test_a_rank_in_a_sif_reaches_its_pmix_server_directory(harness, app_sif):
+    """srun --mpi=pmix hands a rank PMIX_SERVER_TMPDIR (Slurm: <SlurmdSpoolDir>/pmix.J.S),
+    which apptainer does not bind by itself: without it the rank cannot reach its server."""
+    # where slurmd puts it, outside /tmp and $HOME (which a rank gets anyway)
+    server = Path(tempfile.mkdtemp(prefix="pmix.43.0-", dir="/var/spool"))
+    try:
+        server.chmod(0o755)
+        (server / "usock").write_text("server socket stands here\n")
+        (server / "usock").chmod(0o644)
+        env = dict(step_env("43", "0", 1), PMIX_SERVER_TMPDIR=str(server),
+                   PMIX_NAMESPACE="slurm.pmix.43.0", PMIX_RANK="0")
+        out = ok(Node(harness.root, user=USER).run(
+            app_sif, "sh", "-c",
+            'echo "$PMIX_NAMESPACE $PMIX_RANK"; cat "$PMIX_SERVER_TMPDIR/usock"', env=env))
+    finally:
+        shutil.rmtree(server, ignore_errors=True)
+    assert out.split("\n")[:2] == ["slurm.pmix.43.0 0", "server socket stands here"], out
 
 
 # -- the real runs in the Debian sid root, where apptainer is packaged -------------------------

@@ -199,7 +199,8 @@ class Launch:
         spec = run.build_spec(
             target, NodePolicy.from_dict(policy), command=opts.command, volumes=opts.volumes,
             user_env=opts.env, workdir=opts.workdir, read_only=not opts.writable,
-            root=opts.remap_root, extra_binds=self.host_binds(), host_env=self.env,
+            root=opts.remap_root, extra_binds=self.host_binds() + sif_pmix_binds(self.env, policy),
+            host_env=self.env,
             host_cwd=self.host_cwd, scratch=scratch)
         run.exec_ladder(ladder, spec, explicit=True)
 
@@ -518,3 +519,15 @@ class Launch:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def sif_pmix_binds(env, policy) -> list:
+    """The PMIx server's directories for a rank in a SIF (read-write, as inject.pmi binds
+    them for other images): apptainer binds none of them by itself, and without them an
+    `srun --mpi=pmix` rank in a SIF cannot reach its server. The rest of the rank's wiring
+    (PMI_*/PMIX_* variables, the host network, an inherited PMI fd) apptainer keeps."""
+    from uctr_batch.inject import pmi, policyview
+
+    if not policyview.get(policy, "pmix", True):
+        return []
+    return [(path, path, False) for path in pmi.shared_dirs(env, "/", policy)]
