@@ -441,22 +441,13 @@ int fr_record_name(const char *key, char *buf, size_t size)
 
 /* -- does this rank ask for the recorded container? ---------------------------------- */
 
-static int ignored(const struct fr_record *rec, const char *entry, size_t name_len)
+/* 1 when a FIELD line of the record names the variable of ENTRY ("NAME=..." or "NAME") */
+static int names(const struct fr_record *rec, const char *field, const char *entry,
+                 size_t name_len)
 {
     for (size_t i = 0; i < rec->n; i++) {
         const struct fr_line *l = &rec->lines[i];
-        if (is(l, "ignore") && strlen(l->argv[0]) == name_len &&
-            strncmp(l->argv[0], entry, name_len) == 0)
-            return 1;
-    }
-    return 0;
-}
-
-static int required(const struct fr_record *rec, const char *entry, size_t name_len)
-{
-    for (size_t i = 0; i < rec->n; i++) {
-        const struct fr_line *l = &rec->lines[i];
-        if (is(l, "require") && strlen(l->argv[0]) == name_len &&
+        if (is(l, field) && strlen(l->argv[0]) == name_len &&
             strncmp(l->argv[0], entry, name_len) == 0)
             return 1;
     }
@@ -481,7 +472,7 @@ static const char *check_env(const struct fr_record *rec, char *const *envp)
                 if (!eq || strncmp(*e, l->argv[0], plen) != 0)
                     continue;
                 size_t name_len = (size_t)(eq - *e);
-                if (!ignored(rec, *e, name_len) && !required(rec, *e, name_len))
+                if (!names(rec, "ignore", *e, name_len) && !names(rec, "require", *e, name_len))
                     return "a setting the creator did not have is set";
             }
         }
@@ -682,7 +673,7 @@ static void pass_host(struct envbuf *e, const struct fr_record *rec, char *const
         if (!eq || eq == *h)
             continue;
         size_t klen = (size_t)(eq - *h);
-        if (ignored(rec, *h, klen))
+        if (names(rec, "ignore", *h, klen))
             continue;
         char *name = strndup(*h, klen);
         if (!name) {
@@ -776,7 +767,7 @@ static void run_line(struct envbuf *e, const struct fr_record *rec, const struct
     } else if (is(l, "env_pass_name")) {
         pass_host(e, rec, envp, l->argv[0], 2);
     } else if (is(l, "env_copy")) {
-        const char *v = ignored(rec, l->argv[0], strlen(l->argv[0])) ? NULL
+        const char *v = names(rec, "ignore", l->argv[0], strlen(l->argv[0])) ? NULL
                         : fr_getenv(envp, l->argv[0]);
         if (v)
             env_set(e, l->argv[0], v);
