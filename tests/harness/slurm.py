@@ -563,6 +563,12 @@ class SlurmCluster:
         match = re.search(r"\bState=(\S+)", out)
         return match.group(1) if match else "UNKNOWN"
 
+    def unavailable_nodes(self, nodes: Optional[Sequence[str]] = None) -> Dict[str, str]:
+        """{node: state} of the NODES (default: all) that Slurm has drained or downed: no
+        user's job may ever cause one."""
+        states = {n: self.node_state(n) for n in (nodes or self.nodes)}
+        return {n: s for n, s in states.items() if "DRAIN" in s or "DOWN" in s}
+
     def node_exec(self, node: str, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
         """Run ARGV as root inside NODE's namespaces (to look at its /tmp, /run/uctr, mounts)."""
         pid = _read_pid(self.path("run", f"slurmd.{node}.pid"))

@@ -47,12 +47,6 @@ def new_prolog_lines(cluster, since):
     return out
 
 
-def assert_nodes_up(cluster):
-    for node in NODES:
-        state = cluster.node_state(node)
-        assert "DRAIN" not in state and "DOWN" not in state, f"{node} is {state}"
-
-
 def test_array_tasks_on_a_node_share_one_rootfs(slurm_cluster, test_images):
     slurm_cluster.reset_user_storage()
     image = push(test_images["busybox"], slurm_cluster.registry, repo="array", tag="1")
@@ -74,7 +68,7 @@ def test_array_tasks_on_a_node_share_one_rootfs(slurm_cluster, test_images):
         unpacked = [ln for ln in staged if "(unpacked)" in ln]
         assert len(unpacked) == 1, staged  # one unpack per node, the other tasks reuse it
         assert all(f"@{digest} as" in ln for ln in staged)  # every task got the pinned digest
-    assert_nodes_up(slurm_cluster)
+    assert slurm_cluster.unavailable_nodes(NODES) == {}
 
 
 def test_each_component_of_a_heterogeneous_job_has_its_own_image(slurm_cluster, test_images):
@@ -95,4 +89,4 @@ def test_each_component_of_a_heterogeneous_job_has_its_own_image(slurm_cluster, 
     ran = sorted(re.findall(r"image=(\w) host=(\S+) group=(\S+)", outputs))
     assert [(i, g) for i, _h, g in ran] == [("A", "0"), ("A", "1-default"), ("B", "1")], outputs
     assert len({h for _i, h, _g in ran}) == 2  # one node per component
-    assert_nodes_up(slurm_cluster)
+    assert slurm_cluster.unavailable_nodes(NODES) == {}

@@ -29,11 +29,6 @@ def all_nodes(cluster):
     return sorted(cluster.nodes, key=lambda name: int(name[4:]))
 
 
-def nodes_up(cluster):
-    return {n: cluster.node_state(n) for n in all_nodes(cluster)
-            if "DRAIN" in cluster.node_state(n) or "DOWN" in cluster.node_state(n)} == {}
-
-
 def complete_bundles(cluster, node):
     """Bundles whose rootfs was finished (image.json is written last)."""
     names = [n for n in cluster.list_node_dir(node, f"{LOCAL}/bundles") if not n.startswith(".")]
@@ -95,7 +90,7 @@ def test_registry_dies_after_one_node_staged_the_others_proceed(slurm_cluster, p
     assert result.state == "COMPLETED", result.output
     assert set(outcomes(slurm_cluster, job_id).values()) == {"staged"}
     assert len(proxy.requests) == asked  # the shared cache had all: nothing asked of it
-    assert nodes_up(slurm_cluster)
+    assert slurm_cluster.unavailable_nodes() == {}
 
 
 def test_registry_dies_mid_pull_then_a_resubmission_fetches_only_what_is_missing(
@@ -109,7 +104,7 @@ def test_registry_dies_mid_pull_then_a_resubmission_fetches_only_what_is_missing
     assert result.state == "FAILED", result.output
     assert "503" in result.output and "uctr:" in result.output
     assert set(outcomes(slurm_cluster, job_id).values()) == {"error"}
-    assert nodes_up(slurm_cluster)
+    assert slurm_cluster.unavailable_nodes() == {}
     for node in all_nodes(slurm_cluster):
         assert complete_bundles(slurm_cluster, node) == []  # nothing half-made is kept as done
     missing = set(layers) - cached_blobs(layers)
@@ -134,7 +129,7 @@ def test_a_429_storm_with_retry_after_is_waited_out(slurm_cluster, proxy, test_i
     assert sum(1 for r in proxy.matching(r"/blobs/") if r.status == 429) == 3
     for digest in image.layer_digests():  # one download per blob for the whole cluster
         assert sum(1 for r in proxy.matching(re.escape(digest)) if r.status == 200) == 1
-    assert nodes_up(slurm_cluster)
+    assert slurm_cluster.unavailable_nodes() == {}
 
 
 def test_one_node_with_a_full_disk_fails_the_job_not_the_node(slurm_cluster, proxy, test_images):
@@ -157,7 +152,7 @@ def test_one_node_with_a_full_disk_fails_the_job_not_the_node(slurm_cluster, pro
         assert seen[full] == "error"
         assert all(v == "staged" for n, v in seen.items() if n != full), seen
         assert complete_bundles(slurm_cluster, full) == []
-        assert nodes_up(slurm_cluster)
+        assert slurm_cluster.unavailable_nodes() == {}
     finally:
         slurm_cluster.node_exec(full, ["umount", LOCAL])
         slurm_cluster.node_exec(full, ["rm", "-rf", LOCAL])
@@ -184,4 +179,4 @@ def test_a_node_that_cannot_run_the_mode_fails_the_job_not_the_node(slurm_cluste
     assert seen[odd] == "error"
     assert all(v == "staged" for node, v in seen.items() if node != odd), seen
     assert complete_bundles(slurm_cluster, odd) == []  # refused before anything was staged
-    assert nodes_up(slurm_cluster)
+    assert slurm_cluster.unavailable_nodes() == {}

@@ -27,12 +27,6 @@ def images_run(output):
     return sorted(re.findall(r"image=(\w) host=(\S+)", output))
 
 
-def assert_nodes_up(cluster):
-    for node in NODES:
-        state = cluster.node_state(node)
-        assert "DRAIN" not in state and "DOWN" not in state, f"{node} is {state}"
-
-
 @pytest.fixture
 def moving_tag(slurm_cluster, test_images):
     """registry/pinned:1 -> image A (busybox); returns (ref, move_to_B)."""
@@ -88,7 +82,7 @@ def test_an_unreachable_registry_refuses_the_submission_at_once(slurm_cluster):
     message = str(refused.value)
     assert "uctr: --container-image=" in message and "cannot resolve" in message
     assert "hint:" in message
-    assert_nodes_up(slurm_cluster)
+    assert slurm_cluster.unavailable_nodes(NODES) == {}
 
 
 def test_the_site_can_defer_the_pin_to_the_prolog(slurm_cluster, moving_tag):
@@ -101,4 +95,4 @@ def test_the_site_can_defer_the_pin_to_the_prolog(slurm_cluster, moving_tag):
     for node in NODES:  # the prolog got the tag itself, not a digest
         assert any(f"staged {ref} as" in line
                    for line in slurm_cluster.hook_lines("prolog", node, job_id))
-    assert_nodes_up(slurm_cluster)
+    assert slurm_cluster.unavailable_nodes(NODES) == {}

@@ -83,12 +83,6 @@ def wait_readiness(cluster, node, job_id, timeout=60):
         time.sleep(0.1)
 
 
-def assert_nodes_up(cluster):
-    for node in NODES:
-        state = cluster.node_state(node)
-        assert "DRAIN" not in state and "DOWN" not in state, f"{node} is {state}"
-
-
 @pytest.fixture
 def busybox(slurm_cluster, test_images):
     return slurm_cluster.image_ref("busybox")
@@ -226,7 +220,7 @@ def test_epilog_removes_job_state_and_keeps_the_bundle(cold, busybox, test_image
 def test_epilog_without_state_is_quiet(slurm_cluster):
     job_id = slurm_cluster.submit("#!/bin/sh\ntrue\n", name="plain", args=["-N2"])
     assert slurm_cluster.wait(job_id).state == "COMPLETED"
-    assert_nodes_up(slurm_cluster)
+    assert slurm_cluster.unavailable_nodes(NODES) == {}
     for node in NODES:
         assert slurm_cluster.hook_lines("epilog", node, job_id) == []
 
@@ -244,7 +238,7 @@ def test_bad_image_fails_the_job_with_the_message_and_nodes_stay_up(cold):
         result.output, result.output
     assert "uctr: hint: " in result.output
     assert "the batch script ran" not in result.output
-    assert_nodes_up(cold)
+    assert cold.unavailable_nodes(NODES) == {}
     for node in NODES:
         lines = cold.hook_lines("prolog", node, job_id)
         assert lines and "user error" in lines[0], lines
@@ -258,14 +252,14 @@ def test_bad_image_fails_each_srun_step(cold):
     assert f"error: uctr: repository not found: {cold.registry_host}/no-such-image" in \
         result.stderr, result.stderr
     assert "uctr: hint: " in result.stderr
-    assert_nodes_up(cold)
+    assert cold.unavailable_nodes(NODES) == {}
 
 
 def test_mode_outside_the_policy_is_refused(cold, busybox):
     result = cold.srun(["-N1", f"--container-image={busybox}", "--container-mode=F1", "true"])
     assert result.returncode != 0
     assert "uctr: mode F1 is not allowed" in result.stderr, result.stderr
-    assert_nodes_up(cold)
+    assert cold.unavailable_nodes(NODES) == {}
 
 
 def test_unknown_mode_name_is_refused_before_submission(slurm_cluster, busybox):
@@ -348,7 +342,7 @@ def test_a_planted_local_dir_neither_drains_the_node_nor_fails_the_job(cold, bus
                             "sh", "-c", "echo in-container; cat /proc/self/mountinfo | head -1"])
         assert result.returncode == 0, result.stderr
         assert "in-container" in result.stdout
-        assert_nodes_up(cold)
+        assert cold.unavailable_nodes(NODES) == {}
         owner = cold.node_exec("node2", ["stat", "-c", "%U", LOCAL]).stdout.strip()
         assert owner == "nobody", "the planted path is left as it was"
         fallbacks = cold.node_exec("node2", ["sh", "-c", f"ls -d /tmp/uctr-fallback.*/{UID}"])
