@@ -65,15 +65,19 @@ static int front_env(spank_t sp)
     return 0;
 }
 
-static int in_env(char **env, const char *entry, size_t name_len)
+/* The first entry of ENV for the variable ENTRY names ("NAME=..."; NAME_LEN bytes), or NULL. */
+static const char *first_entry(char **env, const char *entry, size_t name_len)
 {
-    for (char **p = env; *p; p++)
-        if (strncmp(*p, entry, name_len + 1) == 0)
-            return 1;
-    return 0;
+    for (char **p = env; p && *p; p++)
+        if (strncmp(*p, entry, name_len) == 0 && (*p)[name_len] == '=')
+            return *p;
+    return NULL;
 }
 
-/* Make the job environment, the one slurmstepd hands to execve, equal to ENV. */
+/* Make the job environment, the one slurmstepd hands to execve, equal to ENV. A variable
+ * that already holds its value is left alone: most of a Slurm task's hundred variables pass
+ * into the container unchanged, and each spank_setenv costs slurmstepd an allocation of
+ * its environment buffer. */
 static int replace_env(spank_t sp, char **env)
 {
     char **old = job_env(sp);
@@ -87,7 +91,7 @@ static int replace_env(spank_t sp, char **env)
     for (char **p = old; p && *p; p++) {
         const char *eq = strchr(*p, '=');
         size_t len = eq ? (size_t)(eq - *p) : strlen(*p);
-        if (!eq || !in_env(env, *p, len))
+        if (!eq || !first_entry(env, *p, len))
             gone[k++] = strndup(*p, len);
     }
     int rc = 0;
@@ -98,8 +102,12 @@ static int replace_env(spank_t sp, char **env)
     }
     free(gone);
     for (char **p = env; rc == 0 && *p; p++) {
-        char *name = strdup(*p), *eq = name ? strchr(name, '=') : NULL;
-        if (!eq || (*eq = '\0', spank_setenv(sp, name, eq + 1, 1) != ESPANK_SUCCESS))
+        const char *eq = strchr(*p, '=');
+        const char *now = eq ? first_entry(job_env(sp), *p, (size_t)(eq - *p)) : NULL;
+        if (now && strcmp(now, *p) == 0)
+            continue;
+        char *name = strdup(*p), *cut = name ? strchr(name, '=') : NULL;
+        if (!cut || (*cut = '\0', spank_setenv(sp, name, cut + 1, 1) != ESPANK_SUCCESS))
             rc = -1;
         free(name);
     }

@@ -164,6 +164,9 @@ HOSTS = [
      "APP": "hostapp", "UCTR_SIGSTATE": "1:0:0", "UCTR_ARGV0": "x", "DEF": "host"},
     {"SLURM_JOB_ID": "7", "KEEP": "host", "DEF": "", "PRE_LOAD": "/a.so:/b.so:/a.so",
      "PMIX_DSTORE_X": "y", "MY_": "", "U1": "host"},
+    # a Slurm task's size: the C side sorts the names it looks up per variable
+    dict({"SLURM_V%03d" % i: str(i) for i in range(150)},
+         **{"PMIX_V%02d" % i: "p" for i in range(40)}, UCTR_ARGV0="x", TERM="t", ZZ="z"),
 ]
 
 
@@ -291,7 +294,10 @@ def test_c_refuses_another_uid_cwd_or_setting(tool, tmp_path):
                               ("/home/u/w", os.getuid(), {"UCTR_MOUNTS": "/a"}),
                               ("/home/u/w", os.getuid(), {"HOME": "/other"}),
                               ("/home/u/w", os.getuid(), {"CUDA_VISIBLE_DEVICES": "1"}),
-                              ("/home/u/w", os.getuid(), {"PMIX_DSTORE_9": "z"})]:
+                              ("/home/u/w", os.getuid(), {"PMIX_DSTORE_9": "z"}),
+                              # a name that only starts like an ignored one counts
+                              ("/home/u/w", os.getuid(), {"UCTR_SIGSTATE_X": "1"}),
+                              ("/home/u/w", os.getuid(), {"UCTR_ARGV": "1"})]:
         out = run_tool(tool, "match", path, cwd, uid, os.getgid(), *args, env=dict(env, **changed))
         assert out.startswith("no:"), (cwd, uid, changed)
     # per-process variables do not count
