@@ -522,6 +522,14 @@ class SlurmCluster:
         return _run(self._as_user(user, ["srun", *args], env), check=False, cwd=str(work),
                     timeout=timeout)
 
+    def salloc(self, args: Sequence[str], command: Sequence[str], user: str = TEST_USER,
+               timeout: float = 300, name: str = "salloc") -> subprocess.CompletedProcess:
+        """salloc ARGS COMMAND as USER from a fresh shared work dir (COMMAND runs there,
+        inside the allocation, on the submit host: it starts the job's steps with srun)."""
+        work = self.work_dir(name, user)
+        return _run(self._as_user(user, ["salloc", *args, *command], None), check=False,
+                    cwd=str(work), timeout=timeout)
+
     def srun_background(self, args: Sequence[str], output: Path, user: str = TEST_USER,
                         name: str = "srun") -> subprocess.Popen:
         """Start srun as USER without waiting; its stdout and stderr go to OUTPUT (a file
