@@ -313,6 +313,16 @@ class InstallPlan:
         return ("# plugstack.conf (or a file in plugstack.conf.d/):\n" + self.plugstack_line()
                 + "# slurm.conf (then: scontrol reconfigure; restart slurmd):\n" + self.slurm_conf())
 
+    def hook_script(self, kind: str, script: Path) -> str:
+        """The Prolog/Epilog slurm.conf names: Python for container jobs only."""
+        import shlex
+
+        command = f"exec {shlex.quote(self.python)} {shlex.quote(str(script))}"
+        if self.log_dir:  # the hook opens it (redirect_log): never through a user's symlink
+            log_file = shlex.quote(f"{self.log_dir.rstrip('/')}/uctr-{kind}.")
+            command = f"export {HOOK_LOG}={log_file}\"$SLURMD_NODENAME\".log\n{command}"
+        return self.wrapper(no_container_exit(kind) + command)
+
     def wrapper(self, target: str) -> str:
         """A hook/launcher script: this Python, this package, the site policy."""
         import shlex
@@ -322,6 +332,21 @@ class InstallPlan:
         if self.policy:
             lines.append(f"export UCTR_POLICY={shlex.quote(self.policy)}")
         return "\n".join(lines + [target, ""])
+
+
+def no_container_exit(kind: str) -> str:
+    """sh that ends the hook before Python starts for a job the SPANK client marked as
+    submitted without an image (UCTR_NO_IMAGE), as prolog() and epilog() would end it: the
+    prolog has nothing to stage, the epilog nothing to release unless the job left a
+    readiness record or used a named container here. Most jobs of a cluster run no
+    container, and a Python start costs each of them ~0.05 CPU-s per node and hook. A false
+    mark comes from the submitter and costs only that user's own job (docs/slurm.md)."""
+    test = '[ -z "${SPANK_UCTR_IMAGE:-}" ] && [ "${SPANK_UCTR_NO_IMAGE:-}" = 1 ]'
+    if kind == "epilog":
+        run = f'"${{UCTR_RUN_DIR:-{readiness.DEFAULT_RUN_DIR}}}'
+        test += "".join(f' \\\n    && [ ! -e {run}/{what}/$SLURM_JOB_ID" ]'
+                        for what in ("readiness", "containers"))
+    return f"# a job without a container: nothing to do here\nif {test}; then exit 0; fi\n"
 
 
 def install_plan(prefix: Path, policy: Optional[str] = None,
@@ -350,11 +375,7 @@ def install(plan: InstallPlan) -> None:
     for kind in ("prolog", "epilog"):
         script = plan.libexec / f"{kind}.py"
         _install_file(script, (plan.source / "hooks" / "slurm" / f"{kind}.py").read_bytes(), 0o644)
-        command = f"exec {shlex.quote(plan.python)} {shlex.quote(str(script))}"
-        if plan.log_dir:  # the hook opens it (redirect_log): never through a user's symlink
-            log_file = shlex.quote(f"{plan.log_dir.rstrip('/')}/uctr-{kind}.")
-            command = (f"export {HOOK_LOG}={log_file}\"$SLURMD_NODENAME\".log\n{command}")
-        _install_file(plan.hook(kind), plan.wrapper(command).encode(), 0o755)
+        _install_file(plan.hook(kind), plan.hook_script(kind, script).encode(), 0o755)
     launcher = plan.wrapper(_launcher_command(plan)).encode()
     _install_file(plan.python_launcher, launcher, 0o755)
     _install_file(plan.uctr_exec, _front(plan) or launcher, 0o755)
