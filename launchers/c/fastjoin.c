@@ -5,6 +5,7 @@
 #define _GNU_SOURCE
 #include "fastjoin.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <fcntl.h>
@@ -271,6 +272,28 @@ static const char *record_dir(char **envp, char *out, size_t size)
     return NULL;
 }
 
+/* Does the record directory hold any step's record (or one being written)? The launch
+ * directory exists on any node where uctr-exec ran, in any mode; a record of the last
+ * day (fastrec._collect_garbage) says N1 steps run here: the SPANK plugin's tasks then
+ * wait for their creator's record ("no record for this step"), and only then. Read on the
+ * path without a record only. */
+static int holds_records(int dir)
+{
+    int fd = dup(dir);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    struct dirent *e;
+    int found = 0;
+    if (!d) {
+        if (fd >= 0)
+            close(fd);
+        return 0;
+    }
+    while (!found && (e = readdir(d)))
+        found = strncmp(e->d_name, "fast-step-", 10) == 0;
+    closedir(d);
+    return found;
+}
+
 /* Everything that can still hand over to Python; 0 when we are about to setns. */
 const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp)
 {
@@ -294,7 +317,8 @@ const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp)
     struct stat rst;
     char *data = read_record(dir, name, &len, &rst);
     if (!data) {
-        why = "no record for this step";
+        why = holds_records(dir) ? "no record for this step"
+                                 : "no record on this node (no N1 step ran here lately)";
         goto out;
     }
     int bad = fr_parse(data, len, &j->rec, &why);

@@ -433,3 +433,19 @@ def test_c_join_opens_a_launch_directory_elsewhere_with_the_same_checks(tool, tm
         assert len(opened) == 2 and '"%s"' % elsewhere in opened[1], opened
     os.chmod(elsewhere, 0o770)
     assert c_join(tool, env, tmp_path)[0] == "no: the rendezvous directory is not private"
+
+
+@needs_cc
+def test_c_join_without_a_record_says_whether_n1_steps_ran_here(tool, tmp_path):
+    """launch/ exists wherever uctr-exec ran, in any mode: only a record of some step tells
+    the SPANK plugin's tasks that their creator's record is worth waiting for
+    (spank/uctr_join.c not_yet)."""
+    env = join_env(str(tmp_path / "local"))
+    fd = nodelock.open_private_dir(fastrec.fast_dir(env))
+    try:
+        assert c_join(tool, env, tmp_path)[0] == \
+            "no: no record on this node (no N1 step ran here lately)"
+        fastrec.write(fd, fastrec.record_name("76.0"), record_lines(step_key="76.0"))
+        assert c_join(tool, env, tmp_path)[0] == "no: no record for this step"
+    finally:
+        os.close(fd)
