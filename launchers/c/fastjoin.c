@@ -273,10 +273,10 @@ static const char *record_dir(char **envp, char *out, size_t size)
 }
 
 /* Does the record directory hold any step's record (or one being written)? The launch
- * directory exists on any node where uctr-exec ran, in any mode; a record of the last
- * day (fastrec._collect_garbage) says N1 steps run here: the SPANK plugin's tasks then
- * wait for their creator's record ("no record for this step"), and only then. Read on the
- * path without a record only. */
+ * directory exists on any node where uctr-exec ran, in any mode; a record (removed only
+ * by a later creator, a day after its step: fastrec._collect_garbage) says that N1 steps
+ * ran here. Only then do the SPANK plugin's tasks wait for their creator's record ("no
+ * record for this step"). Read on the path without a record only. */
 static int holds_records(int dir)
 {
     int fd = dup(dir);
