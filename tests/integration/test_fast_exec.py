@@ -18,7 +18,6 @@ import pytest
 
 from tests.harness import cfront
 from tests.integration.exec_helpers import SHIM, Node, step_env, unprivileged_user
-from uctr_batch.launch import fastrec
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(cfront.compiler() is None, reason="no C compiler")]
@@ -90,6 +89,8 @@ def start_creator(node, busybox, job, local_size=8):
 
 def record_path(node, step_key):
     """The step's fast-join record: in the rendezvous directory, <local>/launch."""
+    from uctr_batch.launch import fastrec
+
     return node.local / "launch" / fastrec.record_name(step_key)
 
 
