@@ -89,7 +89,7 @@ class Bench:
         env = self.step(job, 100000)
         proc = subprocess.Popen([str(SHIM), self.image, "sleep", "3600"], env=env,
                                 cwd=self.workdir)
-        record = self.local / "fast" / f"step-{job}.0.rec"
+        record = self.local / "launch" / f"fast-step-{job}.0.rec"  # fastrec.record_name
         deadline = time.monotonic() + 120
         while not record.exists():
             if proc.poll() is not None or time.monotonic() > deadline:

@@ -5,6 +5,7 @@
 #define _GNU_SOURCE
 #include "fastjoin.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <fcntl.h>
@@ -250,6 +251,49 @@ void fj_mark_in_use(const char *dir)
     close(fd);
 }
 
+/* The directory of the step's fast-join record: fastrec.fast_dir, "<UCTR_LOCAL_DIR, else
+ * /tmp/uctr-UID>/launch" spelled as Python's os.path.join spells it, so that it compares
+ * string-equal to the record's launch_dir in the usual case. */
+static const char *record_dir(char **envp, char *out, size_t size)
+{
+    char base[4096];
+    const char *local = fr_getenv(envp, "UCTR_LOCAL_DIR");
+    if (local && *local) {
+        if (local[0] != '/')
+            return "UCTR_LOCAL_DIR is relative";
+        if (snprintf(base, sizeof(base), "%s", local) >= (int)sizeof(base))
+            return "UCTR_LOCAL_DIR is too long";
+    } else {
+        snprintf(base, sizeof(base), "/tmp/uctr-%d", (int)getuid());
+    }
+    const char *sep = base[strlen(base) - 1] == '/' ? "" : "/";
+    if (snprintf(out, size, "%s%slaunch", base, sep) >= (int)size)
+        return "UCTR_LOCAL_DIR is too long";
+    return NULL;
+}
+
+/* Does the record directory hold any step's record (or one being written)? The launch
+ * directory exists on any node where uctr-exec ran, in any mode; a record (removed only
+ * by a later creator, a day after its step: fastrec._collect_garbage) says that N1 steps
+ * ran here. Only then do the SPANK plugin's tasks wait for their creator's record ("no
+ * record for this step"). Read on the path without a record only. */
+static int holds_records(int dir)
+{
+    int fd = dup(dir);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    struct dirent *e;
+    int found = 0;
+    if (!d) {
+        if (fd >= 0)
+            close(fd);
+        return 0;
+    }
+    while (!found && (e = readdir(d)))
+        found = strncmp(e->d_name, "fast-step-", 10) == 0;
+    closedir(d);
+    return found;
+}
+
 /* Everything that can still hand over to Python; 0 when we are about to setns. */
 const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp)
 {
@@ -262,14 +306,10 @@ const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp)
         || fr_record_name(me.step_key, name, sizeof(name)) < 0)
         return "cannot tell the step";
     j->me = me;
-    const char *local = fr_getenv(envp, "UCTR_LOCAL_DIR");
-    if (local && *local) {
-        if (local[0] != '/')
-            return "UCTR_LOCAL_DIR is relative";
-        snprintf(dirpath, sizeof(dirpath), "%s/fast", local);
-    } else {
-        snprintf(dirpath, sizeof(dirpath), "/tmp/uctr-%d/fast", (int)getuid());
-    }
+    if ((why = record_dir(envp, dirpath, sizeof(dirpath))))
+        return why;
+    /* the record's directory: in the usual case the step's launch directory itself (one
+     * open and fstat less), see below */
     int dir = open_private_dir(AT_FDCWD, dirpath);
     if (dir < 0)
         return "no private record directory";
@@ -277,52 +317,53 @@ const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp)
     struct stat rst;
     char *data = read_record(dir, name, &len, &rst);
     if (!data) {
-        close(dir);
-        return "no record for this step";
+        why = holds_records(dir) ? "no record for this step"
+                                 : "no record on this node (no N1 step ran here lately)";
+        goto out;
     }
     int bad = fr_parse(data, len, &j->rec, &why);
     free(data);
-    if (bad) {
-        close(dir);
-        return why;
-    }
-    if (strcmp(fr_value(&j->rec, "step"), me.step_key) != 0) {
-        close(dir);
-        return "the record is another step's";
-    }
+    if (bad)
+        goto out;
+    why = "the record is another step's";
+    if (strcmp(fr_value(&j->rec, "step"), me.step_key) != 0)
+        goto out;
     if (!getcwd(cwd, sizeof(cwd)))
         cwd[0] = '\0';
     if (fr_match(&j->rec, argc - 1, argv + 1, envp, cwd[0] ? cwd : NULL, getuid(), getgid(),
-                 &j->command, &j->ncommand, &why) < 0) {
-        close(dir);
-        return why;
-    }
-    j->launch = open_private_dir(AT_FDCWD, fr_value(&j->rec, "launch_dir"));
-    if (j->launch < 0) {
-        close(dir);
-        return "the rendezvous directory is not private";
-    }
+                 &j->command, &j->ncommand, &why) < 0)
+        goto out;
+    /* The rendezvous directory: the descriptor we hold when the record names the path we
+     * opened and checked (the writer put the record into it), else a second open with the
+     * same checks (the policy's storage.local_dir is not the environment's). */
+    const char *launch = fr_value(&j->rec, "launch_dir");
+    j->launch = strcmp(launch, dirpath) == 0 ? dir : open_private_dir(AT_FDCWD, launch);
+    why = "the rendezvous directory is not private";
+    if (j->launch < 0)
+        goto out;
     char lockname[512];
+    why = "bad stem";
     if (snprintf(lockname, sizeof(lockname), "%s.lock", fr_value(&j->rec, "stem"))
             >= (int)sizeof(lockname)
-        || strchr(fr_value(&j->rec, "stem"), '/')) {
-        close(dir);
-        return "bad stem";
-    }
+        || strchr(fr_value(&j->rec, "stem"), '/'))
+        goto out;
     j->lock = lock_step(j->launch, lockname);
-    if (j->lock < 0) {
-        close(dir);
-        return "the step's lock is busy";
-    }
+    why = "the step's lock is busy";
+    if (j->lock < 0)
+        goto out;
     /* Under the lock, the record must still be the one we read (a new generation
      * replaces it by rename, under this same lock). */
     struct stat now;
-    fr_record_name(me.step_key, name, sizeof(name));
-    int same = fstatat(dir, name, &now, AT_SYMLINK_NOFOLLOW) == 0 && now.st_ino == rst.st_ino
-               && now.st_dev == rst.st_dev;
-    close(dir);
-    if (!same)
-        return "the record changed";
+    why = "the record changed";
+    if (fstatat(dir, name, &now, AT_SYMLINK_NOFOLLOW) != 0 || now.st_ino != rst.st_ino
+        || now.st_dev != rst.st_dev)
+        goto out;
+    why = NULL;
+out:
+    if (dir != j->launch)
+        close(dir); /* j->launch, when it is dir, stays open for fj_add_member */
+    if (why)
+        return why;
     unsigned long long u = strtoull(fr_value(&j->rec, "user_ns"), NULL, 10);
     unsigned long long m = strtoull(fr_value(&j->rec, "mnt_ns"), NULL, 10);
     int found = -1;

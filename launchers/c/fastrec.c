@@ -435,7 +435,7 @@ int fr_record_name(const char *key, char *buf, size_t size)
         safe[i] = keep ? c : '_';
     }
     safe[i] = '\0';
-    int n = snprintf(buf, size, "step-%s.rec", safe);
+    int n = snprintf(buf, size, "fast-step-%s.rec", safe);
     return n < 0 || (size_t)n >= size ? -1 : 0;
 }
 

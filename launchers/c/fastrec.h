@@ -50,7 +50,7 @@ struct fr_rank {
  * (non-ASCII in the launcher's ids...): the caller hands over to Python. */
 int fr_detect(char *const *envp, long ppid, struct fr_rank *out);
 
-/* "step-<safe key>.rec" into buf; -1 when it does not fit or the key is not ASCII. */
+/* "fast-step-<safe key>.rec" into buf; -1 when it does not fit or the key is not ASCII. */
 int fr_record_name(const char *step_key, char *buf, size_t size);
 
 /* Does the request (argv after argv[0], environment, cwd, ids) ask for this record's

@@ -5,9 +5,13 @@
  *   fastrec-tool env FILE            the env program over this process's environment
  *   fastrec-tool step PPID           the step key and record name for this environment
  *   fastrec-tool match FILE CWD UID GID [ARG]...   the payload argv, or "no: WHY"
+ *   fastrec-tool join [ARG]...       fastjoin's fj_prepare for the request uctr-exec ARG...
+ *                                    from here, then fj_add_member (no setns): "joined", or
+ *                                    "no: WHY"
  *
  * Strings are printed hex-encoded, one token per space, so any byte compares exactly. */
 #define _GNU_SOURCE
+#include "fastjoin.h"
 #include "fastrec.h"
 
 #include <stdio.h>
@@ -121,7 +125,19 @@ int main(int argc, char **argv)
         fr_free(&rec);
         return 0;
     }
+    if (argc >= 2 && strcmp(argv[1], "join") == 0) {
+        struct fj_join j = FJ_JOIN_INIT;
+        const char *why = fj_prepare(&j, argc - 1, argv + 1, environ);
+        if (why) {
+            printf("no: %s\n", why);
+        } else {
+            fj_add_member(&j, "1");
+            printf("joined\n");
+        }
+        fj_release(&j);
+        return 0;
+    }
     fprintf(stderr, "usage: fastrec-tool parse FILE... | env FILE | step PPID | "
-            "match FILE CWD UID GID [ARG]...\n");
+            "match FILE CWD UID GID [ARG]... | join [ARG]...\n");
     return 2;
 }

@@ -9,6 +9,7 @@ And the C front hands every case it must not take to the Python launcher: no rec
 rank), other options, a record it cannot trust."""
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -77,13 +78,20 @@ def start_creator(node, busybox, job, local_size=8):
     """Rank 0 through the Python launcher, kept alive; returns it once the record exists."""
     env = dict(step_env(job, "0", local_size, 0), **EXTRA)
     creator = rank(node, SHIM, [*OPTIONS, busybox, "sleep", "60"], env, popen=True)
-    record = node.local / "fast" / f"step-{job}.0.rec"
+    record = record_path(node, f"{job}.0")
     deadline = time.monotonic() + 120
     while not record.exists():
         assert creator.poll() is None, creator.communicate()
         assert time.monotonic() < deadline, "no fast-join record"
         time.sleep(0.1)
     return creator, record
+
+
+def record_path(node, step_key):
+    """The step's fast-join record: in the rendezvous directory, <local>/launch."""
+    from uctr_batch.launch import fastrec
+
+    return node.local / "launch" / fastrec.record_name(step_key)
 
 
 def stop(proc):
@@ -184,7 +192,7 @@ def test_all_ranks_through_the_c_front_share_one_container(node, busybox, front,
 
     early = [start(r) for r in range(3)]
     deadline = time.monotonic() + 120
-    while not (node.local / "fast" / f"step-{job}.0.rec").exists():
+    while not record_path(node, f"{job}.0").exists():
         assert time.monotonic() < deadline, "no fast-join record"
         time.sleep(0.05)
     late = [start(r) for r in range(3, 6)]
@@ -202,7 +210,7 @@ def test_spank_hand_over_joins_from_c_too(node, busybox, front):
     env = dict(step_env("66", "0", 8, 0), **handover)
     creator = rank(node, SHIM, ["-c", "sleep 60"], env, popen=True)
     deadline = time.monotonic() + 120
-    while not (node.local / "fast" / "step-66.0.rec").exists():
+    while not record_path(node, "66.0").exists():
         assert creator.poll() is None and time.monotonic() < deadline, "no record"
         time.sleep(0.1)
     try:
@@ -216,3 +224,28 @@ def test_spank_hand_over_joins_from_c_too(node, busybox, front):
     assert fast.returncode == 0 and not took_python(fast), fast.stderr
     assert fast.stdout == slow.stdout and fast.stdout.startswith("x y |")  # sh -c SCRIPT ARG0
     assert "UCTR_ARGV0" not in fast.stdout
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="no strace")
+def test_a_joining_rank_opens_the_launch_directory_once(node, busybox, front, tmp_path):
+    """The record sits in the step's rendezvous directory: the C front opens and checks that
+    one directory for the record, the lock and the members file (docs/launcher.md, the
+    call table)."""
+    assert node.run(busybox, "true").returncode == 0
+    creator, record = start_creator(node, busybox, "68")
+    trace = tmp_path / "trace"
+    try:
+        env = node.env(dict(step_env("68", "0", 8, 1), **EXTRA, **cfront.SAN_ENV,
+                            UCTR_FAST_DEBUG="1"))
+        argv = node.argv([*OPTIONS, busybox, "true"], env, shim=front)
+        fast = subprocess.run(["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=open,openat",
+                               *argv], env=env, cwd=str(node.work), capture_output=True,
+                              text=True, timeout=180)
+    finally:
+        stop(creator)
+    assert fast.returncode == 0 and not took_python(fast), fast.stderr
+    assert record.parent == node.local / "launch"
+    lines = trace.read_text().splitlines()
+    ours = [ln for ln in lines if str(node.local) in ln and "O_DIRECTORY" in ln]
+    assert len(ours) == 1 and '"%s/launch"' % node.local in ours[0], ours
+    assert not [ln for ln in lines if '"%s/fast' % node.local in ln], ours  # the old place

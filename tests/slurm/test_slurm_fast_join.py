@@ -78,8 +78,8 @@ def run_step(cluster, image, *command, tasks=8):
 
 @pytest.fixture(scope="module")
 def warm(slurm_cluster, busybox):
-    """One step first: the image staged on both nodes and the user's record directory
-    there (tasks wait for local task 0's record only on such a warm node)."""
+    """One step first: the image staged on both nodes and a fast-join record in the user's
+    launch directory there (tasks wait for local task 0's record only on such a warm node)."""
     result = run_step(slurm_cluster, busybox, "true", tasks=2)
     assert result.returncode == 0, result.stderr
 

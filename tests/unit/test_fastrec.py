@@ -15,13 +15,15 @@ The C side is the ASan+UBSan build of launchers/c/fastrec_tool.c (harness.cfront
 
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.harness import cfront
-from uctr_batch.launch import fastrec, options, procspec, rank
+from uctr_batch.launch import (fastrec, nodelock, options, policy_cache, procspec, rank,
+                               sharedns, staged)
 
 REPO = Path(__file__).resolve().parents[2]
 needs_cc = pytest.mark.skipif(cfront.compiler() is None, reason="no C compiler")
@@ -306,10 +308,150 @@ def test_c_refuses_another_uid_cwd_or_setting(tool, tmp_path):
     assert out.startswith("argv")
 
 
+def age(path, days=2):
+    then = path.stat().st_mtime - days * 86400
+    os.utime(path, (then, then))
+
+
 def test_records_of_finished_steps_are_removed(tmp_path):
-    old = write(tmp_path, record_lines(), "step-1.0.rec")
-    day_ago = old.stat().st_mtime - 2 * 86400
-    os.utime(old, (day_ago, day_ago))
-    recent = write(tmp_path, record_lines(), "step-2.0.rec")
-    write(tmp_path, record_lines(), "step-3.0.rec")
+    old = write(tmp_path, record_lines(), fastrec.record_name("1.0"))
+    age(old)
+    recent = write(tmp_path, record_lines(), fastrec.record_name("2.0"))
+    write(tmp_path, record_lines(), fastrec.record_name("3.0"))
     assert not old.exists() and recent.exists()
+
+
+# -- where: the record lives in the launch directory, beside the rendezvous files -----------
+
+def test_the_record_directory_is_the_launch_directory_of_the_environments_base(tmp_path):
+    for env in ({"UCTR_LOCAL_DIR": str(tmp_path)}, {"UCTR_LOCAL_DIR": str(tmp_path) + "/"}, {}):
+        assert fastrec.fast_dir(env) == staged.launch_dir(policy_cache.local_base(env))
+    assert fastrec.RECORD_DIR == staged.LAUNCH_DIR
+    assert fastrec.record_name("5.0") == "fast-step-5.0.rec"
+
+
+def test_neither_garbage_collection_removes_the_others_files(tmp_path):
+    """One directory, two collectors: fastrec takes only fast-step-*, sharedns only the
+    step-* rendezvous files of idle, unlocked steps; recipes and index entries are neither's."""
+    launch = tmp_path / "launch"
+    fd = nodelock.open_private_dir(str(launch))
+    try:
+        theirs = [launch / n for n in ("step-1.0-k.lock", "step-1.0-k.ns", "step-1.0-k.g1.members",
+                                        "img-x.idx", "ctr-y.rcp")]
+        for path in theirs:
+            path.write_bytes(b"x")
+            age(path)
+        old = write(launch, record_lines(), fastrec.record_name("1.0"))
+        age(old)
+        fastrec.write(fd, fastrec.record_name("2.0"), record_lines())
+        assert not old.exists() and all(p.exists() for p in theirs)
+        old = write(launch, record_lines(), fastrec.record_name("1.0"))
+        age(old)
+        rdv = sharedns.Rendezvous(str(launch), "2.0", "k", 1.0)
+        rdv.dir_fd = fd
+        rdv._collect_garbage()
+        assert old.exists() and (launch / fastrec.record_name("2.0")).exists()
+        assert [p.exists() for p in theirs] == [False, False, False, True, True]
+    finally:
+        os.close(fd)
+
+
+# -- the join (launchers/c/fastjoin.c, as uctr-exec and SPANK's task_init run it) ------------
+
+JOIN_ARGS = ["--writable", "-e", "U1=one", "img:1", "--", "cmd"]
+
+
+def join_env(local):
+    return {"HOME": "/home/u", "PATH": "/usr/bin", "UCTR_IMAGE": "img:1", "UCTR_LOCAL_DIR": local,
+            "SLURM_JOB_ID": "77", "SLURM_STEP_ID": "3", "SLURM_PROCID": "1"}
+
+
+def live_record(env, cwd, launch_dir):
+    """A record whose only member is this process, in our own namespaces: the join goes all
+    the way (the tool does no setns)."""
+    me = os.getpid()
+    return record_lines(env=env, host_cwd=str(cwd), launch_dir=launch_dir,
+                        record={"generation": 1, "user": os.stat("/proc/self/ns/user").st_ino,
+                                "mnt": os.stat("/proc/self/ns/mnt").st_ino,
+                                "members": [(me, sharedns.start_time(me))]})
+
+
+def c_join(tool, env, cwd, trace=None):
+    """fastrec-tool join, under strace when TRACE is a path: (output, directories opened)."""
+    argv = [str(tool), "join", *JOIN_ARGS]
+    if trace:
+        argv = ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=open,openat", *argv]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=str(cwd),
+                          env=dict(cfront.SAN_ENV, **env))
+    assert proc.returncode == 0, proc.stderr
+    opened = [ln for ln in trace.read_text().splitlines() if "O_DIRECTORY" in ln] if trace else []
+    return proc.stdout.strip(), opened
+
+
+@needs_cc
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_c_join_opens_and_checks_the_launch_directory_once(tool, tmp_path, slash):
+    """The usual case: the record in <local>/launch, the step's rendezvous directory; the
+    join opens that directory once, for the record, the lock and the members file."""
+    local = tmp_path / "local"
+    env = join_env(str(local) + slash)
+    launch = fastrec.fast_dir(env)
+    assert launch == staged.launch_dir(str(local))
+    fd = nodelock.open_private_dir(launch)
+    try:
+        fastrec.write(fd, fastrec.record_name("77.3"), live_record(env, tmp_path, launch))
+    finally:
+        os.close(fd)
+    trace = tmp_path / "trace" if shutil.which("strace") else None
+    out, opened = c_join(tool, env, tmp_path, trace)
+    assert out == "joined"
+    assert (local / "launch" / "step-77.3-abc.lock").exists()
+    members = (local / "launch" / "step-77.3-abc.g1.members").read_text().split()
+    assert members[1] == "1" and int(members[0]) > 0
+    if trace:
+        assert [ln for ln in opened if '"%s"' % launch in ln] == opened and len(opened) == 1, \
+            opened
+    # the checks still hold on that one open: a directory others may write is refused
+    os.chmod(local / "launch", 0o770)
+    assert c_join(tool, env, tmp_path)[0] == "no: no private record directory"
+
+
+@needs_cc
+def test_c_join_opens_a_launch_directory_elsewhere_with_the_same_checks(tool, tmp_path):
+    """The policy's local dir is not the environment's base: the record stays in
+    <env base>/launch and names the rendezvous directory, which the join opens and checks
+    on its own."""
+    env = join_env(str(tmp_path / "env-local"))
+    elsewhere = str(tmp_path / "policy-local" / "launch")
+    for directory in (fastrec.fast_dir(env), elsewhere):
+        os.close(nodelock.open_private_dir(directory))
+    fd = nodelock.open_private_dir(fastrec.fast_dir(env))
+    try:
+        fastrec.write(fd, fastrec.record_name("77.3"), live_record(env, tmp_path, elsewhere))
+    finally:
+        os.close(fd)
+    trace = tmp_path / "trace" if shutil.which("strace") else None
+    out, opened = c_join(tool, env, tmp_path, trace)
+    assert out == "joined"
+    assert (Path(elsewhere) / "step-77.3-abc.g1.members").exists()
+    assert not (Path(fastrec.fast_dir(env)) / "step-77.3-abc.lock").exists()
+    if trace:
+        assert len(opened) == 2 and '"%s"' % elsewhere in opened[1], opened
+    os.chmod(elsewhere, 0o770)
+    assert c_join(tool, env, tmp_path)[0] == "no: the rendezvous directory is not private"
+
+
+@needs_cc
+def test_c_join_without_a_record_says_whether_n1_steps_ran_here(tool, tmp_path):
+    """launch/ exists wherever uctr-exec ran, in any mode: only a record of some step tells
+    the SPANK plugin's tasks that their creator's record is worth waiting for
+    (spank/uctr_join.c not_yet)."""
+    env = join_env(str(tmp_path / "local"))
+    fd = nodelock.open_private_dir(fastrec.fast_dir(env))
+    try:
+        assert c_join(tool, env, tmp_path)[0] == \
+            "no: no record on this node (no N1 step ran here lately)"
+        fastrec.write(fd, fastrec.record_name("76.0"), record_lines(step_key="76.0"))
+        assert c_join(tool, env, tmp_path)[0] == "no: no record for this step"
+    finally:
+        os.close(fd)

@@ -8,9 +8,16 @@ launcher, unchanged. The format is specified in launchers/c/record.md; FIELDS be
 C table in launchers/c/fastrec.c are one list (tests/unit/test_fastrec.py compares them and
 runs the C parser on records written here).
 
-Where: <UCTR_LOCAL_DIR, else /tmp/uctr-UID>/fast/step-<safe step key>.rec, 0600. Not the
-policy's storage.local_dir: the C front reads no policy, so the directory must follow from
-the environment alone.
+Where: <UCTR_LOCAL_DIR, else /tmp/uctr-UID>/launch/fast-step-<safe step key>.rec, 0600.
+The C front reads no policy, so the directory follows from the environment alone. It is
+the step's rendezvous directory (sharedns) whenever the policy's storage.local_dir is that
+same base, the usual case: the C front then opens and checks one directory for both, the
+record and the lock (launchers/c/fastjoin.c). Otherwise (a storage.local_dir template, or
+the fallback root of location.py) the record still goes to <env base>/launch, created
+private like any launch directory, and its launch_dir names the other one. The names
+never meet the rendezvous files: sharedns's are step-*, ours fast-step-*, and each side's
+garbage collection takes only its own. A fast/ directory left by an older version is no
+longer read, written or cleaned (a few stale records; remove it at will).
 
 Only the stdlib's start-up set is imported: this runs in the creating rank.
 """
@@ -22,7 +29,8 @@ from uctr_batch.launch import procspec, recipe
 
 VERSION = 1
 HEADER = "uctr-fast-record"
-FAST_DIR = "fast"
+RECORD_DIR = "launch"  # staged.LAUNCH_DIR, without its imports
+RECORD_PREFIX = "fast-"  # never "step-": those are sharedns's rendezvous files
 MAX_BYTES = 1 << 20  # the C parser refuses larger records
 MAX_LINES = 65536
 
@@ -164,14 +172,17 @@ def parse(data: bytes):
 # -- where ----------------------------------------------------------------------------------
 
 def fast_dir(env) -> str:
+    """The record's directory, <UCTR_LOCAL_DIR, else /tmp/uctr-UID>/launch: the launch
+    directory itself when the policy's local dir is that base (the C front then compares
+    the record's launch_dir with this path, string-equal, and opens one directory)."""
     base = env.get("UCTR_LOCAL_DIR") or "/tmp/uctr-%d" % os.getuid()
-    return os.path.join(base, FAST_DIR)
+    return os.path.join(base, RECORD_DIR)
 
 
 def record_name(step_key: str) -> str:
     from uctr_batch.launch.sharedns import safe_name
 
-    return "step-%s.rec" % safe_name(step_key)
+    return "%sstep-%s.rec" % (RECORD_PREFIX, safe_name(step_key))
 
 
 # -- the environment program ----------------------------------------------------------------
@@ -321,7 +332,9 @@ def write(dir_fd: int, name: str, lines) -> None:
 
 
 def _collect_garbage(dir_fd: int, keep: str) -> None:
-    """Remove the records of steps untouched for sharedns.GC_AGE (finished steps)."""
+    """Remove the records (and temporary files left by a killed writer) of steps untouched
+    for sharedns.GC_AGE (finished steps). Only fast-step-* names: the directory is also the
+    rendezvous directory, whose step-* files sharedns collects under their locks."""
     import time
 
     from uctr_batch.launch.sharedns import GC_AGE
@@ -332,7 +345,7 @@ def _collect_garbage(dir_fd: int, keep: str) -> None:
     except OSError:
         return
     for other in names:
-        if other == keep or not other.startswith("step-"):
+        if other == keep or not other.startswith(RECORD_PREFIX + "step-"):
             continue
         try:
             if now - os.stat(other, dir_fd=dir_fd, follow_symlinks=False).st_mtime > GC_AGE:

@@ -12,6 +12,8 @@ Protocol, in <local dir>/launch/ (node-local, private to the user):
                                     inodes, creator and holder (pid, start time), the extras
     step-<step key>-<ns key>.gN.members   the ranks that joined generation N, one
                                     "pid start-time" line each (O_APPEND)
+    fast-step-<step key>.rec        the C front's fast-join record (launch.fastrec), not ours:
+                                    written and collected by fastrec
 
 The ns key is a hash of everything that shapes the namespace (rootfs, binds, devices...),
 so ranks of one step that asked for different containers never share one. Under the lock:
@@ -224,7 +226,8 @@ class Rendezvous:
         return self.record
 
     def _collect_garbage(self) -> None:
-        """Remove records and locks of steps idle for GC_AGE (never one somebody holds)."""
+        """Remove records and locks of steps idle for GC_AGE (never one somebody holds).
+        Only step-* names: fastrec's fast-step-* records in this directory are its own."""
         now = time.time()
         try:
             names = os.listdir(self.dir_fd)
