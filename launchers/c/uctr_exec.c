@@ -6,7 +6,8 @@
  * what this rank asks for. Then: lock the step's rendezvous, find a live member, setns()
  * into its user and mount namespaces, record ourselves as a member, chdir, exec. Every
  * other case, and every doubt before the first setns(), execs the Python launcher
- * (UCTR_PY_LAUNCHER) with our argv unchanged: it does everything, slowly but completely.
+ * (UCTR_PY_LAUNCHER, or the Python it runs: UCTR_PY_PYTHON) with our argv unchanged: it
+ * does everything, slowly but completely.
  *
  * Runs as the calling user and never needs privilege: it refuses to run set-uid/set-gid.
  * Nothing is written to stdout; errors after the namespaces were joined (nothing to hand
