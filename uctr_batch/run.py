@@ -21,12 +21,20 @@ import os
 import sys
 from typing import List, Mapping, Optional, Sequence, Tuple
 
-from uctr_batch import envspec, identity, log
+from uctr_batch import envspec, identity
 from uctr_batch.errors import ModeError, UctrError, UsageError
 from uctr_batch.modes.base import ModeUnavailable, check_command, get_mode
 from uctr_batch.modes.spec import RunSpec
 
-_log = log.get("run")
+
+def _log():
+    """uctr_batch.log, imported only when something is logged: uctr-exec's creator builds its
+    container with build_spec on the first step of each job, almost never logs there (it
+    reports through launch.main.Diag), and logging with threading and traceback is ~4 ms."""
+    from uctr_batch import log
+
+    return log
+
 
 Bind = Tuple[str, str, bool]
 RESERVED_DESTINATIONS = ("/", "/dev", "/proc", "/sys")  # mounted by the modes themselves
@@ -164,7 +172,7 @@ def policy_binds(policy, env: Optional[Mapping[str, str]] = None) -> List[Bind]:
         dst = expand(b.dst, variables) if "${" in b.dst else b.dst
         if not os.path.exists(src):
             if b.optional:
-                _log.debug("policy bind %s skipped: source missing", src)
+                _log().get("run").debug("policy bind %s skipped: source missing", src)
                 continue
             raise ConfigError(f"site policy binds {src}, which does not exist on this node",
                               "ask the site to fix the policy or mark the bind optional")
@@ -228,7 +236,8 @@ def build_spec(target: Target, policy, *, command: Sequence[str] = (),
                                                 os.path.join(scratch, "identity"))
         ensure_workdir(target.rootfs, cwd, binds)
     if config.get("User") and not root:
-        log.verbose("image user %r ignored: the payload runs as you (%s)", config["User"], ident.user)
+        _log().verbose("image user %r ignored: the payload runs as you (%s)", config["User"],
+                       ident.user)
     return RunSpec(
         rootfs=target.rootfs, argv=argv, env=env, cwd=cwd, binds=binds,
         devices=list(policy.devices) + list(devices), uid=ident.uid, gid=ident.gid,
@@ -263,7 +272,7 @@ def choose_mode(ladder: Sequence[str], spec: RunSpec, explicit: bool):
             return mode, result, skipped
         if explicit:
             raise ModeError(f"mode {name} is not usable here: {result.reason}", mode.unusable_hint())
-        log.verbose("mode %s skipped: %s", name, result.reason)
+        _log().verbose("mode %s skipped: %s", name, result.reason)
         skipped.append((name, result.reason))
     return None, None, skipped
 
@@ -278,13 +287,13 @@ def exec_ladder(ladder: Sequence[str], spec: RunSpec, explicit: bool = False) ->
         skipped += passed
         if mode is None:
             break
-        log.verbose("mode %s: %s", mode.name, result.reason)
+        _log().verbose("mode %s: %s", mode.name, result.reason)
         try:
             mode.exec(spec)  # replaces this process on success
         except ModeUnavailable as e:
             if explicit:
                 raise
-            log.verbose("mode %s failed before starting: %s", mode.name, e.message)
+            _log().verbose("mode %s failed before starting: %s", mode.name, e.message)
             skipped.append((mode.name, e.message))
         remaining = remaining[remaining.index(mode.name) + 1:]
     why = "; ".join(f"{n}: {r}" for n, r in skipped) or "the ladder is empty"
@@ -340,10 +349,10 @@ class _RunCtx:
 
 class _RunDiag:
     def say(self, text: str, level: int = 1) -> None:
-        log.verbose("%s", text)
+        _log().verbose("%s", text)
 
     def warn(self, text: str) -> None:
-        log.get("run").warning("%s", text)
+        _log().get("run").warning("%s", text)
 
     def error(self, e) -> None:
         sys.stderr.write(f"error: {e.message}\n" + (f"hint: {e.hint}\n" if e.hint else ""))
