@@ -17,9 +17,11 @@ exec_ladder() tries the policy's modes in order; the first whose probe passes re
 process. `--mode M` must be one the policy lets users choose, and must work here (exit 3).
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import os
 import sys
-from typing import List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
 from uctr_batch import envspec, identity
 from uctr_batch.errors import ModeError, UctrError, UsageError
@@ -36,7 +38,7 @@ def _log():
     return log
 
 
-Bind = Tuple[str, str, bool]
+Bind = tuple[str, str, bool]
 RESERVED_DESTINATIONS = ("/", "/dev", "/proc", "/sys")  # mounted by the modes themselves
 ROOTFS, IMAGE_JSON = "rootfs", "image.json"  # a bundle's layout (uctr_batch.image.rootfs)
 
@@ -58,7 +60,7 @@ class Target:
     """A root filesystem and the image runtime config that goes with it (may be empty).
     sif: ROOTFS is an Apptainer image file, run as it is in mode S1 (image/sif.py)."""
 
-    def __init__(self, rootfs: str, config: Optional[Mapping] = None, reference: str = "",
+    def __init__(self, rootfs: str, config: Mapping | None = None, reference: str = "",
                  sif: bool = False):
         self.rootfs = rootfs
         self.config = dict(config or {})
@@ -66,7 +68,7 @@ class Target:
         self.sif = sif
 
 
-def sif_target(image: str) -> Optional[Target]:
+def sif_target(image: str) -> Target | None:
     """The Target of IMAGE when it names an Apptainer image file (SIF), else None."""
     from uctr_batch.image import sif
 
@@ -126,7 +128,7 @@ def target_from_image(args) -> Target:
 
 # --- building the RunSpec ---------------------------------------------------------------
 
-def compose_argv(config: Mapping, command: Sequence[str], entrypoint: Optional[str] = None) -> List[str]:
+def compose_argv(config: Mapping, command: Sequence[str], entrypoint: str | None = None) -> list[str]:
     if entrypoint is not None:  # docker: --entrypoint also drops the image's Cmd
         argv = ([entrypoint] if entrypoint else []) + list(command)
     else:
@@ -159,7 +161,7 @@ def parse_volume(text: str, cwd: str) -> Bind:
     return src, dst, option == "ro"
 
 
-def policy_binds(policy, env: Optional[Mapping[str, str]] = None) -> List[Bind]:
+def policy_binds(policy, env: Mapping[str, str] | None = None) -> list[Bind]:
     """The policy's binds with ${...} expanded; a missing optional source is skipped."""
     from uctr_batch.errors import ConfigError
     from uctr_batch.policy.model import expand, path_variables
@@ -180,7 +182,7 @@ def policy_binds(policy, env: Optional[Mapping[str, str]] = None) -> List[Bind]:
     return binds
 
 
-def merge_binds(policy_side: Sequence[Bind], user_side: Sequence[Bind]) -> List[Bind]:
+def merge_binds(policy_side: Sequence[Bind], user_side: Sequence[Bind]) -> list[Bind]:
     """Policy binds, then the user's; a user bind replaces a policy bind of the same dst.
     Sorted (stably) by destination depth so a bind inside another bind lands on top of it."""
     user_dsts = {dst for _src, dst, _ro in user_side}
@@ -188,8 +190,8 @@ def merge_binds(policy_side: Sequence[Bind], user_side: Sequence[Bind]) -> List[
     return sorted(merged, key=lambda b: b[1].rstrip("/").count("/"))
 
 
-def choose_cwd(workdir: Optional[str], host_cwd: Optional[str], binds: Sequence[Bind],
-               image_workdir: Optional[str]) -> str:
+def choose_cwd(workdir: str | None, host_cwd: str | None, binds: Sequence[Bind],
+               image_workdir: str | None) -> str:
     """-w > the caller's cwd when a bind brings it in (mapped through the bind) > image > /.
     One implementation, kept import-light in procspec for the ranks that join a namespace."""
     from uctr_batch.launch.procspec import choose_cwd as choose
@@ -209,11 +211,11 @@ def state_dir() -> str:
 
 
 def build_spec(target: Target, policy, *, command: Sequence[str] = (),
-               entrypoint: Optional[str] = None, volumes: Sequence[str] = (),
-               user_env: Sequence[str] = (), workdir: Optional[str] = None, root: bool = False,
+               entrypoint: str | None = None, volumes: Sequence[str] = (),
+               user_env: Sequence[str] = (), workdir: str | None = None, root: bool = False,
                read_only: bool = False, devices: Sequence[str] = (),
-               extra_binds: Sequence[Bind] = (), host_env: Optional[Mapping[str, str]] = None,
-               host_cwd: Optional[str] = None, scratch: Optional[str] = None) -> RunSpec:
+               extra_binds: Sequence[Bind] = (), host_env: Mapping[str, str] | None = None,
+               host_cwd: str | None = None, scratch: str | None = None) -> RunSpec:
     """The RunSpec for target under policy (see the module docstring for the rules)."""
     host_env = os.environ if host_env is None else host_env
     if host_cwd is None:
@@ -281,7 +283,7 @@ def exec_ladder(ladder: Sequence[str], spec: RunSpec, explicit: bool = False) ->
     """Exec the first working mode; raises ModeError (exit 3) when none works."""
     check_command(spec)
     remaining = list(ladder)
-    skipped: List[Tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = []
     while remaining:
         mode, result, passed = choose_mode(remaining, spec, explicit)
         skipped += passed
