@@ -128,7 +128,8 @@ def target_from_image(args) -> Target:
 
 # --- building the RunSpec ---------------------------------------------------------------
 
-def compose_argv(config: Mapping, command: Sequence[str], entrypoint: str | None = None) -> list[str]:
+def compose_argv(config: Mapping, command: Sequence[str],
+                 entrypoint: str | None = None) -> list[str]:
     if entrypoint is not None:  # docker: --entrypoint also drops the image's Cmd
         argv = ([entrypoint] if entrypoint else []) + list(command)
     else:

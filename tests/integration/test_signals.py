@@ -4,8 +4,8 @@ Each mode runs `grep Sig /proc/self/status` inside the container, started throug
 (the launchers/uctr-exec shim, which captures SigIgn/SigBlk from /proc, and the C front,
 which hands the rank to Python itself and captures them with sigaction/sigprocmask) and
 through `uctr run` (Python entry point, no capture), from a parent that ignores SIGPIPE and
-SIGUSR1 and blocks SIGUSR2, and from a clean parent. The launcher's own state is what the same parent gives a plain
-`grep` on the host. Expected (docs/modes.md, "Signals"):
+SIGUSR1 and blocks SIGUSR2, and from a clean parent. The launcher's own state is what the
+same parent gives a plain `grep` on the host. Expected (docs/modes.md, "Signals"):
   * uctr-exec: exactly the launcher's SigIgn and SigBlk, in N1, P1, P2 and F1;
   * uctr run: the launcher's, except that SIGPIPE and SIGXFSZ are default (Python ignores
     both at start-up and cannot tell whether they were ignored before);

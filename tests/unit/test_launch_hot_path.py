@@ -79,6 +79,17 @@ def test_warm_creator_and_joiner_import_only_small_modules(image, tmp_path):
     heavy = set(NEVER + HEAVY) - set(CREATOR_MAY)
     assert not creator & heavy, sorted(creator & heavy)
 
+    # The first step of another job builds its recipe (run.build_spec, the policy model,
+    # the planners): dataclasses then, but still no typing, and logging only to log.
+    first = subprocess.run(_argv(image, "true", record=tmp_path / "first"),
+                           env=dict(env, SLURM_JOB_ID="10"), capture_output=True, text=True,
+                           timeout=60)
+    assert first.returncode == 0, first.stderr
+    creator = _imported(tmp_path / "first")
+    assert "uctr_batch.run" in creator and "uctr_batch.inject.pmi" in creator
+    banned = set(NEVER) | {"typing", "logging"}
+    assert not creator & banned, sorted(creator & banned)
+
     alone = {k: v for k, v in env.items() if not k.startswith("SLURM_")}  # no launcher
     assert subprocess.run(_argv(image, "true"), env=alone, timeout=60).returncode == 0  # recipe
     single = subprocess.run(_argv(image, "true", record=tmp_path / "single"), env=alone,
