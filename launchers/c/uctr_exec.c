@@ -108,6 +108,7 @@ static void exec_python(void)
     if (g_debug)
         fprintf(stderr, "uctr-exec: cannot exec %s: %s; trying %s\n", UCTR_PY_PYTHON,
                 strerror(errno), UCTR_PY_LAUNCHER);
+    /* UCTR_SIGSTATE stays: it names this process, whose signal state is still that */
     if (saved)
         setenv("PYTHONPATH", saved, 1);
     else
