@@ -1,12 +1,12 @@
 """Directories in shared places: private per-user directories that nobody else can plant or
 control, and removal of trees whose modes lock their owner out (a rootfs has 0500 dirs)."""
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import errno
 import os
 import pwd
 import stat
-from pathlib import Path
-from typing import Optional
 
 from uctr_batch.errors import NoSpace, StorageError
 
@@ -20,13 +20,15 @@ def _owner_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def ensure_private_dir(path: Path, what: str, hint: Optional[str] = None) -> None:
+def ensure_private_dir(path: str | os.PathLike, what: str, hint: str | None = None) -> None:
     """Create PATH with mode 0700 unless it exists, then insist that it is a real directory
     (not a symlink), owned by the caller and not writable by group or others.
 
     In a shared /tmp another user can create our directory name first, as a symlink to a
     place they read or as a directory they control; both are refused, never reused.
     The parents of PATH are created if missing (a site or user chose the path)."""
+    from pathlib import Path  # here: write_atomic is on every step's creator path, pathlib is not
+
     path = Path(path)
     hint = hint or f"remove {path} if it is yours, or choose another location"
     if not os.path.lexists(path):
@@ -61,7 +63,7 @@ def ensure_private_dir(path: Path, what: str, hint: Optional[str] = None) -> Non
     _check_location(path, what)  # a parent another user controls could swap PATH later
 
 
-def _check_location(path: Path, what: str) -> None:
+def _check_location(path: str | os.PathLike, what: str) -> None:
     """Refuse PATH when a directory or symlink on its way belongs to another user or others
     may write there (batch.location.check, the rule the batch hooks use)."""
     from uctr_batch.batch import location
@@ -72,7 +74,7 @@ def _check_location(path: Path, what: str) -> None:
                            "choose a location whose parents only root and you can change")
 
 
-def make_private_subdir(path: Path) -> None:
+def make_private_subdir(path: str | os.PathLike) -> None:
     """mkdir PATH 0700 inside a directory ensure_private_dir() accepted (only we can write
     there, so a plain check suffices)."""
     try:
@@ -241,7 +243,7 @@ def _open_dir_for_removal(parent_fd: int, name: str) -> int:
 
 
 def write_atomic(path, data: bytes, mode: int = 0o600, *, fsync: bool = False,
-                 owner: Optional[int] = None) -> None:
+                 owner: int | None = None) -> None:
     """Replace PATH with DATA so readers see the old file or the new one, never a part.
 
     The temporary sibling is created with O_EXCL|O_NOFOLLOW (a planted link cannot redirect
@@ -283,7 +285,7 @@ NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _FEW_INODES = 64
 
 
-def no_space(exc: OSError, directory, needed: Optional[int] = None, what: str = "") -> Optional[NoSpace]:
+def no_space(exc: OSError, directory, needed: int | None = None, what: str = "") -> NoSpace | None:
     """The NoSpace error for EXC when it is ENOSPC/EDQUOT, else None.
 
     Every writer (pull into the shared cache, unpack into the node-local dir, records in the
@@ -338,7 +340,7 @@ def _free_space(directory: str):
             path = parent
 
 
-def _device_of(directory: str) -> Optional[str]:
+def _device_of(directory: str) -> str | None:
     """The mount source of the longest mount point containing DIRECTORY (e.g. /dev/sda2,
     tmpfs), from /proc/self/mountinfo; None when that cannot be read."""
     real = os.path.realpath(directory)

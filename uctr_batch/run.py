@@ -17,18 +17,28 @@ exec_ladder() tries the policy's modes in order; the first whose probe passes re
 process. `--mode M` must be one the policy lets users choose, and must work here (exit 3).
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import os
 import sys
-from typing import List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
-from uctr_batch import envspec, identity, log
+from uctr_batch import envspec, identity
 from uctr_batch.errors import ModeError, UctrError, UsageError
 from uctr_batch.modes.base import ModeUnavailable, check_command, get_mode
 from uctr_batch.modes.spec import RunSpec
 
-_log = log.get("run")
 
-Bind = Tuple[str, str, bool]
+def _log():
+    """uctr_batch.log, imported only when something is logged: uctr-exec's creator builds its
+    container with build_spec on the first step of each job, almost never logs there (it
+    reports through launch.main.Diag), and logging with threading and traceback is ~4 ms."""
+    from uctr_batch import log
+
+    return log
+
+
+Bind = tuple[str, str, bool]
 RESERVED_DESTINATIONS = ("/", "/dev", "/proc", "/sys")  # mounted by the modes themselves
 ROOTFS, IMAGE_JSON = "rootfs", "image.json"  # a bundle's layout (uctr_batch.image.rootfs)
 
@@ -50,7 +60,7 @@ class Target:
     """A root filesystem and the image runtime config that goes with it (may be empty).
     sif: ROOTFS is an Apptainer image file, run as it is in mode S1 (image/sif.py)."""
 
-    def __init__(self, rootfs: str, config: Optional[Mapping] = None, reference: str = "",
+    def __init__(self, rootfs: str, config: Mapping | None = None, reference: str = "",
                  sif: bool = False):
         self.rootfs = rootfs
         self.config = dict(config or {})
@@ -58,7 +68,7 @@ class Target:
         self.sif = sif
 
 
-def sif_target(image: str) -> Optional[Target]:
+def sif_target(image: str) -> Target | None:
     """The Target of IMAGE when it names an Apptainer image file (SIF), else None."""
     from uctr_batch.image import sif
 
@@ -118,7 +128,8 @@ def target_from_image(args) -> Target:
 
 # --- building the RunSpec ---------------------------------------------------------------
 
-def compose_argv(config: Mapping, command: Sequence[str], entrypoint: Optional[str] = None) -> List[str]:
+def compose_argv(config: Mapping, command: Sequence[str],
+                 entrypoint: str | None = None) -> list[str]:
     if entrypoint is not None:  # docker: --entrypoint also drops the image's Cmd
         argv = ([entrypoint] if entrypoint else []) + list(command)
     else:
@@ -151,7 +162,7 @@ def parse_volume(text: str, cwd: str) -> Bind:
     return src, dst, option == "ro"
 
 
-def policy_binds(policy, env: Optional[Mapping[str, str]] = None) -> List[Bind]:
+def policy_binds(policy, env: Mapping[str, str] | None = None) -> list[Bind]:
     """The policy's binds with ${...} expanded; a missing optional source is skipped."""
     from uctr_batch.errors import ConfigError
     from uctr_batch.policy.model import expand, path_variables
@@ -164,7 +175,7 @@ def policy_binds(policy, env: Optional[Mapping[str, str]] = None) -> List[Bind]:
         dst = expand(b.dst, variables) if "${" in b.dst else b.dst
         if not os.path.exists(src):
             if b.optional:
-                _log.debug("policy bind %s skipped: source missing", src)
+                _log().get("run").debug("policy bind %s skipped: source missing", src)
                 continue
             raise ConfigError(f"site policy binds {src}, which does not exist on this node",
                               "ask the site to fix the policy or mark the bind optional")
@@ -172,7 +183,7 @@ def policy_binds(policy, env: Optional[Mapping[str, str]] = None) -> List[Bind]:
     return binds
 
 
-def merge_binds(policy_side: Sequence[Bind], user_side: Sequence[Bind]) -> List[Bind]:
+def merge_binds(policy_side: Sequence[Bind], user_side: Sequence[Bind]) -> list[Bind]:
     """Policy binds, then the user's; a user bind replaces a policy bind of the same dst.
     Sorted (stably) by destination depth so a bind inside another bind lands on top of it."""
     user_dsts = {dst for _src, dst, _ro in user_side}
@@ -180,8 +191,8 @@ def merge_binds(policy_side: Sequence[Bind], user_side: Sequence[Bind]) -> List[
     return sorted(merged, key=lambda b: b[1].rstrip("/").count("/"))
 
 
-def choose_cwd(workdir: Optional[str], host_cwd: Optional[str], binds: Sequence[Bind],
-               image_workdir: Optional[str]) -> str:
+def choose_cwd(workdir: str | None, host_cwd: str | None, binds: Sequence[Bind],
+               image_workdir: str | None) -> str:
     """-w > the caller's cwd when a bind brings it in (mapped through the bind) > image > /.
     One implementation, kept import-light in procspec for the ranks that join a namespace."""
     from uctr_batch.launch.procspec import choose_cwd as choose
@@ -201,11 +212,11 @@ def state_dir() -> str:
 
 
 def build_spec(target: Target, policy, *, command: Sequence[str] = (),
-               entrypoint: Optional[str] = None, volumes: Sequence[str] = (),
-               user_env: Sequence[str] = (), workdir: Optional[str] = None, root: bool = False,
+               entrypoint: str | None = None, volumes: Sequence[str] = (),
+               user_env: Sequence[str] = (), workdir: str | None = None, root: bool = False,
                read_only: bool = False, devices: Sequence[str] = (),
-               extra_binds: Sequence[Bind] = (), host_env: Optional[Mapping[str, str]] = None,
-               host_cwd: Optional[str] = None, scratch: Optional[str] = None) -> RunSpec:
+               extra_binds: Sequence[Bind] = (), host_env: Mapping[str, str] | None = None,
+               host_cwd: str | None = None, scratch: str | None = None) -> RunSpec:
     """The RunSpec for target under policy (see the module docstring for the rules)."""
     host_env = os.environ if host_env is None else host_env
     if host_cwd is None:
@@ -228,7 +239,8 @@ def build_spec(target: Target, policy, *, command: Sequence[str] = (),
                                                 os.path.join(scratch, "identity"))
         ensure_workdir(target.rootfs, cwd, binds)
     if config.get("User") and not root:
-        log.verbose("image user %r ignored: the payload runs as you (%s)", config["User"], ident.user)
+        _log().verbose("image user %r ignored: the payload runs as you (%s)", config["User"],
+                       ident.user)
     return RunSpec(
         rootfs=target.rootfs, argv=argv, env=env, cwd=cwd, binds=binds,
         devices=list(policy.devices) + list(devices), uid=ident.uid, gid=ident.gid,
@@ -263,7 +275,7 @@ def choose_mode(ladder: Sequence[str], spec: RunSpec, explicit: bool):
             return mode, result, skipped
         if explicit:
             raise ModeError(f"mode {name} is not usable here: {result.reason}", mode.unusable_hint())
-        log.verbose("mode %s skipped: %s", name, result.reason)
+        _log().verbose("mode %s skipped: %s", name, result.reason)
         skipped.append((name, result.reason))
     return None, None, skipped
 
@@ -272,19 +284,19 @@ def exec_ladder(ladder: Sequence[str], spec: RunSpec, explicit: bool = False) ->
     """Exec the first working mode; raises ModeError (exit 3) when none works."""
     check_command(spec)
     remaining = list(ladder)
-    skipped: List[Tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = []
     while remaining:
         mode, result, passed = choose_mode(remaining, spec, explicit)
         skipped += passed
         if mode is None:
             break
-        log.verbose("mode %s: %s", mode.name, result.reason)
+        _log().verbose("mode %s: %s", mode.name, result.reason)
         try:
             mode.exec(spec)  # replaces this process on success
         except ModeUnavailable as e:
             if explicit:
                 raise
-            log.verbose("mode %s failed before starting: %s", mode.name, e.message)
+            _log().verbose("mode %s failed before starting: %s", mode.name, e.message)
             skipped.append((mode.name, e.message))
         remaining = remaining[remaining.index(mode.name) + 1:]
     why = "; ".join(f"{n}: {r}" for n, r in skipped) or "the ladder is empty"
@@ -340,10 +352,10 @@ class _RunCtx:
 
 class _RunDiag:
     def say(self, text: str, level: int = 1) -> None:
-        log.verbose("%s", text)
+        _log().verbose("%s", text)
 
     def warn(self, text: str) -> None:
-        log.get("run").warning("%s", text)
+        _log().get("run").warning("%s", text)
 
     def error(self, e) -> None:
         sys.stderr.write(f"error: {e.message}\n" + (f"hint: {e.hint}\n" if e.hint else ""))

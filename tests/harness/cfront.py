@@ -18,15 +18,17 @@ def compiler():
     return shutil.which(os.environ.get("CC", "cc"))
 
 
-def build(out: Path, targets=TARGETS) -> dict:
+def build(out: Path, targets=TARGETS, python=None) -> dict:
     """make the TARGETS with their outputs in OUT (world-readable: the unprivileged test
-    user runs them); name -> path."""
+    user runs them); name -> path. PYTHON: a front that hands ranks over to that Python
+    directly (PY_PYTHON, as `uctr slurm install` builds it), not to the shim; give it an
+    OUT of its own (make does not rebuild for other variables)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o755)
     for name in targets:
         subprocess.run(["make", "-s", "-C", str(SRC), "-f", "Makefile",
-                        f"PY_LAUNCHER={PY_LAUNCHER}",
+                        f"PY_LAUNCHER={PY_LAUNCHER}", *([f"PY_PYTHON={python}"] if python else []),
                         f"OUT={out}", str(out / name)], check=True, capture_output=True,
                        text=True)
     return {name: out / name for name in targets}

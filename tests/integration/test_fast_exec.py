@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.harness import cfront
-from tests.integration.exec_helpers import SHIM, Node, step_env, unprivileged_user
+from tests.integration.exec_helpers import PYTHON, SHIM, Node, step_env, unprivileged_user
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(cfront.compiler() is None, reason="no C compiler")]
@@ -39,12 +39,16 @@ OPTIONS = ["-e", "FROM_E=1", "-e", "MY_VAR"]
 
 @pytest.fixture(scope="module")
 def front(harness):
-    return cfront.build(harness.root / "cfront", ("uctr-exec-asan",))["uctr-exec-asan"]
+    """The front as `uctr slurm install` builds it: it hands ranks over to the Python the
+    shim would run (UCTR_PYTHON in Node.env) directly."""
+    return cfront.build(harness.root / "cfront-direct", ("uctr-exec-asan",),
+                        python=PYTHON)["uctr-exec-asan"]
 
 
 @pytest.fixture(scope="module")
 def front_proc_ns(harness):
-    """The front as it joins on kernels before 6.11: through /proc/PID/ns/, no pidfd."""
+    """The front as it joins on kernels before 6.11: through /proc/PID/ns/, no pidfd; it
+    hands ranks over to the shim (launchers/uctr-exec), as a plain make builds it."""
     return cfront.build(harness.root / "cfront",
                         ("uctr-exec-asan-procns",))["uctr-exec-asan-procns"]
 

@@ -1,10 +1,11 @@
 """The payload gets the signal dispositions and mask its launcher received (issue 10, class 3).
 
 Each mode runs `grep Sig /proc/self/status` inside the container, started through uctr-exec
-(the launchers/uctr-exec shim, which captures SigIgn/SigBlk) and through `uctr run` (Python
-entry point, no capture), from a parent that ignores SIGPIPE and SIGUSR1 and blocks SIGUSR2,
-and from a clean parent. The launcher's own state is what the same parent gives a plain
-`grep` on the host. Expected (docs/modes.md, "Signals"):
+(the launchers/uctr-exec shim, which captures SigIgn/SigBlk from /proc, and the C front,
+which hands the rank to Python itself and captures them with sigaction/sigprocmask) and
+through `uctr run` (Python entry point, no capture), from a parent that ignores SIGPIPE and
+SIGUSR1 and blocks SIGUSR2, and from a clean parent. The launcher's own state is what the
+same parent gives a plain `grep` on the host. Expected (docs/modes.md, "Signals"):
   * uctr-exec: exactly the launcher's SigIgn and SigBlk, in N1, P1, P2 and F1;
   * uctr run: the launcher's, except that SIGPIPE and SIGXFSZ are default (Python ignores
     both at start-up and cannot tell whether they were ignored before);
@@ -21,7 +22,7 @@ import subprocess
 import pytest
 
 from tests.conftest import PYTHON
-from tests.harness import users
+from tests.harness import cfront, users
 from tests.integration.exec_helpers import SHIM, Node
 from tests.integration.test_mode_conformance import F1_DEBIAN, missing_binary
 
@@ -119,16 +120,27 @@ def expected(mode: str, launcher, captured: bool):
     return (ignored if captured else ignored & ~PYTHON_IGNORES), blocked
 
 
+@pytest.fixture(scope="module")
+def front(harness):
+    """The C front as `uctr slurm install` builds it: with no step to join it hands the rank
+    to the Python launcher itself, capturing what it inherited with sigaction/sigprocmask."""
+    if cfront.compiler() is None:
+        pytest.skip("no C compiler")
+    return cfront.build(harness.root / "cfront-direct", ("uctr-exec",), python=PYTHON)["uctr-exec"]
+
+
+@pytest.mark.parametrize("launcher", ["shim", "front"])
 @pytest.mark.parametrize("parent", PARENTS)
 @pytest.mark.parametrize("mode", MODES)  # runc: uctr-exec has no --root, runc needs it
-def test_uctr_exec_hands_over_the_launchers_signal_state(node, mode, parent):
-    launcher = launcher_state(node, parent)
+def test_uctr_exec_hands_over_the_launchers_signal_state(node, mode, parent, launcher, request):
+    state = launcher_state(node, parent)
     if parent == "hostile":
-        assert launcher[0] & (1 << (signal.SIGUSR1 - 1)) and launcher[1]
+        assert state[0] & (1 << (signal.SIGUSR1 - 1)) and state[1]
     opts, path = mode_args(mode)
-    cp = run(node, parent, [SHIM, *opts, node.ref, *PROBE], path=path)
+    exe = SHIM if launcher == "shim" else request.getfixturevalue("front")
+    cp = run(node, parent, [exe, *opts, node.ref, *PROBE], path=path)
     assert cp.returncode == 0, cp.stderr
-    assert masks(cp.stdout) == expected(mode, launcher, captured=True), cp.stdout
+    assert masks(cp.stdout) == expected(mode, state, captured=True), cp.stdout
 
 
 @pytest.mark.parametrize("parent", PARENTS)

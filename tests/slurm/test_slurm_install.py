@@ -184,3 +184,13 @@ def test_install_puts_the_c_front_before_the_python_launcher(tmp_path):
                          env={"PATH": "/usr/bin:/bin", "UCTR_FAST_DEBUG": "1"})
     assert out.returncode == 0 and out.stdout.startswith("usage: uctr-exec"), out.stderr
     assert "uctr-exec: python path: " in out.stderr
+    # The front execs the Python the wrapper would end in itself (no sh between): it works
+    # with the wrapper unusable, and the wrapper still works alone (mpirun, PBS, by hand).
+    python.chmod(0o644)
+    direct = subprocess.run([str(front), "--help"], capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin"})
+    assert direct.returncode == 0 and direct.stdout == out.stdout, direct.stderr
+    python.chmod(0o755)
+    alone = subprocess.run([str(python), "--help"], capture_output=True, text=True,
+                           env={"PATH": "/usr/bin:/bin"})
+    assert alone.returncode == 0 and alone.stdout == out.stdout, alone.stderr

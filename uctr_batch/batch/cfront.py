@@ -35,20 +35,30 @@ def c_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def front_config(py_launcher: str, env: Sequence[Tuple[str, str]]) -> str:
+def front_config(py_launcher: str, env: Sequence[Tuple[str, str]],
+                 direct: Optional[Tuple[str, str]] = None) -> str:
+    """front_config.h. DIRECT, (python, package directory): what PY_LAUNCHER runs in the
+    end (launchers/uctr-exec of a checkout, on that Python), which the front then execs
+    itself, as the shim would (python -S -c, PYTHONPATH, UCTR_SIGSTATE): two sh fewer on
+    the path of every rank it hands over (a step's creator waits for them)."""
     pairs = "".join("%s, %s, " % (c_string(k), c_string(v)) for k, v in env)
-    return ("/* written by uctr-batch's installer: the Python launcher and its exports */\n"
+    text = ("/* written by uctr-batch's installer: the Python launcher and its exports */\n"
             "#define UCTR_PY_LAUNCHER %s\n#define UCTR_FRONT_ENV %s\n"
             % (c_string(py_launcher), pairs))
+    if direct:
+        text += ("#define UCTR_PY_PYTHON %s\n#define UCTR_PY_PACKAGE %s\n"
+                 % (c_string(direct[0]), c_string(direct[1])))
+    return text
 
 
-def build_front(source: Path, py_launcher: str, env: Sequence[Tuple[str, str]]) -> bytes:
-    """The front's executable, built for PY_LAUNCHER and ENV."""
+def build_front(source: Path, py_launcher: str, env: Sequence[Tuple[str, str]],
+                direct: Optional[Tuple[str, str]] = None) -> bytes:
+    """The front's executable, built for PY_LAUNCHER and ENV (and DIRECT: front_config)."""
     with tempfile.TemporaryDirectory(prefix="uctr-front-") as scratch:
         build = Path(scratch) / "c"
         shutil.copytree(Path(source) / "launchers" / "c", build,
                         ignore=shutil.ignore_patterns("uctr-exec", "*-asan", "fastrec-*"))
-        (build / "front_config.h").write_text(front_config(py_launcher, env))
+        (build / "front_config.h").write_text(front_config(py_launcher, env, direct))
         proc.run(["make", "-s", "-C", str(build), "FRONT_CONFIG=1", "OUT=."],
                  error="building the uctr-exec C front failed",
                  hint="it needs make and a C compiler; without them the Python uctr-exec is "

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Tuple
 
 # The hooks start for every job on every node: shlex, shutil, subprocess, tempfile and
 # uctr_batch.proc (scontrol lookups, `uctr slurm install`) are imported where they are used.
@@ -438,7 +438,18 @@ def _front(plan: InstallPlan) -> Optional[bytes]:
         _log.warning("no C compiler: %s is the Python launcher (a Python start per rank)",
                      plan.uctr_exec)
         return None
-    return cfront.build_front(plan.source, str(plan.python_launcher), plan.launcher_env())
+    return cfront.build_front(plan.source, str(plan.python_launcher), plan.launcher_env(),
+                              _direct_python(plan))
+
+
+def _direct_python(plan: InstallPlan) -> Optional[Tuple[str, str]]:
+    """(python, package directory) when the Python launcher's wrapper ends in the checkout's
+    launchers/uctr-exec on plan.python (_launcher_command): the front then execs that
+    Python itself (cfront.front_config), else None (it execs the wrapper)."""
+    if not (plan.source / "launchers" / "uctr-exec").exists() \
+            or not (plan.source / "uctr_batch" / "launch" / "main.py").exists():
+        return None
+    return plan.python, str(plan.source)
 
 
 def _build_plugin(plan: InstallPlan) -> None:

@@ -10,8 +10,9 @@ library only, so the per-rank path stays lean.
     build_plan(...)                                                      all three, merged
 """
 
-import importlib
-from typing import Mapping, Optional, Sequence
+from __future__ import annotations  # annotations unevaluated: no typing import (see plan.py)
+
+from collections.abc import Mapping, Sequence
 
 from uctr_batch.inject.plan import (
     BIN_DIR,
@@ -47,7 +48,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(__import__(_LAZY[name], fromlist=[name]), name)  # not importlib: 1 ms
     raise AttributeError("module %r has no attribute %r" % (__name__, name))
 
 
@@ -56,11 +57,11 @@ def build_plan(
     env: Mapping[str, str],
     policy=None,
     host_root: str = "/",
-    mpi: Optional[str] = None,
-    gpu: Optional[str] = None,
+    mpi: str | None = None,
+    gpu: str | None = None,
     app: Sequence[str] = (),
-    image_env: Optional[Mapping[str, str]] = None,
-    mpi_cached: Optional[InjectionPlan] = None,
+    image_env: Mapping[str, str] | None = None,
+    mpi_cached: InjectionPlan | None = None,
 ) -> InjectionPlan:
     """PMI + MPI + GPU plans for one rank, merged in that order. mpi/gpu: the --mpi/--gpu
     values, None for the policy's (mpi.profile, gpu.vendor). mpi_cached: a plan from mpi_plan

@@ -8,10 +8,12 @@ the PT_LOAD segments, so stripped section headers do not matter. Only the bytes 
 read, never the whole file.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
+import io
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import BinaryIO, Dict, List, Optional, Tuple
 
 ELFMAG = b"\x7fELF"
 
@@ -67,14 +69,14 @@ class ElfInfo:
     little_endian: bool
     machine: int
     type: int
-    interp: Optional[str] = None
+    interp: str | None = None
     dynamic: bool = False
-    soname: Optional[str] = None
-    needed: Tuple[str, ...] = ()
-    runpath: Tuple[str, ...] = ()
-    rpath: Tuple[str, ...] = ()
-    verneed: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # file -> versions
-    verdef: Tuple[str, ...] = ()  # defined version names, the base (file) entry excluded
+    soname: str | None = None
+    needed: tuple[str, ...] = ()
+    runpath: tuple[str, ...] = ()
+    rpath: tuple[str, ...] = ()
+    verneed: dict[str, tuple[str, ...]] = field(default_factory=dict)  # file -> versions
+    verdef: tuple[str, ...] = ()  # defined version names, the base (file) entry excluded
 
     @property
     def arch(self) -> str:
@@ -86,7 +88,7 @@ class ElfInfo:
         """A statically linked executable: no interpreter and no dynamic section."""
         return self.interp is None and not self.dynamic
 
-    def glibc_needed(self) -> Optional[Tuple[int, ...]]:
+    def glibc_needed(self) -> tuple[int, ...] | None:
         """The highest GLIBC_x.y this object needs from any file, or None."""
         best = None
         for versions in self.verneed.values():
@@ -96,26 +98,26 @@ class ElfInfo:
                     best = v
         return best
 
-    def glibc_defined(self) -> Optional[Tuple[int, ...]]:
+    def glibc_defined(self) -> tuple[int, ...] | None:
         """The highest GLIBC_x.y this object defines (set for a glibc libc.so.6)."""
         found = [v for v in (glibc_version(n) for n in self.verdef) if v is not None]
         return max(found) if found else None
 
 
-def glibc_version(name: str) -> Optional[Tuple[int, ...]]:
+def glibc_version(name: str) -> tuple[int, ...] | None:
     """'GLIBC_2.36' -> (2, 36); GLIBC_PRIVATE and other names -> None."""
     m = _GLIBC_VERSION.match(name)
     return tuple(int(p) for p in m.group(1).split(".")) if m else None
 
 
-def version_text(v: Tuple[int, ...]) -> str:
+def version_text(v: tuple[int, ...]) -> str:
     return ".".join(str(p) for p in v)
 
 
 class _Reader:
     """Seek-and-unpack access to one open ELF file."""
 
-    def __init__(self, f: BinaryIO, path: str):
+    def __init__(self, f: io.BufferedIOBase, path: str):
         self.f = f
         self.path = path
         ident = self._read(0, 16)
@@ -125,7 +127,7 @@ class _Reader:
             raise ElfError("unknown ELF class or byte order: %s" % path)
         self.is64 = ident[4] == 2
         self.end = "<" if ident[5] == 1 else ">"
-        self.loads: List[Tuple[int, int, int]] = []  # (vaddr, filesz, offset)
+        self.loads: list[tuple[int, int, int]] = []  # (vaddr, filesz, offset)
 
     def _read(self, offset: int, size: int) -> bytes:
         self.f.seek(offset)
@@ -205,7 +207,7 @@ def _parse(r: _Reader) -> ElfInfo:
     return ElfInfo(dynamic=True, **info)
 
 
-def _dynamic_entries(r: _Reader, offset: int, size: int) -> List[Tuple[int, int]]:
+def _dynamic_entries(r: _Reader, offset: int, size: int) -> list[tuple[int, int]]:
     entsize = 16 if r.is64 else 8
     fmt = "qQ" if r.is64 else "iI"
     count = min(size // entsize, _MAX_CHAIN)
@@ -221,7 +223,7 @@ def _dynamic_entries(r: _Reader, offset: int, size: int) -> List[Tuple[int, int]
 
 def _parse_dynamic(r: _Reader, offset: int, size: int) -> dict:
     entries = _dynamic_entries(r, offset, size)
-    tags: Dict[int, int] = {}
+    tags: dict[int, int] = {}
     for tag, val in entries:
         tags.setdefault(tag, val)
     if DT_STRTAB not in tags:
@@ -229,7 +231,7 @@ def _parse_dynamic(r: _Reader, offset: int, size: int) -> dict:
     strsz = min(tags.get(DT_STRSZ, 0), _MAX_STRTAB)
     strtab = r._read(r.offset_of(tags[DT_STRTAB]), strsz)
 
-    def strings(wanted: int) -> List[str]:
+    def strings(wanted: int) -> list[str]:
         return [r.cstring(strtab, v) for t, v in entries if t == wanted]
 
     soname = strings(DT_SONAME)
@@ -248,10 +250,10 @@ def _parse_dynamic(r: _Reader, offset: int, size: int) -> dict:
     return out
 
 
-def _verneed(r: _Reader, strtab: bytes, offset: int, count: int) -> Dict[str, Tuple[str, ...]]:
+def _verneed(r: _Reader, strtab: bytes, offset: int, count: int) -> dict[str, tuple[str, ...]]:
     """Elf_Verneed {u16 version, u16 cnt, u32 file, u32 aux, u32 next} chained with
     Elf_Vernaux {u32 hash, u16 flags, u16 other, u32 name, u32 next}; same in 32 and 64 bit."""
-    result: Dict[str, Tuple[str, ...]] = {}
+    result: dict[str, tuple[str, ...]] = {}
     for _ in range(min(count, _MAX_CHAIN)):
         _ver, cnt, vn_file, vn_aux, vn_next = r.unpack("HHIII", offset)
         names = []
@@ -270,7 +272,7 @@ def _verneed(r: _Reader, strtab: bytes, offset: int, count: int) -> Dict[str, Tu
     return result
 
 
-def _verdef(r: _Reader, strtab: bytes, offset: int, count: int) -> Tuple[str, ...]:
+def _verdef(r: _Reader, strtab: bytes, offset: int, count: int) -> tuple[str, ...]:
     """Elf_Verdef {u16 version, u16 flags, u16 ndx, u16 cnt, u32 hash, u32 aux, u32 next};
     the first Elf_Verdaux {u32 name, u32 next} names the version, the rest are parents."""
     names = []

@@ -5,9 +5,10 @@ absolute target restarts at the root and ``..`` never climbs above it. Nothing h
 a link out of the root, so an image cannot point us at host files.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import os
 import posixpath
-from typing import Optional
 
 _MAX_LINKS = 40  # the kernel's MAXSYMLINKS
 
@@ -57,7 +58,7 @@ def isdir(root: str, inside: str) -> bool:
     return os.path.isdir(outside(root, resolve(root, inside)))
 
 
-def real_outside(root: str, inside: str) -> Optional[str]:
+def real_outside(root: str, inside: str) -> str | None:
     """The resolved path on this machine, or None when it does not exist."""
     path = outside(root, resolve(root, inside))
     return path if os.path.exists(path) else None

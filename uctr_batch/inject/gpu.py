@@ -15,12 +15,14 @@ of a GPU is its rank among the allocated ones. CUDA_DEVICE_ORDER=PCI_BUS_ID is s
 so CUDA's enumeration follows PCI order too.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import glob
 import os
 import posixpath
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from uctr_batch.errors import ConfigError
 from uctr_batch.inject import fsroot, policyview
@@ -72,7 +74,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Minimum Linux driver per CUDA toolkit release (CUDA release notes, "CUDA Toolkit and
 # Corresponding Driver Versions", GA releases).
-CUDA_MIN_DRIVER: Tuple[Tuple[Tuple[int, int], str], ...] = (
+CUDA_MIN_DRIVER: tuple[tuple[tuple[int, int], str], ...] = (
     ((13, 0), "580.65.06"),
     ((12, 9), "575.51.03"),
     ((12, 8), "570.26"),
@@ -101,14 +103,14 @@ CUDA_MIN_DRIVER: Tuple[Tuple[Tuple[int, int], str], ...] = (
 )
 # CUDA minor version compatibility: any 11.x (12.x, 13.x) runtime runs on at least this driver,
 # without PTX JIT of newer PTX.
-CUDA_MINOR_COMPAT: Dict[int, str] = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+CUDA_MINOR_COMPAT: dict[int, str] = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
 
 _NVRM = re.compile(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+\.\d+(?:\.\d+)?)")
 _INT_LIST = re.compile(r"^\d+(,\d+)*$")
 _NO_DEVICES = ("", "none", "NoDevFiles", "void", "-1")
 
 
-def _read(host_root: str, inside: str) -> Optional[str]:
+def _read(host_root: str, inside: str) -> str | None:
     try:
         with open(fsroot.outside(host_root, inside)) as f:
             return f.read()
@@ -116,7 +118,7 @@ def _read(host_root: str, inside: str) -> Optional[str]:
         return None
 
 
-def _version_tuple(text: str) -> Tuple[int, ...]:
+def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split(".") if p.isdigit())
 
 
@@ -126,14 +128,14 @@ def _version_tuple(text: str) -> Tuple[int, ...]:
 @dataclass
 class Allocation:
     source: str  # the variable the device list came from, or a sentence
-    devices: List[int]  # host GPU indices to expose
-    env: Dict[str, str] = field(default_factory=dict)  # renumbered variables for the inside
+    devices: list[int]  # host GPU indices to expose
+    env: dict[str, str] = field(default_factory=dict)  # renumbered variables for the inside
     all_gpus: bool = False
-    notes: List[str] = field(default_factory=list)
-    warnings: List[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
-def _parse_ids(value: str) -> Optional[List[str]]:
+def _parse_ids(value: str) -> list[str] | None:
     value = value.strip()
     if value in _NO_DEVICES:
         return []
@@ -180,7 +182,7 @@ def _from_visible(
     ids = _parse_ids(value)
     if ids is None or ids == []:
         return Allocation("%s=%s" % (var, value), [])
-    devices: List[int] = []
+    devices: list[int] = []
     for item in ids:
         if item.isdigit():
             devices.append(int(item))
@@ -225,7 +227,7 @@ def _renumber(alloc: Allocation, var: str, value: str, from_step: bool) -> None:
 # -- NVIDIA ---------------------------------------------------------------------------------
 
 
-def nvidia_driver_version(host_root: str = "/") -> Optional[str]:
+def nvidia_driver_version(host_root: str = "/") -> str | None:
     """The loaded kernel module's version, e.g. '550.54.15'."""
     text = _read(host_root, "/proc/driver/nvidia/version")
     if text:
@@ -238,7 +240,7 @@ def nvidia_driver_version(host_root: str = "/") -> Optional[str]:
     return None
 
 
-def nvidia_gpus(host_root: str = "/") -> List[int]:
+def nvidia_gpus(host_root: str = "/") -> list[int]:
     out = []
     for path in glob.glob(fsroot.outside(host_root, "/dev/nvidia[0-9]*")):
         name = os.path.basename(path)[len("nvidia") :]
@@ -247,7 +249,7 @@ def nvidia_gpus(host_root: str = "/") -> List[int]:
     return sorted(out)
 
 
-def nvidia_uuids(host_root: str = "/") -> Dict[str, int]:
+def nvidia_uuids(host_root: str = "/") -> dict[str, int]:
     """GPU UUID -> device minor, from /proc/driver/nvidia/gpus/*/information."""
     out = {}
     for path in glob.glob(fsroot.outside(host_root, "/proc/driver/nvidia/gpus/*/information")):
@@ -263,7 +265,7 @@ def nvidia_uuids(host_root: str = "/") -> Dict[str, int]:
     return out
 
 
-def cuda_supported_by(driver: str) -> Optional[Tuple[int, int]]:
+def cuda_supported_by(driver: str) -> tuple[int, int] | None:
     """The newest CUDA release whose minimum driver is <= driver ('550.54.15')."""
     have = _version_tuple(driver)
     for cuda, minimum in CUDA_MIN_DRIVER:
@@ -272,7 +274,7 @@ def cuda_supported_by(driver: str) -> Optional[Tuple[int, int]]:
     return None
 
 
-def cuda_check(image_cuda: Tuple[int, int], driver: str) -> Tuple[str, str]:
+def cuda_check(image_cuda: tuple[int, int], driver: str) -> tuple[str, str]:
     """('ok'|'warning'|'error', message) for an image CUDA runtime on a host driver."""
     have = _version_tuple(driver)
     supported = cuda_supported_by(driver)
@@ -297,7 +299,7 @@ def cuda_check(image_cuda: Tuple[int, int], driver: str) -> Tuple[str, str]:
 
 def image_cuda_version(
     image: LibRoot, image_env: Mapping[str, str]
-) -> Optional[Tuple[Tuple[int, int], str]]:
+) -> tuple[tuple[int, int], str] | None:
     """The image's CUDA runtime (major, minor) and where it was read."""
     for lib in image.cached(lambda n: n.startswith("libcudart.so.")):
         v = so_version(posixpath.basename(lib.real))
@@ -382,11 +384,11 @@ def _cuda_check(plan, image, image_env, driver, policy) -> None:
 # -- AMD ------------------------------------------------------------------------------------
 
 
-def amd_gpus(host_root: str = "/") -> List[Tuple[str, Optional[str]]]:
+def amd_gpus(host_root: str = "/") -> list[tuple[str, str | None]]:
     """(card, render) inside paths of the AMD GPUs in ROCm order: by PCI address through
     /dev/dri/by-path when present, else by card number with renderD(128+N)."""
     by_path = fsroot.outside(host_root, "/dev/dri/by-path")
-    out: List[Tuple[str, Optional[str]]] = []
+    out: list[tuple[str, str | None]] = []
     if os.path.isdir(by_path):
         for name in sorted(os.listdir(by_path)):
             if not name.endswith("-card"):
@@ -452,7 +454,7 @@ def _amd(plan: InjectionPlan, env, host_root, image, libs: bool) -> None:
 
 
 def _apply_allocation(
-    plan: InjectionPlan, alloc: Allocation, nodes: List[str], host_root: str
+    plan: InjectionPlan, alloc: Allocation, nodes: list[str], host_root: str
 ) -> None:
     plan.info.setdefault(C, {})["allocation"] = {"source": alloc.source, "gpus": alloc.devices}
     plan.record(C, INFO, "allocation", "%s -> GPUs %s" % (alloc.source, alloc.devices or "none"))
@@ -471,10 +473,10 @@ def _apply_allocation(
 def _driver_libs(
     plan: InjectionPlan,
     host: LibRoot,
-    image: Optional[LibRoot],
+    image: LibRoot | None,
     names: Sequence[str],
-    driver: Optional[str],
-    critical: Optional[str],
+    driver: str | None,
+    critical: str | None,
 ) -> None:
     """Bind host driver libraries into LIB_DIR under every ld-cache name they have."""
     glibc = image.glibc() if image is not None else None
@@ -502,7 +504,7 @@ def _driver_libs(
             )
 
 
-def _candidates(host: LibRoot, base: str, driver: Optional[str]) -> List[Tuple[str, Lib, str]]:
+def _candidates(host: LibRoot, base: str, driver: str | None) -> list[tuple[str, Lib, str]]:
     """(cache name, library, refusal reason or '') for the cache entries of one library."""
     out = []
     for lib in host.cached(lambda n: n == base or n.startswith(base + ".")):
@@ -543,10 +545,10 @@ def detect_vendor(host_root: str = "/") -> str:
 
 def gpu_plan(
     env: Mapping[str, str],
-    rootfs: Optional[str] = None,
-    vendor: Optional[str] = None,
+    rootfs: str | None = None,
+    vendor: str | None = None,
     host_root: str = "/",
-    image_env: Optional[Mapping[str, str]] = None,
+    image_env: Mapping[str, str] | None = None,
     policy=None,
 ) -> InjectionPlan:
     """Plan GPU injection for one rank. vendor: auto | nvidia | amd | none, or None for the

@@ -8,10 +8,11 @@ Used for the host (/etc/ld.so.cache) and for an image (ROOTFS/etc/ld.so.cache); 
 image cache are relative to the image root, as ``ldconfig -r ROOT`` writes them.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import os
 import struct
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 OLD_MAGIC = b"ld.so-1.7.0"
 NEW_MAGIC = b"glibc-ld.so.cache1.1"
@@ -72,7 +73,7 @@ class CacheEntry:
     flags: int
     osversion: int = 0
     hwcap: int = 0
-    hwcap_name: Optional[str] = None  # glibc-hwcaps subdirectory, e.g. "x86-64-v3"
+    hwcap_name: str | None = None  # glibc-hwcaps subdirectory, e.g. "x86-64-v3"
 
     @property
     def required(self) -> int:
@@ -95,17 +96,17 @@ class CacheEntry:
 
 
 class LdCache:
-    def __init__(self, entries: List[CacheEntry], generator: Optional[str] = None):
+    def __init__(self, entries: list[CacheEntry], generator: str | None = None):
         self.entries = entries
         self.generator = generator
-        self._by_name: Dict[str, List[CacheEntry]] = {}
+        self._by_name: dict[str, list[CacheEntry]] = {}
         for e in entries:
             self._by_name.setdefault(e.name, []).append(e)
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def lookup(self, name: str, machine: Optional[str] = None) -> List[CacheEntry]:
+    def lookup(self, name: str, machine: str | None = None) -> list[CacheEntry]:
         """Entries for exactly this name, in cache (= loader preference) order; with
         machine, only entries for that machine's ABI and not in a glibc-hwcaps subdir."""
         found = self._by_name.get(name, [])
@@ -113,7 +114,7 @@ class LdCache:
             return list(found)
         return [e for e in found if _for_machine(e, machine)]
 
-    def matching(self, predicate, machine: Optional[str] = None) -> List[CacheEntry]:
+    def matching(self, predicate, machine: str | None = None) -> list[CacheEntry]:
         return [
             e
             for e in self.entries
@@ -187,13 +188,13 @@ def _parse_new(data: bytes, start: int) -> LdCache:
     return LdCache(entries, generator)
 
 
-def _extensions(data: bytes, offset: int, strings: bytes) -> Tuple[Optional[str], List[str]]:
+def _extensions(data: bytes, offset: int, strings: bytes) -> tuple[str | None, list[str]]:
     """struct cache_extension {u32 magic, u32 count, {u32 tag, u32 flags, u32 offset,
     u32 size} sections[]}. The extension and section offsets count from the start of the
     file (glibc's cache_extension_load takes the file base); the hwcaps name offsets index
     the string table, like the entry keys."""
     generator = None
-    hwcaps: List[str] = []
+    hwcaps: list[str] = []
     if not offset or offset + 8 > len(data):
         return generator, hwcaps
     magic, count = struct.unpack_from("<II", data, offset)
@@ -221,7 +222,7 @@ def read(path: str) -> LdCache:
         return parse(f.read())
 
 
-def load_root(root: str = "/") -> Optional[LdCache]:
+def load_root(root: str = "/") -> LdCache | None:
     """The cache of the system rooted at root, or None when it has none or it is unreadable.
     ROOT/etc/ld.so.cache is read as a plain file: a symlink there is not followed out of root."""
     path = os.path.join(root, "etc/ld.so.cache")

@@ -5,12 +5,14 @@ ld.so.cache, then the default directories. Also here: ABI numbers from file name
 of a root, and the symbol-version check of a host library against an image.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import glob
 import os
 import posixpath
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from uctr_batch.inject import elf, fsroot, ldcache
 
@@ -71,7 +73,7 @@ def stem(name: str) -> str:
     return linker_name(name)[:-3] if ".so" in name else name
 
 
-def so_version(name: str) -> Tuple[int, ...]:
+def so_version(name: str) -> tuple[int, ...]:
     """The numbers after '.so.': 'libmpi.so.40.30.4' -> (40, 30, 4); none -> ()."""
     i = name.find(".so.")
     if i < 0:
@@ -93,10 +95,10 @@ class Lib:
     name: str  # the name the loader looks up (a soname), e.g. libmpi.so.40
     path: str  # where it was found, inside its root (may be a symlink)
     real: str  # the resolved file, inside its root
-    version: Tuple[int, ...]  # ABI numbers (Sarus' rule: the real file's, unless renamed)
+    version: tuple[int, ...]  # ABI numbers (Sarus' rule: the real file's, unless renamed)
 
 
-def abi_version(name: str, real: str) -> Tuple[int, ...]:
+def abi_version(name: str, real: str) -> tuple[int, ...]:
     """ABI numbers from the real file behind the symlinks. When the target has a different
     name (Cray: libmpi.so.12 -> libmpich_gnu_71.so.3), the link's own numbers win."""
     base = posixpath.basename(real)
@@ -108,20 +110,20 @@ def abi_version(name: str, real: str) -> Tuple[int, ...]:
 @dataclass(frozen=True)
 class Glibc:
     path: str  # libc.so.6, resolved, inside its root
-    version: Tuple[int, ...]
+    version: tuple[int, ...]
 
 
 class LibRoot:
     """Library lookup inside one root directory."""
 
     def __init__(
-        self, root: str = "/", machine: Optional[str] = None, library_path: Sequence[str] = ()
+        self, root: str = "/", machine: str | None = None, library_path: Sequence[str] = ()
     ):
         self.root = root
         self.machine = machine or host_machine()
         self.library_path = list(library_path)  # searched like LD_LIBRARY_PATH
         self.cache = ldcache.load_root(root)
-        self._elf: Dict[str, Optional[elf.ElfInfo]] = {}
+        self._elf: dict[str, elf.ElfInfo | None] = {}
 
     # -- paths ----------------------------------------------------------------------------
 
@@ -138,7 +140,7 @@ class LibRoot:
         real = self.resolve(path)
         return Lib(name, path, real, abi_version(name, real))
 
-    def elf(self, inside: str) -> Optional[elf.ElfInfo]:
+    def elf(self, inside: str) -> elf.ElfInfo | None:
         """ELF facts of the file at inside (resolved), or None if it is not a readable ELF."""
         real = self.resolve(inside)
         if real not in self._elf:
@@ -154,7 +156,7 @@ class LibRoot:
 
     # -- lookup ---------------------------------------------------------------------------
 
-    def default_dirs(self) -> List[str]:
+    def default_dirs(self) -> list[str]:
         triplet = _TRIPLETS.get(self.machine)
         dirs = []
         if triplet:
@@ -162,8 +164,8 @@ class LibRoot:
         return dirs + ["/lib64", "/usr/lib64", "/lib", "/usr/lib"]
 
     def find(
-        self, name: str, runpath: Iterable[str] = (), origin: Optional[str] = None
-    ) -> Optional[Lib]:
+        self, name: str, runpath: Iterable[str] = (), origin: str | None = None
+    ) -> Lib | None:
         """Find name as the loader would: runpath dirs, library_path, the cache, the default
         dirs."""
         for d in list(runpath) + self.library_path:
@@ -183,13 +185,13 @@ class LibRoot:
                 return self.lib(name, candidate)
         return None
 
-    def find_needed(self, owner: Lib, name: str) -> Optional[Lib]:
+    def find_needed(self, owner: Lib, name: str) -> Lib | None:
         """Resolve a DT_NEEDED name of owner, honouring owner's RPATH/RUNPATH."""
         info = self.elf(owner.real)
         runpath = (info.rpath + info.runpath) if info else ()
         return self.find(name, runpath, posixpath.dirname(owner.real))
 
-    def cached(self, predicate) -> List[Lib]:
+    def cached(self, predicate) -> list[Lib]:
         """Cache entries (this machine, no hwcaps variants) whose name passes predicate."""
         if self.cache is None:
             return []
@@ -199,7 +201,7 @@ class LibRoot:
                 out.append(self.lib(entry.name, entry.path))
         return out
 
-    def sonames_in(self, directory: str, predicate=lambda n: True) -> List[Lib]:
+    def sonames_in(self, directory: str, predicate=lambda n: True) -> list[Lib]:
         """Soname-style names (libX.so.N) in one directory of this root."""
         real_dir = self.resolve(directory)
         try:
@@ -216,7 +218,7 @@ class LibRoot:
 
     # -- libc -----------------------------------------------------------------------------
 
-    def glibc(self) -> Optional[Glibc]:
+    def glibc(self) -> Glibc | None:
         lib = self.find("libc.so.6")
         if lib is None:
             return None
@@ -229,7 +231,7 @@ class LibRoot:
             return None
         return Glibc(lib.real, version)
 
-    def musl_loader(self) -> Optional[str]:
+    def musl_loader(self) -> str | None:
         for pattern in ("lib/ld-musl-*.so.1", "usr/lib/ld-musl-*.so.1"):
             found = glob.glob(os.path.join(self.outside("/"), pattern))
             if found:
@@ -239,7 +241,7 @@ class LibRoot:
 
 def version_problems(
     host: LibRoot, lib: Lib, image: LibRoot, glibc: Glibc, provided: Iterable[str] = ()
-) -> List[str]:
+) -> list[str]:
     """Why the host library lib cannot run in image: each symbol version it needs (ELF
     verneed) from a library the image supplies must be defined there (verdef). Libraries in
     `provided` come from the host too and are not checked against the image."""

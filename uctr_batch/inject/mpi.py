@@ -19,12 +19,14 @@ Rules (Sarus' ABI checker, plus what none of the peers does):
 - musl and static images get nothing, with the reason in the plan.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import filecmp
 import glob
 import os
 import posixpath
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from uctr_batch.errors import ConfigError
 from uctr_batch.inject import policyview
@@ -129,7 +131,7 @@ def canonical(name: str, family: str) -> str:
     return s + ".so"
 
 
-def family_of(name: str, needed: Sequence[str] = ()) -> Optional[str]:
+def family_of(name: str, needed: Sequence[str] = ()) -> str | None:
     """The MPI family of a library from its name and DT_NEEDED, or None if not an MPI."""
     s = stem(name)
     if s in ("libopen-pal", "libopen-rte") or any(
@@ -191,17 +193,17 @@ def abi_verdict(host: Sequence[int], image: Sequence[int], rule: str) -> Verdict
 @dataclass
 class Profile:
     name: str
-    family: Optional[str]  # None: auto, decided from the host
+    family: str | None  # None: auto, decided from the host
     rule: str = DEFAULT_RULE
-    libs: List[str] = field(default_factory=list)  # host paths or sonames
-    lib_dirs: List[str] = field(default_factory=list)
-    dependency_libs: Optional[List[str]] = None  # None: DEFAULT_DEPENDENCIES
-    env_set: Dict[str, str] = field(default_factory=dict)
-    env_prepend: Dict[str, str] = field(default_factory=dict)
-    env_append: Dict[str, str] = field(default_factory=dict)
-    env_unset: List[str] = field(default_factory=list)
-    binds: List[Tuple[str, str, bool, bool]] = field(default_factory=list)  # src, dst, ro, optional
-    devices: List[str] = field(default_factory=list)
+    libs: list[str] = field(default_factory=list)  # host paths or sonames
+    lib_dirs: list[str] = field(default_factory=list)
+    dependency_libs: list[str] | None = None  # None: DEFAULT_DEPENDENCIES
+    env_set: dict[str, str] = field(default_factory=dict)
+    env_prepend: dict[str, str] = field(default_factory=dict)
+    env_append: dict[str, str] = field(default_factory=dict)
+    env_unset: list[str] = field(default_factory=list)
+    binds: list[tuple[str, str, bool, bool]] = field(default_factory=list)  # src, dst, ro, optional
+    devices: list[str] = field(default_factory=list)
 
 
 def load_profile(name: str, policy=None) -> Profile:
@@ -251,13 +253,13 @@ def load_profile(name: str, policy=None) -> Profile:
 
 @dataclass
 class ImageMpi:
-    family: Optional[str]
+    family: str | None
     primary: Lib
-    core: Dict[str, Lib]  # canonical linker name -> image library
+    core: dict[str, Lib]  # canonical linker name -> image library
     source: str
 
 
-def find_mpi4py(image: LibRoot) -> List[str]:
+def find_mpi4py(image: LibRoot) -> list[str]:
     """Inside paths of the image's mpi4py extension modules."""
     base = image.outside("/")
     found = []
@@ -267,15 +269,15 @@ def find_mpi4py(image: LibRoot) -> List[str]:
     return found
 
 
-def _image_mpis(image: LibRoot, app_libs: List[Lib]) -> Dict[str, ImageMpi]:
+def _image_mpis(image: LibRoot, app_libs: list[Lib]) -> dict[str, ImageMpi]:
     """Every MPI the image has, by family: from its ld.so.cache, else from app DT_NEEDED."""
-    primaries: List[Tuple[Lib, str]] = []
+    primaries: list[tuple[Lib, str]] = []
     for lib in image.cached(lambda n: stem(n) in ("libmpi", "libmpich") and so_version(n)):
         primaries.append((lib, "ld.so.cache"))
     for lib in app_libs:
         if stem(lib.name) in ("libmpi", "libmpich"):
             primaries.append((lib, "DT_NEEDED"))
-    found: Dict[str, ImageMpi] = {}
+    found: dict[str, ImageMpi] = {}
     for lib, source in primaries:
         info = image.elf(lib.real)
         fam = family_of(lib.name, info.needed if info else ())
@@ -293,7 +295,7 @@ def _image_mpis(image: LibRoot, app_libs: List[Lib]) -> Dict[str, ImageMpi]:
 
 def _app_needed(
     image: LibRoot, app: Sequence[str], plan: InjectionPlan
-) -> Tuple[List[Lib], Optional[str]]:
+) -> tuple[list[Lib], str | None]:
     """DT_NEEDED libraries of the given inside paths; second item: a static app's path."""
     libs = []
     for path in app:
@@ -314,9 +316,9 @@ def _app_needed(
 # -- the host side ------------------------------------------------------------------------
 
 
-def _host_primaries(host: LibRoot) -> Dict[str, Lib]:
+def _host_primaries(host: LibRoot) -> dict[str, Lib]:
     """Host MPIs by family, from the host ld cache (the first entry of a family wins)."""
-    found: Dict[str, Lib] = {}
+    found: dict[str, Lib] = {}
     for lib in host.cached(lambda n: stem(n) in ("libmpi", "libmpich") and so_version(n)):
         info = host.elf(lib.real)
         fam = family_of(lib.name, info.needed if info else ())
@@ -325,12 +327,12 @@ def _host_primaries(host: LibRoot) -> Dict[str, Lib]:
     return found
 
 
-def _profile_libs(host: LibRoot, prof: Profile) -> Tuple[List[Lib], List[str]]:
+def _profile_libs(host: LibRoot, prof: Profile) -> tuple[list[Lib], list[str]]:
     """Host libraries an explicit profile names (its `libs`, looked up in its lib_dirs first),
     or every library in its lib_dirs when it names none; second item: problems."""
     problems = []
     if not prof.libs:
-        libs: List[Lib] = []
+        libs: list[Lib] = []
         for d in prof.lib_dirs:
             found = host.sonames_in(d)
             if not found:
@@ -347,7 +349,7 @@ def _profile_libs(host: LibRoot, prof: Profile) -> Tuple[List[Lib], List[str]]:
     return libs, problems
 
 
-def _host_lib(host: LibRoot, item: str) -> Optional[Lib]:
+def _host_lib(host: LibRoot, item: str) -> Lib | None:
     """A host library named by path (its soname is read from the ELF) or by soname (looked
     up in the profile's lib_dirs, then as the loader would)."""
     if item.startswith("/"):
@@ -368,20 +370,20 @@ class _Swap:
         image: LibRoot,
         glibc: Glibc,
         plan: InjectionPlan,
-        family: Optional[str] = None,
+        family: str | None = None,
     ):
         self.host = host
         self.image = image
         self.glibc = glibc
         self.plan = plan
         self.family = family  # set for a full swap: its core libraries always come from the host
-        self.libs: Dict[str, Lib] = {}  # soname -> host library to inject
-        self.dst: Dict[str, str] = {}  # soname -> inside destination
-        self.why: Dict[str, str] = {}  # soname -> reason text for the manifest
-        self.plugin_dirs: Dict[str, str] = {}  # inside dst -> host inside path
-        self.problems: List[str] = []  # fatal for this attempt
+        self.libs: dict[str, Lib] = {}  # soname -> host library to inject
+        self.dst: dict[str, str] = {}  # soname -> inside destination
+        self.why: dict[str, str] = {}  # soname -> reason text for the manifest
+        self.plugin_dirs: dict[str, str] = {}  # inside dst -> host inside path
+        self.problems: list[str] = []  # fatal for this attempt
 
-    def add(self, lib: Lib, dst: Optional[str], why: str) -> None:
+    def add(self, lib: Lib, dst: str | None, why: str) -> None:
         """Inject lib over dst (an image file), or into LIB_DIR when dst is None."""
         if lib.name in self.libs:
             return
@@ -444,7 +446,7 @@ class _Swap:
                     self.add(dep, None, "needed by %s; the image has none" % lib.name)
                 queue.append(dep)
 
-    def _other_host_build(self, owner: Lib, need: str) -> Optional[Lib]:
+    def _other_host_build(self, owner: Lib, need: str) -> Lib | None:
         """The host's NEED for OWNER when the image's copy is another build, not newer. UCX's
         libraries carry no symbol versions and keep their file names (libucs.so.0.0.0), so
         neither the version check nor the numbers tell that the host's libucp needs symbols
@@ -502,9 +504,9 @@ class _Swap:
             )
 
 
-def plugin_dirs(host: LibRoot, libs: Iterable[Lib]) -> List[str]:
+def plugin_dirs(host: LibRoot, libs: Iterable[Lib]) -> list[str]:
     """Host inside paths of the plugin and config directories that go with libs."""
-    out: List[str] = []
+    out: list[str] = []
     for lib in libs:
         s = stem(lib.name)
         info = host.elf(lib.real)
@@ -532,7 +534,7 @@ def _has_objects(path: str) -> bool:
         return False
 
 
-def plugin_objects(host: LibRoot, dirs: Iterable[str]) -> List[Lib]:
+def plugin_objects(host: LibRoot, dirs: Iterable[str]) -> list[Lib]:
     """The .so files directly inside the host plugin directories."""
     out = []
     for d in dirs:
@@ -545,9 +547,9 @@ def plugin_objects(host: LibRoot, dirs: Iterable[str]) -> List[Lib]:
     return out
 
 
-def _closure(host: LibRoot, roots: Iterable[Lib]) -> List[Lib]:
+def _closure(host: LibRoot, roots: Iterable[Lib]) -> list[Lib]:
     """Every host library reachable through DT_NEEDED from roots (glibc excluded)."""
-    seen: Dict[str, Lib] = {}
+    seen: dict[str, Lib] = {}
     queue = list(roots)
     while queue:
         lib = queue.pop()
@@ -567,7 +569,7 @@ def _closure(host: LibRoot, roots: Iterable[Lib]) -> List[Lib]:
 
 def mpi_plan(
     rootfs: str,
-    profile: Optional[str] = None,
+    profile: str | None = None,
     policy=None,
     host_root: str = "/",
     app: Sequence[str] = (),
@@ -629,11 +631,11 @@ def mpi_plan(
 
 def _choose_image_mpi(
     image: LibRoot,
-    image_mpis: Dict[str, "ImageMpi"],
-    app_libs: List[Lib],
-    profile_family: Optional[str],
-    host_mpis: Dict[str, Lib],
-) -> Optional["ImageMpi"]:
+    image_mpis: dict[str, "ImageMpi"],
+    app_libs: list[Lib],
+    profile_family: str | None,
+    host_mpis: dict[str, Lib],
+) -> "ImageMpi" | None:
     """The image MPI the application uses; else the one the host can replace; else any."""
     for lib in app_libs:
         info = image.elf(lib.real)
@@ -647,8 +649,8 @@ def _choose_image_mpi(
 
 
 def _host_mpi(
-    host: LibRoot, prof: Profile, host_mpis: Dict[str, Lib], image_family: str, plan: InjectionPlan
-) -> Tuple[List[Lib], Optional[str], List[str]]:
+    host: LibRoot, prof: Profile, host_mpis: dict[str, Lib], image_family: str, plan: InjectionPlan
+) -> tuple[list[Lib], str | None, list[str]]:
     """The host MPI library set, its family, and problems finding it."""
     if prof.family is not None:
         libs, problems = _profile_libs(host, prof)
@@ -666,14 +668,14 @@ def _host_mpi(
     return libs, family, []
 
 
-def _dependencies(host: LibRoot, prof: Profile, mpi_libs: List[Lib]) -> List[Lib]:
+def _dependencies(host: LibRoot, prof: Profile, mpi_libs: list[Lib]) -> list[Lib]:
     """Fabric/runtime libraries to bring along. Profile entries that are paths or sonames are
     taken as they are; bare names (libfabric) and the default list select from the DT_NEEDED
     closure of the MPI and its plugins."""
     names = list(prof.dependency_libs if prof.dependency_libs is not None else DEFAULT_DEPENDENCIES)
     direct = [n for n in names if "/" in n or ".so." in n]
     stems = {stem(posixpath.basename(n)) if ".so" in n else n for n in names if n not in direct}
-    found: Dict[str, Lib] = {}
+    found: dict[str, Lib] = {}
     for item in direct:
         lib = _host_lib(host, item)
         if lib is not None:
@@ -760,7 +762,7 @@ def _apply_ladder(
 
 def _try_full(plan, prof, host, image, glibc, image_mpi, host_libs, family, deps):
     swap = _Swap(host, image, glibc, plan, family)
-    by_canon: Dict[str, List[Lib]] = {}
+    by_canon: dict[str, list[Lib]] = {}
     for lib in host_libs:
         by_canon.setdefault(canonical(lib.name, family), []).append(lib)
     partial = []
@@ -809,7 +811,7 @@ def _try_full(plan, prof, host, image, glibc, image_mpi, host_libs, family, deps
     return swap, text
 
 
-def _best_match(candidates: List[Lib], own: Lib) -> Lib:
+def _best_match(candidates: list[Lib], own: Lib) -> Lib:
     """Same major first; among those the one with the highest version."""
     same = [c for c in candidates if c.version[:1] == own.version[:1]]
     return max(same or candidates, key=lambda c: c.version)
@@ -820,7 +822,7 @@ def _add_plugin_needs(swap: _Swap) -> None:
     when it has them; plugins that still cannot load in the image are noted, not fatal."""
     plugins = plugin_objects(swap.host, swap.plugin_dirs.values())
     swap.complete(plugins, required=False)
-    failing: Dict[str, List[str]] = {}  # reason -> plugin names
+    failing: dict[str, list[str]] = {}  # reason -> plugin names
     for plugin in plugins:
         problems = version_problems(swap.host, plugin, swap.image, swap.glibc, swap.libs)
         if problems:

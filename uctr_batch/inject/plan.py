@@ -7,9 +7,10 @@ The manifest records every bound file and every refusal with its reason; ``summa
 is what ``-v`` prints.
 """
 
+from __future__ import annotations  # annotations stay unevaluated: no typing import
+
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
 
 PLAN_VERSION = 1
 
@@ -27,30 +28,78 @@ ERROR = "error"
 INFO = "info"
 
 
-@dataclass(frozen=True)
-class Bind:
-    src: str  # path on this machine
-    dst: str  # path inside the container
-    ro: bool = True
-    kind: str = "file"  # file | dir: what mount point the launcher must create
+# Why not dataclasses (and no typing): the rank that sets up a step's container computes the
+# step's PMI part with this module (pmi_plan, InjectionPlan), on every step of every job.
+# dataclasses imports inspect, ast, dis and tokenize, typing the rest: together ~9 ms of a
+# ~60 ms creator on the 2-core test machine (python -X importtime). The classes below keep
+# the dataclass contract: construction by position or keyword with the same defaults, ==,
+# repr, immutability and hash for the frozen ones; to_dict() is dataclasses.asdict().
+class _Frozen:
+    """A frozen dataclass of the fields in __slots__; _DEFAULTS: field -> default."""
 
-    def as_tuple(self) -> Tuple[str, str, bool]:
+    __slots__ = ()
+    _DEFAULTS: dict = {}
+
+    def __init__(self, *args, **kwargs):
+        names = self.__slots__
+        if len(args) > len(names):
+            raise TypeError("%s takes at most %d arguments" % (type(self).__name__, len(names)))
+        values = dict(zip(names, args))
+        for name, value in kwargs.items():
+            if name not in names or name in values:
+                raise TypeError("%s: unexpected or repeated argument %r"
+                                % (type(self).__name__, name))
+            values[name] = value
+        for name in names:
+            if name not in values:
+                if name not in self._DEFAULTS:
+                    raise TypeError("%s: missing argument %r" % (type(self).__name__, name))
+                values[name] = self._DEFAULTS[name]
+            object.__setattr__(self, name, values[name])
+
+    def __setattr__(self, name, value):
+        raise AttributeError("cannot assign to field %r: %s is frozen"
+                             % (name, type(self).__name__))
+
+    def __delattr__(self, name):
+        raise AttributeError("cannot delete field %r: %s is frozen" % (name, type(self).__name__))
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __reduce__(self):  # copy, deepcopy and pickle construct, as they cannot assign
+        return type(self), self._values()
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self):
+        return hash(self._values())
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, ", ".join(
+            "%s=%r" % (name, getattr(self, name)) for name in self.__slots__))
+
+
+class Bind(_Frozen):
+    __slots__ = ("src", "dst", "ro", "kind")
+    # src: path on this machine; dst: path inside the container; kind: file | dir, what
+    # mount point the launcher must create
+    _DEFAULTS = {"ro": True, "kind": "file"}
+
+    def as_tuple(self) -> tuple[str, str, bool]:
         return (self.src, self.dst, self.ro)
 
 
-@dataclass(frozen=True)
-class Device:
-    src: str  # device node on this machine
-    dst: str  # path inside the container
+class Device(_Frozen):
+    __slots__ = ("src", "dst")  # the device node on this machine, its path inside
 
 
-@dataclass(frozen=True)
-class ManifestEntry:
-    component: str  # mpi | gpu | pmi
-    action: str
-    subject: str
-    reason: str = ""
-    src: Optional[str] = None
+class ManifestEntry(_Frozen):
+    __slots__ = ("component", "action", "subject", "reason", "src")  # component: mpi|gpu|pmi
+    _DEFAULTS = {"reason": "", "src": None}
 
     def line(self) -> str:
         text = "%s: %s %s" % (self.component, self.action, self.subject)
@@ -61,26 +110,56 @@ class ManifestEntry:
         return text
 
 
-@dataclass
+# InjectionPlan's fields, in order: name -> what an omitted one starts as (a type: a new one).
+_PLAN_FIELDS = {
+    "binds": list,  # [Bind]
+    "devices": list,  # [Device]
+    "env": dict,  # set, overriding
+    "env_defaults": dict,  # set only when unset
+    "env_prepend": dict,  # VALUE:old value
+    "env_append": dict,  # old value:VALUE
+    "env_unset": list,
+    "ld_library_path": list,  # put first, in this order
+    "path_prefix": list,
+    "keep_fds": list,  # inherited fds that must stay open
+    "passthrough_env": list,  # launcher variables the mode must keep
+    "host_network": False,  # PMI/PMIx needs the host network namespace
+    "no_injection": None,  # why host libraries cannot go into this image
+    "mpi_level": None,  # full | fabric | none
+    "errors": list,  # the launcher should stop
+    "warnings": list,
+    "info": dict,  # per component facts
+    "manifest": list,  # [ManifestEntry]
+}
+
+
 class InjectionPlan:
-    binds: List[Bind] = field(default_factory=list)
-    devices: List[Device] = field(default_factory=list)
-    env: Dict[str, str] = field(default_factory=dict)  # set, overriding
-    env_defaults: Dict[str, str] = field(default_factory=dict)  # set only when unset
-    env_prepend: Dict[str, str] = field(default_factory=dict)  # VALUE:old value
-    env_append: Dict[str, str] = field(default_factory=dict)  # old value:VALUE
-    env_unset: List[str] = field(default_factory=list)
-    ld_library_path: List[str] = field(default_factory=list)  # put first, in this order
-    path_prefix: List[str] = field(default_factory=list)
-    keep_fds: List[int] = field(default_factory=list)  # inherited fds that must stay open
-    passthrough_env: List[str] = field(default_factory=list)  # launcher vars the mode must keep
-    host_network: bool = False  # PMI/PMIx needs the host network namespace
-    no_injection: Optional[str] = None  # why host libraries cannot go into this image
-    mpi_level: Optional[str] = None  # full | fabric | none
-    errors: List[str] = field(default_factory=list)  # the launcher should stop
-    warnings: List[str] = field(default_factory=list)
-    info: Dict[str, Any] = field(default_factory=dict)  # per component facts
-    manifest: List[ManifestEntry] = field(default_factory=list)
+    """A (mutable) dataclass of _PLAN_FIELDS."""
+
+    __hash__ = None  # mutable, compared by value: as a dataclass with eq
+
+    def __init__(self, *args, **kwargs):
+        names = list(_PLAN_FIELDS)
+        if len(args) > len(names):
+            raise TypeError("InjectionPlan takes at most %d arguments" % len(names))
+        values = dict(zip(names, args))
+        for name, value in kwargs.items():
+            if name not in _PLAN_FIELDS or name in values:
+                raise TypeError("InjectionPlan: unexpected or repeated argument %r" % name)
+            values[name] = value
+        for name, default in _PLAN_FIELDS.items():
+            if name not in values:
+                values[name] = default() if isinstance(default, type) else default
+        self.__dict__.update(values)
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in _PLAN_FIELDS)
+
+    def __repr__(self):
+        return "InjectionPlan(%s)" % ", ".join("%s=%r" % (n, getattr(self, n))
+                                                for n in _PLAN_FIELDS)
 
     # -- building -------------------------------------------------------------------------
 
@@ -153,10 +232,10 @@ class InjectionPlan:
 
     # -- using ----------------------------------------------------------------------------
 
-    def bind_tuples(self) -> List[Tuple[str, str, bool]]:
+    def bind_tuples(self) -> list[tuple[str, str, bool]]:
         return [b.as_tuple() for b in self.binds]
 
-    def apply_env(self, base: Mapping[str, str]) -> Dict[str, str]:
+    def apply_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """The container environment: base (already merged by the mode) plus this plan."""
         out = dict(base)
         for k in self.env_unset:
@@ -174,7 +253,7 @@ class InjectionPlan:
             out["PATH"] = _join_path(self.path_prefix, out.get("PATH"))
         return out
 
-    def summary_lines(self) -> List[str]:
+    def summary_lines(self) -> list[str]:
         lines = ["%s" % e.line() for e in self.manifest]
         if self.mpi_level:
             lines.append("mpi: level %s" % self.mpi_level)
@@ -184,13 +263,13 @@ class InjectionPlan:
 
     # -- serialising ----------------------------------------------------------------------
 
-    def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
+    def to_dict(self) -> dict:
+        d = {name: _plain(getattr(self, name)) for name in _PLAN_FIELDS}
         d["version"] = PLAN_VERSION
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "InjectionPlan":
+    def from_dict(cls, d: Mapping[str, object]) -> "InjectionPlan":
         if d.get("version") != PLAN_VERSION:
             raise ValueError("unsupported injection plan version: %r" % d.get("version"))
         return cls(
@@ -233,13 +312,25 @@ class InjectionPlan:
             return cls.from_json(f.read())
 
 
+def _plain(value):
+    """dataclasses.asdict() of one field's value: records become dicts, containers are
+    copied all the way down (the leaves are JSON's: str, int, float, bool, None)."""
+    if isinstance(value, _Frozen):
+        return {name: _plain(getattr(value, name)) for name in value.__slots__}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def _extend_unique(target: list, items) -> None:
     for item in items:
         if item not in target:
             target.append(item)
 
 
-def _join_path(prefix: List[str], rest: Optional[str]) -> str:
+def _join_path(prefix: list[str], rest: str | None) -> str:
     parts = list(prefix)
     if rest:
         parts.extend(p for p in rest.split(":") if p and p not in parts)

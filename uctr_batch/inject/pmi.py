@@ -6,11 +6,13 @@ the PMIx MCA mapping pyxis and Sarus do, the inherited PMI_FD, the munge socket 
 asks for it, and whether the host network is needed (PMIx and hydra talk TCP on loopback).
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import os
 import posixpath
 import re
 import stat
-from typing import Dict, List, Mapping, Optional
+from collections.abc import Mapping
 
 from uctr_batch.inject import fsroot, policyview
 from uctr_batch.inject.plan import INFO, REFUSE, InjectionPlan
@@ -66,7 +68,7 @@ _NETWORK_VARS = (
 
 
 def pmi_plan(env: Mapping[str, str], host_root: str = "/", policy=None,
-             image_root: Optional[str] = None) -> InjectionPlan:
+             image_root: str | None = None) -> InjectionPlan:
     """Plan the PMI/PMIx wiring of one rank from its launcher environment. IMAGE_ROOT, the
     container's root filesystem, lets the PMIx module choice fit the image's PMIx."""
     plan = InjectionPlan()
@@ -107,7 +109,7 @@ def flavour(env: Mapping[str, str]) -> str:
 
 
 def _map_pmix_mca(plan: InjectionPlan, env: Mapping[str, str],
-                  image_root: Optional[str] = None) -> None:
+                  image_root: str | None = None) -> None:
     for source, target in PMIX_MCA_MAP:
         if source in env and target not in env:
             value, why = env[source], "set from %s=%s" % (source, env[source])
@@ -132,7 +134,7 @@ _GDS_DSO = re.compile(r"^(?:pmix_)?mca_gds_([a-z0-9]+)\.so$")
 PMIX_LIB_MAX = 64 << 20  # a libpmix is a few MiB: never read an odd file whole
 
 
-def image_gds_modules(image_root: str) -> Optional[List[str]]:
+def image_gds_modules(image_root: str) -> list[str] | None:
     """The gds components of the image's PMIx (sorted), or None where it has no libpmix
     this can read (then nothing is changed)."""
     found = set()
@@ -158,7 +160,7 @@ def image_gds_modules(image_root: str) -> Optional[List[str]]:
     return sorted(found) if seen_lib and found else None
 
 
-def _gds_in_library(path: str) -> Optional[List[str]]:
+def _gds_in_library(path: str) -> list[str] | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -202,18 +204,18 @@ def _keep_pmi_fd(plan: InjectionPlan, env: Mapping[str, str]) -> None:
     plan.record(C, INFO, "fd %d" % fd, "PMI_FD: inherited from the launcher, must stay open")
 
 
-def shared_dirs(env: Mapping[str, str], host_root: str = "/", policy=None) -> List[str]:
+def shared_dirs(env: Mapping[str, str], host_root: str = "/", policy=None) -> list[str]:
     """Existing host directories the PMIx server shares with this rank, outermost first and
     without nested duplicates: PMIX_SERVER_TMPDIR and friends, Slurm's
     <SlurmdSpoolDir>/pmix.J.S and <TmpFS>/spmix_appdir_[uid_]J.S."""
-    wanted: List[str] = []
+    wanted: list[str] = []
     for key in sorted(env):
         if _SHARED_DIR_VARS.match(key):
             wanted.extend(p for p in env[key].split(":") if p)
     job, step = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"), env.get("SLURM_STEP_ID")
     if job and step:
         wanted.extend(_slurm_pmix_dirs(env, policy, job, step, host_root))
-    out: List[str] = []
+    out: list[str] = []
     for path in sorted({posixpath.normpath(p) for p in wanted if p.startswith("/")}, key=len):
         if path in _TOO_BROAD or not fsroot.isdir(host_root, path):
             continue
@@ -225,7 +227,7 @@ def shared_dirs(env: Mapping[str, str], host_root: str = "/", policy=None) -> Li
 
 def _slurm_pmix_dirs(
     env: Mapping[str, str], policy, job: str, step: str, host_root: str = "/"
-) -> List[str]:
+) -> list[str]:
     spool_dirs = [d for d in [policyview.get(policy, "slurmd_spool_dir")] if d]
     server = env.get("PMIX_SERVER_TMPDIR", "")
     if _SLURM_PMIX_DIR.match(posixpath.basename(server.rstrip("/"))):
@@ -252,7 +254,7 @@ def _slurm_pmix_dirs(
 SLURM_CONF_PATHS = ("/etc/slurm/slurm.conf", "/etc/slurm-llnl/slurm.conf")
 
 
-def slurm_tmp_dirs(env: Mapping[str, str], host_root: str = "/") -> List[str]:
+def slurm_tmp_dirs(env: Mapping[str, str], host_root: str = "/") -> list[str]:
     """Where this node's slurmstepd puts the PMIx client directories, as the site's Slurm
     configuration says (the job environment does not): PMIxCliTmpDirBase from mpi.conf
     beside slurm.conf, then TmpFS from slurm.conf, with %n (node name) and %h (host name)
@@ -271,7 +273,7 @@ def slurm_tmp_dirs(env: Mapping[str, str], host_root: str = "/") -> List[str]:
     return [d.replace("%n", node).replace("%h", host) for d in found if d]
 
 
-def _read_slurm_conf(host_root: str, path: str) -> Optional[Dict[str, str]]:
+def _read_slurm_conf(host_root: str, path: str) -> dict[str, str] | None:
     """KEY=VALUE settings of a Slurm configuration file (keys lower-cased, first wins;
     Include lines are not followed), or None when it cannot be read."""
     try:
@@ -279,7 +281,7 @@ def _read_slurm_conf(host_root: str, path: str) -> Optional[Dict[str, str]]:
             text = f.read(1 << 20)
     except OSError:
         return None
-    settings: Dict[str, str] = {}
+    settings: dict[str, str] = {}
     for line in text.splitlines():
         for word in line.split("#", 1)[0].split():
             key, sep, value = word.partition("=")
@@ -288,7 +290,7 @@ def _read_slurm_conf(host_root: str, path: str) -> Optional[Dict[str, str]]:
     return settings
 
 
-def _bind_munge(plan: InjectionPlan, host_root: str, socket: Optional[str]) -> None:
+def _bind_munge(plan: InjectionPlan, host_root: str, socket: str | None) -> None:
     """Bind the directory of the munge socket (policy munge_socket, else the usual places)."""
     candidates = [posixpath.dirname(socket)] if socket else []
     for d in candidates + [d for d in MUNGE_DIRS if d not in candidates]:
@@ -312,13 +314,13 @@ def _bind_munge(plan: InjectionPlan, host_root: str, socket: Optional[str]) -> N
     )
 
 
-def required_env(env: Mapping[str, str]) -> List[str]:
+def required_env(env: Mapping[str, str]) -> list[str]:
     """Names of the launcher variables the mode must pass through (for callers that do not
     need the whole plan)."""
     return sorted(k for k in env if k.startswith(PASSTHROUGH_PREFIXES))
 
 
-def pmi_fd(env: Mapping[str, str]) -> Optional[int]:
+def pmi_fd(env: Mapping[str, str]) -> int | None:
     try:
         return int(env["PMI_FD"])
     except (KeyError, ValueError):

@@ -2,12 +2,14 @@
 attributes) or a plain dict of the same shape (tests, cached JSON). Importing the policy
 package is not needed for either."""
 
-from typing import Any, Dict, List, Mapping, Tuple
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
+from collections.abc import Mapping
 
 _ENV_RULE_KEYS = frozenset(["set", "prepend", "append", "unset", "passthrough"])
 
 
-def get(obj: Any, key: str, default: Any = None) -> Any:
+def get(obj: object, key: str, default: object = None) -> object:
     """obj[key] for a mapping, obj.key otherwise; default when absent or obj is None."""
     if obj is None:
         return default
@@ -18,12 +20,12 @@ def get(obj: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def setting(policy: Any, section: str, key: str, default: Any = None) -> Any:
+def setting(policy: object, section: str, key: str, default: object = None) -> object:
     """policy.<section>.<key>, e.g. setting(policy, "gpu", "cuda_check", "warn")."""
     return get(get(policy, section), key, default)
 
 
-def env_rules(env: Any) -> Tuple[Dict[str, str], Dict[str, str], Dict[str, str], List[str]]:
+def env_rules(env: object) -> tuple[dict[str, str], dict[str, str], dict[str, str], list[str]]:
     """(set, prepend, append, unset) from an EnvRules, a {set: ..., prepend: ...} mapping, or a
     plain {NAME: VALUE} mapping (all of it 'set')."""
     if env is None:
@@ -38,7 +40,7 @@ def env_rules(env: Any) -> Tuple[Dict[str, str], Dict[str, str], Dict[str, str],
     )
 
 
-def bind_spec(spec: Any) -> Tuple[str, str, bool, bool]:
+def bind_spec(spec: object) -> tuple[str, str, bool, bool]:
     """(src, dst, read_only, optional) from a policy Bind, a mapping, or 'SRC[:DST[:ro|rw]]'."""
     if isinstance(spec, str):
         parts = spec.split(":")

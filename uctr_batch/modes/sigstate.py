@@ -3,11 +3,12 @@
 CPython ignores SIGPIPE and SIGXFSZ at start-up and keeps no record of what it inherited, so
 a payload exec'd from Python would run with both ignored (`yes | head -1` would print
 "Broken pipe" and exit 1). The /bin/sh launchers (launchers/uctr-exec) read what they
-inherited from /proc/$$/status with shell builtins only and export it as
+inherited from /proc/$$/status with shell builtins only, and the C front (launchers/c, where
+it execs Python itself) asks sigaction and rt_sigprocmask; both export it as
 
     UCTR_SIGSTATE=PID:SIGIGN:SIGBLK        (hex masks as /proc prints them)
 
-PID is the shell's own, which `exec python` keeps: a value inherited from anywhere else
+PID is the launcher's own, which `exec python` keeps: a value inherited from anywhere else
 (another process, a stale environment) does not match os.getpid() and is ignored.
 
 restore() runs just before every execve of a mode (base.execve): each signal ignored in

@@ -4,11 +4,13 @@ Nothing here imports yaml or jsonschema: uctr-exec reads a cached NodePolicy on 
 (``NodePolicy.from_dict``), so this module must stay cheap to import.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import copy
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple
 
 from uctr_batch.errors import ConfigError, ModeError
 
@@ -61,7 +63,7 @@ EXTEND_KEYS = frozenset({
 })
 
 
-def merge_body(base: Mapping, over: Mapping, _path: Tuple[str, ...] = ()) -> dict:
+def merge_body(base: Mapping, over: Mapping, _path: tuple[str, ...] = ()) -> dict:
     """Layer class body `over` on `base`: mappings merge key by key, EXTEND_KEYS lists
     accumulate (binds de-duplicated by dst, the later one winning), the rest replaces."""
     out = copy.deepcopy(dict(base))
@@ -77,7 +79,7 @@ def merge_body(base: Mapping, over: Mapping, _path: Tuple[str, ...] = ()) -> dic
     return out
 
 
-def _extend(path: Tuple[str, ...], old: list, new: list) -> list:
+def _extend(path: tuple[str, ...], old: list, new: list) -> list:
     if path == ("binds",):
         by_dst = {_bind_dst(b): b for b in old}
         for b in new:
@@ -109,14 +111,14 @@ def parse_size(text) -> int:
     return int(size)
 
 
-def template_variables(template: str) -> List[str]:
+def template_variables(template: str) -> list[str]:
     """The ${NAME} references in a path template."""
     return _VAR_RE.findall(template)
 
 
-def path_variables(uid: Optional[int] = None, gid: Optional[int] = None,
-                   env: Optional[Mapping[str, str]] = None,
-                   node: Optional[str] = None) -> Dict[str, str]:
+def path_variables(uid: int | None = None, gid: int | None = None,
+                   env: Mapping[str, str] | None = None,
+                   node: str | None = None) -> dict[str, str]:
     """Values for ${...} in storage and bind paths, for user `uid` (default: the caller).
 
     USER and HOME come from the password database, not the environment, so a root hook
@@ -178,11 +180,11 @@ class Bind:
 class EnvRules:
     """Applied after the image Env, in this order: set, prepend, append, unset; then the
     host variables matching `passthrough` (fnmatch patterns), then the user's -e."""
-    set: Dict[str, str] = field(default_factory=dict)
-    prepend: Dict[str, str] = field(default_factory=dict)  # VALUE + ":" + old value
-    append: Dict[str, str] = field(default_factory=dict)  # old value + ":" + VALUE
-    unset: Tuple[str, ...] = ()
-    passthrough: Tuple[str, ...] = ()
+    set: dict[str, str] = field(default_factory=dict)
+    prepend: dict[str, str] = field(default_factory=dict)  # VALUE + ":" + old value
+    append: dict[str, str] = field(default_factory=dict)  # old value + ":" + VALUE
+    unset: tuple[str, ...] = ()
+    passthrough: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "EnvRules":
@@ -192,10 +194,10 @@ class EnvRules:
 
 @dataclass(frozen=True)
 class Storage:
-    cache_dir: Optional[str] = None  # template; None: settings.default_cache_dir()
-    local_dir: Optional[str] = None  # template; None: settings.default_local_dir()
-    local_quota: Optional[str] = None  # as written, e.g. "20G"; None: no quota
-    local_quota_bytes: Optional[int] = None
+    cache_dir: str | None = None  # template; None: settings.default_cache_dir()
+    local_dir: str | None = None  # template; None: settings.default_local_dir()
+    local_quota: str | None = None  # as written, e.g. "20G"; None: no quota
+    local_quota_bytes: int | None = None
     stage_timeout: float = 600.0  # seconds a rank waits for another rank's staging
 
     @classmethod
@@ -210,11 +212,11 @@ class Storage:
 
 @dataclass(frozen=True)
 class Registries:
-    allow: Tuple[str, ...] = ()  # fnmatch on canonical references; empty: all
-    deny: Tuple[str, ...] = ()
-    mirrors: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
-    insecure: Tuple[str, ...] = ()
-    ca_file: Optional[str] = None
+    allow: tuple[str, ...] = ()  # fnmatch on canonical references; empty: all
+    deny: tuple[str, ...] = ()
+    mirrors: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    insecure: tuple[str, ...] = ()
+    ca_file: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Registries":
@@ -247,12 +249,12 @@ class GpuSettings:
 class MpiProfile:
     name: str
     family: str  # mpich-abi | openmpi
-    lib_dirs: Tuple[str, ...] = ()
-    libs: Tuple[str, ...] = ()
-    dependency_libs: Tuple[str, ...] = ()
+    lib_dirs: tuple[str, ...] = ()
+    libs: tuple[str, ...] = ()
+    dependency_libs: tuple[str, ...] = ()
     env: EnvRules = field(default_factory=EnvRules)
-    binds: Tuple[Bind, ...] = ()
-    devices: Tuple[str, ...] = ()
+    binds: tuple[Bind, ...] = ()
+    devices: tuple[str, ...] = ()
     abi_check: str = "full"  # major | full | strict
 
     @classmethod
@@ -270,14 +272,14 @@ class NodePolicy:
     Plain data: to_dict() is JSON-serialisable and from_dict() rebuilds it without yaml.
     """
     node: str
-    partition: Optional[str]
-    features: Tuple[str, ...]
-    class_name: Optional[str]  # None: no class matched, `defaults` apply
+    partition: str | None
+    features: tuple[str, ...]
+    class_name: str | None  # None: no class matched, `defaults` apply
     reason: str  # e.g. 'matched class "gpu" by hostlist gpu[001-128]'
-    modes: Tuple[str, ...]
-    user_modes: Tuple[str, ...]
-    binds: Tuple[Bind, ...]
-    devices: Tuple[str, ...]
+    modes: tuple[str, ...]
+    user_modes: tuple[str, ...]
+    binds: tuple[Bind, ...]
+    devices: tuple[str, ...]
     env: EnvRules
     storage: Storage
     registries: Registries
@@ -287,11 +289,11 @@ class NodePolicy:
     munge_socket: str
     pmix: bool
     readonly_rootfs: bool
-    mpi_profiles: Dict[str, MpiProfile] = field(default_factory=dict)
-    sources: Tuple[str, ...] = ()  # policy files read, main file first
+    mpi_profiles: dict[str, MpiProfile] = field(default_factory=dict)
+    sources: tuple[str, ...] = ()  # policy files read, main file first
     fingerprint: str = ""  # policy_fingerprint() of the watched paths at load time
     builtin: bool = False  # True: no (trusted) policy file, built-in defaults
-    container_engines: Dict[str, str] = field(default_factory=dict)  # engine -> mode|auto
+    container_engines: dict[str, str] = field(default_factory=dict)  # engine -> mode|auto
 
     @classmethod
     def from_body(cls, body: Mapping, profiles: Mapping[str, Mapping], **where) -> "NodePolicy":
@@ -328,7 +330,7 @@ class NodePolicy:
         where.update(features=tuple(d["features"]), sources=tuple(d["sources"]))
         return cls.from_body(d, d.get("mpi_profiles", {}), **where)
 
-    def mode_ladder(self, requested: Optional[str] = None) -> Tuple[str, ...]:
+    def mode_ladder(self, requested: str | None = None) -> tuple[str, ...]:
         """The modes to try in order: the class ladder, or just the user's --mode if allowed."""
         if requested is None:
             return self.modes
@@ -341,7 +343,7 @@ class NodePolicy:
                 f"modes users may choose here: {allowed}; see `uctr policy explain`")
         return (requested,)
 
-    def selected_mpi(self, requested: Optional[str] = None) -> Tuple[str, Optional[MpiProfile]]:
+    def selected_mpi(self, requested: str | None = None) -> tuple[str, MpiProfile | None]:
         """('none', None), ('auto', None) or (name, MpiProfile) for --mpi or the class setting."""
         name = requested or self.mpi.profile
         if name in ("none", "auto"):
