@@ -388,6 +388,15 @@ def c_join(tool, env, cwd, trace=None):
     return proc.stdout.strip(), opened
 
 
+def write_live_record(env, tmp_path, launch_dir):
+    """Step 77.3's live record in ENV's record directory, naming LAUNCH_DIR."""
+    fd = nodelock.open_private_dir(fastrec.fast_dir(env))
+    try:
+        fastrec.write(fd, fastrec.record_name("77.3"), live_record(env, tmp_path, launch_dir))
+    finally:
+        os.close(fd)
+
+
 @needs_cc
 @pytest.mark.parametrize("slash", ["", "/"])
 def test_c_join_opens_and_checks_the_launch_directory_once(tool, tmp_path, slash):
@@ -397,11 +406,7 @@ def test_c_join_opens_and_checks_the_launch_directory_once(tool, tmp_path, slash
     env = join_env(str(local) + slash)
     launch = fastrec.fast_dir(env)
     assert launch == staged.launch_dir(str(local))
-    fd = nodelock.open_private_dir(launch)
-    try:
-        fastrec.write(fd, fastrec.record_name("77.3"), live_record(env, tmp_path, launch))
-    finally:
-        os.close(fd)
+    write_live_record(env, tmp_path, launch)
     trace = tmp_path / "trace" if shutil.which("strace") else None
     out, opened = c_join(tool, env, tmp_path, trace)
     assert out == "joined"
@@ -423,13 +428,8 @@ def test_c_join_opens_a_launch_directory_elsewhere_with_the_same_checks(tool, tm
     on its own."""
     env = join_env(str(tmp_path / "env-local"))
     elsewhere = str(tmp_path / "policy-local" / "launch")
-    for directory in (fastrec.fast_dir(env), elsewhere):
-        os.close(nodelock.open_private_dir(directory))
-    fd = nodelock.open_private_dir(fastrec.fast_dir(env))
-    try:
-        fastrec.write(fd, fastrec.record_name("77.3"), live_record(env, tmp_path, elsewhere))
-    finally:
-        os.close(fd)
+    os.close(nodelock.open_private_dir(elsewhere))
+    write_live_record(env, tmp_path, elsewhere)
     trace = tmp_path / "trace" if shutil.which("strace") else None
     out, opened = c_join(tool, env, tmp_path, trace)
     assert out == "joined"

@@ -34,6 +34,25 @@ INFO = "info"
 # ~60 ms creator on the 2-core test machine (python -X importtime). The classes below keep
 # the dataclass contract: construction by position or keyword with the same defaults, ==,
 # repr, immutability and hash for the frozen ones; to_dict() is dataclasses.asdict().
+def _fields(kind: str, names, defaults: Mapping, args: tuple, kwargs: dict) -> dict:
+    """Name -> value of a dataclass-like constructor call: ARGS by position, KWARGS by
+    name, the rest from DEFAULTS (a type there is a factory: a new list or dict)."""
+    if len(args) > len(names):
+        raise TypeError("%s takes at most %d arguments" % (kind, len(names)))
+    values = dict(zip(names, args))
+    for name, value in kwargs.items():
+        if name not in names or name in values:
+            raise TypeError("%s: unexpected or repeated argument %r" % (kind, name))
+        values[name] = value
+    for name in names:
+        if name not in values:
+            if name not in defaults:
+                raise TypeError("%s: missing argument %r" % (kind, name))
+            default = defaults[name]
+            values[name] = default() if isinstance(default, type) else default
+    return values
+
+
 class _Frozen:
     """A frozen dataclass of the fields in __slots__; _DEFAULTS: field -> default."""
 
@@ -41,20 +60,8 @@ class _Frozen:
     _DEFAULTS: dict = {}
 
     def __init__(self, *args, **kwargs):
-        names = self.__slots__
-        if len(args) > len(names):
-            raise TypeError("%s takes at most %d arguments" % (type(self).__name__, len(names)))
-        values = dict(zip(names, args))
-        for name, value in kwargs.items():
-            if name not in names or name in values:
-                raise TypeError("%s: unexpected or repeated argument %r"
-                                % (type(self).__name__, name))
-            values[name] = value
-        for name in names:
-            if name not in values:
-                if name not in self._DEFAULTS:
-                    raise TypeError("%s: missing argument %r" % (type(self).__name__, name))
-                values[name] = self._DEFAULTS[name]
+        values = _fields(type(self).__name__, self.__slots__, self._DEFAULTS, args, kwargs)
+        for name in self.__slots__:
             object.__setattr__(self, name, values[name])
 
     def __setattr__(self, name, value):
@@ -139,18 +146,8 @@ class InjectionPlan:
     __hash__ = None  # mutable, compared by value: as a dataclass with eq
 
     def __init__(self, *args, **kwargs):
-        names = list(_PLAN_FIELDS)
-        if len(args) > len(names):
-            raise TypeError("InjectionPlan takes at most %d arguments" % len(names))
-        values = dict(zip(names, args))
-        for name, value in kwargs.items():
-            if name not in _PLAN_FIELDS or name in values:
-                raise TypeError("InjectionPlan: unexpected or repeated argument %r" % name)
-            values[name] = value
-        for name, default in _PLAN_FIELDS.items():
-            if name not in values:
-                values[name] = default() if isinstance(default, type) else default
-        self.__dict__.update(values)
+        self.__dict__.update(_fields("InjectionPlan", list(_PLAN_FIELDS), _PLAN_FIELDS, args,
+                                     kwargs))
 
     def __eq__(self, other):
         if other.__class__ is not self.__class__:
