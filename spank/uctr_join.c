@@ -199,8 +199,8 @@ static char **exec_request(spank_t sp, const struct uctr_config *cfg, const char
 static int slurm_runs_container(spank_t sp)
 {
     char container[16], dir[PATH_MAX];
-    if (spank_getenv(sp, "SLURM_CONTAINER", container, sizeof(container)) != ESPANK_SUCCESS
-        && spank_getenv(sp, "SLURM_CONTAINER", container, sizeof(container)) != ESPANK_NOSPACE)
+    spank_err_t rc = spank_getenv(sp, "SLURM_CONTAINER", container, sizeof(container));
+    if (rc != ESPANK_SUCCESS && rc != ESPANK_NOSPACE)  /* set: a long value is set too */
         return 0;
     const char *conf = getenv("SLURM_CONF");
     snprintf(dir, sizeof(dir), "%s", conf && conf[0] == '/' ? conf : "/etc/slurm/slurm.conf");

@@ -517,10 +517,6 @@ class Launch:
                                                            "\n".join("  " + ln for ln in lines)))
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def sif_pmix_binds(env, policy) -> list:
     """The PMIx server's directories for a rank in a SIF (read-write, as inject.pmi binds
     them for other images): apptainer binds none of them by itself, and without them an
@@ -531,3 +527,7 @@ def sif_pmix_binds(env, policy) -> list:
     if not policyview.get(policy, "pmix", True):
         return []
     return [(path, path, False) for path in pmi.shared_dirs(env, "/", policy)]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
