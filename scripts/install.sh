@@ -23,6 +23,8 @@ PACKAGES=(
     openmpi-bin libopenmpi-dev mpich libmpich-dev python3-mpi4py
     # build and inspection tools
     gcc make patchelf binutils file hyperfine util-linux mount procps psmisc iproute2
+    # the file-system-call counts of the C join (tests/unit/test_fastrec.py, bench_fastpath)
+    strace
     # squashfs images (enroot format, --container-save): unsquashfs/mksquashfs, sqfs2tar
     squashfs-tools squashfs-tools-ng squashfuse
     # bench/bench_scale.py's plots
