@@ -155,6 +155,32 @@ static int waits_for_creator(spank_t sp)
     return answer;
 }
 
+static long ms_since(const struct timespec *start)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (now.tv_sec - start->tv_sec) * 1000 + (now.tv_nsec - start->tv_nsec) / 1000000;
+}
+
+/* fj_prepare() until the creator's record is there, at most CREATOR_WAIT_MS. The watch is
+ * set before the second look, so a record that lands in between still wakes us. */
+static const char *wait_for_record(struct fj_join *j, int n, char **request, char **env)
+{
+    struct timespec start;
+    char name[160];
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    int watch = fj_watch_records(env, name, sizeof(name));
+    const char *why = fj_prepare(j, n, request, env);
+    for (long waited = 0; not_yet(why) && waited < CREATOR_WAIT_MS; waited = ms_since(&start)) {
+        /* after 100 ms without an event too: an event can be lost (the queue overflows) */
+        if (fj_wait_records(watch, name, CREATOR_WAIT_MS - waited) != 0)
+            why = fj_prepare(j, n, request, env);
+    }
+    if (watch >= 0)
+        close(watch);
+    return why;
+}
+
 /* The argv uctr-exec would receive (uctr_remote.c, wrap_argv), in a new array of *N
  * borrowed strings; the environment is the job's with the front's exports and, before
  * 23.11, the hand-over's UCTR_ARGV0. */
@@ -223,12 +249,8 @@ static const char *prepare(spank_t sp, const struct uctr_config *cfg, const char
     if (!request)
         return "cannot build uctr-exec's request";
     const char *why = fj_prepare(j, n, request, job_env(sp));
-    for (long waited = 0; not_yet(why) && waits_for_creator(sp) && waited < CREATOR_WAIT_MS;
-         waited += 5) {
-        struct timespec pause = { 0, 5 * 1000 * 1000 };
-        nanosleep(&pause, NULL);
-        why = fj_prepare(j, n, request, job_env(sp));
-    }
+    if (not_yet(why) && waits_for_creator(sp))
+        why = wait_for_record(j, n, request, job_env(sp));
     free(request);
     if (!why)
         why = same_command(j, argc, argv);

@@ -13,7 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/file.h>
+#include <sys/inotify.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -199,6 +201,11 @@ static int member_from_file(int launch, const char *name, unsigned long long u,
 
 /* -- the rendezvous lock (nodelock.NodeLock) ------------------------------------------- */
 
+/* Shared: a join changes nothing that another join reads (the members file is appended
+ * to with O_APPEND, one short write), so the ranks of a step join side by side. What a join
+ * must not meet takes the lock exclusively: the Python launcher's creator while it sets a
+ * generation up and its joins, the garbage collection that unlinks lock files. Exclusive,
+ * the 31 other tasks of a 32-task node took turns, each polled every millisecond. */
 static int lock_step(int launch, const char *name)
 {
     struct timespec pause = { 0, 1000 * 1000 };
@@ -206,7 +213,7 @@ static int lock_step(int launch, const char *name)
         int fd = openat(launch, name, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
         if (fd < 0)
             return -1;
-        if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
+        if (flock(fd, LOCK_SH | LOCK_NB) == 0) {
             /* Still named? A cleaner unlinks a lock file only while holding it; then our
              * inode has no name left (nodelock.NodeLock._still_named, in one call). */
             struct stat own;
@@ -292,6 +299,45 @@ static int holds_records(int dir)
         found = strncmp(e->d_name, "fast-step-", 10) == 0;
     closedir(d);
     return found;
+}
+
+int fj_watch_records(char **envp, char *name, size_t size)
+{
+    char dirpath[4096];
+    struct fr_rank me;
+    if (record_dir(envp, dirpath, sizeof(dirpath)) || fr_detect(envp, (long)getppid(), &me) < 0
+        || fr_record_name(me.step_key, name, size) < 0)
+        return -1;
+    int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (fd >= 0 && inotify_add_watch(fd, dirpath, IN_MOVED_TO | IN_DONT_FOLLOW | IN_ONLYDIR) < 0) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+int fj_wait_records(int watch, const char *name, long ms)
+{
+    if (watch < 0) {
+        struct timespec pause = { 0, 5 * 1000 * 1000 };
+        nanosleep(&pause, NULL);
+        return 1;
+    }
+    struct pollfd p = { .fd = watch, .events = POLLIN };
+    if (poll(&p, 1, (int)(ms < 100 ? ms : 100)) <= 0)
+        return -1;
+    /* struct inotify_event is followed by its name; the buffer is aligned for it */
+    char events[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+    int ours = 0;
+    ssize_t n;
+    while ((n = read(watch, events, sizeof(events))) > 0) {
+        for (char *at = events; at < events + n;) {
+            const struct inotify_event *e = (const struct inotify_event *)at;
+            ours |= e->len > 0 && strcmp(e->name, name) == 0;
+            at += sizeof(*e) + e->len;
+        }
+    }
+    return ours;
 }
 
 /* Everything that can still hand over to Python; 0 when we are about to setns. */

@@ -20,6 +20,18 @@ struct fj_join {
  * when j->ns[] are open on a live member under the step's lock, else why not. */
 const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp);
 
+/* Waiting for the step's record (the SPANK plugin's tasks, while local task 0 creates the
+ * container). fj_watch_records: an inotify descriptor on the record directory that reports
+ * files renamed into place (records are written to a temporary name, then renamed), and
+ * the record's NAME; -1 when there is none (no directory yet, inotify limits reached).
+ * fj_wait_records: 1 once our record was renamed into place, 0 when only other files were,
+ * -1 when MS milliseconds (at most 100) passed without either; with no descriptor, a 5 ms
+ * sleep and 1. A waiting task
+ * costs no CPU and does not look again until its record lands: the creator's other files
+ * (lock, members, the rendezvous record) and other steps' records do not wake it. */
+int fj_watch_records(char **envp, char *name, size_t size);
+int fj_wait_records(int watch, const char *name, long ms);
+
 /* Close what fj_prepare left open and free it (a caller that does not exec afterwards). */
 void fj_release(struct fj_join *j);
 

@@ -12,7 +12,7 @@ library only, so the per-rank path stays lean.
 
 from __future__ import annotations  # annotations unevaluated: no typing import (see plan.py)
 
-from collections.abc import Mapping, Sequence
+from _collections_abc import Mapping, Sequence  # not collections.abc: see plan.py
 
 from uctr_batch.inject.plan import (
     BIN_DIR,

@@ -10,9 +10,10 @@ from __future__ import annotations  # annotations unevaluated: no typing import 
 
 import os
 import posixpath
-import re
 import stat
-from collections.abc import Mapping
+# collections.abc re-exports _collections_abc, which os has loaded already: importing
+# collections.abc costs the step's creator ~1.3 ms (collections), for annotations alone
+from _collections_abc import Mapping
 
 from uctr_batch.inject import fsroot, policyview
 from uctr_batch.inject.plan import INFO, REFUSE, InjectionPlan
@@ -42,16 +43,36 @@ PMIX_MCA_MAP = (
     ("PMIX_GDS_MODULE", "PMIX_MCA_gds"),
 )
 
-# Variables naming directories the PMIx server (or Open MPI's mpirun) shares with clients.
-_SHARED_DIR_VARS = re.compile(
-    r"^(PMIX_SERVER_TMPDIR|PMIX_DSTORE_[A-Z0-9_]*BASE_PATH|OMPI_MCA_orte_top_session_dir|"
-    r"OMPI_MCA_prte_top_session_dir|PRTE_MCA_prte_top_session_dir)$"
-)
+# Variables naming directories the PMIx server (or Open MPI's mpirun) shares with clients:
+# these, and PMIX_DSTORE_<[A-Z0-9_]*>BASE_PATH. String tests, not re: this module runs in
+# every step's creator, and re (with enum) is ~3 ms of its start.
+_SHARED_DIR_NAMES = frozenset(["PMIX_SERVER_TMPDIR", "OMPI_MCA_orte_top_session_dir",
+                               "OMPI_MCA_prte_top_session_dir", "PRTE_MCA_prte_top_session_dir"])
+_UPPER_DIGIT_UNDERSCORE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def _names_shared_dir(key: str) -> bool:
+    if key in _SHARED_DIR_NAMES:
+        return True
+    prefix, suffix = "PMIX_DSTORE_", "BASE_PATH"
+    return (len(key) >= len(prefix) + len(suffix) and key.startswith(prefix)
+            and key.endswith(suffix)
+            and _UPPER_DIGIT_UNDERSCORE.issuperset(key[len(prefix):-len(suffix)]))
+
+
 # Never bind these wholesale: only their job-specific subdirectories.
 _TOO_BROAD = frozenset(
     ["/", "/tmp", "/var/tmp", "/dev/shm", "/run", "/var/run", "/var", "/var/spool", "/home"]
 )
-_SLURM_PMIX_DIR = re.compile(r"^pmix\.(\d+)\.(\d+)$")
+
+
+def _is_slurm_pmix_dir(name: str) -> bool:
+    """pmix.JOB.STEP, both decimal (slurmstepd's directory under SlurmdSpoolDir)."""
+    parts = name.split(".")
+    return (len(parts) == 3 and parts[0] == "pmix"
+            and all(p.isascii() and p.isdigit() for p in parts[1:]))
+
+
 MUNGE_DIRS = ("/run/munge", "/var/run/munge")
 # Any of these means a PMI/PMIx peer reachable over TCP (PMIx URI, hydra's PMI_PORT).
 _NETWORK_VARS = (
@@ -129,14 +150,17 @@ def _map_pmix_mca(plan: InjectionPlan, env: Mapping[str, str],
 PMIX_LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu",
                  "usr/lib/powerpc64le-linux-gnu", "usr/lib64", "usr/lib", "usr/local/lib",
                  "usr/lib/x86_64-linux-gnu/pmix2/lib", "usr/lib/aarch64-linux-gnu/pmix2/lib")
-_GDS_SYMBOL = re.compile(rb"pmix_mca_gds_([a-z0-9]+)_component\0")
-_GDS_DSO = re.compile(r"^(?:pmix_)?mca_gds_([a-z0-9]+)\.so$")
+_GDS_SYMBOL = rb"pmix_mca_gds_([a-z0-9]+)_component\0"  # re patterns, compiled on use
+_GDS_DSO = r"^(?:pmix_)?mca_gds_([a-z0-9]+)\.so$"
 PMIX_LIB_MAX = 64 << 20  # a libpmix is a few MiB: never read an odd file whole
 
 
 def image_gds_modules(image_root: str) -> list[str] | None:
     """The gds components of the image's PMIx (sorted), or None where it has no libpmix
     this can read (then nothing is changed)."""
+    import re
+
+    dso = re.compile(_GDS_DSO)
     found = set()
     seen_lib = False
     for sub in PMIX_LIB_DIRS:
@@ -153,7 +177,7 @@ def image_gds_modules(image_root: str) -> list[str] | None:
                     seen_lib = True
                     found.update(modules)
         try:
-            found.update(m.group(1) for m in map(_GDS_DSO.match, os.listdir(
+            found.update(m.group(1) for m in map(dso.match, os.listdir(
                 os.path.join(directory, "pmix"))) if m)
         except OSError:
             pass
@@ -175,7 +199,9 @@ def _gds_in_library(path: str) -> list[str] | None:
         return None
     finally:
         os.close(fd)
-    return [m.decode() for m in _GDS_SYMBOL.findall(data)]
+    import re
+
+    return [m.decode() for m in re.findall(_GDS_SYMBOL, data)]
 
 
 def _common_gds(server: str, image_root: str, why: str):
@@ -210,7 +236,7 @@ def shared_dirs(env: Mapping[str, str], host_root: str = "/", policy=None) -> li
     <SlurmdSpoolDir>/pmix.J.S and <TmpFS>/spmix_appdir_[uid_]J.S."""
     wanted: list[str] = []
     for key in sorted(env):
-        if _SHARED_DIR_VARS.match(key):
+        if _names_shared_dir(key):
             wanted.extend(p for p in env[key].split(":") if p)
     job, step = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"), env.get("SLURM_STEP_ID")
     if job and step:
@@ -230,7 +256,7 @@ def _slurm_pmix_dirs(
 ) -> list[str]:
     spool_dirs = [d for d in [policyview.get(policy, "slurmd_spool_dir")] if d]
     server = env.get("PMIX_SERVER_TMPDIR", "")
-    if _SLURM_PMIX_DIR.match(posixpath.basename(server.rstrip("/"))):
+    if _is_slurm_pmix_dir(posixpath.basename(server.rstrip("/"))):
         spool_dirs.append(posixpath.dirname(server.rstrip("/")))
     # Where slurmstepd makes the appdir: SLURM_PMIX_TMPDIR, else mpi.conf's PMIxCliTmpDirBase,
     # else TmpFS. Not TMPDIR: Slurm sets it to /tmp, and in some tasks of a step only, so it

@@ -4,7 +4,7 @@ package is not needed for either."""
 
 from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
 
-from collections.abc import Mapping
+from _collections_abc import Mapping  # not collections.abc: see inject/plan.py
 
 _ENV_RULE_KEYS = frozenset(["set", "prepend", "append", "unset", "passthrough"])
 
