@@ -279,13 +279,25 @@ static const char *record_dir(char **envp, char *out, size_t size)
     return NULL;
 }
 
-/* Does the record directory hold any step's record (or one being written)? The launch
- * directory exists on any node where uctr-exec ran, in any mode; a record (removed only
- * by a later creator, a day after its step: fastrec._collect_garbage) says that N1 steps
- * ran here. Only then do the SPANK plugin's tasks wait for their creator's record ("no
- * record for this step"). Read on the path without a record only. */
+/* Did an N1 step run here lately? The launch directory exists on any node where uctr-exec
+ * ran, in any mode; a record of some step written within a day (records are removed a day
+ * after their step) says that N1 steps run here. Only then do the SPANK plugin's tasks wait
+ * for their creator's record ("no record for this step"). The writer touches fast-seen
+ * after every record (fastrec.SEEN): one fstatat, however many records the directory
+ * holds. A directory of an older version without it is listed for a record instead.
+ * Read on the path without a record only. */
+#define RECORD_SEEN "fast-seen"
+#define RECORD_SEEN_AGE (24L * 3600)  /* sharedns.GC_AGE */
+
 static int holds_records(int dir)
 {
+    struct stat st;
+    if (fstatat(dir, RECORD_SEEN, &st, AT_SYMLINK_NOFOLLOW) == 0) {
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        return S_ISREG(st.st_mode) && st.st_uid == getuid()
+               && now.tv_sec - st.st_mtim.tv_sec < RECORD_SEEN_AGE;
+    }
     int fd = dup(dir);
     DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
     struct dirent *e;

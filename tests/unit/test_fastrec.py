@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -313,12 +314,43 @@ def age(path, days=2):
     os.utime(path, (then, then))
 
 
-def test_records_of_finished_steps_are_removed(tmp_path):
-    old = write(tmp_path, record_lines(), fastrec.record_name("1.0"))
+def test_records_of_finished_steps_are_removed_once_an_hour(tmp_path):
+    """A day after their step, at the first write after the last collection is an hour
+    old: a node that ran thousands of steps today is not listed by every step's creator."""
+    old = write(tmp_path, record_lines(), fastrec.record_name("1.0"))  # collects: the first
     age(old)
     recent = write(tmp_path, record_lines(), fastrec.record_name("2.0"))
+    assert old.exists()  # collected less than an hour ago
+    then = time.time() - sharedns.GC_EVERY - 5
+    os.utime(tmp_path / fastrec.COLLECTED, (then, then))
     write(tmp_path, record_lines(), fastrec.record_name("3.0"))
     assert not old.exists() and recent.exists()
+    assert time.time() - (tmp_path / fastrec.COLLECTED).stat().st_mtime < 60
+    assert time.time() - (tmp_path / fastrec.SEEN).stat().st_mtime < 60
+
+
+def test_due_says_yes_once_per_period(tmp_path):
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert nodelock.due(fd, "m", 3600) and not nodelock.due(fd, "m", 3600)
+        then = time.time() - 3601
+        os.utime(tmp_path / "m", (then, then))
+        assert nodelock.due(fd, "m", 3600) and not nodelock.due(fd, "m", 3600)
+        (tmp_path / "m").unlink()
+        os.symlink(tmp_path / "elsewhere", tmp_path / "m")  # never followed
+        os.utime(tmp_path / "m", (then, then), follow_symlinks=False)
+        assert nodelock.due(fd, "m", 3600) and not nodelock.due(fd, "m", 3600)
+        assert not (tmp_path / "elsewhere").exists()
+    finally:
+        os.close(fd)
+
+
+def test_c_reads_the_marker_python_writes():
+    """fast-seen and its age: one name and one number on both sides."""
+    source = (REPO / "launchers" / "c" / "fastjoin.c").read_text()
+    assert re.search(r'#define RECORD_SEEN "%s"' % re.escape(fastrec.SEEN), source)
+    hours = re.search(r"#define RECORD_SEEN_AGE \((\d+)L \* 3600\)", source)
+    assert hours and int(hours.group(1)) * 3600 == sharedns.GC_AGE
 
 
 # -- where: the record lives in the launch directory, beside the rendezvous files -----------
@@ -337,21 +369,23 @@ def test_neither_garbage_collection_removes_the_others_files(tmp_path):
     fd = nodelock.open_private_dir(str(launch))
     try:
         theirs = [launch / n for n in ("step-1.0-k.lock", "step-1.0-k.ns", "step-1.0-k.g1.members",
-                                        "img-x.idx", "ctr-y.rcp")]
+                                        "img-x.idx", "ctr-y.rcp", sharedns.GC_MARKER)]
         for path in theirs:
             path.write_bytes(b"x")
             age(path)
         old = write(launch, record_lines(), fastrec.record_name("1.0"))
         age(old)
+        (launch / fastrec.COLLECTED).unlink()  # the last collection: long ago
         fastrec.write(fd, fastrec.record_name("2.0"), record_lines())
         assert not old.exists() and all(p.exists() for p in theirs)
+        theirs += [launch / fastrec.SEEN, launch / fastrec.COLLECTED]
         old = write(launch, record_lines(), fastrec.record_name("1.0"))
         age(old)
         rdv = sharedns.Rendezvous(str(launch), "2.0", "k", 1.0)
         rdv.dir_fd = fd
         rdv._collect_garbage()
         assert old.exists() and (launch / fastrec.record_name("2.0")).exists()
-        assert [p.exists() for p in theirs] == [False, False, False, True, True]
+        assert [p.exists() for p in theirs] == [False, False, False, True, True, True, True, True]
     finally:
         os.close(fd)
 
@@ -452,6 +486,12 @@ def test_c_join_without_a_record_says_whether_n1_steps_ran_here(tool, tmp_path):
         assert c_join(tool, env, tmp_path)[0] == \
             "no: no record on this node (no N1 step ran here lately)"
         fastrec.write(fd, fastrec.record_name("76.0"), record_lines(step_key="76.0"))
+        assert c_join(tool, env, tmp_path)[0] == "no: no record for this step"
+        seen = Path(fastrec.fast_dir(env)) / fastrec.SEEN
+        age(seen)  # no record written for a day: collected, or about to be
+        assert c_join(tool, env, tmp_path)[0] == \
+            "no: no record on this node (no N1 step ran here lately)"
+        seen.unlink()  # a directory of an older version: listed
         assert c_join(tool, env, tmp_path)[0] == "no: no record for this step"
     finally:
         os.close(fd)

@@ -31,6 +31,8 @@ VERSION = 1
 HEADER = "uctr-fast-record"
 RECORD_DIR = "launch"  # staged.LAUNCH_DIR, without its imports
 RECORD_PREFIX = "fast-"  # never "step-": those are sharedns's rendezvous files
+SEEN = RECORD_PREFIX + "seen"  # its mtime: when a record was last written here (C: holds_records)
+COLLECTED = RECORD_PREFIX + "collected"  # its mtime: the last garbage collection here
 MAX_BYTES = 1 << 20  # the C parser refuses larger records
 MAX_LINES = 65536
 
@@ -328,7 +330,11 @@ def write(dir_fd: int, name: str, lines) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    _collect_garbage(dir_fd, name)
+    from uctr_batch.launch import nodelock, sharedns
+
+    nodelock.touch(dir_fd, SEEN)
+    if nodelock.due(dir_fd, COLLECTED, sharedns.GC_EVERY):
+        _collect_garbage(dir_fd, name)
 
 
 def _collect_garbage(dir_fd: int, keep: str) -> None:

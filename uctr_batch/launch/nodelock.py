@@ -188,6 +188,36 @@ def open_private_dir(path: str, create: bool = True) -> int:
     return fd
 
 
+def touch(dir_fd: int, name: str) -> None:
+    """Set NAME's mtime (an empty file, 0600, created when missing) to now; never raises."""
+    try:
+        os.utime(name, dir_fd=dir_fd, follow_symlinks=False)
+        return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    try:
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd))
+    except OSError:
+        pass
+
+
+def due(dir_fd: int, marker: str, every: float) -> bool:
+    """True at most once per EVERY seconds for MARKER's directory: when MARKER is missing or
+    older than that (it is then touched, and the caller does its periodic work). Garbage
+    collection that lists the whole directory runs this way: a node that ran thousands of
+    steps in a day would otherwise list and stat them all in every step's creator."""
+    try:
+        if time.time() - os.stat(marker, dir_fd=dir_fd, follow_symlinks=False).st_mtime < every:
+            return False
+    except OSError:
+        pass
+    touch(dir_fd, marker)
+    return True
+
+
 # -- small records in a private directory -------------------------------------------------
 # marshal, not json: it is in the interpreter's start-up set, so reading costs no import.
 

@@ -50,11 +50,13 @@ import time
 import zlib
 
 from uctr_batch.errors import ModeError
-from uctr_batch.launch.nodelock import (LockTimeout, NodeLock, open_private_dir, read_marshal,
-                                        write_marshal)
+from uctr_batch.launch.nodelock import (LockTimeout, NodeLock, due, open_private_dir,
+                                        read_marshal, write_marshal)
 
 RECORD_FORMAT = 1
 GC_AGE = 86400.0  # step records untouched this long belong to finished steps
+GC_EVERY = 3600.0  # a creator collects them at most this often per directory (nodelock.due)
+GC_MARKER = "step-collected"  # its mtime: the last collection (no .lock: never a step's)
 
 
 def ns_key(*parts) -> str:
@@ -222,7 +224,8 @@ class Rendezvous:
             os.unlink(self.members_name(generation - 1), dir_fd=self.dir_fd)
         except OSError:
             pass
-        self._collect_garbage()
+        if due(self.dir_fd, GC_MARKER, GC_EVERY):
+            self._collect_garbage()
         return self.record
 
     def _collect_garbage(self) -> None:
