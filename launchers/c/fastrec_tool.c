@@ -8,6 +8,9 @@
  *   fastrec-tool join [ARG]...       fastjoin's fj_prepare for the request uctr-exec ARG...
  *                                    from here, then fj_add_member (no setns): "joined", or
  *                                    "no: WHY"
+ *   fastrec-tool wait MS             fj_watch_records, "watching" (or "no watch"), then
+ *                                    fj_wait_records until MS ms passed: one line per
+ *                                    answer, "1" (our record), "0" (another file), "-1"
  *
  * Strings are printed hex-encoded, one token per space, so any byte compares exactly. */
 #define _GNU_SOURCE
@@ -17,6 +20,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 extern char **environ;
 
@@ -137,7 +142,25 @@ int main(int argc, char **argv)
         fj_release(&j);
         return 0;
     }
+    if (argc == 3 && strcmp(argv[1], "wait") == 0) {
+        char name[160];
+        int watch = fj_watch_records(environ, name, sizeof(name));
+        printf("%s\n", watch >= 0 ? "watching" : "no watch");
+        fflush(stdout);
+        struct timespec start, now;
+        clock_gettime(CLOCK_MONOTONIC, &start);
+        for (long left = atol(argv[2]); left > 0;) {
+            printf("%d\n", fj_wait_records(watch, name, left));
+            fflush(stdout);
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            left = atol(argv[2]) - ((now.tv_sec - start.tv_sec) * 1000
+                                    + (now.tv_nsec - start.tv_nsec) / 1000000);
+        }
+        if (watch >= 0)
+            close(watch);
+        return 0;
+    }
     fprintf(stderr, "usage: fastrec-tool parse FILE... | env FILE | step PPID | "
-            "match FILE CWD UID GID [ARG]... | join [ARG]...\n");
+            "match FILE CWD UID GID [ARG]... | join [ARG]... | wait MS\n");
     return 2;
 }

@@ -495,3 +495,27 @@ def test_c_join_without_a_record_says_whether_n1_steps_ran_here(tool, tmp_path):
         assert c_join(tool, env, tmp_path)[0] == "no: no record for this step"
     finally:
         os.close(fd)
+
+
+@needs_cc
+def test_a_waiting_task_wakes_for_its_own_record_only(tool, tmp_path):
+    """spank/uctr_join.c's wait: the creator's other files (written and renamed in the same
+    directory) and other steps' records do not wake it; its own record does, at once."""
+    env = join_env(str(tmp_path / "local"))
+    fd = nodelock.open_private_dir(fastrec.fast_dir(env))
+    waiter = subprocess.Popen([str(tool), "wait", "3000"], stdout=subprocess.PIPE, text=True,
+                              env=dict(cfront.SAN_ENV, **env))
+    try:
+        assert waiter.stdout.readline().strip() == "watching"
+        nodelock.write_marshal(fd, "step-77.3-abc.ns", {"x": 1})  # renamed into place too
+        fastrec.write(fd, fastrec.record_name("77.4"), record_lines(step_key="77.4"))
+        assert waiter.stdout.readline().strip() in ("0", "-1")
+        time.sleep(0.3)  # a quiet directory: the 100 ms timeouts, nothing else
+        fastrec.write(fd, fastrec.record_name("77.3"), record_lines(step_key="77.3"))
+        answers = waiter.stdout.read().split()
+        assert "1" in answers, answers
+        assert answers.count("-1") >= 2 and "0" not in answers[answers.index("1"):], answers
+    finally:
+        waiter.kill()
+        waiter.wait()
+        os.close(fd)
