@@ -172,7 +172,7 @@ static const char *wait_for_record(struct fj_join *j, int n, char **request, cha
     int watch = fj_watch_records(env, name, sizeof(name));
     const char *why = fj_prepare(j, n, request, env);
     for (long waited = 0; not_yet(why) && waited < CREATOR_WAIT_MS; waited = ms_since(&start)) {
-        /* after 100 ms without an event too: an event can be lost (the queue overflows) */
+        /* and after 100 ms without an event: in case inotify misses one */
         if (fj_wait_records(watch, name, CREATOR_WAIT_MS - waited) != 0)
             why = fj_prepare(j, n, request, env);
     }

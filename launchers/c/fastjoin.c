@@ -345,7 +345,8 @@ int fj_wait_records(int watch, const char *name, long ms)
     while ((n = read(watch, events, sizeof(events))) > 0) {
         for (char *at = events; at < events + n;) {
             const struct inotify_event *e = (const struct inotify_event *)at;
-            ours |= e->len > 0 && strcmp(e->name, name) == 0;
+            /* a full queue drops events, ours perhaps: look again then too */
+            ours |= (e->mask & IN_Q_OVERFLOW) || (e->len > 0 && strcmp(e->name, name) == 0);
             at += sizeof(*e) + e->len;
         }
     }
