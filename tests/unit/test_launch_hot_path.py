@@ -80,10 +80,20 @@ def test_warm_creator_and_joiner_import_only_small_modules(image, tmp_path):
     heavy = set(NEVER + HEAVY) - set(CREATOR_MAY)
     assert not creator & heavy, sorted(creator & heavy)
 
-    # The first step of another job builds its recipe (run.build_spec, the policy model,
-    # the planners): dataclasses then, but still no typing, and logging only to log.
-    first = subprocess.run(_argv(image, "true", record=tmp_path / "first"),
+    # The first step of another job reads the recipe too: the default policy names no job
+    # in a path (recipe.names_the_job), so the recipe is the node's, not the job's.
+    other = subprocess.run(_argv(image, "true", record=tmp_path / "other"),
                            env=dict(env, SLURM_JOB_ID="10"), capture_output=True, text=True,
+                           timeout=60)
+    assert other.returncode == 0, other.stderr
+    creator = _imported(tmp_path / "other")
+    assert "uctr_batch.inject.pmi" in creator and not creator & heavy, sorted(creator & heavy)
+
+    # A recipe that must be built (here: a new working directory; -w shapes the container)
+    # builds it (run.build_spec, the policy model, the planners): still no typing, and
+    # logging only to log.
+    first = subprocess.run(_argv("-w", "/tmp", image, "true", record=tmp_path / "first"),
+                           env=dict(env, SLURM_JOB_ID="11"), capture_output=True, text=True,
                            timeout=60)
     assert first.returncode == 0, first.stderr
     creator = _imported(tmp_path / "first")

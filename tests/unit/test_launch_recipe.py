@@ -33,3 +33,32 @@ def test_the_key_reads_no_per_rank_variable():
     per_rank = {"TMPDIR", "PMI_FD", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID", "SLURM_LOCALID",
                 "SLURM_TASK_PID", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID", "PBS_TASKNUM"}
     assert not per_rank & set(recipe.STEP_ENV + recipe.IMAGE_ENV)
+
+
+class _Opts:
+    volumes, workdir, writable, mount_home, mpi, gpu = (), None, False, True, None, None
+
+
+class _Image:
+    rootfs, manifest_digest = "/rootfs", "sha256:abc"
+
+
+def image_part(env, policy):
+    return recipe.image_inputs(_Opts(), env, _Image(), policy, "/")
+
+
+def test_a_recipe_is_the_jobs_only_where_a_policy_path_names_the_job():
+    """The job's steps still get containers of their own (the namespace key names the
+    step); the recipe, the slow part to build, serves every job on the node unless the
+    policy puts the job id into a path."""
+    plain = {"fingerprint": "f", "binds": [{"src": "/scratch/${USER}", "dst": "/scratch"}]}
+    assert image_part(RANK0, plain) == image_part(dict(RANK0, SLURM_JOB_ID="219"), plain)
+    assert image_part(RANK0, plain) != image_part({k: v for k, v in RANK0.items()
+                                                   if k != "SLURM_JOB_ID"}, plain)  # no job
+    assert key(RANK0) != key(dict(RANK0, SLURM_JOBID="219"))
+    for name in ("JOB_ID", "SLURM_JOB_ID", "PBS_JOBID"):
+        scoped = {"fingerprint": "f", "binds": [{"src": "/scratch/${%s}" % name, "dst": "/s"}]}
+        assert recipe.names_the_job(scoped)
+        assert image_part(RANK0, scoped) != image_part(dict(RANK0, SLURM_JOB_ID="219"), scoped)
+    local = {"fingerprint": "f", "storage": {"local_dir": "/tmp/${USER}-${JOB_ID}"}}
+    assert recipe.names_the_job(local) and not recipe.names_the_job(plain)

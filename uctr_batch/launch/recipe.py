@@ -11,7 +11,8 @@ container from the same inputs reads it back (marshal, stdlib only):
 What the recipe depends on (image_inputs(), plus the command's name and whether the rootfs
 is read-only: recipe_key()): the image and its rootfs, the options that shape the container
 (-v, UCTR_MOUNTS, -w, --writable, $HOME, --mpi, --gpu), the caller's ids, the policy's
-fingerprint, the job id and the GPU allocation the planners read, and a stamp of the host
+fingerprint, the job id (whether there is one; its value only where a policy path names
+the job: names_the_job) and the GPU allocation the planners read, and a stamp of the host
 state they look at (the ld cache, GPU device nodes and driver version, the policy's bind
 sources). An entry older than MAX_AGE is rebuilt anyway.
 
@@ -35,6 +36,7 @@ MAX_AGE = 3600.0
 # policy paths: ${JOB_ID}; run.build_spec: $HOME, $USER; gpu tools: $PATH).
 IMAGE_ENV = ("SLURM_JOB_ID", "PBS_JOBID", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "HOME", "USER",
              "PATH")
+JOB_ENV = ("SLURM_JOB_ID", "PBS_JOBID")  # their values count only where the policy names the job
 # Per-rank GPU visibility: only when the step's allocation is not known (no SLURM_*_GPUS),
 # they decide which devices the container gets.
 RANK_GPU_VARS = ("CUDA_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL", "ROCR_VISIBLE_DEVICES",
@@ -60,13 +62,26 @@ def image_inputs(opts, env, image, policy: dict, host_cwd, policy_bind_sources=(
     if not (env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS")):
         names = names + RANK_GPU_VARS
     relative = any(not v.startswith("/") for v in opts.volumes)
+    job_scoped = names_the_job(policy)
     return (
         FORMAT, tuple(sys.version_info[:2]), image.rootfs, image.manifest_digest,
         tuple(opts.volumes), host_cwd if relative else None, opts.workdir, opts.writable,
         opts.mount_home,
         opts.mpi, opts.gpu, os.getuid(), os.getgid(), policy.get("fingerprint"),
-        tuple((k, env.get(k)) for k in names), host_state(policy_bind_sources),
+        tuple((k, env.get(k) if job_scoped or k not in JOB_ENV else bool(env.get(k)))
+              for k in names),
+        host_state(policy_bind_sources),
     )
+
+
+def names_the_job(policy: dict) -> bool:
+    """Does the policy put the job id into a path (${JOB_ID}, ${SLURM_JOB_ID}, ${PBS_JOBID})?
+    Only then is a recipe one job's: otherwise the planners read only whether there is a
+    job (inject.gpu), and the first step of every later job on the node reads the recipe
+    instead of building it (the policy model and the planners, ~60 ms of its creator). The
+    namespace key still names the step (STEP_ENV): containers are never shared by jobs."""
+    text = repr(policy)
+    return any("${%s}" % name in text for name in ("JOB_ID",) + JOB_ENV)
 
 
 def inputs(image_part: tuple, env) -> tuple:
