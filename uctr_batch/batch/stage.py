@@ -21,9 +21,7 @@ dropped to the job user (privdrop.run_as); uctr-exec already is that user.
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -265,7 +263,7 @@ def add_reference(local_dir: Path, digest: str, key: str, *, pid: Optional[int] 
     directory = _inuse(local_dir, digest)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = directory / key
-    info = {"pid": pid, "job": job, "host": socket.gethostname(), "created": time.time()}
+    info = {"pid": pid, "job": job, "host": os.uname().nodename, "created": time.time()}
     fsutil.write_atomic(path, json.dumps(info).encode())
     return path
 
@@ -408,6 +406,8 @@ def enforce_quota(local_dir: Path, quota: int, keep: Iterable[str] = (), need: i
         if _remove_bundle(local_dir, bundle):
             used -= size
             evicted.append(digest)
+            import shutil  # here only: a warm prolog evicts nothing
+
             shutil.rmtree(_inuse(local_dir, digest), ignore_errors=True)
             log.verbose("evicted %s (%s) from %s", digest, human(size), local_dir)
     return evicted

@@ -3,7 +3,7 @@
 This module is the contract between the image pipeline's parts; it does no I/O.
 """
 
-import platform as _platform
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -61,7 +61,8 @@ _MACHINE_TO_ARCH = {
 
 
 def host_platform() -> Platform:
-    arch, variant = _MACHINE_TO_ARCH.get(_platform.machine(), (_platform.machine(), None))
+    machine = os.uname().machine  # platform.machine(), without importing platform
+    arch, variant = _MACHINE_TO_ARCH.get(machine, (machine, None))
     return Platform("linux", arch, variant)
 
 

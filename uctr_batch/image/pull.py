@@ -12,7 +12,6 @@ import fnmatch
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import List, Optional, Tuple, Union
 
 from uctr_batch import fsutil, log, settings
@@ -224,6 +223,8 @@ class _Puller:
             self.progress = None
 
     def _parallel(self, todo) -> None:
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
         workers = max(1, min(self.config.parallel, len(todo)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uctr-pull") as pool:
             futures = [pool.submit(self._ingest, layer, layer.size) for layer in todo]

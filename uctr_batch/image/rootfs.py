@@ -21,7 +21,6 @@ import errno
 import json
 import os
 import re
-import socket
 import stat
 import sys
 import time
@@ -287,7 +286,7 @@ def _discard(path: Path) -> None:
 
 def work_name(kind: str, name: str, pid: Optional[int] = None) -> str:
     """Name of a temp ("tmp") or removal ("rm") sibling of bundle NAME."""
-    return f".{kind}-{name}@{socket.gethostname()}.{os.getpid() if pid is None else pid}"
+    return f".{kind}-{name}@{os.uname().nodename}.{os.getpid() if pid is None else pid}"
 
 
 def _remove_stale_work(parent: Path, name: Optional[str]) -> None:
@@ -301,7 +300,7 @@ def _remove_stale_work(parent: Path, name: Optional[str]) -> None:
         if not match or (name is not None and match.group(2) != name):
             continue
         host, pid = match.group(3), int(match.group(4))
-        if host == socket.gethostname() and pid != os.getpid() and not pid_alive(pid, ""):
+        if host == os.uname().nodename and pid != os.getpid() and not pid_alive(pid, ""):
             _log.debug("removing %s left by killed process %d", entry, pid)
             _discard(parent / entry)
 

@@ -20,7 +20,6 @@ import os
 import stat
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -44,6 +43,14 @@ _HASHES = {"sha256": 64, "sha512": 128}
 
 # ingest_blob outcomes, for -v logging
 CACHED, DOWNLOADED, WAITED = "cached", "downloaded", "waited for another downloader"
+
+
+def _unique() -> str:
+    """A random name part for temp files (uuid is imported only here: a warm lookup, as in
+    the Slurm prolog on a node that has the image, makes no temp file)."""
+    import uuid
+
+    return uuid.uuid4().hex
 
 
 def split_digest(digest: str) -> Tuple[str, str]:
@@ -376,7 +383,7 @@ class Store:
         if self.has_blob(digest):
             self.touch_blob(digest)
             return
-        tmp = self.root / "tmp" / f"{digest.split(':')[1]}.{uuid.uuid4().hex}.tmp"
+        tmp = self.root / "tmp" / f"{digest.split(':')[1]}.{_unique()}.tmp"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -412,7 +419,7 @@ class Store:
                     raise DigestMismatch(f"content of {digest} hashes to {actual}",
                                          "the source is corrupt; nothing was kept")
             return digest, self.ingest_blob(digest, fetch, size)
-        tmp = self.root / "tmp" / f"stream-{uuid.uuid4().hex}.tmp"
+        tmp = self.root / "tmp" / f"stream-{_unique()}.tmp"
         try:
             with open(tmp, "wb") as dst:
                 actual, _ = copy_hashing(src, dst)
@@ -568,7 +575,7 @@ class Store:
     # -- pulls in progress ------------------------------------------------------------
     def pending(self, digests: Sequence[str]) -> "_Pending":
         """Context manager: protect `digests` from gc while a pull is using them."""
-        return _Pending(self.root / "tmp" / f"pull-{uuid.uuid4().hex}.json", digests)
+        return _Pending(self.root / "tmp" / f"pull-{_unique()}.json", digests)
 
     def _pending_digests(self, now: float) -> Set[str]:
         keep: Set[str] = set()

@@ -8,7 +8,6 @@ apply. The class body is layered as built-in < defaults < class (model.merge_bod
 import functools
 import os
 import re
-import socket
 from dataclasses import dataclass
 from typing import FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -34,7 +33,7 @@ def short_name(host: str) -> str:
 def current_node(env: Optional[Mapping[str, str]] = None) -> str:
     """Slurm's name for this node (SLURMD_NODENAME), else the short host name."""
     env = os.environ if env is None else env
-    return short_name(env.get("SLURMD_NODENAME") or socket.gethostname())
+    return short_name(env.get("SLURMD_NODENAME") or os.uname().nodename)
 
 
 def current_partition(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
