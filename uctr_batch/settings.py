@@ -4,19 +4,20 @@ Precedence: command-line flag > UCTR_* environment > site policy (added by the p
 > built-in default. Only this module reads these environment variables.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 from uctr_batch.envnum import number  # the one checked reader of numeric UCTR_* values
 
 
-def _split(value: str) -> Tuple[str, ...]:
+def _split(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def env_dir(name: str) -> Optional[Path]:
+def env_dir(name: str) -> Path | None:
     """The directory in environment variable NAME (UCTR_CACHE, UCTR_LOCAL_DIR,
     UCTR_CONFIG_DIR), or None when unset; it must be absolute (a relative one would depend
     on each process's working directory, and ranks start in different ones)."""
@@ -48,7 +49,7 @@ def default_local_dir() -> Path:
     return Path("/tmp") / f"uctr-{os.getuid()}"
 
 
-def _policy_dir(node_policy, key: str) -> Optional[Path]:
+def _policy_dir(node_policy, key: str) -> Path | None:
     """A storage path template from the site policy, expanded for the calling user."""
     template = getattr(getattr(node_policy, "storage", None), key, None)
     if not template:
@@ -82,20 +83,20 @@ def default_config_dir() -> Path:
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    insecure: Tuple[str, ...] = ()  # host[:port] allowed over plain HTTP
-    mirrors: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # registry -> mirror URLs
-    ca_file: Optional[str] = None  # extra CA bundle for TLS
+    insecure: tuple[str, ...] = ()  # host[:port] allowed over plain HTTP
+    mirrors: dict[str, tuple[str, ...]] = field(default_factory=dict)  # registry -> mirror URLs
+    ca_file: str | None = None  # extra CA bundle for TLS
     parallel: int = 4  # concurrent blob downloads
     connect_timeout: float = 10.0
     stall_timeout: float = 30.0  # no byte for this long aborts a transfer (then retried)
     retries: int = 5
-    allow: Tuple[str, ...] = ()  # fnmatch patterns on canonical references; empty = all
-    deny: Tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()  # fnmatch patterns on canonical references; empty = all
+    deny: tuple[str, ...] = ()
 
 
-def _parse_mirrors(value: str) -> Dict[str, Tuple[str, ...]]:
+def _parse_mirrors(value: str) -> dict[str, tuple[str, ...]]:
     """UCTR_REGISTRY_MIRRORS="docker.io=https://m1,https://m2;quay.io=http://m3"."""
-    mirrors: Dict[str, Tuple[str, ...]] = {}
+    mirrors: dict[str, tuple[str, ...]] = {}
     for item in value.split(";"):
         if "=" in item:
             reg, urls = item.split("=", 1)
@@ -103,7 +104,7 @@ def _parse_mirrors(value: str) -> Dict[str, Tuple[str, ...]]:
     return mirrors
 
 
-def registry_config(args=None, base: Optional[RegistryConfig] = None) -> RegistryConfig:
+def registry_config(args=None, base: RegistryConfig | None = None) -> RegistryConfig:
     """Combine policy defaults (base), environment and command-line flags."""
     cfg = base or RegistryConfig()
     env = os.environ

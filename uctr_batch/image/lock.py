@@ -21,13 +21,14 @@
 - On timeout raise errors.StorageError naming ``what``, the lock path and the holder.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import errno
 import json
 import os
 import stat
 import threading
 import time
-from typing import Optional
 
 from uctr_batch import log
 from uctr_batch.errors import StorageError
@@ -200,7 +201,7 @@ class FileLock:
     """Exclusive lock on ``path``; see the module docstring."""
 
     def __init__(self, path, timeout: float = 600.0, stale_after: float = 60.0,
-                 what: Optional[str] = None):
+                 what: str | None = None):
         self.path = os.fspath(path)
         self.timeout = float(timeout)
         self.stale_after = float(stale_after)
@@ -208,7 +209,7 @@ class FileLock:
         self.token = ""
         self.lost = False  # set by the heartbeat if someone broke the lock while we held it
         self._stop = threading.Event()
-        self._heartbeat: Optional[threading.Thread] = None
+        self._heartbeat: threading.Thread | None = None
 
     # -- public API -------------------------------------------------------------------
     def __enter__(self) -> "FileLock":
@@ -231,7 +232,7 @@ class FileLock:
             cap = min(_MAX_POLL, max(self.stale_after / 8, 0.05))
             delay = min(delay * 2, cap) * _jitter()
 
-    def try_acquire(self, seen: Optional[_Observation] = None) -> bool:
+    def try_acquire(self, seen: _Observation | None = None) -> bool:
         """One attempt: take the lock, or break it if stale and take it. No waiting."""
         token = _token()
         if self._create(token):
@@ -262,7 +263,7 @@ class FileLock:
             _log.warning("lock on %s was broken while held: %s", self.what, self.path)
         self.token = ""
 
-    def holder(self) -> Optional[Holder]:
+    def holder(self) -> Holder | None:
         """Who holds the lock now, or None if it is free."""
         holder, key = self._inspect()
         return holder if key is not None else None

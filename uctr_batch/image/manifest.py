@@ -3,9 +3,10 @@
 This module is the contract between the image pipeline's parts; it does no I/O.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
 
 # Manifests
 DOCKER_MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
@@ -40,7 +41,7 @@ LAYER_COMPRESSION = {
 class Platform:
     os: str
     architecture: str
-    variant: Optional[str] = None
+    variant: str | None = None
 
     def __str__(self) -> str:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
@@ -85,12 +86,12 @@ class ImageRecord:
     reference: str  # canonical reference string it was pulled/loaded as
     manifest_digest: str  # digest of the single-platform manifest: keys node-local rootfs
     config_digest: str
-    layers: Tuple[Layer, ...]
-    platform: Optional[str] = None
-    index_digest: Optional[str] = None  # set when resolved through an index / manifest list
-    config: Dict = field(default_factory=dict, compare=False, hash=False)  # parsed image config
+    layers: tuple[Layer, ...]
+    platform: str | None = None
+    index_digest: str | None = None  # set when resolved through an index / manifest list
+    config: dict = field(default_factory=dict, compare=False, hash=False)  # parsed image config
 
-    def layer_digests(self) -> List[str]:
+    def layer_digests(self) -> list[str]:
         return [layer.digest for layer in self.layers]
 
 

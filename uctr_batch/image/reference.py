@@ -24,10 +24,11 @@ and ``podman://`` (import from a local daemon) are refused with the command to u
 This module does no I/O and imports nothing heavy: it sits on the per-rank path.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 from uctr_batch.errors import ReferenceError_
 
@@ -84,12 +85,12 @@ class ImageRef:
     """
 
     transport: str = DOCKER
-    registry: Optional[str] = None
-    repository: Optional[str] = None
-    tag: Optional[str] = None
-    digest: Optional[str] = None
-    path: Optional[str] = None
-    user: Optional[str] = None
+    registry: str | None = None
+    repository: str | None = None
+    tag: str | None = None
+    digest: str | None = None
+    path: str | None = None
+    user: str | None = None
 
     def __str__(self) -> str:
         if self.transport == DOCKER:
@@ -169,7 +170,7 @@ def parse(text: str) -> ImageRef:
     return _parse_path(transport, rest, text)
 
 
-def _split_transport(text: str) -> Tuple[str, str]:
+def _split_transport(text: str) -> tuple[str, str]:
     if text.startswith(("/", ".")):  # pyxis: a path, never a registry image
         return SQUASHFS, text
     for prefix, instead in _DAEMON_PREFIXES.items():
@@ -246,7 +247,7 @@ def _parse_enroot(rest: str, text: str) -> ImageRef:
                     tag=ref.tag, digest=ref.digest, user=user)
 
 
-def _split_user(rest: str, text: str) -> Tuple[Optional[str], str]:
+def _split_user(rest: str, text: str) -> tuple[str | None, str]:
     """A leading USER@ (enroot) unless the '@' starts a digest (NAME@sha256:...)."""
     head, sep, tail = rest.partition("@")
     if not sep or not tail or _LOOKS_LIKE_DIGEST.match(tail) or "/" in head or ":" in head or "#" in head:
@@ -258,7 +259,7 @@ def _split_user(rest: str, text: str) -> Tuple[Optional[str], str]:
     return head, tail
 
 
-def _parse_docker(rest: str, text: str, registry: Optional[str] = None) -> ImageRef:
+def _parse_docker(rest: str, text: str, registry: str | None = None) -> ImageRef:
     """Docker's syntax; REGISTRY given (enroot's REGISTRY#) means REST has none."""
     if not rest:
         raise ReferenceError_(f'empty image reference in "{text}"', _EXAMPLE_HINT)
@@ -284,7 +285,7 @@ def _parse_docker(rest: str, text: str, registry: Optional[str] = None) -> Image
     return ImageRef(transport=DOCKER, registry=registry, repository=path, tag=tag, digest=digest)
 
 
-def _split_digest(rest: str, text: str) -> Tuple[str, Optional[str]]:
+def _split_digest(rest: str, text: str) -> tuple[str, str | None]:
     name, sep, digest = rest.partition("@")
     if not sep:
         return rest, None
@@ -297,7 +298,7 @@ def _split_digest(rest: str, text: str) -> Tuple[str, Optional[str]]:
     return name, digest
 
 
-def _split_tag(name: str, text: str) -> Tuple[str, Optional[str]]:
+def _split_tag(name: str, text: str) -> tuple[str, str | None]:
     # A ':' after the last '/' starts the tag; before it, it belongs to registry:port.
     colon = name.rfind(":")
     if colon < 0 or "/" in name[colon:]:
@@ -318,7 +319,7 @@ def _docker_sees_registry(first: str) -> bool:
     return "." in first or ":" in first or first == "localhost"
 
 
-def _split_registry(name: str, text: str) -> Tuple[str, str]:
+def _split_registry(name: str, text: str) -> tuple[str, str]:
     first, sep, remainder = name.partition("/")
     if not sep or not _docker_sees_registry(first):
         return DEFAULT_REGISTRY, name
