@@ -7,10 +7,10 @@ Precedence: command-line flag > UCTR_* environment > site policy (added by the p
 from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from uctr_batch.envnum import number  # the one checked reader of numeric UCTR_* values
+from uctr_batch.records import Frozen
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -81,17 +81,16 @@ def default_config_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".config") / "uctr"
 
 
-@dataclass(frozen=True)
-class RegistryConfig:
-    insecure: tuple[str, ...] = ()  # host[:port] allowed over plain HTTP
-    mirrors: dict[str, tuple[str, ...]] = field(default_factory=dict)  # registry -> mirror URLs
-    ca_file: str | None = None  # extra CA bundle for TLS
-    parallel: int = 4  # concurrent blob downloads
-    connect_timeout: float = 10.0
-    stall_timeout: float = 30.0  # no byte for this long aborts a transfer (then retried)
-    retries: int = 5
-    allow: tuple[str, ...] = ()  # fnmatch patterns on canonical references; empty = all
-    deny: tuple[str, ...] = ()
+class RegistryConfig(Frozen):
+    __slots__ = ("insecure", "mirrors", "ca_file", "parallel", "connect_timeout",
+                 "stall_timeout", "retries", "allow", "deny")
+    # insecure: host[:port] allowed over plain HTTP; mirrors: registry -> mirror URLs; ca_file:
+    # extra CA bundle for TLS; parallel: concurrent blob downloads; stall_timeout: no byte for
+    # this long aborts a transfer (then retried); allow, deny: fnmatch patterns on canonical
+    # references (allow empty: all)
+    _DEFAULTS = {"insecure": (), "mirrors": dict, "ca_file": None, "parallel": 4,
+                 "connect_timeout": 10.0, "stall_timeout": 30.0, "retries": 5, "allow": (),
+                 "deny": ()}
 
 
 def _parse_mirrors(value: str) -> dict[str, tuple[str, ...]]:

@@ -17,10 +17,10 @@ from __future__ import annotations  # annotations unevaluated: no typing import 
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from uctr_batch import log
 from uctr_batch.errors import ConfigError
+from uctr_batch.records import Frozen
 
 _log = log.get("job")
 
@@ -28,18 +28,11 @@ _CONTAINER_RE = re.compile(r"(?:^|\s)Container=(\S*)")
 _UNSET = ("", "(null)", "None")
 
 
-@dataclass(frozen=True)
-class JobContext:
-    job_id: str
-    uid: int
-    gid: int
-    user: str | None
-    node: str
-    partition: str | None
-    image: str | None  # --container-image, or Slurm's --container=IMAGE
-    mode: str | None  # --container-mode: honoured only if the policy allows it
-    mpi: str | None
-    gpu: str | None
+class JobContext(Frozen):
+    __slots__ = ("job_id", "uid", "gid", "user", "node", "partition", "image", "mode", "mpi",
+                 "gpu")
+    # image: --container-image, or Slurm's --container=IMAGE; mode: --container-mode, honoured
+    # only if the policy allows it; user, partition, image, mode, mpi, gpu may be None
 
     @property
     def wants_container(self) -> bool:

@@ -17,9 +17,9 @@ import signal
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from uctr_batch import errors, log
+from uctr_batch.records import Frozen
 
 _log = log.get("privdrop")
 
@@ -27,12 +27,8 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _CHILD_FAILED = 70
 
 
-@dataclass(frozen=True)
-class Identity:
-    uid: int
-    gid: int
-    name: str | None  # None: the uid has no passwd entry on this node
-    home: str
+class Identity(Frozen):
+    __slots__ = ("uid", "gid", "name", "home")  # name None: no passwd entry on this node
 
     @classmethod
     def of(cls, uid: int, gid: int | None = None) -> "Identity":

@@ -16,7 +16,6 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 # The hooks start for every job on every node: shlex, shutil, subprocess, tempfile and
@@ -26,6 +25,7 @@ from uctr_batch.batch import common
 from uctr_batch.batch import job as jobs
 from uctr_batch.batch import readiness
 from uctr_batch.errors import EXIT_OK, ConfigError, UctrError, UsageError
+from uctr_batch.records import Frozen
 
 _log = log.get("slurm")
 
@@ -247,13 +247,9 @@ def _oci_first(plan, args):
     return write
 
 
-@dataclass(frozen=True)
-class InstallPlan:
-    prefix: Path
-    source: Path  # the tree holding spank/, hooks/ (and launchers/): the package's parent
-    python: str
-    policy: str | None
-    log_dir: str | None
+class InstallPlan(Frozen):
+    __slots__ = ("prefix", "source", "python", "policy", "log_dir")
+    # source: the tree holding spank/, hooks/ (and launchers/): the package's parent
 
     @property
     def plugin(self) -> Path:

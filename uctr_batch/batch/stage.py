@@ -27,10 +27,10 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from uctr_batch import errors, fsutil, log, settings
+from uctr_batch.records import Frozen
 
 _log = log.get("stage")
 
@@ -41,13 +41,10 @@ JOB_REF_MAX_AGE = 30 * 86400.0  # an epilog-less job reference older than this i
 USER, NODE = "user", "node"
 
 
-@dataclass(frozen=True)
-class StageResult:
-    rootfs: Path
-    bundle: Path
-    manifest_digest: str
-    reference: str
-    unpacked: bool = False  # this call created the rootfs (False: it was already there)
+class StageResult(Frozen):
+    __slots__ = ("rootfs", "bundle", "manifest_digest", "reference", "unpacked")
+    # unpacked: this call created the rootfs (False: it was already there)
+    _DEFAULTS = {"unpacked": False}
 
     def to_dict(self) -> dict:
         return {"status": "ok", "rootfs": str(self.rootfs), "bundle": str(self.bundle),

@@ -28,9 +28,9 @@ from __future__ import annotations  # annotations unevaluated: no typing import 
 
 import hashlib
 import re
-from dataclasses import dataclass
 
 from uctr_batch.errors import ReferenceError_
+from uctr_batch.records import Frozen
 
 DEFAULT_REGISTRY = "docker.io"
 DEFAULT_TAG = "latest"
@@ -73,8 +73,7 @@ _COMPONENT_HINT = ("repository path components are lowercase letters and digits,
                    "'.', '_', '__' or '-', and joined by '/'")
 
 
-@dataclass(frozen=True)
-class ImageRef:
+class ImageRef(Frozen):
     """A parsed image reference.
 
     transport: 'docker' (a registry), 'oci', 'oci-archive' or 'docker-archive'.
@@ -84,13 +83,9 @@ class ImageRef:
     user: enroot's USER@ (registry images only): use this account's stored credentials.
     """
 
-    transport: str = DOCKER
-    registry: str | None = None
-    repository: str | None = None
-    tag: str | None = None
-    digest: str | None = None
-    path: str | None = None
-    user: str | None = None
+    __slots__ = ("transport", "registry", "repository", "tag", "digest", "path", "user")
+    _DEFAULTS = {"transport": DOCKER, "registry": None, "repository": None, "tag": None,
+                 "digest": None, "path": None, "user": None}
 
     def __str__(self) -> str:
         if self.transport == DOCKER:

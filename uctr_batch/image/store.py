@@ -23,7 +23,6 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from uctr_batch import fsutil, log, settings
@@ -32,6 +31,7 @@ from uctr_batch.image import platforms
 from uctr_batch.image import reference as references
 from uctr_batch.image.lock import FileLock
 from uctr_batch.image.manifest import ImageRecord, Layer, Platform
+from uctr_batch.records import Record, replace
 
 _log = log.get("store")
 
@@ -174,23 +174,20 @@ def canonical(ref) -> str:
     return str(ref)
 
 
-@dataclass
-class GcReport:
-    blobs: list[tuple[str, int]] = field(default_factory=list)  # (digest, size) removed
-    partials: list[str] = field(default_factory=list)
-    kept_young: int = 0  # unreferenced but inside the grace period
+class GcReport(Record):
+    __slots__ = ("blobs", "partials", "kept_young")
+    # blobs: (digest, size) removed; kept_young: unreferenced but inside the grace period
+    _DEFAULTS = {"blobs": list, "partials": list, "kept_young": 0}
 
     @property
     def freed(self) -> int:
         return sum(size for _, size in self.blobs)
 
 
-@dataclass
-class VerifyReport:
-    checked: int = 0
-    bad: list[tuple[str, str]] = field(default_factory=list)  # (digest, actual)
-    removed: list[str] = field(default_factory=list)
-    missing: list[tuple[str, str]] = field(default_factory=list)  # (digest, reference)
+class VerifyReport(Record):
+    __slots__ = ("checked", "bad", "removed", "missing")
+    # bad: (digest, actual); missing: (digest, reference)
+    _DEFAULTS = {"checked": 0, "bad": list, "removed": list, "missing": list}
 
 
 class Store:

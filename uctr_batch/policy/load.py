@@ -15,13 +15,13 @@ import os
 import re
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from uctr_batch import fsutil, log
 from uctr_batch.errors import ConfigError
 from uctr_batch.policy import paths
 from uctr_batch.policy.model import PATH_VARIABLES, template_variables
+from uctr_batch.records import Frozen, Record
 
 _log = log.get("policy")
 
@@ -38,14 +38,11 @@ TRUST_HINT = ("the policy must be owned by root and not writable by group or oth
 KeyPath = tuple[object, ...]  # e.g. ("classes", 1, "modes", 0)
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(Frozen):
     """One thing wrong with a policy file, located by line and key path."""
-    file: str
-    line: int
-    path: str  # e.g. "classes[1].modes[0]"; "" for the whole document
-    message: str
-    hint: str | None = None
+    __slots__ = ("file", "line", "path", "message", "hint")
+    # path: e.g. "classes[1].modes[0]"; "" for the whole document
+    _DEFAULTS = {"hint": None}
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
@@ -65,25 +62,18 @@ class PolicyInvalid(ConfigError):
         self.problems = list(problems)
 
 
-@dataclass
-class Policy:
+class Policy(Record):
     """The merged site policy (or the built-in one) and where it came from."""
-    path: Path
-    defaults: dict[str, object] = field(default_factory=dict)
-    classes: list[dict[str, object]] = field(default_factory=list)  # in match order
-    mpi_profiles: dict[str, dict[str, object]] = field(default_factory=dict)
-    sources: tuple[str, ...] = ()
-    fingerprint: str = ""
-    builtin: bool = False
-    notes: tuple[str, ...] = ()  # why built-in defaults apply, files ignored, ...
+    __slots__ = ("path", "defaults", "classes", "mpi_profiles", "sources", "fingerprint",
+                 "builtin", "notes")
+    # classes: in match order; notes: why built-in defaults apply, files ignored, ...
+    _DEFAULTS = {"defaults": dict, "classes": list, "mpi_profiles": dict, "sources": (),
+                 "fingerprint": "", "builtin": False, "notes": ()}
 
 
-@dataclass
-class PolicyFile:
+class PolicyFile(Record):
     """One parsed file: its data and the line of every key path in it."""
-    path: str
-    data: object
-    lines: dict[KeyPath, int]
+    __slots__ = ("path", "data", "lines")  # lines: key path -> line
 
     def line(self, key_path: Sequence) -> int:
         """Line of key_path, or of its nearest ancestor that has one."""

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 
 from uctr_batch.errors import ConfigError, ModeError
+from uctr_batch.records import Frozen, plain
 
 MODES = ("N1", "R1", "P1", "P2", "F1", "S1")
 
@@ -162,79 +163,9 @@ def expand(template: str, variables: Mapping[str, str]) -> str:
     return _VAR_RE.sub(one, template)
 
 
-# Why not dataclasses: every Slurm prolog and epilog (every node, every container job)
-# builds a NodePolicy, and building these eight classes with dataclasses cost ~4.5 ms of a
-# ~65 ms warm hook (python -X importtime, 2-core test machine). _Frozen keeps the dataclass
-# contract, as inject/plan.py's records do: construction by position or keyword with the
-# same defaults, ==, repr, immutability, hash; to_dict() is dataclasses.asdict().
-def _fields(kind: str, names, defaults: Mapping, args: tuple, kwargs: dict) -> dict:
-    """Name -> value of a dataclass-like constructor call: ARGS by position, KWARGS by
-    name, the rest from DEFAULTS (a type there is a factory: a new dict or record)."""
-    if len(args) > len(names):
-        raise TypeError(f"{kind} takes at most {len(names)} arguments")
-    values = dict(zip(names, args))
-    for name, value in kwargs.items():
-        if name not in names or name in values:
-            raise TypeError(f"{kind}: unexpected or repeated argument {name!r}")
-        values[name] = value
-    for name in names:
-        if name not in values:
-            if name not in defaults:
-                raise TypeError(f"{kind}: missing argument {name!r}")
-            default = defaults[name]
-            values[name] = default() if isinstance(default, type) else default
-    return values
-
-
-class _Frozen:
-    """A frozen dataclass of the fields in __slots__; _DEFAULTS: field -> default."""
-
-    __slots__ = ()
-    _DEFAULTS: dict = {}
-
-    def __init__(self, *args, **kwargs):
-        values = _fields(type(self).__name__, self.__slots__, self._DEFAULTS, args, kwargs)
-        for name in self.__slots__:
-            object.__setattr__(self, name, values[name])
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"cannot assign to field {name!r}: {type(self).__name__} is frozen")
-
-    def __delattr__(self, name):
-        raise AttributeError(f"cannot delete field {name!r}: {type(self).__name__} is frozen")
-
-    def _values(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __reduce__(self):  # copy, deepcopy and pickle construct, as they cannot assign
-        return type(self), self._values()
-
-    def __eq__(self, other):
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._values() == other._values()
-
-    def __hash__(self):
-        return hash(self._values())
-
-    def __repr__(self):
-        return "%s(%s)" % (type(self).__name__, ", ".join(
-            f"{name}={getattr(self, name)!r}" for name in self.__slots__))
-
-
-def _plain(value):
-    """dataclasses.asdict() of one field's value: records become dicts, containers are
-    copied all the way down."""
-    if isinstance(value, _Frozen):
-        return {name: _plain(getattr(value, name)) for name in value.__slots__}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    return copy.deepcopy(value)
-
-
-class Bind(_Frozen):
+# Plain records, not dataclasses (records.py): every Slurm prolog and epilog builds a
+# NodePolicy, and building these eight classes with dataclasses cost ~4.5 ms of a warm hook.
+class Bind(Frozen):
     __slots__ = ("src", "dst", "mode", "optional")
     # mode: "ro" | "rw"; optional: a missing src is skipped instead of being an error
     _DEFAULTS = {"mode": "ro", "optional": False}
@@ -245,7 +176,7 @@ class Bind(_Frozen):
                    bool(d.get("optional", False)))
 
 
-class EnvRules(_Frozen):
+class EnvRules(Frozen):
     """Applied after the image Env, in this order: set, prepend, append, unset; then the
     host variables matching `passthrough` (fnmatch patterns), then the user's -e."""
     __slots__ = ("set", "prepend", "append", "unset", "passthrough")
@@ -259,7 +190,7 @@ class EnvRules(_Frozen):
                    tuple(d.get("unset", ())), tuple(d.get("passthrough", ())))
 
 
-class Storage(_Frozen):
+class Storage(Frozen):
     __slots__ = ("cache_dir", "local_dir", "local_quota", "local_quota_bytes", "stage_timeout")
     # cache_dir, local_dir: templates, None: settings.default_cache_dir()/default_local_dir();
     # local_quota: as written, e.g. "20G", None: no quota; stage_timeout: seconds a rank
@@ -277,7 +208,7 @@ class Storage(_Frozen):
                    quota_bytes, float(d.get("stage_timeout", 600)))
 
 
-class Registries(_Frozen):
+class Registries(Frozen):
     __slots__ = ("allow", "deny", "mirrors", "insecure", "ca_file")
     # allow, deny: fnmatch on canonical references (allow empty: all); mirrors: registry ->
     # tuple of mirrors
@@ -290,7 +221,7 @@ class Registries(_Frozen):
                    tuple(d.get("insecure", ())), d.get("ca_file"))
 
 
-class MpiSettings(_Frozen):
+class MpiSettings(Frozen):
     __slots__ = ("profile", "fallback")
     # profile: a name from mpi_profiles, "auto" or "none"; fallback False: an injection
     # refusal is an error, not a fallback
@@ -301,7 +232,7 @@ class MpiSettings(_Frozen):
         return cls(d.get("profile", "none"), bool(d.get("fallback", True)))
 
 
-class GpuSettings(_Frozen):
+class GpuSettings(Frozen):
     __slots__ = ("vendor", "cuda_check")  # auto | nvidia | amd | none; warn | error | ignore
     _DEFAULTS = {"vendor": "auto", "cuda_check": "warn"}
 
@@ -310,7 +241,7 @@ class GpuSettings(_Frozen):
         return cls(d.get("vendor", "auto"), d.get("cuda_check", "warn"))
 
 
-class MpiProfile(_Frozen):
+class MpiProfile(Frozen):
     __slots__ = ("name", "family", "lib_dirs", "libs", "dependency_libs", "env", "binds",
                  "devices", "abi_check")
     # family: mpich-abi | openmpi; env: EnvRules; binds: tuple of Bind; abi_check: major |
@@ -326,7 +257,7 @@ class MpiProfile(_Frozen):
                    tuple(d.get("devices", ())), d.get("abi_check", "full"))
 
 
-class NodePolicy(_Frozen):
+class NodePolicy(Frozen):
     """What the site policy says for one node: the merged class body plus where it came from.
 
     Plain data: to_dict() is JSON-serialisable and from_dict() rebuilds it without yaml.
@@ -368,7 +299,7 @@ class NodePolicy(_Frozen):
         )
 
     def to_dict(self) -> dict:
-        d = _plain(self)
+        d = plain(self)
         for profile in d["mpi_profiles"].values():
             del profile["name"]  # the key already says it
         d["format"] = FORMAT

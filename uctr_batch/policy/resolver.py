@@ -11,21 +11,19 @@ import functools
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 from uctr_batch import log, settings
 from uctr_batch.errors import UctrError
 from uctr_batch.policy.load import Policy, load_policy
 from uctr_batch.policy.model import NodePolicy, builtin_body, merge_body
+from uctr_batch.records import Frozen
 
 _log = log.get("policy")
 
 
-@dataclass(frozen=True)
-class MatchResult:
-    class_name: str
-    matched: bool
-    why: str  # the criteria that matched, or the first one that did not
+class MatchResult(Frozen):
+    __slots__ = ("class_name", "matched", "why")  # why: the criteria that matched, or the
+    # first one that did not
 
 
 def short_name(host: str) -> str:
