@@ -260,8 +260,8 @@ def test_a_run_dir_a_user_planted_fails_the_job_not_the_node(site):
 # its imports are nearly all they cost. These stay out of both hooks and of their child
 # that works as the job user: each costs milliseconds, and none is needed there.
 WARM_NEVER = ("yaml", "jsonschema", "hostlist", "requests", "urllib3", "zstandard", "isal",
-              "typing", "dataclasses", "inspect", "socket", "uuid", "random", "platform",
-              "shutil", "concurrent.futures", "tempfile", "subprocess", "tarfile",
+              "typing", "dataclasses", "inspect", "hashlib", "socket", "uuid", "random",
+              "platform", "shutil", "concurrent.futures", "tempfile", "subprocess", "tarfile",
               "uctr_batch.image.registry", "uctr_batch.image.flatten", "uctr_batch.image.archive")
 
 RECORDER = """

@@ -26,10 +26,10 @@ This module does no I/O and imports nothing heavy: it sits on the per-rank path.
 
 from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
 
-import hashlib
 import re
 
 from uctr_batch.errors import ReferenceError_
+from uctr_batch.hashing import sha256
 from uctr_batch.records import Frozen
 
 DEFAULT_REGISTRY = "docker.io"
@@ -134,7 +134,7 @@ class ImageRef(Frozen):
         e.g. 'docker.io%library%debian+12'; over 200 characters, the tail becomes a hash.
         Path transports are named by a hash of the reference: a path may hold any character.
         """
-        key = hashlib.sha256(str(self).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        key = sha256(str(self).encode("utf-8", "surrogateescape")).hexdigest()[:16]
         if self.transport != DOCKER:
             return f"{self.transport}+{key}"
         name = (f"{self.user}@" if self.user else "") + self.name_with_version.replace("/", "%").replace(":", "+")

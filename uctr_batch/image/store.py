@@ -16,7 +16,6 @@ downloader at a time (its lock), and everything else is written to a temp name a
 from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
 
 import errno
-import hashlib
 import json
 import os
 import stat
@@ -65,13 +64,19 @@ def split_digest(digest: str) -> tuple[str, str]:
     return algo, hexpart
 
 
+def _hasher(algo: str, data: bytes = b""):
+    import hashlib  # here only: a warm lookup (the hooks on a warm node) hashes no blob
+
+    return hashlib.new(algo, data)
+
+
 def digest_of_bytes(data: bytes, algo: str = "sha256") -> str:
-    return f"{algo}:{hashlib.new(algo, data).hexdigest()}"
+    return f"{algo}:{_hasher(algo, data).hexdigest()}"
 
 
 def copy_hashing(src, dst, algo: str = "sha256") -> tuple[str, int]:
     """Copy file object src to file object dst; return (digest, size)."""
-    h, size = hashlib.new(algo), 0
+    h, size = _hasher(algo), 0
     while True:
         chunk = src.read(_CHUNK)
         if not chunk:
@@ -109,7 +114,7 @@ def open_regular(path, limit: int | None = None):
 
 
 def hash_file(path, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
+    h = _hasher(algo)
     with open_regular(path) as f:
         while True:
             chunk = f.read(_CHUNK)

@@ -6,12 +6,13 @@ cached NodePolicy is still current.
 
 from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
 
-import hashlib
 import json
 import os
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from uctr_batch.hashing import sha256
 
 DEFAULT_POLICY = Path("/etc/uctr/policy.yaml")
 DROPIN_DIR = "conf.d"  # beside the policy file: /etc/uctr/conf.d/*.yaml
@@ -78,7 +79,7 @@ def policy_fingerprint(paths: Sequence[Path]) -> str:
             rows.append([str(p), st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino])
         except OSError:
             rows.append([str(p), None])
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:32]
+    return sha256(json.dumps(rows).encode()).hexdigest()[:32]
 
 
 def current_fingerprint(env: Mapping[str, str] | None = None) -> str:

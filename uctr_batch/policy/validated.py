@@ -18,13 +18,14 @@ a policy that does not validate is never stored.
 
 from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
 
-import hashlib
 import marshal
 import os
 import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from uctr_batch.hashing import sha256
 
 FORMAT = 1
 NAME = "validated.marshal"
@@ -36,7 +37,7 @@ Merged = tuple[dict, list, dict]  # (defaults, classes, mpi_profiles): load.merg
 
 def key(texts: Sequence[tuple[str, str]]) -> str:
     """The digest of (path, text) of every file in merge order, the rules and the format."""
-    digest = hashlib.sha256(f"{FORMAT} {sys.version_info[:2]}\0".encode())
+    digest = sha256(f"{FORMAT} {sys.version_info[:2]}\0".encode())
     here = Path(__file__).parent
     for part in [(here / name).read_bytes() for name in RULES] + \
             [s.encode() for pair in texts for s in pair]:
