@@ -6,7 +6,7 @@ Never fails on missing state: a failing epilog drains the node.
 import gc
 import sys
 
-# A short-lived process: while its ~130 modules load, the cyclic garbage collector would
+# A short-lived process: while its ~120 modules load, the cyclic garbage collector would
 # only walk their objects again and again (~3 ms a job on a warm node).
 gc.disable()
 
