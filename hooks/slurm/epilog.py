@@ -7,7 +7,7 @@ import gc
 import sys
 
 # A short-lived process: while its ~120 modules load, the cyclic garbage collector would
-# only walk their objects again and again (~3 ms a job on a warm node).
+# only walk their objects again and again (~2 ms a job on a warm node).
 gc.disable()
 
 from uctr_batch.batch import slurm  # noqa: E402

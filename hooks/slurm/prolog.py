@@ -9,7 +9,7 @@ import gc
 import sys
 
 # A short-lived process: while its ~120 modules load, the cyclic garbage collector would
-# only walk their objects again and again (~3 ms a job on a warm node). The staging child
+# only walk their objects again and again (~2 ms a job on a warm node). The staging child
 # (common.stage_as_user), which may pull and unpack for minutes, turns it back on.
 gc.disable()
 
