@@ -17,7 +17,6 @@ Writes the "image" section of bench/RESULTS.md and prints it on stdout.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -265,11 +264,11 @@ def pull_cases(bench: Bench, image: BenchImage) -> List[Case]:
 
 def _library_pull(bench: Bench, image: BenchImage, cache: Path) -> None:
     """pull_image() in this (warm) interpreter: the data path without start-up costs."""
-    from uctr_batch import settings
+    from uctr_batch import records, settings
     from uctr_batch.image import platforms, pull, reference
     from uctr_batch.image.store import Store
 
-    config = dataclasses.replace(settings.registry_config(), insecure=(bench.registry.host,))
+    config = records.replace(settings.registry_config(), insecure=(bench.registry.host,))
     pull.pull_image(reference.parse(image.ref), config, Store(cache),
                     platforms.wanted_or_host(None))
 

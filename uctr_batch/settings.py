@@ -4,19 +4,20 @@ Precedence: command-line flag > UCTR_* environment > site policy (added by the p
 > built-in default. Only this module reads these environment variables.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 from uctr_batch.envnum import number  # the one checked reader of numeric UCTR_* values
+from uctr_batch.records import Frozen
 
 
-def _split(value: str) -> Tuple[str, ...]:
+def _split(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def env_dir(name: str) -> Optional[Path]:
+def env_dir(name: str) -> Path | None:
     """The directory in environment variable NAME (UCTR_CACHE, UCTR_LOCAL_DIR,
     UCTR_CONFIG_DIR), or None when unset; it must be absolute (a relative one would depend
     on each process's working directory, and ranks start in different ones)."""
@@ -48,7 +49,7 @@ def default_local_dir() -> Path:
     return Path("/tmp") / f"uctr-{os.getuid()}"
 
 
-def _policy_dir(node_policy, key: str) -> Optional[Path]:
+def _policy_dir(node_policy, key: str) -> Path | None:
     """A storage path template from the site policy, expanded for the calling user."""
     template = getattr(getattr(node_policy, "storage", None), key, None)
     if not template:
@@ -80,22 +81,21 @@ def default_config_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".config") / "uctr"
 
 
-@dataclass(frozen=True)
-class RegistryConfig:
-    insecure: Tuple[str, ...] = ()  # host[:port] allowed over plain HTTP
-    mirrors: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # registry -> mirror URLs
-    ca_file: Optional[str] = None  # extra CA bundle for TLS
-    parallel: int = 4  # concurrent blob downloads
-    connect_timeout: float = 10.0
-    stall_timeout: float = 30.0  # no byte for this long aborts a transfer (then retried)
-    retries: int = 5
-    allow: Tuple[str, ...] = ()  # fnmatch patterns on canonical references; empty = all
-    deny: Tuple[str, ...] = ()
+class RegistryConfig(Frozen):
+    __slots__ = ("insecure", "mirrors", "ca_file", "parallel", "connect_timeout",
+                 "stall_timeout", "retries", "allow", "deny")
+    # insecure: host[:port] allowed over plain HTTP; mirrors: registry -> mirror URLs; ca_file:
+    # extra CA bundle for TLS; parallel: concurrent blob downloads; stall_timeout: no byte for
+    # this long aborts a transfer (then retried); allow, deny: fnmatch patterns on canonical
+    # references (allow empty: all)
+    _DEFAULTS = {"insecure": (), "mirrors": dict, "ca_file": None, "parallel": 4,
+                 "connect_timeout": 10.0, "stall_timeout": 30.0, "retries": 5, "allow": (),
+                 "deny": ()}
 
 
-def _parse_mirrors(value: str) -> Dict[str, Tuple[str, ...]]:
+def _parse_mirrors(value: str) -> dict[str, tuple[str, ...]]:
     """UCTR_REGISTRY_MIRRORS="docker.io=https://m1,https://m2;quay.io=http://m3"."""
-    mirrors: Dict[str, Tuple[str, ...]] = {}
+    mirrors: dict[str, tuple[str, ...]] = {}
     for item in value.split(";"):
         if "=" in item:
             reg, urls = item.split("=", 1)
@@ -103,7 +103,7 @@ def _parse_mirrors(value: str) -> Dict[str, Tuple[str, ...]]:
     return mirrors
 
 
-def registry_config(args=None, base: Optional[RegistryConfig] = None) -> RegistryConfig:
+def registry_config(args=None, base: RegistryConfig | None = None) -> RegistryConfig:
     """Combine policy defaults (base), environment and command-line flags."""
     cfg = base or RegistryConfig()
     env = os.environ

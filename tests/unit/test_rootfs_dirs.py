@@ -10,7 +10,6 @@ import sys
 import tempfile
 import time
 from argparse import Namespace
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from uctr_batch import fsutil
 from uctr_batch.errors import DigestMismatch, LayerRejected, StorageError, UsageError
 from uctr_batch.image import flatten, manifest, rootfs
 from uctr_batch.image.store import Store, digest_of_bytes
+from uctr_batch.records import replace
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -252,3 +252,79 @@ def test_a_run_dir_a_user_planted_fails_the_job_not_the_node(site):
     os.chown(root / "run", 65534, 65534)  # a site that put UCTR_RUN_DIR in a shared place
     assert slurm.prolog_main(env) == 0
     assert not (root / "run" / "readiness").exists()
+
+
+# -- the warm path's imports ---------------------------------------------------------------
+# Every allocated node runs the prolog (and later the epilog) for every container job, on
+# the job's start path; on a warm node (image staged, policy validated) Python's start and
+# its imports are nearly all they cost. These stay out of both hooks and of their child
+# that works as the job user: each costs milliseconds, and none is needed there.
+WARM_NEVER = ("yaml", "jsonschema", "hostlist", "requests", "urllib3", "zstandard", "isal",
+              "typing", "dataclasses", "inspect", "hashlib", "socket", "uuid", "random",
+              "platform", "shutil", "concurrent.futures", "tempfile", "subprocess", "tarfile",
+              "uctr_batch.image.registry", "uctr_batch.image.flatten", "uctr_batch.image.archive")
+
+RECORDER = """
+import gc, os, sys
+record, hook = sys.argv[1], sys.argv[2]
+parent, real_exit = os.getpid(), os._exit
+
+def write(path):
+    with open(path, "w") as f:
+        f.write("\\n".join(sorted(sys.modules) + ["gc-enabled=%s" % gc.isenabled()]))
+
+def _exit(code):  # the job user's child ends here (batch.privdrop)
+    if os.getpid() != parent:
+        write(record + ".child")
+    real_exit(code)
+
+os._exit = _exit
+sys.argv = [hook]
+try:
+    with open(hook) as f:  # as `python3 HOOK` runs it (runpy would import typing itself)
+        exec(compile(f.read(), hook, "exec"), {"__name__": "__main__", "__file__": hook})
+finally:
+    write(record + ".parent")
+"""
+
+
+def _run_hook(kind, env, record):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    for side in ("parent", "child"):
+        path = Path(f"{record}.{side}")
+        path.write_text("")
+        path.chmod(0o666)  # the child runs as the job user
+    hook = repo / "hooks" / "slurm" / f"{kind}.py"
+    done = subprocess.run([sys.executable, "-c", RECORDER, str(record), str(hook)],
+                          env=dict(env, PYTHONPATH=str(repo)), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return {side: set(Path(f"{record}.{side}").read_text().split()) for side in ("parent", "child")}
+
+
+def test_warm_prolog_and_epilog_import_only_what_they_use(site, pushed):
+    root, user = site
+    image = pushed["busybox"]
+    env = hook_env(root, user, SPANK_UCTR_IMAGE=image)
+    with open(env["UCTR_POLICY"], "a") as f:  # under defaults:
+        f.write(f"  registries:\n    insecure: [\"{image.split('/')[0]}\"]\n")
+    assert slurm.prolog(env) == 0  # cold: pulls, unpacks, validates the policy
+    assert readiness.read_readiness("100", user.pw_uid, env)["status"] == "ok"
+    slurm.epilog(env)
+
+    env = dict(env, SLURM_JOB_ID="101")
+    prolog = _run_hook("prolog", env, root / "users" / "prolog")
+    record = readiness.read_readiness("101", user.pw_uid, env)
+    assert record["status"] == "ok", record
+    epilog = _run_hook("epilog", env, root / "users" / "epilog")
+    assert readiness.read_readiness("101", user.pw_uid, env) is None
+
+    for name, modules in [("prolog", prolog["parent"]), ("prolog's child", prolog["child"]),
+                          ("epilog", epilog["parent"]), ("epilog's child", epilog["child"])]:
+        assert "uctr_batch.batch.stage" in modules, name  # it did reach the work
+        assert not modules & set(WARM_NEVER), (name, sorted(modules & set(WARM_NEVER)))
+    assert "gc-enabled=False" in prolog["parent"]  # paused for the start-up (hooks/slurm)
+    assert "gc-enabled=True" in prolog["child"]  # a cold child may pull for minutes

@@ -13,8 +13,10 @@ A user mistake comes back as an outcome dict {"status": "error", "fault": "user"
 scheduler fails the job with its message and leaves the node alone.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import os
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 from uctr_batch import log
 from uctr_batch.batch.job import JobContext
@@ -59,7 +61,7 @@ POLICY_HINT = ("the site admin must fix the uctr policy on this node (`uctr poli
                "names the problem); jobs without a container image are not affected")
 
 
-def site_policy(ctx: JobContext, env: Optional[Mapping[str, str]] = None):
+def site_policy(ctx: JobContext, env: Mapping[str, str] | None = None):
     """The trusted site policy resolved for the job's node and partition/queue (PolicyFault
     when it cannot be used: it is root's file)."""
     from uctr_batch.policy import load_policy, resolve
@@ -73,7 +75,7 @@ def site_policy(ctx: JobContext, env: Optional[Mapping[str, str]] = None):
                           POLICY_HINT) from e
 
 
-def validated_dir(env: Optional[Mapping[str, str]]):
+def validated_dir(env: Mapping[str, str] | None):
     """<run dir>/policy: where the hooks keep the policy bytes they validated (root's own,
     node-local: policy/validated.py), or None when it cannot be made root's alone."""
     from uctr_batch.batch import readiness
@@ -163,7 +165,7 @@ SWEEP_BUDGET = 5.0  # seconds a sweep may take in all; the rest waits for the ne
 
 def sweep_stale_records(env: Mapping[str, str], job_gone, *, keep: str = "", node_policy=None,
                         also=None, budget: float = SWEEP_BUDGET,
-                        job_id_var: str = SLURM_JOB_ID, now: Optional[float] = None) -> list:
+                        job_id_var: str = SLURM_JOB_ID, now: float | None = None) -> list:
     """Remove readiness records (and, as their users, the jobs' in-use references) of jobs
     that ended without an epilog here: older than STALE_AFTER and job_gone(job_id) True,
     or older than stage.JOB_REF_MAX_AGE whatever job_gone says. KEEP (the job starting now)
@@ -238,7 +240,7 @@ def _release_stale(job_id: str, record: dict, env: Mapping[str, str], job_id_var
         _log.debug("cannot release the references of vanished job %s: %s", job_id, e)
 
 
-def validate_request(image: str, mode: Optional[str], mpi: Optional[str], node_policy) -> None:
+def validate_request(image: str, mode: str | None, mpi: str | None, node_policy) -> None:
     """Raise the UctrError a user must fix: a reference that does not parse, an image the
     site refuses, a mode or MPI profile not allowed by NODE_POLICY."""
     from uctr_batch.image import pull, reference
@@ -251,7 +253,7 @@ def validate_request(image: str, mode: Optional[str], mpi: Optional[str], node_p
     node_policy.selected_mpi(mpi)
 
 
-def check_request(ctx: JobContext, node_policy) -> Optional[dict]:
+def check_request(ctx: JobContext, node_policy) -> dict | None:
     """validate_request() as a user-error outcome, or None when the request is fine."""
     from uctr_batch.batch import stage
 
@@ -278,7 +280,7 @@ def staging_environment(job_id: str, env: Mapping[str, str],
 
 
 def stage_as_user(ctx: JobContext, node_policy, env: Mapping[str, str],
-                  job_id_var: str = SLURM_JOB_ID, timeout: Optional[float] = None) -> dict:
+                  job_id_var: str = SLURM_JOB_ID, timeout: float | None = None) -> dict:
     """stage.stage_outcome() computed as the job user in a forked child (never as root).
 
     A node-local directory the user cannot trust (another user created it first, a
@@ -310,9 +312,12 @@ def stage_as_user(ctx: JobContext, node_policy, env: Mapping[str, str],
     return outcome
 
 
-def _stage_outcome(image: str, job_id: str, node_policy, timeout: Optional[float]) -> dict:
+def _stage_outcome(image: str, job_id: str, node_policy, timeout: float | None) -> dict:
     """stage.stage_outcome() with its own timeout passed positionally: run_as() keeps the
     `timeout` keyword for itself."""
+    import gc
+
+    gc.enable()  # the Slurm prolog pauses it for its start-up (hooks/slurm/prolog.py)
     from uctr_batch.batch import stage
 
     return stage.stage_outcome(image, job_id=job_id, node_policy=node_policy, timeout=timeout)
@@ -338,7 +343,7 @@ def describe_outcome(ctx: JobContext, outcome: dict, seconds: float) -> str:
 
 
 def release_as_user(ctx: JobContext, node_policy, env: Mapping[str, str],
-                    job_id_var: str = SLURM_JOB_ID, timeout: Optional[float] = None) -> dict:
+                    job_id_var: str = SLURM_JOB_ID, timeout: float | None = None) -> dict:
     """Epilogue side: as the job user, drop the job's in-use references and enforce the
     node-local quota. Returns {"references": n, "evicted": [digest, ...]}."""
     from uctr_batch.batch import privdrop, stage

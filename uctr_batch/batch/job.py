@@ -12,13 +12,15 @@ makes that user's steps stage their own image.
 Values from SPANK_UCTR_* are the user's requests: the policy decides whether they are allowed.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import os
 import re
-from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
 
 from uctr_batch import log
 from uctr_batch.errors import ConfigError
+from uctr_batch.records import Frozen
 
 _log = log.get("job")
 
@@ -26,18 +28,11 @@ _CONTAINER_RE = re.compile(r"(?:^|\s)Container=(\S*)")
 _UNSET = ("", "(null)", "None")
 
 
-@dataclass(frozen=True)
-class JobContext:
-    job_id: str
-    uid: int
-    gid: int
-    user: Optional[str]
-    node: str
-    partition: Optional[str]
-    image: Optional[str]  # --container-image, or Slurm's --container=IMAGE
-    mode: Optional[str]  # --container-mode: honoured only if the policy allows it
-    mpi: Optional[str]
-    gpu: Optional[str]
+class JobContext(Frozen):
+    __slots__ = ("job_id", "uid", "gid", "user", "node", "partition", "image", "mode", "mpi",
+                 "gpu")
+    # image: --container-image, or Slurm's --container=IMAGE; mode: --container-mode, honoured
+    # only if the policy allows it; user, partition, image, mode, mpi, gpu may be None
 
     @property
     def wants_container(self) -> bool:
@@ -69,8 +64,8 @@ def _gid(env: Mapping[str, str], uid: int) -> int:
     return pwd.getpwuid(uid).pw_gid
 
 
-def from_env(env: Optional[Mapping[str, str]] = None,
-             container_lookup: Optional[Callable[[str], Optional[str]]] = None) -> JobContext:
+def from_env(env: Mapping[str, str] | None = None,
+             container_lookup: Callable[[str], str | None] | None = None) -> JobContext:
     """The job context of a Prolog/Epilog from its environment (and the job record when the
     image came from ``--container``)."""
     env = os.environ if env is None else env
@@ -88,7 +83,7 @@ def from_env(env: Optional[Mapping[str, str]] = None,
     )
 
 
-def job_container(job_id: str) -> Optional[str]:
+def job_container(job_id: str) -> str | None:
     """The job's ``--container`` value from the job record, or None."""
     try:
         return _normalise(container_via_pyslurm(job_id))
@@ -99,7 +94,7 @@ def job_container(job_id: str) -> Optional[str]:
     return _normalise(container_via_scontrol(job_id))
 
 
-def container_via_pyslurm(job_id: str) -> Optional[str]:
+def container_via_pyslurm(job_id: str) -> str | None:
     """pyslurm >= 23.2 has Job.load(); pyslurm 22.5 has job().find_id() returning dicts."""
     import pyslurm
 
@@ -109,7 +104,7 @@ def container_via_pyslurm(job_id: str) -> Optional[str]:
     return records[0].get("container") if records else None
 
 
-def container_via_scontrol(job_id: str, scontrol: str = "scontrol") -> Optional[str]:
+def container_via_scontrol(job_id: str, scontrol: str = "scontrol") -> str | None:
     import subprocess  # not on the hooks' path when the plugin set SPANK_UCTR_IMAGE
 
     cp = subprocess.run([scontrol, "show", "job", "-o", str(job_id)], capture_output=True,
@@ -120,13 +115,13 @@ def container_via_scontrol(job_id: str, scontrol: str = "scontrol") -> Optional[
     return parse_container(cp.stdout)
 
 
-def parse_container(show_job_line: str) -> Optional[str]:
+def parse_container(show_job_line: str) -> str | None:
     """The Container= field of one ``scontrol show job -o`` line (None when unset)."""
     match = _CONTAINER_RE.search(show_job_line)
     return _normalise(match.group(1)) if match else None
 
 
-def _normalise(value) -> Optional[str]:
+def _normalise(value) -> str | None:
     if value is None:
         return None
     text = str(value).strip()

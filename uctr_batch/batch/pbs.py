@@ -481,15 +481,14 @@ def stage_event(req: Mapping, config: HookConfig, env: Mapping[str, str]) -> Ans
 def _resolve_mode(ctx, job: Mapping, node_policy):
     """(ctx with the mode the site maps container_engine to, None), or (ctx, the user-error
     outcome of a bad container_engine or PBS_CONTAINER_ARGS)."""
-    import dataclasses
-
+    from uctr_batch import records
     from uctr_batch.batch import stage
 
     try:
         mode = check_pbs_pro(job_request(job), node_policy)
     except errors.UctrError as e:
         return ctx, stage.error_outcome(e, stage.USER)
-    return (dataclasses.replace(ctx, mode=mode) if mode != ctx.mode else ctx), None
+    return (records.replace(ctx, mode=mode) if mode != ctx.mode else ctx), None
 
 
 def stage_error(message: str, hint: Optional[str]) -> dict:

@@ -7,6 +7,8 @@ root parent never unpickles or otherwise interprets data the child could have be
 into producing.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import json
 import os
 import pwd
@@ -14,10 +16,10 @@ import select
 import signal
 import time
 import traceback
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional
+from collections.abc import Callable, Mapping
 
 from uctr_batch import errors, log
+from uctr_batch.records import Frozen
 
 _log = log.get("privdrop")
 
@@ -25,15 +27,11 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _CHILD_FAILED = 70
 
 
-@dataclass(frozen=True)
-class Identity:
-    uid: int
-    gid: int
-    name: Optional[str]  # None: the uid has no passwd entry on this node
-    home: str
+class Identity(Frozen):
+    __slots__ = ("uid", "gid", "name", "home")  # name None: no passwd entry on this node
 
     @classmethod
-    def of(cls, uid: int, gid: Optional[int] = None) -> "Identity":
+    def of(cls, uid: int, gid: int | None = None) -> "Identity":
         try:
             pw = pwd.getpwuid(uid)
         except KeyError:
@@ -44,7 +42,7 @@ class Identity:
             return cls(uid, gid, None, "/")
         return cls(uid, pw.pw_gid if gid is None else gid, pw.pw_name, pw.pw_dir)
 
-    def environment(self, extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    def environment(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """A clean environment for the user: nothing of root's leaks into the child."""
         env = {"PATH": SAFE_PATH, "HOME": self.home, "LANG": os.environ.get("LANG", "C.UTF-8")}
         if self.name:
@@ -72,8 +70,8 @@ def drop_privileges(who: Identity) -> None:
         raise errors.InternalError(f"could not drop privileges to uid {who.uid}")
 
 
-def run_as(who: Identity, func: Callable[..., Any], *args, timeout: Optional[float] = None,
-           env: Optional[Mapping[str, str]] = None, **kwargs) -> Any:
+def run_as(who: Identity, func: Callable[..., object], *args, timeout: float | None = None,
+           env: Mapping[str, str] | None = None, **kwargs) -> object:
     """Return func(*args, **kwargs) computed as WHO in a forked child.
 
     The result must be JSON-serialisable. A UctrError raised in the child is raised again
@@ -123,7 +121,7 @@ def _child(who, func, args, kwargs, env, write_fd) -> None:
         os._exit(code)
 
 
-def _read_all(fd: int, pid: int, timeout: Optional[float]) -> bytes:
+def _read_all(fd: int, pid: int, timeout: float | None) -> bytes:
     deadline = None if timeout is None else time.monotonic() + timeout
     chunks = []
     while True:
@@ -150,7 +148,7 @@ def _kill_group(pid: int) -> None:
             continue
 
 
-def _decode(data: bytes, status: int, who: Identity) -> Any:
+def _decode(data: bytes, status: int, who: Identity) -> object:
     try:
         payload = json.loads(data.decode())
     except ValueError:

@@ -18,9 +18,11 @@ user can neither create nor remove records, and each record belongs to the job's
 Standard library only, and cheap: uctr-exec calls read_readiness() on every rank.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, Mapping, Optional
 
 VERSION = "1"
 DEFAULT_RUN_DIR = "/run/uctr"
@@ -28,13 +30,13 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 
-def run_dir(env: Optional[Mapping[str, str]] = None) -> Path:
+def run_dir(env: Mapping[str, str] | None = None) -> Path:
     """Node-local directory for uctr's per-node runtime state."""
     env = os.environ if env is None else env
     return Path(env.get("UCTR_RUN_DIR") or DEFAULT_RUN_DIR)
 
 
-def record_path(job_id: str, env: Optional[Mapping[str, str]] = None) -> Path:
+def record_path(job_id: str, env: Mapping[str, str] | None = None) -> Path:
     return run_dir(env) / "readiness" / _job_name(job_id)
 
 
@@ -66,8 +68,8 @@ def encode_record(fields: Mapping[str, object]) -> bytes:
     return format_record(fields).encode("utf-8", "backslashreplace")
 
 
-def parse_record(text: str) -> Dict[str, str]:
-    record: Dict[str, str] = {}
+def parse_record(text: str) -> dict[str, str]:
+    record: dict[str, str] = {}
     for line in text.split("\n"):  # only \n ends a line: the writer's rule, and the C reader's
         key, sep, value = line.partition("=")
         if sep:
@@ -75,7 +77,7 @@ def parse_record(text: str) -> Dict[str, str]:
     return record
 
 
-def read_readiness(job_id, uid: int, env: Optional[Mapping[str, str]] = None) -> Optional[dict]:
+def read_readiness(job_id, uid: int, env: Mapping[str, str] | None = None) -> dict | None:
     """The record for job JOB_ID if it belongs to UID, else None (no record, or not ours).
 
     Keys: status ("ok"|"error"), image, and reference/rootfs/bundle/manifest_digest (ok) or
@@ -98,7 +100,7 @@ def read_readiness(job_id, uid: int, env: Optional[Mapping[str, str]] = None) ->
 
 
 def write_readiness(job_id, uid: int, fields: Mapping[str, object],
-                    env: Optional[Mapping[str, str]] = None) -> Path:
+                    env: Mapping[str, str] | None = None) -> Path:
     """Atomically (re)write job JOB_ID's record, owned by UID, mode 0600 (called as root)."""
     path = record_path(job_id, env)
     ensure_root_dir(path.parent)
@@ -111,7 +113,7 @@ def write_readiness(job_id, uid: int, fields: Mapping[str, object],
     return path
 
 
-def remove_readiness(job_id, env: Optional[Mapping[str, str]] = None) -> bool:
+def remove_readiness(job_id, env: Mapping[str, str] | None = None) -> bool:
     """Remove job JOB_ID's record; False when there was none."""
     try:
         os.unlink(record_path(job_id, env))

@@ -10,12 +10,13 @@ Epilog (root): remove the readiness record and, as the job user, the job's in-us
 references; then enforce the node-local quota. Missing state is normal; it never fails.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import os
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import List, Mapping, Optional, Tuple
 
 # The hooks start for every job on every node: shlex, shutil, subprocess, tempfile and
 # uctr_batch.proc (scontrol lookups, `uctr slurm install`) are imported where they are used.
@@ -24,6 +25,7 @@ from uctr_batch.batch import common
 from uctr_batch.batch import job as jobs
 from uctr_batch.batch import readiness
 from uctr_batch.errors import EXIT_OK, ConfigError, UctrError, UsageError
+from uctr_batch.records import Frozen
 
 _log = log.get("slurm")
 
@@ -97,7 +99,7 @@ def open_root_log(path: str) -> int:
 
 
 # -- prolog -------------------------------------------------------------------------------
-def prolog_main(env: Optional[Mapping[str, str]] = None) -> int:
+def prolog_main(env: Mapping[str, str] | None = None) -> int:
     redirect_log(os.environ if env is None else env)
     log.setup(0)
     try:
@@ -110,7 +112,7 @@ def prolog_main(env: Optional[Mapping[str, str]] = None) -> int:
         return EXIT_OK
 
 
-def prolog(env: Optional[Mapping[str, str]] = None) -> int:
+def prolog(env: Mapping[str, str] | None = None) -> int:
     """Exit status 0 unless a common.NodeFault (or a NODE staging outcome: the node-local
     file system is read-only) stands in the way; a policy the node cannot use fails the job: a failing prolog drains the node, and
     nothing a user does, by mistake or malice, may do that."""
@@ -154,7 +156,7 @@ def _slurm_job_gone(job_id: str) -> bool:
     return False
 
 
-def _container_or_none(job_id: str) -> Optional[str]:
+def _container_or_none(job_id: str) -> str | None:
     """Slurm's --container value; None if the controller cannot tell us now. Not knowing is
     no reason to drain a node: the steps then stage the image themselves (uctr-exec)."""
     import subprocess
@@ -168,7 +170,7 @@ def _container_or_none(job_id: str) -> Optional[str]:
 
 
 # -- epilog -------------------------------------------------------------------------------
-def epilog_main(env: Optional[Mapping[str, str]] = None) -> int:
+def epilog_main(env: Mapping[str, str] | None = None) -> int:
     redirect_log(os.environ if env is None else env)
     log.setup(0)
     try:
@@ -178,7 +180,7 @@ def epilog_main(env: Optional[Mapping[str, str]] = None) -> int:
     return EXIT_OK
 
 
-def epilog(env: Optional[Mapping[str, str]] = None) -> None:
+def epilog(env: Mapping[str, str] | None = None) -> None:
     env = os.environ if env is None else env
     ctx = jobs.from_env(env, container_lookup=lambda job_id: None)
     record = readiness.read_readiness(ctx.job_id, ctx.uid, env)
@@ -245,13 +247,9 @@ def _oci_first(plan, args):
     return write
 
 
-@dataclass(frozen=True)
-class InstallPlan:
-    prefix: Path
-    source: Path  # the tree holding spank/, hooks/ (and launchers/): the package's parent
-    python: str
-    policy: Optional[str]
-    log_dir: Optional[str]
+class InstallPlan(Frozen):
+    __slots__ = ("prefix", "source", "python", "policy", "log_dir")
+    # source: the tree holding spank/, hooks/ (and launchers/): the package's parent
 
     @property
     def plugin(self) -> Path:
@@ -290,7 +288,7 @@ class InstallPlan:
     def hook(self, kind: str) -> Path:
         return self.libexec / f"slurm-{kind}"
 
-    def steps(self) -> List[str]:
+    def steps(self) -> list[str]:
         return [f"build {self.source / 'spank'} for {slurm_release()} and install {self.plugin}",
                 f"install {self.hook('prolog')} and {self.hook('epilog')} (python: {self.python})",
                 f"install {self.python_launcher} and {self.uctr_exec} (the C front, "
@@ -349,8 +347,8 @@ def no_container_exit(kind: str) -> str:
     return f"# a job without a container: nothing to do here\nif {test}; then exit 0; fi\n"
 
 
-def install_plan(prefix: Path, policy: Optional[str] = None,
-                 log_dir: Optional[str] = None) -> InstallPlan:
+def install_plan(prefix: Path, policy: str | None = None,
+                 log_dir: str | None = None) -> InstallPlan:
     import uctr_batch
 
     source = Path(uctr_batch.__file__).resolve().parent.parent
@@ -430,7 +428,7 @@ def _launcher_command(plan: InstallPlan) -> str:
     return 'echo "uctr: uctr-exec is not installed" >&2; exit 127'
 
 
-def _front(plan: InstallPlan) -> Optional[bytes]:
+def _front(plan: InstallPlan) -> bytes | None:
     """The C front of uctr-exec for this install, or None (no compiler: Python alone)."""
     from uctr_batch.batch import cfront
 
@@ -442,7 +440,7 @@ def _front(plan: InstallPlan) -> Optional[bytes]:
                               _direct_python(plan))
 
 
-def _direct_python(plan: InstallPlan) -> Optional[Tuple[str, str]]:
+def _direct_python(plan: InstallPlan) -> tuple[str, str] | None:
     """(python, package directory) when the Python launcher's wrapper ends in the checkout's
     launchers/uctr-exec on plan.python (_launcher_command): the front then execs that
     Python itself (cfront.front_config), else None (it execs the wrapper)."""

@@ -18,19 +18,19 @@ Run as the user whose cache and local dir these are: the prolog calls it in a ch
 dropped to the job user (privdrop.run_as); uctr-exec already is that user.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from uctr_batch import errors, fsutil, log, settings
+from uctr_batch.records import Frozen
 
 _log = log.get("stage")
 
@@ -41,13 +41,10 @@ JOB_REF_MAX_AGE = 30 * 86400.0  # an epilog-less job reference older than this i
 USER, NODE = "user", "node"
 
 
-@dataclass(frozen=True)
-class StageResult:
-    rootfs: Path
-    bundle: Path
-    manifest_digest: str
-    reference: str
-    unpacked: bool = False  # this call created the rootfs (False: it was already there)
+class StageResult(Frozen):
+    __slots__ = ("rootfs", "bundle", "manifest_digest", "reference", "unpacked")
+    # unpacked: this call created the rootfs (False: it was already there)
+    _DEFAULTS = {"unpacked": False}
 
     def to_dict(self) -> dict:
         return {"status": "ok", "rootfs": str(self.rootfs), "bundle": str(self.bundle),
@@ -56,7 +53,7 @@ class StageResult:
 
 
 # -- where --------------------------------------------------------------------------------
-def storage_dirs(node_policy) -> Tuple[Path, Path]:
+def storage_dirs(node_policy) -> tuple[Path, Path]:
     """(shared cache dir, node-local dir) of the calling user under NODE_POLICY, by the rule
     every command uses: UCTR_CACHE / UCTR_LOCAL_DIR > the policy's templates > defaults;
     a node-local dir that cannot be trusted is replaced by the fallback root prepared for
@@ -67,7 +64,7 @@ def storage_dirs(node_policy) -> Tuple[Path, Path]:
     return settings.cache_dir(node_policy), Path(location.usable_local_dir(local))
 
 
-def job_environment(job_id: str, env: Mapping[str, str]) -> Dict[str, str]:
+def job_environment(job_id: str, env: Mapping[str, str]) -> dict[str, str]:
     """What a staging child needs from a hook's environment: ${JOB_ID} in policy paths,
     the run dir, verbosity."""
     out = {"SLURM_JOB_ID": str(job_id)}
@@ -78,8 +75,8 @@ def job_environment(job_id: str, env: Mapping[str, str]) -> Dict[str, str]:
 
 
 # -- staging ------------------------------------------------------------------------------
-def stage(image_text: str, *, job_id: Optional[str] = None, node_policy=None,
-          timeout: Optional[float] = None, platform: Optional[str] = None) -> StageResult:
+def stage(image_text: str, *, job_id: str | None = None, node_policy=None,
+          timeout: float | None = None, platform: str | None = None) -> StageResult:
     """Pull IMAGE_TEXT, create its node-local rootfs (once per node), keep the quota, and
     mark it in use by JOB_ID when given. Raises UctrError subclasses.
 
@@ -94,8 +91,8 @@ def stage(image_text: str, *, job_id: Optional[str] = None, node_policy=None,
         return _stage(image_text, job_id, node_policy, platform)
 
 
-def _stage(image_text: str, job_id: Optional[str], node_policy,
-           platform: Optional[str]) -> StageResult:
+def _stage(image_text: str, job_id: str | None, node_policy,
+           platform: str | None) -> StageResult:
     from uctr_batch.image import pull, rootfs, store
     from uctr_batch.policy import registry_settings
 
@@ -124,7 +121,7 @@ def _stage(image_text: str, job_id: Optional[str], node_policy,
 
 
 @contextlib.contextmanager
-def _deadline(seconds: Optional[float], image_text: str):
+def _deadline(seconds: float | None, image_text: str):
     """Raise UctrError in the main thread after SECONDS (SIGALRM); no-op elsewhere."""
     usable = seconds and seconds > 0 and threading.current_thread() is threading.main_thread()
     if not usable:
@@ -164,8 +161,8 @@ def _check_fits(local_dir: Path, digest: str, bundle: Path, quota: int, image_te
 
 
 # -- outcome for hooks (never raises) -----------------------------------------------------
-def stage_outcome(image_text: str, *, job_id: Optional[str] = None, node_policy=None,
-                  timeout: Optional[float] = None) -> dict:
+def stage_outcome(image_text: str, *, job_id: str | None = None, node_policy=None,
+                  timeout: float | None = None) -> dict:
     """stage() as a JSON-able dict: {"status": "ok", ...} or {"status": "error", "fault":
     "user"|"node", "message", "hint"}. Runs in the prolog's unprivileged child."""
     try:
@@ -202,7 +199,7 @@ def error_outcome(exc: BaseException, fault: str) -> dict:
     return {"status": "error", "fault": fault, "message": message, "hint": hint}
 
 
-def _local_dir_outcome(node_policy) -> Optional[dict]:
+def _local_dir_outcome(node_policy) -> dict | None:
     """The error outcome for a node-local directory this user cannot trust and has no
     fallback for, else None. A USER one names the trusted base ("relocate") where root can
     prepare a fallback (common.stage_as_user does, then stages again)."""
@@ -226,7 +223,7 @@ def _local_dir_outcome(node_policy) -> Optional[dict]:
     return outcome
 
 
-def classify(exc: BaseException, local_dir: Optional[Path]) -> str:
+def classify(exc: BaseException, local_dir: Path | None) -> str:
     """USER unless the node-local directory's root-owned part is broken (NODE).
 
     Staging runs as the job's user on the user's input (image, cache, local dir), so what
@@ -247,7 +244,7 @@ def classify(exc: BaseException, local_dir: Optional[Path]) -> str:
 
 
 # -- in-use references --------------------------------------------------------------------
-def _inuse(local_dir: Path, digest: Optional[str] = None) -> Path:
+def _inuse(local_dir: Path, digest: str | None = None) -> Path:
     base = Path(local_dir) / INUSE_DIR
     if digest is None:
         return base
@@ -257,15 +254,15 @@ def _inuse(local_dir: Path, digest: Optional[str] = None) -> Path:
     return base / (hexpart if algo == "sha256" else f"{algo}-{hexpart}")
 
 
-def add_reference(local_dir: Path, digest: str, key: str, *, pid: Optional[int] = None,
-                  job: Optional[str] = None) -> Path:
+def add_reference(local_dir: Path, digest: str, key: str, *, pid: int | None = None,
+                  job: str | None = None) -> Path:
     """Mark DIGEST's bundle in use under KEY (a file name: job-J, pid-P...)."""
     if "/" in key or key.startswith("."):
         raise errors.InternalError(f"bad reference key {key!r}")
     directory = _inuse(local_dir, digest)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = directory / key
-    info = {"pid": pid, "job": job, "host": socket.gethostname(), "created": time.time()}
+    info = {"pid": pid, "job": job, "host": os.uname().nodename, "created": time.time()}
     fsutil.write_atomic(path, json.dumps(info).encode())
     return path
 
@@ -277,7 +274,7 @@ def touch_use(local_dir: Path, digest: str) -> None:
     os.utime(directory)
 
 
-def remove_references(local_dir: Path, digest: Optional[str], match) -> int:
+def remove_references(local_dir: Path, digest: str | None, match) -> int:
     """Remove references whose key satisfies MATCH (of DIGEST, or of every bundle)."""
     removed = 0
     dirs = [_inuse(local_dir, digest)] if digest else _iterdir(_inuse(local_dir))
@@ -294,7 +291,7 @@ def remove_references(local_dir: Path, digest: Optional[str], match) -> int:
     return removed
 
 
-def live_references(local_dir: Path, digest: str) -> List[str]:
+def live_references(local_dir: Path, digest: str) -> list[str]:
     return [ref.name for ref in _iterdir(_inuse(local_dir, digest)) if _is_live(ref)]
 
 
@@ -319,7 +316,7 @@ def release_job(job_id: str, *, node_policy=None) -> dict:
     removed = remove_references(local_dir, None, lambda name: name == key) \
         if _inuse(local_dir).is_dir() else 0
     containers = remove_job_containers(local_dir, job_id)
-    evicted: List[str] = []
+    evicted: list[str] = []
     quota = getattr(getattr(node_policy, "storage", None), "local_quota_bytes", None)
     if quota and Path(local_dir).is_dir():
         evicted = enforce_quota(local_dir, quota)
@@ -340,11 +337,11 @@ def remove_job_containers(local_dir, job_id: str) -> int:
 
 
 # -- quota --------------------------------------------------------------------------------
-def _bundles(local_dir: Path) -> Dict[str, List[Path]]:
+def _bundles(local_dir: Path) -> dict[str, list[Path]]:
     """manifest digest -> complete bundles in the node-local dir (rootfs owns the layout)."""
     from uctr_batch.image import rootfs
 
-    found: Dict[str, List[Path]] = {}
+    found: dict[str, list[Path]] = {}
     for bundle in rootfs.BundleStore(local_dir).complete_bundles():
         digest = rootfs.bundle_info(bundle)["manifest_digest"]
         if digest:
@@ -388,7 +385,7 @@ def local_usage(local_dir: Path) -> int:
         + named_containers_size(local_dir)
 
 
-def enforce_quota(local_dir: Path, quota: int, keep: Iterable[str] = (), need: int = 0) -> List[str]:
+def enforce_quota(local_dir: Path, quota: int, keep: Iterable[str] = (), need: int = 0) -> list[str]:
     """Evict least recently used bundles without live references until bundles and named
     containers use at most QUOTA - NEED bytes. Returns the evicted digests. Bundles in KEEP
     stay."""
@@ -408,6 +405,8 @@ def enforce_quota(local_dir: Path, quota: int, keep: Iterable[str] = (), need: i
         if _remove_bundle(local_dir, bundle):
             used -= size
             evicted.append(digest)
+            import shutil  # here only: a warm prolog evicts nothing
+
             shutil.rmtree(_inuse(local_dir, digest), ignore_errors=True)
             log.verbose("evicted %s (%s) from %s", digest, human(size), local_dir)
     return evicted
@@ -424,7 +423,7 @@ def _remove_bundle(local_dir: Path, bundle: Path) -> bool:
         return False
 
 
-def _iterdir(path: Path) -> List[Path]:
+def _iterdir(path: Path) -> list[Path]:
     try:
         return list(path.iterdir())
     except OSError:

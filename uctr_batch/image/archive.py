@@ -12,7 +12,6 @@ import os
 import stat
 import sys
 import tarfile
-from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
 from uctr_batch import log
@@ -21,6 +20,7 @@ from uctr_batch.image import manifest as mt
 from uctr_batch.image import platforms
 from uctr_batch.image import reference as references
 from uctr_batch.image.store import Store, build_record, canonical, digest_of_bytes, split_digest
+from uctr_batch.records import replace
 
 _log = log.get("archive")
 

@@ -21,16 +21,14 @@
 - On timeout raise errors.StorageError naming ``what``, the lock path and the holder.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import errno
 import json
 import os
-import random
-import socket
 import stat
 import threading
 import time
-import uuid
-from typing import Optional
 
 from uctr_batch import log
 from uctr_batch.errors import StorageError
@@ -43,6 +41,20 @@ _MAX_POLL = 2.0  # cap on the polling interval: many nodes polling one NFS file 
 
 
 _MAX_LOCK_FILE = 65536  # a lock file holds ~300 bytes; anything longer was planted
+
+
+# uuid and random are imported only when a lock is taken or waited for: a complete bundle is
+# reused without either (the Slurm prolog and epilog on a warm node start for every job).
+def _token() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def _jitter() -> float:
+    import random
+
+    return random.uniform(0.8, 1.2)
 
 
 def _read_lock_file(path: str):
@@ -163,7 +175,7 @@ def _number(value, kind):
 def _identity() -> dict:
     pid = os.getpid()
     return {
-        "host": socket.gethostname(),
+        "host": os.uname().nodename,  # socket.gethostname()
         "pid": pid,
         "boot_id": _boot_id(),
         "pidns": _pid_namespace(),
@@ -189,7 +201,7 @@ class FileLock:
     """Exclusive lock on ``path``; see the module docstring."""
 
     def __init__(self, path, timeout: float = 600.0, stale_after: float = 60.0,
-                 what: Optional[str] = None):
+                 what: str | None = None):
         self.path = os.fspath(path)
         self.timeout = float(timeout)
         self.stale_after = float(stale_after)
@@ -197,7 +209,7 @@ class FileLock:
         self.token = ""
         self.lost = False  # set by the heartbeat if someone broke the lock while we held it
         self._stop = threading.Event()
-        self._heartbeat: Optional[threading.Thread] = None
+        self._heartbeat: threading.Thread | None = None
 
     # -- public API -------------------------------------------------------------------
     def __enter__(self) -> "FileLock":
@@ -218,11 +230,11 @@ class FileLock:
                 raise self._timeout_error()
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             cap = min(_MAX_POLL, max(self.stale_after / 8, 0.05))
-            delay = min(delay * 2, cap) * random.uniform(0.8, 1.2)
+            delay = min(delay * 2, cap) * _jitter()
 
-    def try_acquire(self, seen: Optional[_Observation] = None) -> bool:
+    def try_acquire(self, seen: _Observation | None = None) -> bool:
         """One attempt: take the lock, or break it if stale and take it. No waiting."""
-        token = uuid.uuid4().hex
+        token = _token()
         if self._create(token):
             self._won(token)
             return True
@@ -251,7 +263,7 @@ class FileLock:
             _log.warning("lock on %s was broken while held: %s", self.what, self.path)
         self.token = ""
 
-    def holder(self) -> Optional[Holder]:
+    def holder(self) -> Holder | None:
         """Who holds the lock now, or None if it is free."""
         holder, key = self._inspect()
         return holder if key is not None else None
@@ -264,7 +276,7 @@ class FileLock:
 
     def _create(self, token: str) -> bool:
         directory, name = os.path.split(self.path)
-        tmp = os.path.join(directory or ".", f".{name}.{uuid.uuid4().hex}.tmp")
+        tmp = os.path.join(directory or ".", f".{name}.{_token()}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as e:
@@ -390,7 +402,7 @@ class FileLock:
                 return True  # released meanwhile: free now
             if holder.token != stale_token:
                 return False  # another breaker already replaced it with a live lock
-            aside = f"{self.path}.stale.{uuid.uuid4().hex}"
+            aside = f"{self.path}.stale.{_token()}"
             try:
                 os.rename(self.path, aside)
             except FileNotFoundError:
@@ -416,7 +428,7 @@ class FileLock:
 
     def _try_guard(self) -> bool:
         """Take the breaker's guard lock once, without heartbeat (held for milliseconds)."""
-        token = uuid.uuid4().hex
+        token = _token()
         if self._create(token):
             self.token = token
             return True

@@ -3,9 +3,11 @@
 This module is the contract between the image pipeline's parts; it does no I/O.
 """
 
-import platform as _platform
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
+import os
+
+from uctr_batch.records import Frozen
 
 # Manifests
 DOCKER_MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
@@ -36,11 +38,9 @@ LAYER_COMPRESSION = {
 }
 
 
-@dataclass(frozen=True)
-class Platform:
-    os: str
-    architecture: str
-    variant: Optional[str] = None
+class Platform(Frozen):
+    __slots__ = ("os", "architecture", "variant")
+    _DEFAULTS = {"variant": None}
 
     def __str__(self) -> str:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
@@ -61,15 +61,13 @@ _MACHINE_TO_ARCH = {
 
 
 def host_platform() -> Platform:
-    arch, variant = _MACHINE_TO_ARCH.get(_platform.machine(), (_platform.machine(), None))
+    machine = os.uname().machine  # platform.machine(), without importing platform
+    arch, variant = _MACHINE_TO_ARCH.get(machine, (machine, None))
     return Platform("linux", arch, variant)
 
 
-@dataclass(frozen=True)
-class Layer:
-    digest: str  # "sha256:<hex>"
-    media_type: str
-    size: int
+class Layer(Frozen):
+    __slots__ = ("digest", "media_type", "size")  # digest: "sha256:<hex>"
 
     @property
     def compression(self) -> str:
@@ -77,19 +75,22 @@ class Layer:
         return LAYER_COMPRESSION.get(self.media_type, "unknown")
 
 
-@dataclass(frozen=True)
-class ImageRecord:
+class ImageRecord(Frozen):
     """What the cache knows about one resolved (single-platform) image."""
 
-    reference: str  # canonical reference string it was pulled/loaded as
-    manifest_digest: str  # digest of the single-platform manifest: keys node-local rootfs
-    config_digest: str
-    layers: Tuple[Layer, ...]
-    platform: Optional[str] = None
-    index_digest: Optional[str] = None  # set when resolved through an index / manifest list
-    config: Dict = field(default_factory=dict, compare=False, hash=False)  # parsed image config
+    __slots__ = (
+        "reference",  # canonical reference string it was pulled/loaded as
+        "manifest_digest",  # digest of the single-platform manifest: keys node-local rootfs
+        "config_digest",
+        "layers",  # tuple of Layer
+        "platform",
+        "index_digest",  # set when resolved through an index / manifest list
+        "config",  # the parsed image config: not compared, not hashed
+    )
+    _DEFAULTS = {"platform": None, "index_digest": None, "config": dict}
+    _NOT_COMPARED = ("config",)
 
-    def layer_digests(self) -> List[str]:
+    def layer_digests(self) -> list[str]:
         return [layer.digest for layer in self.layers]
 
 

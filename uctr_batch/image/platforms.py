@@ -6,7 +6,9 @@ own variant or older ones (v7 runs v6 and v5), and amd64/vN accepts vN down to v
 (lowest-rank) candidate wins; ties go to the first entry, as in Docker.
 """
 
-from typing import List, Optional, Sequence
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
+from collections.abc import Sequence
 
 from uctr_batch.errors import RegistryError, UsageError
 from uctr_batch.image.manifest import Platform, host_platform
@@ -37,7 +39,7 @@ def normalize(p: Platform) -> Platform:
     return Platform(p.os.lower(), arch, variant)
 
 
-def from_json(obj: Optional[dict]) -> Optional[Platform]:
+def from_json(obj: dict | None) -> Platform | None:
     """Platform of an index entry's "platform" object or of an image config."""
     if not isinstance(obj, dict):
         return None
@@ -49,7 +51,7 @@ def from_json(obj: Optional[dict]) -> Optional[Platform]:
     return normalize(Platform(os_, arch, variant))
 
 
-def rank(wanted: Platform, have: Optional[Platform]) -> Optional[int]:
+def rank(wanted: Platform, have: Platform | None) -> int | None:
     """How well `have` serves `wanted`: 0 is exact, higher is a fallback, None is unusable."""
     if have is None:
         return None
@@ -74,7 +76,7 @@ def _usable_variants(wanted: Platform) -> list:
     return []
 
 
-def wanted_or_host(text: Optional[str]) -> Platform:
+def wanted_or_host(text: str | None) -> Platform:
     return parse(text) if text else normalize(host_platform())
 
 
@@ -94,7 +96,7 @@ def select(entries: Sequence[dict], wanted: Platform, image: str) -> dict:
     return best
 
 
-def available(entries: Sequence[dict]) -> List[str]:
+def available(entries: Sequence[dict]) -> list[str]:
     names = []
     for entry in entries:
         p = from_json(entry.get("platform") if isinstance(entry, dict) else None)

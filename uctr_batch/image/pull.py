@@ -8,12 +8,12 @@ layers in parallel through Store.ingest_blob (one downloader per blob across pro
 nodes; a partial left by a killed pull is resumed), then record the reference.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import fnmatch
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import List, Optional, Tuple, Union
 
 from uctr_batch import fsutil, log, settings
 from uctr_batch.errors import (ConfigError, DigestMismatch, ImageNotFound, NoSpace, RegistryError,
@@ -30,7 +30,7 @@ _COMPLETE_ATTEMPTS = 3  # re-ingest rounds if a concurrent gc removed a blob mid
 
 
 def ensure_image(ref, registry_config: settings.RegistryConfig, store: Store,
-                 platform: Union[None, str, Platform] = None, pull: bool = True) -> ImageRecord:
+                 platform: None | str | Platform = None, pull: bool = True) -> ImageRecord:
     """The cached record of `ref` for `platform` (default: this host), pulling it if it is
     missing or incomplete. With pull=False a missing image raises ImageNotFound.
     oci:, oci-archive: and docker-archive: references are imported from their files."""
@@ -104,7 +104,7 @@ def pull_image(ref, config: settings.RegistryConfig, store: Store, wanted: Platf
                             "is `uctr gc` or `uctr verify --remove` running in a loop? Try again")
 
 
-def rec_digests(rec: ImageRecord) -> List[str]:
+def rec_digests(rec: ImageRecord) -> list[str]:
     heads = (rec.index_digest, rec.manifest_digest, rec.config_digest)
     return [d for d in heads if d] + rec.layer_digests()
 
@@ -114,7 +114,7 @@ class _Puller:
 
     def __init__(self, client, ref, store: Store, config: settings.RegistryConfig):
         self.client, self.ref, self.store, self.config = client, ref, store, config
-        self.progress: Optional[Progress] = None
+        self.progress: Progress | None = None
 
     # -- manifests --------------------------------------------------------------------
     def resolve(self, wanted: Platform, explicit: bool) -> ImageRecord:
@@ -151,7 +151,7 @@ class _Puller:
         return build_record(str(self.ref), digest, manifest, config,
                             str(platform) if platform else None, index_digest)
 
-    def _manifest(self, repository: str, reference: str) -> Tuple[bytes, str, str]:
+    def _manifest(self, repository: str, reference: str) -> tuple[bytes, str, str]:
         """A manifest or index: by digest from the shared cache when it holds it (the
         submit-time pin put it there, so the nodes of a pinned job ask the registry for no
         manifest at all), else from the registry."""
@@ -164,7 +164,7 @@ class _Puller:
                     return data, media_type, reference
         return self.client.get_manifest(repository, reference)
 
-    def _cached_document(self, digest: str) -> Optional[bytes]:
+    def _cached_document(self, digest: str) -> bytes | None:
         try:
             data = self.store.read_blob(digest, mt.MAX_DOCUMENT)
         except StorageError:
@@ -182,7 +182,7 @@ class _Puller:
         return _document(data, f"image config {digest} of {self.ref}", mt.check_image_config,
                          mt.MAX_CONFIG)
 
-    def _cached_small_blob(self, digest: str) -> Optional[bytes]:
+    def _cached_small_blob(self, digest: str) -> bytes | None:
         """A cached config, checked against its digest (it is small): a copy damaged in the
         cache is removed (None), so a pull repairs it instead of blaming the registry."""
         try:
@@ -224,6 +224,8 @@ class _Puller:
             self.progress = None
 
     def _parallel(self, todo) -> None:
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
         workers = max(1, min(self.config.parallel, len(todo)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uctr-pull") as pool:
             futures = [pool.submit(self._ingest, layer, layer.size) for layer in todo]
@@ -241,7 +243,7 @@ class _Puller:
                                       f"pull {self.ref}") from full.__cause__
             raise errors[0]
 
-    def _ingest(self, layer: Layer, size: Optional[int]) -> None:
+    def _ingest(self, layer: Layer, size: int | None) -> None:
         progress = self.progress.add if self.progress else None
 
         def fetch(partial) -> None:
@@ -253,7 +255,7 @@ class _Puller:
         log.verbose("%s: %s", layer.digest, outcome)
 
 
-def _media_type_of(data: bytes) -> Optional[str]:
+def _media_type_of(data: bytes) -> str | None:
     """The media type a cached manifest declares, or that its shape implies (an OCI
     manifest may leave mediaType out); None when it is neither an index nor a manifest."""
     import json
@@ -275,7 +277,7 @@ def _media_type_of(data: bytes) -> Optional[str]:
 
 
 def pin(ref, config: settings.RegistryConfig, store: Store,
-        platform: Union[None, str, Platform] = None) -> str:
+        platform: None | str | Platform = None) -> str:
     """IMAGE:tag -> registry/repository@sha256:... (the index digest of a multi-platform
     image, so that every node still picks its own platform), asking the registry once.
     The manifest(s) and config go into the shared cache, so the nodes need no manifest
@@ -362,7 +364,7 @@ def _isatty(stream) -> bool:
 
 # -- command ----------------------------------------------------------------------------
 
-def command_context(args) -> Tuple[Store, settings.RegistryConfig]:
+def command_context(args) -> tuple[Store, settings.RegistryConfig]:
     """The cache and registry settings of an image command: flags > environment > policy.
     The policy through the per-node cache `uctr run` and uctr-exec use: `uctr resolve` runs
     at every sbatch/srun with an image, and YAML + schema cost ~55 ms of it."""

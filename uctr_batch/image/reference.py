@@ -24,12 +24,13 @@ and ``podman://`` (import from a local daemon) are refused with the command to u
 This module does no I/O and imports nothing heavy: it sits on the per-rank path.
 """
 
-import hashlib
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import re
-from dataclasses import dataclass
-from typing import Optional, Tuple
 
 from uctr_batch.errors import ReferenceError_
+from uctr_batch.hashing import sha256
+from uctr_batch.records import Frozen
 
 DEFAULT_REGISTRY = "docker.io"
 DEFAULT_TAG = "latest"
@@ -72,8 +73,7 @@ _COMPONENT_HINT = ("repository path components are lowercase letters and digits,
                    "'.', '_', '__' or '-', and joined by '/'")
 
 
-@dataclass(frozen=True)
-class ImageRef:
+class ImageRef(Frozen):
     """A parsed image reference.
 
     transport: 'docker' (a registry), 'oci', 'oci-archive' or 'docker-archive'.
@@ -83,13 +83,9 @@ class ImageRef:
     user: enroot's USER@ (registry images only): use this account's stored credentials.
     """
 
-    transport: str = DOCKER
-    registry: Optional[str] = None
-    repository: Optional[str] = None
-    tag: Optional[str] = None
-    digest: Optional[str] = None
-    path: Optional[str] = None
-    user: Optional[str] = None
+    __slots__ = ("transport", "registry", "repository", "tag", "digest", "path", "user")
+    _DEFAULTS = {"transport": DOCKER, "registry": None, "repository": None, "tag": None,
+                 "digest": None, "path": None, "user": None}
 
     def __str__(self) -> str:
         if self.transport == DOCKER:
@@ -138,7 +134,7 @@ class ImageRef:
         e.g. 'docker.io%library%debian+12'; over 200 characters, the tail becomes a hash.
         Path transports are named by a hash of the reference: a path may hold any character.
         """
-        key = hashlib.sha256(str(self).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        key = sha256(str(self).encode("utf-8", "surrogateescape")).hexdigest()[:16]
         if self.transport != DOCKER:
             return f"{self.transport}+{key}"
         name = (f"{self.user}@" if self.user else "") + self.name_with_version.replace("/", "%").replace(":", "+")
@@ -169,7 +165,7 @@ def parse(text: str) -> ImageRef:
     return _parse_path(transport, rest, text)
 
 
-def _split_transport(text: str) -> Tuple[str, str]:
+def _split_transport(text: str) -> tuple[str, str]:
     if text.startswith(("/", ".")):  # pyxis: a path, never a registry image
         return SQUASHFS, text
     for prefix, instead in _DAEMON_PREFIXES.items():
@@ -246,7 +242,7 @@ def _parse_enroot(rest: str, text: str) -> ImageRef:
                     tag=ref.tag, digest=ref.digest, user=user)
 
 
-def _split_user(rest: str, text: str) -> Tuple[Optional[str], str]:
+def _split_user(rest: str, text: str) -> tuple[str | None, str]:
     """A leading USER@ (enroot) unless the '@' starts a digest (NAME@sha256:...)."""
     head, sep, tail = rest.partition("@")
     if not sep or not tail or _LOOKS_LIKE_DIGEST.match(tail) or "/" in head or ":" in head or "#" in head:
@@ -258,7 +254,7 @@ def _split_user(rest: str, text: str) -> Tuple[Optional[str], str]:
     return head, tail
 
 
-def _parse_docker(rest: str, text: str, registry: Optional[str] = None) -> ImageRef:
+def _parse_docker(rest: str, text: str, registry: str | None = None) -> ImageRef:
     """Docker's syntax; REGISTRY given (enroot's REGISTRY#) means REST has none."""
     if not rest:
         raise ReferenceError_(f'empty image reference in "{text}"', _EXAMPLE_HINT)
@@ -284,7 +280,7 @@ def _parse_docker(rest: str, text: str, registry: Optional[str] = None) -> Image
     return ImageRef(transport=DOCKER, registry=registry, repository=path, tag=tag, digest=digest)
 
 
-def _split_digest(rest: str, text: str) -> Tuple[str, Optional[str]]:
+def _split_digest(rest: str, text: str) -> tuple[str, str | None]:
     name, sep, digest = rest.partition("@")
     if not sep:
         return rest, None
@@ -297,7 +293,7 @@ def _split_digest(rest: str, text: str) -> Tuple[str, Optional[str]]:
     return name, digest
 
 
-def _split_tag(name: str, text: str) -> Tuple[str, Optional[str]]:
+def _split_tag(name: str, text: str) -> tuple[str, str | None]:
     # A ':' after the last '/' starts the tag; before it, it belongs to registry:port.
     colon = name.rfind(":")
     if colon < 0 or "/" in name[colon:]:
@@ -318,7 +314,7 @@ def _docker_sees_registry(first: str) -> bool:
     return "." in first or ":" in first or first == "localhost"
 
 
-def _split_registry(name: str, text: str) -> Tuple[str, str]:
+def _split_registry(name: str, text: str) -> tuple[str, str]:
     first, sep, remainder = name.partition("/")
     if not sep or not _docker_sees_registry(first):
         return DEFAULT_REGISTRY, name

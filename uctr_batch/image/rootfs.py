@@ -17,16 +17,16 @@ next create on the same host (the host is in the name because --dest may be on a
 filesystem, where only this host can tell whether the pid is gone).
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import errno
 import json
 import os
 import re
-import socket
 import stat
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
 
 from uctr_batch import __version__, fsutil, log, settings
 from uctr_batch.errors import (ImageNotFound, LayerRejected, NoSpace, StorageError, UctrError,
@@ -51,7 +51,7 @@ _BASE_HINT = ("another user may have created it in the shared directory; set UCT
 class BundleStore:
     """The node-local base directory and the bundles in it."""
 
-    def __init__(self, base: Optional[Path] = None):
+    def __init__(self, base: Path | None = None):
         self.base = Path(base) if base is not None else settings.default_local_dir()
         self.bundles = self.base / "bundles"
         self.locks = self.base / "locks"
@@ -76,7 +76,7 @@ class BundleStore:
         return FileLock(self.locks / f"{key}.lock", timeout=LOCK_TIMEOUT, stale_after=STALE_AFTER,
                         what=f"bundle {key[:12]}")
 
-    def complete_bundles(self) -> List[Path]:
+    def complete_bundles(self) -> list[Path]:
         try:
             names = sorted(os.listdir(self.bundles))
         except (FileNotFoundError, NotADirectoryError):  # e.g. UCTR_LOCAL_DIR=/dev/null/x
@@ -96,7 +96,7 @@ def _hex_of(digest: str) -> str:
     return hexpart
 
 
-def _marker_digest(bundle: Path) -> Optional[str]:
+def _marker_digest(bundle: Path) -> str | None:
     """The digest in the bundle's completion marker, or None if it is not a complete bundle."""
     try:
         fd = os.open(bundle / MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -109,8 +109,8 @@ def _marker_digest(bundle: Path) -> Optional[str]:
 # -- create -----------------------------------------------------------------------------------
 
 
-def create(record: ImageRecord, store, dest: Optional[Path] = None,
-           limit: Optional[int] = None, report: Optional[dict] = None) -> Path:
+def create(record: ImageRecord, store, dest: Path | None = None,
+           limit: int | None = None, report: dict | None = None) -> Path:
     """Unpack RECORD's layers (blobs from STORE) into a bundle; return its rootfs path.
 
     A complete bundle is reused. Otherwise one process per bundle unpacks (lock), into a
@@ -196,7 +196,7 @@ def _clear_target(bundle: Path, is_dest: bool) -> None:
     _discard(bundle)
 
 
-def _diff_ids(record: ImageRecord) -> List[str]:
+def _diff_ids(record: ImageRecord) -> list[str]:
     """The config's rootfs.diff_ids: one per layer, each uncompressed stream's digest (the
     OCI image spec requires them; containerd and docker refuse an image without)."""
     rootfs = (record.config or {}).get("rootfs") if isinstance(record.config, dict) else None
@@ -209,8 +209,8 @@ def _diff_ids(record: ImageRecord) -> List[str]:
     return diff_ids
 
 
-def _unpack(record: ImageRecord, store, bundle: Path, limit: Optional[int] = None,
-            base: Optional[Path] = None) -> None:
+def _unpack(record: ImageRecord, store, bundle: Path, limit: int | None = None,
+            base: Path | None = None) -> None:
     from uctr_batch.image import flatten  # only when an unpack really happens
 
     diff_ids = _diff_ids(record)
@@ -285,12 +285,12 @@ def _discard(path: Path) -> None:
         _log.warning("could not remove %s: %s", path, e)
 
 
-def work_name(kind: str, name: str, pid: Optional[int] = None) -> str:
+def work_name(kind: str, name: str, pid: int | None = None) -> str:
     """Name of a temp ("tmp") or removal ("rm") sibling of bundle NAME."""
-    return f".{kind}-{name}@{socket.gethostname()}.{os.getpid() if pid is None else pid}"
+    return f".{kind}-{name}@{os.uname().nodename}.{os.getpid() if pid is None else pid}"
 
 
-def _remove_stale_work(parent: Path, name: Optional[str]) -> None:
+def _remove_stale_work(parent: Path, name: str | None) -> None:
     """Remove temp and removal siblings of killed processes (for bundle NAME, or all)."""
     try:
         entries = os.listdir(parent)
@@ -301,19 +301,19 @@ def _remove_stale_work(parent: Path, name: Optional[str]) -> None:
         if not match or (name is not None and match.group(2) != name):
             continue
         host, pid = match.group(3), int(match.group(4))
-        if host == socket.gethostname() and pid != os.getpid() and not pid_alive(pid, ""):
+        if host == os.uname().nodename and pid != os.getpid() and not pid_alive(pid, ""):
             _log.debug("removing %s left by killed process %d", entry, pid)
             _discard(parent / entry)
 
 
-def read_image_json(bundle: Path) -> Dict:
+def read_image_json(bundle: Path) -> dict:
     """The bundle's image.json (reference, digests, runtime config) for the run modes."""
     with open(Path(bundle) / IMAGE_JSON, encoding="utf-8") as f:
         return json.load(f)
 
 
 # -- ps / rm ----------------------------------------------------------------------------------
-def bundle_info(bundle: Path) -> Dict:
+def bundle_info(bundle: Path) -> dict:
     try:
         meta = read_image_json(bundle)
     except (OSError, ValueError):
@@ -335,7 +335,7 @@ def bundle_info(bundle: Path) -> Dict:
     }
 
 
-def _when(timestamp: Optional[float]) -> str:
+def _when(timestamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp)) if timestamp else "?"
 
 
@@ -379,7 +379,7 @@ def find_bundle(spec: str, local: BundleStore) -> Path:
     raise UsageError(f"ambiguous bundle {spec}: matches {ids}", "give more digits of the id")
 
 
-def _canonical(spec: str) -> Optional[str]:
+def _canonical(spec: str) -> str | None:
     try:
         from uctr_batch.image.store import canonical
         return canonical(spec)

@@ -13,17 +13,16 @@ only ever renamed into blobs/ after its digest was verified, each blob has at mo
 downloader at a time (its lock), and everything else is written to a temp name and renamed.
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import errno
-import hashlib
 import json
 import os
 import stat
 import sys
 import time
-import uuid
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from uctr_batch import fsutil, log, settings
 from uctr_batch.errors import DigestMismatch, ImageNotFound, StorageError, UctrError
@@ -31,6 +30,7 @@ from uctr_batch.image import platforms
 from uctr_batch.image import reference as references
 from uctr_batch.image.lock import FileLock
 from uctr_batch.image.manifest import ImageRecord, Layer, Platform
+from uctr_batch.records import Record, replace
 
 _log = log.get("store")
 
@@ -46,7 +46,15 @@ _HASHES = {"sha256": 64, "sha512": 128}
 CACHED, DOWNLOADED, WAITED = "cached", "downloaded", "waited for another downloader"
 
 
-def split_digest(digest: str) -> Tuple[str, str]:
+def _unique() -> str:
+    """A random name part for temp files (uuid is imported only here: a warm lookup, as in
+    the Slurm prolog on a node that has the image, makes no temp file)."""
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def split_digest(digest: str) -> tuple[str, str]:
     """'sha256:<hex>' -> ('sha256', '<hex>'); StorageError for anything else (a digest
     becomes a file name, so it must never carry '/' or '..')."""
     algo, _, hexpart = (digest or "").partition(":")
@@ -56,13 +64,19 @@ def split_digest(digest: str) -> Tuple[str, str]:
     return algo, hexpart
 
 
+def _hasher(algo: str, data: bytes = b""):
+    import hashlib  # here only: a warm lookup (the hooks on a warm node) hashes no blob
+
+    return hashlib.new(algo, data)
+
+
 def digest_of_bytes(data: bytes, algo: str = "sha256") -> str:
-    return f"{algo}:{hashlib.new(algo, data).hexdigest()}"
+    return f"{algo}:{_hasher(algo, data).hexdigest()}"
 
 
-def copy_hashing(src, dst, algo: str = "sha256") -> Tuple[str, int]:
+def copy_hashing(src, dst, algo: str = "sha256") -> tuple[str, int]:
     """Copy file object src to file object dst; return (digest, size)."""
-    h, size = hashlib.new(algo), 0
+    h, size = _hasher(algo), 0
     while True:
         chunk = src.read(_CHUNK)
         if not chunk:
@@ -77,7 +91,7 @@ class NotRegular(OSError):
     device, a directory): never read it, it may block or never end."""
 
 
-def open_regular(path, limit: Optional[int] = None):
+def open_regular(path, limit: int | None = None):
     """Open PATH for reading only if it is a regular file (not through a symlink; a FIFO is
     not waited on); NotRegular otherwise, or when it is larger than LIMIT bytes."""
     try:
@@ -100,7 +114,7 @@ def open_regular(path, limit: Optional[int] = None):
 
 
 def hash_file(path, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
+    h = _hasher(algo)
     with open_regular(path) as f:
         while True:
             chunk = f.read(_CHUNK)
@@ -126,7 +140,7 @@ def _write_atomic(path: Path, data: bytes, what: str = "") -> None:
         raise
 
 
-def _raise_no_space(exc: OSError, directory, needed: Optional[int], what: str) -> None:
+def _raise_no_space(exc: OSError, directory, needed: int | None, what: str) -> None:
     """Raise the NoSpace error for EXC if the disk, quota or inodes ran out; else return."""
     full = fsutil.no_space(exc, directory, needed, what)
     if full is not None:
@@ -134,7 +148,7 @@ def _raise_no_space(exc: OSError, directory, needed: Optional[int], what: str) -
 
 
 def build_record(reference: str, manifest_digest: str, manifest: dict, config: dict,
-                 platform: Optional[str] = None, index_digest: Optional[str] = None) -> ImageRecord:
+                 platform: str | None = None, index_digest: str | None = None) -> ImageRecord:
     """An ImageRecord from a parsed single-platform manifest and its parsed config (both are
     checked again here: a cache entry may predate the checks on the way in)."""
     from uctr_batch.image import manifest as mt
@@ -165,23 +179,20 @@ def canonical(ref) -> str:
     return str(ref)
 
 
-@dataclass
-class GcReport:
-    blobs: List[Tuple[str, int]] = field(default_factory=list)  # (digest, size) removed
-    partials: List[str] = field(default_factory=list)
-    kept_young: int = 0  # unreferenced but inside the grace period
+class GcReport(Record):
+    __slots__ = ("blobs", "partials", "kept_young")
+    # blobs: (digest, size) removed; kept_young: unreferenced but inside the grace period
+    _DEFAULTS = {"blobs": list, "partials": list, "kept_young": 0}
 
     @property
     def freed(self) -> int:
         return sum(size for _, size in self.blobs)
 
 
-@dataclass
-class VerifyReport:
-    checked: int = 0
-    bad: List[Tuple[str, str]] = field(default_factory=list)  # (digest, actual)
-    removed: List[str] = field(default_factory=list)
-    missing: List[Tuple[str, str]] = field(default_factory=list)  # (digest, reference)
+class VerifyReport(Record):
+    __slots__ = ("checked", "bad", "removed", "missing")
+    # bad: (digest, actual); missing: (digest, reference)
+    _DEFAULTS = {"checked": 0, "bad": list, "removed": list, "missing": list}
 
 
 class Store:
@@ -210,7 +221,7 @@ class Store:
     def _ref_dir(self) -> Path:
         return self.root / "refs"
 
-    def _ref_file(self, reference: str, platform: Optional[str]) -> Path:
+    def _ref_file(self, reference: str, platform: str | None) -> Path:
         plat = (platform or "any").replace("/", "_")
         return self._ref_dir() / f"{references.parse(reference).for_path()}#{plat}.json"
 
@@ -296,7 +307,7 @@ class Store:
                         stale_after=self.stale_after, what=f"blob {digest}")
 
     def ingest_blob(self, digest: str, fetch_fn: Callable[[Path], None],
-                    size: Optional[int] = None) -> str:
+                    size: int | None = None) -> str:
         """Make blob `digest` present. Returns CACHED, DOWNLOADED or WAITED.
 
         fetch_fn(partial_path) must leave the complete blob at partial_path and verify its
@@ -332,7 +343,7 @@ class Store:
         finally:
             lock.release()
 
-    def _commit(self, partial: Path, digest: str, size: Optional[int]) -> None:
+    def _commit(self, partial: Path, digest: str, size: int | None) -> None:
         """fsync a verified partial and rename it into blobs/ (atomic)."""
         actual = partial.stat().st_size
         if size is not None and actual != size:
@@ -376,7 +387,7 @@ class Store:
         if self.has_blob(digest):
             self.touch_blob(digest)
             return
-        tmp = self.root / "tmp" / f"{digest.split(':')[1]}.{uuid.uuid4().hex}.tmp"
+        tmp = self.root / "tmp" / f"{digest.split(':')[1]}.{_unique()}.tmp"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -392,8 +403,8 @@ class Store:
                 _raise_no_space(e, self.root, len(data), f"store {digest}")
             raise
 
-    def ingest_stream(self, src, digest: Optional[str] = None,
-                      size: Optional[int] = None) -> Tuple[str, str]:
+    def ingest_stream(self, src, digest: str | None = None,
+                      size: int | None = None) -> tuple[str, str]:
         """Copy file object `src` into the store. With `digest`, a present blob is not read
         again and a mismatch raises DigestMismatch; without, the digest is computed.
         Returns (digest, outcome)."""
@@ -412,7 +423,7 @@ class Store:
                     raise DigestMismatch(f"content of {digest} hashes to {actual}",
                                          "the source is corrupt; nothing was kept")
             return digest, self.ingest_blob(digest, fetch, size)
-        tmp = self.root / "tmp" / f"stream-{uuid.uuid4().hex}.tmp"
+        tmp = self.root / "tmp" / f"stream-{_unique()}.tmp"
         try:
             with open(tmp, "wb") as dst:
                 actual, _ = copy_hashing(src, dst)
@@ -466,7 +477,7 @@ class Store:
             raise StorageError(f"cannot remove the damaged cache entry {path}",
                                "remove it by hand or ask the cache's owner to, then retry")
 
-    def blobs(self) -> Iterator[Tuple[str, Path]]:
+    def blobs(self) -> Iterator[tuple[str, Path]]:
         for algo in _HASHES:
             directory = self.root / "blobs" / algo
             if directory.is_dir():
@@ -474,7 +485,7 @@ class Store:
                     if len(entry.name) == _HASHES[algo]:
                         yield f"{algo}:{entry.name}", Path(entry.path)
 
-    def missing_blobs(self, record: ImageRecord) -> List[str]:
+    def missing_blobs(self, record: ImageRecord) -> list[str]:
         wanted = [record.manifest_digest, record.config_digest] + record.layer_digests()
         return [d for d in wanted if not self.has_blob(d)]
 
@@ -507,7 +518,7 @@ class Store:
         config_size = config.stat().st_size if config.exists() else 0
         return sum(layer.size for layer in rec.layers) + config_size
 
-    def entries(self, reference: Optional[str] = None) -> List[dict]:
+    def entries(self, reference: str | None = None) -> list[dict]:
         """Ref index entries, all or those of one canonical reference."""
         prefix = f"{references.parse(reference).for_path()}#" if reference else ""
         found = []
@@ -528,7 +539,7 @@ class Store:
                 found.append(entry)
         return found
 
-    def lookup(self, ref, platform: Optional[Platform] = None) -> Optional[ImageRecord]:
+    def lookup(self, ref, platform: Platform | None = None) -> ImageRecord | None:
         """The cached record best serving `platform` (default: this host), or None."""
         wanted = platform or platforms.wanted_or_host(None)
         best, best_rank = None, None
@@ -539,7 +550,7 @@ class Store:
                 best, best_rank = entry, r
         return self.load_record(best) if best else None
 
-    def find(self, ref) -> List[ImageRecord]:
+    def find(self, ref) -> list[ImageRecord]:
         """All cached platforms of a reference."""
         return [self.load_record(e) for e in self.entries(canonical(ref))]
 
@@ -568,10 +579,10 @@ class Store:
     # -- pulls in progress ------------------------------------------------------------
     def pending(self, digests: Sequence[str]) -> "_Pending":
         """Context manager: protect `digests` from gc while a pull is using them."""
-        return _Pending(self.root / "tmp" / f"pull-{uuid.uuid4().hex}.json", digests)
+        return _Pending(self.root / "tmp" / f"pull-{_unique()}.json", digests)
 
-    def _pending_digests(self, now: float) -> Set[str]:
-        keep: Set[str] = set()
+    def _pending_digests(self, now: float) -> set[str]:
+        keep: set[str] = set()
         for path in (self.root / "tmp").glob("pull-*.json"):
             try:
                 if now - path.stat().st_mtime > PENDING_TTL:
@@ -583,8 +594,8 @@ class Store:
         return keep
 
     # -- maintenance ------------------------------------------------------------------
-    def referenced(self) -> Set[str]:
-        keep: Set[str] = set()
+    def referenced(self) -> set[str]:
+        keep: set[str] = set()
         for entry in self.entries():
             for key in ("manifest_digest", "index_digest", "config_digest"):
                 if entry.get(key):
@@ -618,7 +629,7 @@ class Store:
                 self._sweep_locks(now)
         return report
 
-    def _sweep_tmp(self, now: float, dry_run: bool) -> List[str]:
+    def _sweep_tmp(self, now: float, dry_run: bool) -> list[str]:
         removed = []
         for entry in os.scandir(self.root / "tmp"):
             name = entry.name
@@ -664,7 +675,7 @@ class Store:
                     _log.warning("%s", e)
 
     def verify(self, remove: bool = False,
-               progress: Optional[Callable[[str, bool], None]] = None) -> VerifyReport:
+               progress: Callable[[str, bool], None] | None = None) -> VerifyReport:
         """Re-hash every blob; report (and optionally delete) those whose content does not
         match their name, and list blobs that references need but the cache lacks."""
         report = VerifyReport()
@@ -704,10 +715,10 @@ class Store:
             _log.warning("cannot remove %s: %s", path, getattr(e, "strerror", None) or e)
             return False
 
-    def _entry_digests(self, entry: dict) -> List[str]:
+    def _entry_digests(self, entry: dict) -> list[str]:
         return [entry["manifest_digest"], entry["config_digest"]] + self._layer_digests(entry)
 
-    def _layer_digests(self, entry: dict) -> List[str]:
+    def _layer_digests(self, entry: dict) -> list[str]:
         """The layer digests named by an entry's cached manifest; [] when it is unreadable
         (missing, damaged, not a regular file: read bounded, never blocking)."""
         try:
@@ -786,7 +797,7 @@ def human_size(n: float) -> str:
     return f"{n} B"
 
 
-def _image_row(entry: dict) -> Dict[str, str]:
+def _image_row(entry: dict) -> dict[str, str]:
     ref = references.parse(entry["reference"])
     if ref.is_registry or ref.repository:
         repo, tag = ref.name, ref.tag or "<none>"
@@ -797,7 +808,7 @@ def _image_row(entry: dict) -> Dict[str, str]:
             "PULLED": time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.get("pulled", 0)))}
 
 
-def print_table(rows: List[Dict[str, str]], columns: Sequence[str]) -> None:
+def print_table(rows: list[dict[str, str]], columns: Sequence[str]) -> None:
     widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in columns}
     for row in [dict(zip(columns, columns))] + rows:
         sys.stdout.write("   ".join(row[c].ljust(widths[c]) for c in columns).rstrip() + "\n")
@@ -815,7 +826,7 @@ def cmd_images(args) -> int:
     return 0
 
 
-def _record_for(store: Store, image: str, platform: Optional[str]) -> ImageRecord:
+def _record_for(store: Store, image: str, platform: str | None) -> ImageRecord:
     wanted = platforms.parse(platform) if platform else None
     rec = store.lookup(image, wanted)
     if rec is None and wanted is None:

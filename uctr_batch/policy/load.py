@@ -6,20 +6,22 @@ yaml, jsonschema and hostlist are imported inside the functions: nothing on the 
 path imports this module's dependencies (uctr-exec reads a cached NodePolicy instead).
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import errno
 import functools
 import json
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from uctr_batch import fsutil, log
 from uctr_batch.errors import ConfigError
 from uctr_batch.policy import paths
 from uctr_batch.policy.model import PATH_VARIABLES, template_variables
+from uctr_batch.records import Frozen, Record
 
 _log = log.get("policy")
 
@@ -33,17 +35,14 @@ MAX_NODES = 50_000  # YAML nodes per file, every alias (and `<<:` merge) expande
 TRUST_HINT = ("the policy must be owned by root and not writable by group or others, "
               "nor may any directory above it: chown root: FILE && chmod go-w FILE")
 
-KeyPath = Tuple[Any, ...]  # e.g. ("classes", 1, "modes", 0)
+KeyPath = tuple[object, ...]  # e.g. ("classes", 1, "modes", 0)
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(Frozen):
     """One thing wrong with a policy file, located by line and key path."""
-    file: str
-    line: int
-    path: str  # e.g. "classes[1].modes[0]"; "" for the whole document
-    message: str
-    hint: Optional[str] = None
+    __slots__ = ("file", "line", "path", "message", "hint")
+    # path: e.g. "classes[1].modes[0]"; "" for the whole document
+    _DEFAULTS = {"hint": None}
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
@@ -63,25 +62,18 @@ class PolicyInvalid(ConfigError):
         self.problems = list(problems)
 
 
-@dataclass
-class Policy:
+class Policy(Record):
     """The merged site policy (or the built-in one) and where it came from."""
-    path: Path
-    defaults: Dict[str, Any] = field(default_factory=dict)
-    classes: List[Dict[str, Any]] = field(default_factory=list)  # in match order
-    mpi_profiles: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    sources: Tuple[str, ...] = ()
-    fingerprint: str = ""
-    builtin: bool = False
-    notes: Tuple[str, ...] = ()  # why built-in defaults apply, files ignored, ...
+    __slots__ = ("path", "defaults", "classes", "mpi_profiles", "sources", "fingerprint",
+                 "builtin", "notes")
+    # classes: in match order; notes: why built-in defaults apply, files ignored, ...
+    _DEFAULTS = {"defaults": dict, "classes": list, "mpi_profiles": dict, "sources": (),
+                 "fingerprint": "", "builtin": False, "notes": ()}
 
 
-@dataclass
-class PolicyFile:
+class PolicyFile(Record):
     """One parsed file: its data and the line of every key path in it."""
-    path: str
-    data: Any
-    lines: Dict[KeyPath, int]
+    __slots__ = ("path", "data", "lines")  # lines: key path -> line
 
     def line(self, key_path: Sequence) -> int:
         """Line of key_path, or of its nearest ancestor that has one."""
@@ -90,7 +82,7 @@ class PolicyFile:
             key_path = key_path[:-1]
         return self.lines.get(key_path, 1)
 
-    def problem(self, key_path: Sequence, message: str, hint: Optional[str] = None) -> Problem:
+    def problem(self, key_path: Sequence, message: str, hint: str | None = None) -> Problem:
         return Problem(self.path, self.line(key_path), format_path(key_path), message, hint)
 
 
@@ -150,7 +142,7 @@ def parse_text(path: str, text: str) -> PolicyFile:
         if loader is not None:
             loader.dispose()
     pf = PolicyFile(path, data, {})
-    duplicates: List[Problem] = []
+    duplicates: list[Problem] = []
     if node is not None:
         pf.lines[()] = node.start_mark.line + 1
         _index_lines(node, (), pf, duplicates)
@@ -204,10 +196,10 @@ def _check_expansion(path: str, root) -> None:
     deeper than the composed document (MAX_DEPTH)."""
     import yaml
 
-    done: Dict[int, Tuple[int, int]] = {}
+    done: dict[int, tuple[int, int]] = {}
     active = set()
 
-    def measure(node) -> Tuple[int, int]:
+    def measure(node) -> tuple[int, int]:
         key = id(node)
         if key in done:
             return done[key]
@@ -240,7 +232,7 @@ def _check_expansion(path: str, root) -> None:
     measure(root)
 
 
-def _index_lines(node, key_path: KeyPath, pf: PolicyFile, duplicates: List[Problem]) -> None:
+def _index_lines(node, key_path: KeyPath, pf: PolicyFile, duplicates: list[Problem]) -> None:
     import yaml
 
     if isinstance(node, yaml.MappingNode):
@@ -267,7 +259,7 @@ _NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
                 (stat.S_ISSOCK, "a socket"))
 
 
-def read_file(path: Path, require_trusted: bool) -> Tuple[str, Optional[str]]:
+def read_file(path: Path, require_trusted: bool) -> tuple[str, str | None]:
     """(text, why untrusted or None). Reads the resolved path and checks the opened file:
     only a regular file of at most MAX_FILE_BYTES is read. The last component is opened
     with O_NOFOLLOW (a symlink swapped in after realpath is refused, not followed) and
@@ -344,21 +336,21 @@ def _type_word(value) -> str:
     return type(value).__name__
 
 
-def schema_problems(pf: PolicyFile) -> List[Problem]:
+def schema_problems(pf: PolicyFile) -> list[Problem]:
     """Every schema violation in pf, in line order."""
     import jsonschema
 
     if pf.data is None:
         return [Problem(pf.path, 1, "", "the policy is empty", "a policy starts with 'version: 1'")]
     validator = jsonschema.Draft7Validator(schema())
-    found: List[Problem] = []
+    found: list[Problem] = []
     for err in validator.iter_errors(pf.data):
         found.extend(_describe(err, pf))
     unique = {(p.line, p.path, p.message): p for p in found}
     return sorted(unique.values(), key=lambda p: (p.line, p.path))
 
 
-def _describe(err, pf: PolicyFile) -> List[Problem]:
+def _describe(err, pf: PolicyFile) -> list[Problem]:
     kp = tuple(err.absolute_path)
     inst, kind, value = err.instance, err.validator, err.validator_value
     hint = err.schema.get("x-hint") if isinstance(err.schema, dict) else None
@@ -407,12 +399,12 @@ def _did_you_mean(key: str, known: Sequence[str]) -> str:
     return "valid keys here: " + ", ".join(known)
 
 
-def semantic_problems(pf: PolicyFile) -> List[Problem]:
+def semantic_problems(pf: PolicyFile) -> list[Problem]:
     """What the schema cannot say: unique class names, regexes and hostlists that parse,
     known ${VARIABLES}. Only called on data that passed the schema."""
     data = pf.data
-    found: List[Problem] = []
-    seen: Dict[str, int] = {}
+    found: list[Problem] = []
+    seen: dict[str, int] = {}
     for i, cls in enumerate(data.get("classes", [])):
         name = cls["name"]
         if name in seen:
@@ -436,7 +428,7 @@ def _bodies(data: Mapping):
         yield ("mpi_profiles", name), profile
 
 
-def _match_problems(pf: PolicyFile, kp: KeyPath, match: Mapping) -> List[Problem]:
+def _match_problems(pf: PolicyFile, kp: KeyPath, match: Mapping) -> list[Problem]:
     found = []
     if "regex" in match:
         try:
@@ -456,7 +448,7 @@ def _match_problems(pf: PolicyFile, kp: KeyPath, match: Mapping) -> List[Problem
     return found
 
 
-def _template_problems(pf: PolicyFile, kp: KeyPath, body: Mapping) -> List[Problem]:
+def _template_problems(pf: PolicyFile, kp: KeyPath, body: Mapping) -> list[Problem]:
     places = [(("storage", k), body.get("storage", {}).get(k)) for k in ("cache_dir", "local_dir")]
     for i, b in enumerate(body.get("binds", [])):
         places += [(("binds", i, "src"), b.get("src")), (("binds", i, "dst"), b.get("dst"))]
@@ -469,7 +461,7 @@ def _template_problems(pf: PolicyFile, kp: KeyPath, body: Mapping) -> List[Probl
     return found
 
 
-def reference_problems(pf: PolicyFile, profiles: Sequence[str]) -> List[Problem]:
+def reference_problems(pf: PolicyFile, profiles: Sequence[str]) -> list[Problem]:
     """mpi.profile must name a profile from the merged policy, or auto/none."""
     found = []
     for kp, body in _bodies(pf.data):
@@ -483,7 +475,7 @@ def reference_problems(pf: PolicyFile, profiles: Sequence[str]) -> List[Problem]
 
 # --- merging ---------------------------------------------------------------------------
 
-def merge_files(files: Sequence[PolicyFile]) -> Tuple[dict, List[dict], dict]:
+def merge_files(files: Sequence[PolicyFile]) -> tuple[dict, list[dict], dict]:
     """(defaults, classes, mpi_profiles) of the main file followed by its drop-ins.
 
     defaults: mappings merge key by key, lists and scalars of a later file replace.
@@ -492,7 +484,7 @@ def merge_files(files: Sequence[PolicyFile]) -> Tuple[dict, List[dict], dict]:
     mpi_profiles: a profile named like an earlier one is replaced whole.
     """
     defaults: dict = {}
-    classes: List[dict] = []
+    classes: list[dict] = []
     profiles: dict = {}
     for pf in files:
         data = pf.data or {}
@@ -517,9 +509,9 @@ def _override(base: Mapping, over: Mapping) -> dict:
     return out
 
 
-def validate_files(files: Sequence[PolicyFile], check_refs: bool = True) -> List[Problem]:
+def validate_files(files: Sequence[PolicyFile], check_refs: bool = True) -> list[Problem]:
     """Schema, semantic and (across files) MPI-profile reference problems."""
-    problems: List[Problem] = []
+    problems: list[Problem] = []
     valid = []
     for pf in files:
         found = schema_problems(pf) or sorted(semantic_problems(pf), key=lambda p: p.line)
@@ -543,9 +535,9 @@ def builtin_policy(path: Path, fingerprint: str = "", note: str = "") -> Policy:
                   notes=(note,) if note else ())
 
 
-def load_policy(path: Optional[Path] = None, *, require_trusted: bool = True,
-                euid: Optional[int] = None, env: Optional[Mapping[str, str]] = None,
-                validated_dir: Optional[Path] = None) -> Policy:
+def load_policy(path: Path | None = None, *, require_trusted: bool = True,
+                euid: int | None = None, env: Mapping[str, str] | None = None,
+                validated_dir: Path | None = None) -> Policy:
     """Load, check and merge the site policy and its drop-ins.
 
     Trust (require_trusted, always on in the CLI): as root (euid 0, prolog and hooks) an
@@ -574,7 +566,7 @@ def load_policy(path: Optional[Path] = None, *, require_trusted: bool = True,
     return Policy(path, defaults, classes, profiles, tuple(p for p, _ in texts), fingerprint)
 
 
-def _validated_merge(texts: Sequence[Tuple[str, str]], validated_dir: Optional[Path]):
+def _validated_merge(texts: Sequence[tuple[str, str]], validated_dir: Path | None):
     """merge_files() of the parsed TEXTS ((path, text) each), PolicyInvalid if they do not
     validate; from VALIDATED_DIR when these very bytes passed before."""
     from uctr_batch.policy import validated
@@ -593,7 +585,7 @@ def _validated_merge(texts: Sequence[Tuple[str, str]], validated_dir: Optional[P
     return merged
 
 
-def _untrusted(p: Path, reason: str, path: Path, fingerprint: str, euid: Optional[int]) -> Policy:
+def _untrusted(p: Path, reason: str, path: Path, fingerprint: str, euid: int | None) -> Policy:
     euid = os.geteuid() if euid is None else euid
     if euid == 0:
         raise ConfigError(f"untrusted policy file: {p}: {reason}", TRUST_HINT)
@@ -602,7 +594,7 @@ def _untrusted(p: Path, reason: str, path: Path, fingerprint: str, euid: Optiona
     return builtin_policy(path, fingerprint, note)
 
 
-def check_file(path: Path) -> Tuple[List[Problem], Optional[Policy], List[str]]:
+def check_file(path: Path) -> tuple[list[Problem], Policy | None, list[str]]:
     """For `uctr policy check`: validate without requiring trust.
 
     A main file is checked together with its drop-ins; a file inside a conf.d directory is

@@ -10,9 +10,9 @@ import copy
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 
 from uctr_batch.errors import ConfigError, ModeError
+from uctr_batch.records import Frozen, plain
 
 MODES = ("N1", "R1", "P1", "P2", "F1", "S1")
 
@@ -163,12 +163,12 @@ def expand(template: str, variables: Mapping[str, str]) -> str:
     return _VAR_RE.sub(one, template)
 
 
-@dataclass(frozen=True)
-class Bind:
-    src: str
-    dst: str
-    mode: str = "ro"  # "ro" | "rw"
-    optional: bool = False  # a missing src is skipped instead of being an error
+# Plain records, not dataclasses (records.py): every Slurm prolog and epilog builds a
+# NodePolicy, and building these eight classes with dataclasses cost ~4.5 ms of a warm hook.
+class Bind(Frozen):
+    __slots__ = ("src", "dst", "mode", "optional")
+    # mode: "ro" | "rw"; optional: a missing src is skipped instead of being an error
+    _DEFAULTS = {"mode": "ro", "optional": False}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Bind":
@@ -176,15 +176,13 @@ class Bind:
                    bool(d.get("optional", False)))
 
 
-@dataclass(frozen=True)
-class EnvRules:
+class EnvRules(Frozen):
     """Applied after the image Env, in this order: set, prepend, append, unset; then the
     host variables matching `passthrough` (fnmatch patterns), then the user's -e."""
-    set: dict[str, str] = field(default_factory=dict)
-    prepend: dict[str, str] = field(default_factory=dict)  # VALUE + ":" + old value
-    append: dict[str, str] = field(default_factory=dict)  # old value + ":" + VALUE
-    unset: tuple[str, ...] = ()
-    passthrough: tuple[str, ...] = ()
+    __slots__ = ("set", "prepend", "append", "unset", "passthrough")
+    # set, prepend (VALUE + ":" + old value), append (old value + ":" + VALUE): dict[str, str];
+    # unset, passthrough: tuple[str, ...]
+    _DEFAULTS = {"set": dict, "prepend": dict, "append": dict, "unset": (), "passthrough": ()}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "EnvRules":
@@ -192,13 +190,13 @@ class EnvRules:
                    tuple(d.get("unset", ())), tuple(d.get("passthrough", ())))
 
 
-@dataclass(frozen=True)
-class Storage:
-    cache_dir: str | None = None  # template; None: settings.default_cache_dir()
-    local_dir: str | None = None  # template; None: settings.default_local_dir()
-    local_quota: str | None = None  # as written, e.g. "20G"; None: no quota
-    local_quota_bytes: int | None = None
-    stage_timeout: float = 600.0  # seconds a rank waits for another rank's staging
+class Storage(Frozen):
+    __slots__ = ("cache_dir", "local_dir", "local_quota", "local_quota_bytes", "stage_timeout")
+    # cache_dir, local_dir: templates, None: settings.default_cache_dir()/default_local_dir();
+    # local_quota: as written, e.g. "20G", None: no quota; stage_timeout: seconds a rank
+    # waits for another rank's staging
+    _DEFAULTS = {"cache_dir": None, "local_dir": None, "local_quota": None,
+                 "local_quota_bytes": None, "stage_timeout": 600.0}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Storage":
@@ -210,13 +208,11 @@ class Storage:
                    quota_bytes, float(d.get("stage_timeout", 600)))
 
 
-@dataclass(frozen=True)
-class Registries:
-    allow: tuple[str, ...] = ()  # fnmatch on canonical references; empty: all
-    deny: tuple[str, ...] = ()
-    mirrors: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    insecure: tuple[str, ...] = ()
-    ca_file: str | None = None
+class Registries(Frozen):
+    __slots__ = ("allow", "deny", "mirrors", "insecure", "ca_file")
+    # allow, deny: fnmatch on canonical references (allow empty: all); mirrors: registry ->
+    # tuple of mirrors
+    _DEFAULTS = {"allow": (), "deny": (), "mirrors": dict, "insecure": (), "ca_file": None}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Registries":
@@ -225,37 +221,33 @@ class Registries:
                    tuple(d.get("insecure", ())), d.get("ca_file"))
 
 
-@dataclass(frozen=True)
-class MpiSettings:
-    profile: str = "none"  # a name from mpi_profiles, "auto" or "none"
-    fallback: bool = True  # False: an injection refusal is an error, not a fallback
+class MpiSettings(Frozen):
+    __slots__ = ("profile", "fallback")
+    # profile: a name from mpi_profiles, "auto" or "none"; fallback False: an injection
+    # refusal is an error, not a fallback
+    _DEFAULTS = {"profile": "none", "fallback": True}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "MpiSettings":
         return cls(d.get("profile", "none"), bool(d.get("fallback", True)))
 
 
-@dataclass(frozen=True)
-class GpuSettings:
-    vendor: str = "auto"  # auto | nvidia | amd | none
-    cuda_check: str = "warn"  # warn | error | ignore
+class GpuSettings(Frozen):
+    __slots__ = ("vendor", "cuda_check")  # auto | nvidia | amd | none; warn | error | ignore
+    _DEFAULTS = {"vendor": "auto", "cuda_check": "warn"}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "GpuSettings":
         return cls(d.get("vendor", "auto"), d.get("cuda_check", "warn"))
 
 
-@dataclass(frozen=True)
-class MpiProfile:
-    name: str
-    family: str  # mpich-abi | openmpi
-    lib_dirs: tuple[str, ...] = ()
-    libs: tuple[str, ...] = ()
-    dependency_libs: tuple[str, ...] = ()
-    env: EnvRules = field(default_factory=EnvRules)
-    binds: tuple[Bind, ...] = ()
-    devices: tuple[str, ...] = ()
-    abi_check: str = "full"  # major | full | strict
+class MpiProfile(Frozen):
+    __slots__ = ("name", "family", "lib_dirs", "libs", "dependency_libs", "env", "binds",
+                 "devices", "abi_check")
+    # family: mpich-abi | openmpi; env: EnvRules; binds: tuple of Bind; abi_check: major |
+    # full | strict
+    _DEFAULTS = {"lib_dirs": (), "libs": (), "dependency_libs": (), "env": EnvRules,
+                 "binds": (), "devices": (), "abi_check": "full"}
 
     @classmethod
     def from_dict(cls, name: str, d: Mapping) -> "MpiProfile":
@@ -265,35 +257,29 @@ class MpiProfile:
                    tuple(d.get("devices", ())), d.get("abi_check", "full"))
 
 
-@dataclass(frozen=True)
-class NodePolicy:
+class NodePolicy(Frozen):
     """What the site policy says for one node: the merged class body plus where it came from.
 
     Plain data: to_dict() is JSON-serialisable and from_dict() rebuilds it without yaml.
     """
-    node: str
-    partition: str | None
-    features: tuple[str, ...]
-    class_name: str | None  # None: no class matched, `defaults` apply
-    reason: str  # e.g. 'matched class "gpu" by hostlist gpu[001-128]'
-    modes: tuple[str, ...]
-    user_modes: tuple[str, ...]
-    binds: tuple[Bind, ...]
-    devices: tuple[str, ...]
-    env: EnvRules
-    storage: Storage
-    registries: Registries
-    mpi: MpiSettings
-    gpu: GpuSettings
-    munge: bool
-    munge_socket: str
-    pmix: bool
-    readonly_rootfs: bool
-    mpi_profiles: dict[str, MpiProfile] = field(default_factory=dict)
-    sources: tuple[str, ...] = ()  # policy files read, main file first
-    fingerprint: str = ""  # policy_fingerprint() of the watched paths at load time
-    builtin: bool = False  # True: no (trusted) policy file, built-in defaults
-    container_engines: dict[str, str] = field(default_factory=dict)  # engine -> mode|auto
+    __slots__ = (
+        "node", "partition",
+        "features",  # tuple[str, ...]
+        "class_name",  # None: no class matched, `defaults` apply
+        "reason",  # e.g. 'matched class "gpu" by hostlist gpu[001-128]'
+        "modes", "user_modes",  # tuple[str, ...]
+        "binds",  # tuple[Bind, ...]
+        "devices",  # tuple[str, ...]
+        "env", "storage", "registries", "mpi", "gpu",  # EnvRules, Storage, ... GpuSettings
+        "munge", "munge_socket", "pmix", "readonly_rootfs",
+        "mpi_profiles",  # dict[str, MpiProfile]
+        "sources",  # policy files read, main file first
+        "fingerprint",  # policy_fingerprint() of the watched paths at load time
+        "builtin",  # True: no (trusted) policy file, built-in defaults
+        "container_engines",  # engine -> mode|auto
+    )
+    _DEFAULTS = {"mpi_profiles": dict, "sources": (), "fingerprint": "", "builtin": False,
+                 "container_engines": dict}
 
     @classmethod
     def from_body(cls, body: Mapping, profiles: Mapping[str, Mapping], **where) -> "NodePolicy":
@@ -313,7 +299,7 @@ class NodePolicy:
         )
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = plain(self)
         for profile in d["mpi_profiles"].values():
             del profile["name"]  # the key already says it
         d["format"] = FORMAT

@@ -4,19 +4,22 @@ Stat calls only: uctr-exec uses policy_fingerprint() on every rank to decide whe
 cached NodePolicy is still current.
 """
 
-import hashlib
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import json
 import os
 import stat
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence
+
+from uctr_batch.hashing import sha256
 
 DEFAULT_POLICY = Path("/etc/uctr/policy.yaml")
 DROPIN_DIR = "conf.d"  # beside the policy file: /etc/uctr/conf.d/*.yaml
 MAX_DROPINS = 64  # more conf.d/*.yaml files than this is a ConfigError
 
 
-def policy_path(env: Optional[Mapping[str, str]] = None) -> Path:
+def policy_path(env: Mapping[str, str] | None = None) -> Path:
     """UCTR_POLICY, else /etc/uctr/policy.yaml."""
     env = os.environ if env is None else env
     return Path(env.get("UCTR_POLICY") or DEFAULT_POLICY)
@@ -26,12 +29,12 @@ def dropin_dir(path: Path) -> Path:
     return Path(path).parent / DROPIN_DIR
 
 
-def _dropin_names(d: Path) -> List[str]:
+def _dropin_names(d: Path) -> list[str]:
     names = sorted(n for n in os.listdir(d) if n.endswith(".yaml") and not n.startswith("."))
     return names
 
 
-def dropin_paths(path: Path) -> List[Path]:
+def dropin_paths(path: Path) -> list[Path]:
     """The drop-ins of policy file `path`, in the lexical order they are merged in.
     An unreadable conf.d or more than MAX_DROPINS files is a ConfigError."""
     d = dropin_dir(path)
@@ -52,7 +55,7 @@ def dropin_paths(path: Path) -> List[Path]:
     return [d / n for n in names]
 
 
-def watched_paths(path: Path) -> List[Path]:
+def watched_paths(path: Path) -> list[Path]:
     """Everything whose change invalidates a resolved policy: the file, the drop-in
     directory (a drop-in added or removed changes its mtime) and each drop-in."""
     path = Path(path)
@@ -76,15 +79,15 @@ def policy_fingerprint(paths: Sequence[Path]) -> str:
             rows.append([str(p), st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino])
         except OSError:
             rows.append([str(p), None])
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:32]
+    return sha256(json.dumps(rows).encode()).hexdigest()[:32]
 
 
-def current_fingerprint(env: Optional[Mapping[str, str]] = None) -> str:
+def current_fingerprint(env: Mapping[str, str] | None = None) -> str:
     """Fingerprint of the policy that load_policy() would read now."""
     return policy_fingerprint(watched_paths(policy_path(env)))
 
 
-def untrusted_reason(path: Path, st: Optional[os.stat_result] = None) -> Optional[str]:
+def untrusted_reason(path: Path, st: os.stat_result | None = None) -> str | None:
     """Why `path` may not be trusted, or None if it and every parent directory are owned
     by root and not writable by group or others.
 
@@ -103,7 +106,7 @@ def untrusted_reason(path: Path, st: Optional[os.stat_result] = None) -> Optiona
     return None
 
 
-def _bad_owner_or_mode(p: Path, st: os.stat_result, is_file: bool) -> Optional[str]:
+def _bad_owner_or_mode(p: Path, st: os.stat_result, is_file: bool) -> str | None:
     what = "" if is_file else f"its directory {p} "
     if st.st_uid != 0:
         return f"{what}is owned by uid {st.st_uid}, not root"

@@ -5,45 +5,44 @@ partition); classes are tried in order and the first match wins; with no match, 
 apply. The class body is layered as built-in < defaults < class (model.merge_body).
 """
 
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import functools
 import os
 import re
-import socket
-from dataclasses import dataclass
-from typing import FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Iterable, Mapping, Sequence
 
 from uctr_batch import log, settings
 from uctr_batch.errors import UctrError
 from uctr_batch.policy.load import Policy, load_policy
 from uctr_batch.policy.model import NodePolicy, builtin_body, merge_body
+from uctr_batch.records import Frozen
 
 _log = log.get("policy")
 
 
-@dataclass(frozen=True)
-class MatchResult:
-    class_name: str
-    matched: bool
-    why: str  # the criteria that matched, or the first one that did not
+class MatchResult(Frozen):
+    __slots__ = ("class_name", "matched", "why")  # why: the criteria that matched, or the
+    # first one that did not
 
 
 def short_name(host: str) -> str:
     return host.split(".")[0]
 
 
-def current_node(env: Optional[Mapping[str, str]] = None) -> str:
+def current_node(env: Mapping[str, str] | None = None) -> str:
     """Slurm's name for this node (SLURMD_NODENAME), else the short host name."""
     env = os.environ if env is None else env
-    return short_name(env.get("SLURMD_NODENAME") or socket.gethostname())
+    return short_name(env.get("SLURMD_NODENAME") or os.uname().nodename)
 
 
-def current_partition(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+def current_partition(env: Mapping[str, str] | None = None) -> str | None:
     """The job's Slurm partition or PBS queue; None outside a job."""
     env = os.environ if env is None else env
     return env.get("SLURM_JOB_PARTITION") or env.get("PBS_QUEUE") or None
 
 
-def node_features(node: str) -> Tuple[str, ...]:
+def node_features(node: str) -> tuple[str, ...]:
     """Slurm's ActiveFeatures of `node` via scontrol; () where Slurm cannot tell."""
     from uctr_batch import proc
 
@@ -60,14 +59,14 @@ def node_features(node: str) -> Tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def _hostlist_members(expression: str) -> FrozenSet[str]:
+def _hostlist_members(expression: str) -> frozenset[str]:
     import hostlist
 
     return frozenset(hostlist.expand_hostlist(expression))
 
 
-def _criteria(match: Mapping, node: str, partition: Optional[str],
-              features: FrozenSet[str]) -> Iterable[Tuple[bool, str]]:
+def _criteria(match: Mapping, node: str, partition: str | None,
+              features: frozenset[str]) -> Iterable[tuple[bool, str]]:
     """(holds, words) for each criterion of a class's match, in a fixed order."""
     if "hostlist" in match:
         expr = match["hostlist"]
@@ -94,8 +93,8 @@ def _criteria(match: Mapping, node: str, partition: Optional[str],
             yield False, f"partition {partition} is not {words}"
 
 
-def match_trace(classes: Sequence[Mapping], node: str, partition: Optional[str] = None,
-                features: Iterable[str] = ()) -> List[MatchResult]:
+def match_trace(classes: Sequence[Mapping], node: str, partition: str | None = None,
+                features: Iterable[str] = ()) -> list[MatchResult]:
     """Each class tried in order up to and including the first that matches."""
     features = frozenset(features)
     trace = []
@@ -114,9 +113,9 @@ def _uses_features(classes: Sequence[Mapping]) -> bool:
     return any("features" in c["match"] for c in classes)
 
 
-def resolve(policy: Policy, node: Optional[str] = None, partition: Optional[str] = None,
-            features: Optional[Iterable[str]] = None,
-            env: Optional[Mapping[str, str]] = None) -> NodePolicy:
+def resolve(policy: Policy, node: str | None = None, partition: str | None = None,
+            features: Iterable[str] | None = None,
+            env: Mapping[str, str] | None = None) -> NodePolicy:
     """The NodePolicy of `node` (default: this node) for a load.Policy.
 
     partition defaults to the job's (SLURM_JOB_PARTITION / PBS_QUEUE); features default to
@@ -145,9 +144,9 @@ def resolve(policy: Policy, node: Optional[str] = None, partition: Optional[str]
         sources=tuple(policy.sources), fingerprint=policy.fingerprint, builtin=policy.builtin)
 
 
-def current_node_policy(node: Optional[str] = None, partition: Optional[str] = None,
-                        features: Optional[Iterable[str]] = None,
-                        env: Optional[Mapping[str, str]] = None) -> NodePolicy:
+def current_node_policy(node: str | None = None, partition: str | None = None,
+                        features: Iterable[str] | None = None,
+                        env: Mapping[str, str] | None = None) -> NodePolicy:
     """Load the (trusted) site policy and resolve it for this node: the one-call entry."""
     return resolve(load_policy(env=env), node, partition, features, env)
 

@@ -16,25 +16,28 @@ followed. Anything else (missing, planted, damaged, another key) is a miss, neve
 a policy that does not validate is never stored.
 """
 
-import hashlib
+from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
+
 import marshal
 import os
 import stat
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+
+from uctr_batch.hashing import sha256
 
 FORMAT = 1
 NAME = "validated.marshal"
 MAX_BYTES = 4 << 20  # a merged policy is a few KiB
 RULES = ("schema.json", "load.py", "model.py")  # what decides whether bytes are valid
 
-Merged = Tuple[dict, list, dict]  # (defaults, classes, mpi_profiles): load.merge_files()
+Merged = tuple[dict, list, dict]  # (defaults, classes, mpi_profiles): load.merge_files()
 
 
-def key(texts: Sequence[Tuple[str, str]]) -> str:
+def key(texts: Sequence[tuple[str, str]]) -> str:
     """The digest of (path, text) of every file in merge order, the rules and the format."""
-    digest = hashlib.sha256(f"{FORMAT} {sys.version_info[:2]}\0".encode())
+    digest = sha256(f"{FORMAT} {sys.version_info[:2]}\0".encode())
     here = Path(__file__).parent
     for part in [(here / name).read_bytes() for name in RULES] + \
             [s.encode() for pair in texts for s in pair]:
@@ -43,7 +46,7 @@ def key(texts: Sequence[Tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
-def read(directory, wanted: str) -> Optional[Merged]:
+def read(directory, wanted: str) -> Merged | None:
     """The merged policy stored under WANTED in DIRECTORY, or None."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
