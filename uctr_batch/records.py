@@ -13,8 +13,8 @@ together ~15 ms of a ~80 ms warm prolog on the 2-core test machine (python -X im
 Frozen and Record keep what the callers used of dataclasses: construction by position or
 keyword with the same defaults, == (same class, same fields), repr, immutability and hash
 for Frozen (fields named in _NOT_COMPARED stay out of == and hash, as compare=False),
-replace() for dataclasses.replace() and plain() for dataclasses.asdict(). inject/plan.py
-has its own copy of the same idea (the per-step creator's path imports nothing else).
+replace() for dataclasses.replace() and plain() for dataclasses.asdict(). inject/plan.py's
+records (the step creator's injection plan) are these too.
 """
 
 from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)

@@ -16,6 +16,8 @@ from __future__ import annotations  # annotations stay unevaluated: no typing im
 from _collections_abc import Mapping
 from _json import encode_basestring_ascii as _json_string
 
+from uctr_batch.records import Frozen, bind, plain
+
 PLAN_VERSION = 1
 
 # Inside the container: host libraries the image has no copy of, and host tools.
@@ -35,66 +37,12 @@ INFO = "info"
 # Why not dataclasses (and no typing): the rank that sets up a step's container computes the
 # step's PMI part with this module (pmi_plan, InjectionPlan), on every step of every job.
 # dataclasses imports inspect, ast, dis and tokenize, typing the rest: together ~9 ms of a
-# ~60 ms creator on the 2-core test machine (python -X importtime). The classes below keep
-# the dataclass contract: construction by position or keyword with the same defaults, ==,
-# repr, immutability and hash for the frozen ones; to_dict() is dataclasses.asdict().
-def _fields(kind: str, names, defaults: Mapping, args: tuple, kwargs: dict) -> dict:
-    """Name -> value of a dataclass-like constructor call: ARGS by position, KWARGS by
-    name, the rest from DEFAULTS (a type there is a factory: a new list or dict)."""
-    if len(args) > len(names):
-        raise TypeError("%s takes at most %d arguments" % (kind, len(names)))
-    values = dict(zip(names, args))
-    for name, value in kwargs.items():
-        if name not in names or name in values:
-            raise TypeError("%s: unexpected or repeated argument %r" % (kind, name))
-        values[name] = value
-    for name in names:
-        if name not in values:
-            if name not in defaults:
-                raise TypeError("%s: missing argument %r" % (kind, name))
-            default = defaults[name]
-            values[name] = default() if isinstance(default, type) else default
-    return values
+# ~60 ms creator on the 2-core test machine (python -X importtime). records.Frozen keeps the
+# dataclass contract: construction by position or keyword with the same defaults, ==, repr,
+# immutability and hash; to_dict() is dataclasses.asdict().
 
 
-class _Frozen:
-    """A frozen dataclass of the fields in __slots__; _DEFAULTS: field -> default."""
-
-    __slots__ = ()
-    _DEFAULTS: dict = {}
-
-    def __init__(self, *args, **kwargs):
-        values = _fields(type(self).__name__, self.__slots__, self._DEFAULTS, args, kwargs)
-        for name in self.__slots__:
-            object.__setattr__(self, name, values[name])
-
-    def __setattr__(self, name, value):
-        raise AttributeError("cannot assign to field %r: %s is frozen"
-                             % (name, type(self).__name__))
-
-    def __delattr__(self, name):
-        raise AttributeError("cannot delete field %r: %s is frozen" % (name, type(self).__name__))
-
-    def _values(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __reduce__(self):  # copy, deepcopy and pickle construct, as they cannot assign
-        return type(self), self._values()
-
-    def __eq__(self, other):
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._values() == other._values()
-
-    def __hash__(self):
-        return hash(self._values())
-
-    def __repr__(self):
-        return "%s(%s)" % (type(self).__name__, ", ".join(
-            "%s=%r" % (name, getattr(self, name)) for name in self.__slots__))
-
-
-class Bind(_Frozen):
+class Bind(Frozen):
     __slots__ = ("src", "dst", "ro", "kind")
     # src: path on this machine; dst: path inside the container; kind: file | dir, what
     # mount point the launcher must create
@@ -104,11 +52,11 @@ class Bind(_Frozen):
         return (self.src, self.dst, self.ro)
 
 
-class Device(_Frozen):
+class Device(Frozen):
     __slots__ = ("src", "dst")  # the device node on this machine, its path inside
 
 
-class ManifestEntry(_Frozen):
+class ManifestEntry(Frozen):
     __slots__ = ("component", "action", "subject", "reason", "src")  # component: mpi|gpu|pmi
     _DEFAULTS = {"reason": "", "src": None}
 
@@ -150,7 +98,7 @@ class InjectionPlan:
     __hash__ = None  # mutable, compared by value: as a dataclass with eq
 
     def __init__(self, *args, **kwargs):
-        self.__dict__.update(_fields("InjectionPlan", list(_PLAN_FIELDS), _PLAN_FIELDS, args,
+        self.__dict__.update(bind("InjectionPlan", list(_PLAN_FIELDS), _PLAN_FIELDS, args,
                                      kwargs))
 
     def __eq__(self, other):
@@ -265,7 +213,7 @@ class InjectionPlan:
     # -- serialising ----------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        d = {name: _plain(getattr(self, name)) for name in _PLAN_FIELDS}
+        d = {name: plain(getattr(self, name)) for name in _PLAN_FIELDS}
         d["version"] = PLAN_VERSION
         return d
 
@@ -348,18 +296,6 @@ def to_json(value, level: int = 0) -> str:
             return "[]"
         return "[" + inner + ("," + inner).join(to_json(v, level + 1) for v in value) + outer + "]"
     raise TypeError("Object of type %s is not JSON serializable" % type(value).__name__)
-
-
-def _plain(value):
-    """dataclasses.asdict() of one field's value: records become dicts, containers are
-    copied all the way down (the leaves are JSON's: str, int, float, bool, None)."""
-    if isinstance(value, _Frozen):
-        return {name: _plain(getattr(value, name)) for name in value.__slots__}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def _extend_unique(target: list, items) -> None:
