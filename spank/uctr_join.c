@@ -243,6 +243,10 @@ static const char *prepare(spank_t sp, const struct uctr_config *cfg, const char
     char **argv = NULL;
     if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1)
         return "cannot read the task's command line";
+    /* srun --multi-prog: the step's argv is the configuration file and its text, not this
+     * task's command line, which the plugin cannot read here */
+    if (argc == 2 && strchr(argv[1], '\n'))
+        return "srun --multi-prog: each task runs its own program";
     if (slurm_runs_container(sp))
         return "Slurm's OCI runtime runs this step (oci.conf)";
     char **request = exec_request(sp, cfg, image, argc, argv, &n);
@@ -252,6 +256,8 @@ static const char *prepare(spank_t sp, const struct uctr_config *cfg, const char
     if (not_yet(why) && waits_for_creator(sp))
         why = wait_for_record(j, n, request, job_env(sp));
     free(request);
+    if (why == fj_failed)
+        return why;  /* j kept for fj_fail_as_recorded */
     if (!why)
         why = same_command(j, argc, argv);
     if (!why && fj_start_time("self", started, size) < 0)
@@ -285,6 +291,13 @@ int uctr_join_task(spank_t sp, const struct uctr_config *cfg, const char *image)
     char **env = job_env(sp);
     int debug = env && fr_getenv(env, "UCTR_FAST_DEBUG");
     const char *why = prepare(sp, cfg, image, &j, started, sizeof(started));
+    if (why == fj_failed) {
+        /* as local task 0 failed, with its message and exit code (record.md, "Outcome
+         * records"): not after a wait for nothing, nor through Python to the same error */
+        if (debug)
+            fprintf(stderr, "uctr: task_init: failing as the step's first rank did\n");
+        fj_fail_as_recorded(&j);
+    }
     if (!why) {
         const char *inuse = fr_value(&j.rec, "inuse_dir");
         if (inuse)

@@ -321,7 +321,9 @@ int fj_watch_records(char **envp, char *name, size_t size)
         || fr_record_name(me.step_key, name, size) < 0)
         return -1;
     int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-    if (fd >= 0 && inotify_add_watch(fd, dirpath, IN_MOVED_TO | IN_DONT_FOLLOW | IN_ONLYDIR) < 0) {
+    /* records are renamed into place, outcome records linked (IN_CREATE) */
+    if (fd >= 0 && inotify_add_watch(fd, dirpath, IN_MOVED_TO | IN_CREATE | IN_DONT_FOLLOW
+                                                  | IN_ONLYDIR) < 0) {
         close(fd);
         fd = -1;
     }
@@ -351,6 +353,37 @@ int fj_wait_records(int watch, const char *name, long ms)
         }
     }
     return ours;
+}
+
+const char fj_failed[] = "the step's first rank failed";
+
+/* What an outcome record that matches our request means for us: fj_failed when we fail as
+ * the first rank did, else why we go to Python (static strings: the record is freed). */
+static const char *outcome(const struct fj_join *j)
+{
+    /* Written in this run of the step? A requeued job's steps have the same keys, but
+     * another launcher process (slurmstepd, orted, hydra's proxy) is our parent. */
+    const struct fr_line *parent = fr_get(&j->rec, "parent");
+    char ppid[24], started[32];
+    snprintf(ppid, sizeof(ppid), "%ld", (long)getppid());
+    if (!parent || strcmp(parent->argv[0], ppid) != 0
+        || fj_start_time(ppid, started, sizeof(started)) < 0
+        || strcmp(parent->argv[1], started) != 0)
+        return "an outcome record of another run of this step";
+    if (fr_get(&j->rec, "no_container"))
+        return "the step's first rank runs no shared container";
+    const char *command = fr_value(&j->rec, "failed_command");
+    if (command && (j->ncommand == 0 || strcmp(j->command[0], command) != 0))
+        return "the step's first rank failed for another command";
+    return fj_failed;
+}
+
+void fj_fail_as_recorded(struct fj_join *j)
+{
+    const struct fr_line *failed = fr_get(&j->rec, "failed");
+    if (j->me.size > 1)
+        fj_name_rank(j->me.rank);
+    fj_die(atoi(failed->argv[0]), fr_value(&j->rec, "failed_hint"), "%s", failed->argv[1]);
 }
 
 /* Everything that can still hand over to Python; 0 when we are about to setns. */
@@ -392,6 +425,10 @@ const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp)
     if (fr_match(&j->rec, argc - 1, argv + 1, envp, cwd[0] ? cwd : NULL, getuid(), getgid(),
                  &j->command, &j->ncommand, &why) < 0)
         goto out;
+    if (fr_outcome(&j->rec)) {
+        why = outcome(j);
+        goto out;
+    }
     /* The rendezvous directory: the descriptor we hold when the record names the path we
      * opened and checked (the writer put the record into it), else a second open with the
      * same checks (the policy's storage.local_dir is not the environment's). */
@@ -508,6 +545,18 @@ void fj_name_rank(long rank)
     snprintf(diag_prefix, sizeof(diag_prefix), "uctr[rank %ld]", rank);
 }
 
+/* Each line of TEXT, the first after LEAD, prefixed as launch.main.Diag.write does. */
+static void print_lines(const char *lead, const char *text)
+{
+    for (const char *line = text; line;) {
+        const char *nl = strchr(line, '\n');
+        int len = nl ? (int)(nl - line) : (int)strlen(line);
+        fprintf(stderr, "%s: %s%.*s\n", diag_prefix, lead, len, line);
+        lead = "";
+        line = nl ? nl + 1 : NULL;
+    }
+}
+
 void fj_die(int code, const char *hint, const char *fmt, ...)
 {
     va_list ap;
@@ -515,7 +564,9 @@ void fj_die(int code, const char *hint, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    fprintf(stderr, "%s: error: %s\n%s: hint: %s\n", diag_prefix, msg, diag_prefix, hint);
+    print_lines("error: ", msg);
+    if (hint && *hint)
+        print_lines("hint: ", hint);
     fflush(stderr);
     _exit(code);
 }

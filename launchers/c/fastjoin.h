@@ -17,8 +17,12 @@ struct fj_join {
 
 /* Everything before the first setns that can still hand over to Python, for the request
  * ARGV (argv[0] is the launcher) in environment ENVP, from the current directory: NULL
- * when j->ns[] are open on a live member under the step's lock, else why not. */
+ * when j->ns[] are open on a live member under the step's lock, else why not. fj_failed
+ * when the step's outcome record says the first rank failed on the same request: the
+ * caller then fails too, with fj_fail_as_recorded (j is kept for it). */
 const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp);
+extern const char fj_failed[];
+void fj_fail_as_recorded(struct fj_join *j) __attribute__((noreturn));
 
 /* Waiting for the step's record (the SPANK plugin's tasks, while local task 0 creates the
  * container). fj_watch_records: an inotify descriptor on the record directory that reports
@@ -49,8 +53,9 @@ void fj_add_member(struct fj_join *j, const char *started);
 const char *fj_resolve(const char *command, const char *path, int *denied);
 
 /* An error after the namespaces were joined (no handing over to Python any more):
- * "error:" and "hint:" as the Python launcher prints them (launch.main.Diag), prefixed
- * "uctr", or "uctr[rank N]" once fj_name_rank(N) was called, then _exit(CODE). */
+ * "error:" and "hint:" (none when HINT is NULL or empty) as the Python launcher prints
+ * them (launch.main.Diag), prefixed "uctr", or "uctr[rank N]" once fj_name_rank(N) was
+ * called, then _exit(CODE). */
 void fj_name_rank(long rank);
 void fj_die(int code, const char *hint, const char *fmt, ...)
     __attribute__((noreturn, format(printf, 3, 4)));

@@ -18,19 +18,24 @@ const struct fr_field fr_fields[] = {
     FIELD("step", 1, 1, ONCE),
     FIELD("uid", 1, 1, ONCE),
     FIELD("gid", 1, 1, ONCE),
-    FIELD("mode", 1, 1, ONCE),
+    FIELD("mode", 1, 1, CONT),
     FIELD("fallback", 1, 1, OPT),
-    FIELD("launch_dir", 1, 1, ONCE),
-    FIELD("stem", 1, 1, ONCE),
-    FIELD("generation", 1, 1, ONCE),
-    FIELD("user_ns", 1, 1, ONCE),
-    FIELD("mnt_ns", 1, 1, ONCE),
+    FIELD("no_container", 1, 1, OPT),
+    FIELD("failed", 2, 2, OPT),
+    FIELD("failed_hint", 1, 1, OPT),
+    FIELD("failed_command", 1, 1, OPT),
+    FIELD("parent", 2, 2, OPT),
+    FIELD("launch_dir", 1, 1, CONT),
+    FIELD("stem", 1, 1, CONT),
+    FIELD("generation", 1, 1, CONT),
+    FIELD("user_ns", 1, 1, CONT),
+    FIELD("mnt_ns", 1, 1, CONT),
     FIELD("member", 2, 2, MANY),
     FIELD("inuse_dir", 1, 1, OPT),
-    FIELD("rootfs", 1, 1, ONCE),
+    FIELD("rootfs", 1, 1, CONT),
     FIELD("bind", 3, 3, MANY),
     FIELD("host_cwd", 1, 1, ONCE),
-    FIELD("cwd", 1, 1, ONCE),
+    FIELD("cwd", 1, 1, CONT),
     FIELD("handover", 1, 1, ONCE),
     FIELD("opt", 1, 1, MANY),
     FIELD("opts_complete", 1, 1, ONCE),
@@ -154,15 +159,46 @@ static const char *parse_line(const char *p, size_t len, struct fr_line *line)
     return NULL;
 }
 
+static size_t count_of(const struct fr_record *rec, int field)
+{
+    size_t count = 0;
+    for (size_t i = 0; i < rec->n; i++)
+        count += rec->lines[i].field == field;
+    return count;
+}
+
+static int index_of(const char *name)
+{
+    return field_index(name, strlen(name));
+}
+
+/* An outcome's exit code: 1 to 255 in decimal, no sign, no leading zero. */
+static int exit_code_ok(const char *s)
+{
+    size_t len = strlen(s);
+    if (len == 0 || len > 3 || s[0] == '0')
+        return 0;
+    for (size_t i = 0; i < len; i++)
+        if (s[i] < '0' || s[i] > '9')
+            return 0;
+    return atoi(s) <= 255;
+}
+
 static const char *check_counts(const struct fr_record *rec)
 {
+    size_t outcomes = count_of(rec, index_of("no_container")) + count_of(rec, index_of("failed"));
+    if (outcomes > 1)
+        return "two outcomes";
+    if (!count_of(rec, index_of("failed")) && (count_of(rec, index_of("failed_hint"))
+                                               || count_of(rec, index_of("failed_command"))))
+        return "failed_* without failed";
     for (size_t f = 0; f < fr_nfields; f++) {
-        size_t count = 0;
-        for (size_t i = 0; i < rec->n; i++)
-            count += rec->lines[i].field == (int)f;
-        if (fr_fields[f].how == ONCE && count != 1)
+        size_t count = count_of(rec, (int)f);
+        if (fr_fields[f].how == CONT && outcomes && count)
+            return "a container field in an outcome record";
+        if ((fr_fields[f].how == ONCE || (fr_fields[f].how == CONT && !outcomes)) && count != 1)
             return count ? "field repeated" : "field missing";
-        if (fr_fields[f].how == OPT && count > 1)
+        if ((fr_fields[f].how == OPT || fr_fields[f].how == CONT) && count > 1)
             return "field repeated";
     }
     if (rec->lines[0].field != 0)
@@ -171,7 +207,15 @@ static const char *check_counts(const struct fr_record *rec)
         return "line after end";
     if (strcmp(rec->lines[0].argv[0], FR_VERSION) != 0)
         return "unknown version";
+    const char *code = fr_value(rec, "failed");
+    if (code && !exit_code_ok(code))
+        return "bad exit code";
     return NULL;
+}
+
+int fr_outcome(const struct fr_record *rec)
+{
+    return fr_get(rec, "no_container") || fr_get(rec, "failed");
 }
 
 int fr_parse(const char *data, size_t len, struct fr_record *rec, const char **why)
@@ -589,7 +633,10 @@ int fr_match(const struct fr_record *rec, int argc, char *const *argv, char *con
     char buf[32];
     *command = NULL;
     *why = NULL;
-    if (fr_get(rec, "fallback"))
+    int outcome = fr_outcome(rec);
+    if (outcome)
+        ; /* no container: the request alone is compared */
+    else if (fr_get(rec, "fallback"))
         *why = "the record asks for the Python launcher";
     else if (strcmp(fr_value(rec, "mode"), "N1") != 0)
         *why = "not mode N1";
@@ -626,7 +673,7 @@ int fr_match(const struct fr_record *rec, int argc, char *const *argv, char *con
     } else {
         *command = compose(rec, argv + first, argc - first, ncommand);
     }
-    if (!*command || *ncommand == 0) {
+    if (!*command || (*ncommand == 0 && !outcome)) {
         *why = *command ? "no command" : "out of memory";
         free(*command);
         *command = NULL;

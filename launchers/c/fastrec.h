@@ -10,7 +10,8 @@
 #define FR_MAX_BYTES (1 << 20)
 #define FR_MAX_LINES 65536
 
-enum fr_how { ONCE, OPT, MANY };
+/* CONT: exactly once in a container record, never in an outcome record. */
+enum fr_how { ONCE, OPT, MANY, CONT };
 
 struct fr_field {
     const char *name;
@@ -36,6 +37,9 @@ struct fr_record {
 int fr_parse(const char *data, size_t len, struct fr_record *rec, const char **why);
 void fr_free(struct fr_record *rec);
 
+/* An outcome record (no_container or failed): the first rank made no container. */
+int fr_outcome(const struct fr_record *rec);
+
 /* The first line of field NAME, or NULL. */
 const struct fr_line *fr_get(const struct fr_record *rec, const char *name);
 const char *fr_value(const struct fr_record *rec, const char *name);
@@ -55,7 +59,9 @@ int fr_record_name(const char *step_key, char *buf, size_t size);
 
 /* Does the request (argv after argv[0], environment, cwd, ids) ask for this record's
  * container? 0 yes, -1 no (*why). On yes, *command and *ncommand is the payload's argv
- * (image Entrypoint + the command, else + Cmd), malloc'ed (the strings are borrowed). */
+ * (image Entrypoint + the command, else + Cmd), malloc'ed (the strings are borrowed).
+ * For an outcome record: is it the request the first rank had? Then *command is the
+ * rank's own command, possibly empty. */
 int fr_match(const struct fr_record *rec, int argc, char *const *argv, char *const *envp,
              const char *cwd, unsigned long uid, unsigned long gid, char ***command,
              int *ncommand, const char **why);

@@ -133,6 +133,10 @@ int main(int argc, char **argv)
     if (argc >= 2 && strcmp(argv[1], "join") == 0) {
         struct fj_join j = FJ_JOIN_INIT;
         const char *why = fj_prepare(&j, argc - 1, argv + 1, environ);
+        if (why == fj_failed) {
+            fflush(stdout);
+            fj_fail_as_recorded(&j);
+        }
         if (why) {
             printf("no: %s\n", why);
         } else {

@@ -187,6 +187,8 @@ int main(int argc, char **argv)
     apply_front_env();
     g_debug = getenv("UCTR_FAST_DEBUG") != NULL;
     const char *why = fj_prepare(&j, argc, argv, environ);
+    if (why == fj_failed)
+        fj_fail_as_recorded(&j);
     if (why)
         fallback(why); /* the kernel drops our lock and descriptors at exec (O_CLOEXEC) */
     if (j.me.size > 1)

@@ -253,3 +253,28 @@ def test_a_joining_rank_opens_the_launch_directory_once(node, busybox, front, tm
     ours = [ln for ln in lines if str(node.local) in ln and "O_DIRECTORY" in ln]
     assert len(ours) == 1 and '"%s/launch"' % node.local in ours[0], ours
     assert not [ln for ln in lines if '"%s/fast' % node.local in ln], ours  # the old place
+
+
+def test_ranks_fail_from_c_as_the_first_rank_failed(node, busybox, front):
+    """The first rank (Python) fails before it makes a container: it leaves an outcome
+    record (launchers/c/record.md), and the later ranks of the same run of the step that
+    ask the same fail from C at once, with its message and exit code; a rank running
+    another command goes to Python, which makes the container."""
+    assert node.run(busybox, "true").returncode == 0
+    env = node.env(dict(step_env("64", "0", 8), **EXTRA, **cfront.SAN_ENV, UCTR_FAST_DEBUG="1"))
+    launch = [*OPTIONS, busybox]
+    script = " ; ".join([
+        "SLURM_PROCID=%d SLURM_LOCALID=%d %s %s %s 2>err%d; echo rc$?" % (
+            r, r, prog, " ".join(launch), command, r)
+        for r, prog, command in ((0, SHIM, "nosuchcmd"), (1, front, "nosuchcmd"),
+                                 (2, front, "true"))])
+    # one parent process for the three ranks, as slurmstepd or orted is for a step's ranks
+    proc = subprocess.run(node.argv(["-c", script], env, shim="/bin/sh"), env=env, text=True,
+                          capture_output=True, cwd=str(node.work), timeout=180)
+    assert proc.stdout.split() == ["rc127", "rc127", "rc0"], (proc.stdout, proc.stderr)
+    err = [(node.work / f"err{r}").read_text() for r in range(3)]
+    assert "uctr[rank 0]: error: command not found in the container: nosuchcmd" in err[0]
+    assert not took_python(subprocess.CompletedProcess([], 0, "", err[1])), err[1]
+    assert err[1].replace("rank 1", "rank 0") == err[0].replace(
+        "uctr-exec: python path: no record for this step\n", ""), err
+    assert "python path: the step's first rank failed for another command" in err[2], err[2]

@@ -13,6 +13,7 @@ front (launchers/c/fastrec.c). These tests fail when they drift:
   * the argv split (options vs command) agrees with options.parse.
 The C side is the ASan+UBSan build of launchers/c/fastrec_tool.c (harness.cfront)."""
 
+import functools
 import os
 import re
 import shutil
@@ -23,8 +24,10 @@ from pathlib import Path
 import pytest
 
 from tests.harness import cfront
+from uctr_batch.errors import UctrError
 from uctr_batch.launch import (fastrec, nodelock, options, policy_cache, procspec, rank,
                                sharedns, staged)
+from uctr_batch.launch.main import Diag
 
 REPO = Path(__file__).resolve().parents[2]
 needs_cc = pytest.mark.skipif(cfront.compiler() is None, reason="no C compiler")
@@ -58,13 +61,13 @@ def c_parse(tool, path):
 
 def c_fields():
     source = (REPO / "launchers" / "c" / "fastrec.c").read_text()
-    rows = re.findall(r'FIELD\("([^"]+)", (\d+), (\d+), (ONCE|OPT|MANY)\)', source)
+    rows = re.findall(r'FIELD\("([^"]+)", (\d+), (\d+), (ONCE|OPT|MANY|CONT)\)', source)
     return [(n, int(lo), int(hi), how.lower()) for n, lo, hi, how in rows]
 
 
 def spec_fields():
     text = (REPO / "launchers" / "c" / "record.md").read_text()
-    rows = re.findall(r"^\| `([a-z_-]+)` \| (\d+)(?:-(\d+))? \| (once|opt|many) \|", text, re.M)
+    rows = re.findall(r"^\| `([a-z_-]+)` \| (\d+)(?:-(\d+))? \| (once|opt|many|cont) \|", text, re.M)
     return [(n, int(lo), int(hi or lo), how) for n, lo, hi, how in rows]
 
 
@@ -125,13 +128,33 @@ def write(tmp_path, lines, name="r.rec"):
     return path
 
 
+def outcome_lines(**overrides):
+    args = dict(step_key="77.3", prefix=["--writable", "-e", "U1=one", "img:1", "--"],
+                complete=True, handover=False,
+                env={"HOME": "/home/u", "PATH": "/usr/bin", "UCTR_IMAGE": "img:1",
+                     "SLURM_JOB_ID": "77"},
+                host_cwd="/home/u/w", parent=(os.getpid(), sharedns.start_time(os.getpid())),
+                error=Failure(HOSTILE + "\nsecond line", "a hint " + HOSTILE), command="cmd")
+    args.update(overrides)
+    return fastrec.outcome(**args)
+
+
+class Failure(UctrError):
+    exit_code = 4
+
+
 @needs_cc
 def test_c_reads_every_field_python_writes(tool, tmp_path):
-    path = write(tmp_path, record_lines() + [("fallback", HOSTILE)])
-    python = [(n, list(a)) for n, a in fastrec.parse(path.read_bytes())]
-    assert {n for n, _ in python} == set(fastrec.FIELD_NAMES)  # every field is exercised
-    assert c_parse(tool, path) == python
-    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    seen = set()
+    for name, lines in (("r.rec", record_lines() + [("fallback", HOSTILE)]),
+                        ("failed.rec", outcome_lines()),
+                        ("none.rec", outcome_lines(error=None, reason=HOSTILE))):
+        path = write(tmp_path, lines, name)
+        python = [(n, list(a)) for n, a in fastrec.parse(path.read_bytes())]
+        seen |= {n for n, _ in python}
+        assert c_parse(tool, path) == python
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert seen == set(fastrec.FIELD_NAMES)  # every field is exercised
 
 
 @needs_cc
@@ -156,6 +179,31 @@ def test_c_and_python_refuse_the_same_damaged_records(tool, tmp_path, damage):
     with pytest.raises(ValueError):
         fastrec.parse(data)
     assert c_parse(tool, tmp_path / "bad.rec") is None
+
+
+@needs_cc
+@pytest.mark.parametrize("damage", [
+    lambda d: d.replace(b"\nparent ", b"\nmode N1\nparent "),      # a container field
+    lambda d: d.replace(b"\nparent ", b"\nno_container x\nparent "),  # two outcomes
+    lambda d: d.replace(b"failed 4 ", b"failed 0 "),                # exit codes 1..255
+    lambda d: d.replace(b"failed 4 ", b"failed 256 "),
+    lambda d: d.replace(b"failed 4 ", b"failed 04 "),
+    lambda d: d.replace(b"failed 4 ", b"failed -4 "),
+    lambda d: d.replace(b"failed 4 ", b"failed x "),
+    lambda d: d.replace(b"failed 4 ", b"no_container "),            # failed_* alone
+])
+def test_c_and_python_refuse_the_same_damaged_outcomes(tool, tmp_path, damage):
+    data = damage(write(tmp_path, outcome_lines()).read_bytes())
+    (tmp_path / "bad.rec").write_bytes(data)
+    with pytest.raises(ValueError):
+        fastrec.parse(data)
+    assert c_parse(tool, tmp_path / "bad.rec") is None
+
+
+def test_a_container_record_without_a_container_field_is_refused(tmp_path):
+    data = write(tmp_path, record_lines()).read_bytes().replace(b"\nmode N1\n", b"\n")
+    with pytest.raises(ValueError):
+        fastrec.parse(data)
 
 
 # -- the environment program ----------------------------------------------------------------
@@ -519,3 +567,99 @@ def test_a_waiting_task_wakes_for_its_own_record_only(tool, tmp_path):
         waiter.kill()
         waiter.wait()
         os.close(fd)
+
+
+# -- outcome records: the first rank made no container ---------------------------------------
+
+def write_outcome(env, lines) -> bool:
+    fd = nodelock.open_private_dir(fastrec.fast_dir(env))
+    try:
+        return fastrec.write_outcome(fd, fastrec.record_name("77.3"), lines)
+    finally:
+        os.close(fd)
+
+
+def join_outcome(tool, env, cwd):
+    return subprocess.run([str(tool), "join", *JOIN_ARGS], capture_output=True, text=True,
+                          cwd=str(cwd), env=dict(cfront.SAN_ENV, **env))
+
+
+@needs_cc
+@pytest.mark.parametrize("ntasks", [None, "4"])
+def test_c_fails_as_the_first_rank_did(tool, tmp_path, capfd, ntasks):
+    """Same request, same run of the step: the error, hint and exit code of the first rank,
+    in the lines and with the rank prefix the Python launcher prints (launch.main.Diag)."""
+    env = join_env(str(tmp_path / "local"))
+    if ntasks:
+        env["SLURM_NTASKS"] = ntasks
+    error = Failure("cannot stage img:1\nregistry said: no", "check the registry")
+    assert write_outcome(env, outcome_lines(env=env, host_cwd=str(tmp_path), error=error))
+    proc = join_outcome(tool, env, tmp_path)
+    assert proc.returncode == 4 and proc.stdout == ""
+    Diag(rank.detect(env)).error(error)
+    assert proc.stderr == capfd.readouterr().err
+    assert ("uctr[rank 1]: error: cannot stage" in proc.stderr) == bool(ntasks)
+
+
+@needs_cc
+def test_an_outcome_applies_to_its_own_run_request_and_command_only(tool, tmp_path):
+    env = join_env(str(tmp_path / "local"))
+    lines = functools.partial(outcome_lines, env=env, host_cwd=str(tmp_path))
+    cases = [
+        (lines(parent=(1, sharedns.start_time(1))),          # a requeued job's earlier run
+         "no: an outcome record of another run of this step"),
+        (lines(parent=(os.getpid(), "1")), "no: an outcome record of another run of this step"),
+        (lines(command="other"), "no: the step's first rank failed for another command"),
+        (lines(error=None, reason="mode P1 runs one container per rank"),
+         "no: the step's first rank runs no shared container"),
+        (lines(host_cwd="/elsewhere"), "no: another working directory"),
+        (lines(env=dict(env, UCTR_IMAGE="img:2")), None),      # another request
+    ]
+    record = Path(fastrec.fast_dir(env)) / fastrec.record_name("77.3")
+    for outcome, expected in cases:
+        record.unlink(missing_ok=True)
+        assert write_outcome(env, outcome)
+        proc = join_outcome(tool, env, tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        if expected:
+            assert proc.stdout.strip() == expected
+        else:
+            assert proc.stdout.startswith("no: ") and "first rank" not in proc.stdout
+    record.unlink()
+    assert write_outcome(env, lines(command="cmd"))  # our command: we fail too
+    assert join_outcome(tool, env, tmp_path).returncode == 4
+
+
+def test_an_outcome_never_replaces_a_record(tmp_path):
+    """A container record (or another rank's outcome) stays; a container record written
+    later replaces an outcome, as any newer record does."""
+    env = join_env(str(tmp_path / "local"))
+    record = Path(fastrec.fast_dir(env)) / fastrec.record_name("77.3")
+    write_live_record(env, tmp_path, fastrec.fast_dir(env))
+    live = record.read_bytes()
+    assert not write_outcome(env, outcome_lines(env=env))
+    assert record.read_bytes() == live
+    record.unlink()
+    assert write_outcome(env, outcome_lines(env=env))
+    assert not write_outcome(env, outcome_lines(env=env, error=None, reason="another"))
+    assert b"failed 4 " in record.read_bytes()
+    write_live_record(env, tmp_path, fastrec.fast_dir(env))
+    assert record.read_bytes() == live
+    assert [p.name for p in record.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@needs_cc
+def test_a_waiting_task_wakes_for_an_outcome(tool, tmp_path):
+    env = join_env(str(tmp_path / "local"))
+    fd = nodelock.open_private_dir(fastrec.fast_dir(env))
+    os.close(fd)
+    waiter = subprocess.Popen([str(tool), "wait", "3000"], stdout=subprocess.PIPE, text=True,
+                              env=dict(cfront.SAN_ENV, **env))
+    try:
+        assert waiter.stdout.readline().strip() == "watching"
+        assert write_outcome(env, outcome_lines(env=env))
+        answers = waiter.stdout.read().split()
+        assert "1" in answers, answers
+    finally:
+        waiter.kill()
+        waiter.wait()

@@ -37,26 +37,33 @@ MAX_BYTES = 1 << 20  # the C parser refuses larger records
 MAX_LINES = 65536
 
 # (name, least args, most args, how often). "once": exactly once; "opt": at most once;
-# "many": any number of times. Order of lines matters only for the env_* program and the
-# repeated list fields (opt, entrypoint, cmd, member).
+# "many": any number of times; "cont": exactly once in a container record, never in an
+# outcome record (no_container or failed: the first rank made no container to join).
+# Order of lines matters only for the env_* program and the repeated list fields (opt,
+# entrypoint, cmd, member).
 FIELDS = (
     (HEADER, 1, 1, "once"),      # format version
     ("step", 1, 1, "once"),      # the step key (rank.RankContext.step_key)
     ("uid", 1, 1, "once"),       # the caller's uid and gid: the C front's must be equal
     ("gid", 1, 1, "once"),
-    ("mode", 1, 1, "once"),      # N1 (the only mode whose ranks share a container)
+    ("mode", 1, 1, "cont"),      # N1 (the only mode whose ranks share a container)
     ("fallback", 1, 1, "opt"),   # a reason: the C front must hand over to Python
-    ("launch_dir", 1, 1, "once"),  # the rendezvous directory (host path, private)
-    ("stem", 1, 1, "once"),      # step-...: STEM.lock, STEM.gN.members
-    ("generation", 1, 1, "once"),
-    ("user_ns", 1, 1, "once"),   # namespace inodes a member must have
-    ("mnt_ns", 1, 1, "once"),
+    ("no_container", 1, 1, "opt"),  # outcome: a reason; no container comes, ranks go to Python
+    ("failed", 2, 2, "opt"),     # outcome: EXIT-CODE MESSAGE of the first rank's error
+    ("failed_hint", 1, 1, "opt"),
+    ("failed_command", 1, 1, "opt"),  # the error is about this command only
+    ("parent", 2, 2, "opt"),     # PID START-TIME of the writer's parent (an outcome's launch)
+    ("launch_dir", 1, 1, "cont"),  # the rendezvous directory (host path, private)
+    ("stem", 1, 1, "cont"),      # step-...: STEM.lock, STEM.gN.members
+    ("generation", 1, 1, "cont"),
+    ("user_ns", 1, 1, "cont"),   # namespace inodes a member must have
+    ("mnt_ns", 1, 1, "cont"),
     ("member", 2, 2, "many"),    # PID START-TIME: creator and holder
     ("inuse_dir", 1, 1, "opt"),  # where a rank marks the bundle in use (pid-PID)
-    ("rootfs", 1, 1, "once"),    # informational: applied already
+    ("rootfs", 1, 1, "cont"),    # informational: applied already
     ("bind", 3, 3, "many"),      # SRC DST ro|rw, informational: applied already
     ("host_cwd", 1, 1, "once"),  # the creator's cwd: a rank elsewhere goes to Python
-    ("cwd", 1, 1, "once"),       # the working directory inside for such a rank
+    ("cwd", 1, 1, "cont"),       # the working directory inside for such a rank
     ("handover", 1, 1, "once"),  # 1: SPANK's UCTR_ARGV0 hand-over, command = ARGV0 + argv
     ("opt", 1, 1, "many"),       # the option tokens before the command, in order
     ("opts_complete", 1, 1, "once"),  # 1: any token after the opts is the command
@@ -78,6 +85,7 @@ FIELDS = (
     ("end", 0, 0, "once"),       # last line: a truncated record is refused
 )
 FIELD_NAMES = tuple(f[0] for f in FIELDS)
+OUTCOMES = ("no_container", "failed")  # a record with one of them describes no container
 ENV_OPS = tuple(n for n in FIELD_NAMES if n.startswith("env_"))
 
 # Variables that differ per process and never shape the container.
@@ -163,12 +171,27 @@ def parse(data: bytes):
         if spec[3] != "many" and seen[name] > 1:
             raise ValueError("%s repeated" % name)
         out.append((name, [decode(t) for t in tokens]))
+    outcome = [name for name in OUTCOMES if name in seen]
+    if len(outcome) > 1:
+        raise ValueError("two outcomes")
+    if "failed" not in seen and any(name in seen for name in ("failed_hint", "failed_command")):
+        raise ValueError("failed_* without failed")
     for name, _lo, _hi, how in FIELDS:
-        if how == "once" and name not in seen:
+        if how == "cont" and outcome and name in seen:
+            raise ValueError("%s in an outcome record" % name)
+        if (how == "once" or how == "cont" and not outcome) and name not in seen:
             raise ValueError("%s missing" % name)
+    code = next((args[0] for name, args in out if name == "failed"), None)
+    if code is not None and not exit_code(code):
+        raise ValueError("bad exit code")
     if out[0][1] != [str(VERSION)]:
         raise ValueError("unknown version")
     return out
+
+
+def exit_code(token: str) -> bool:
+    """An outcome's exit code: 1 to 255 in decimal, no sign, no leading zero."""
+    return token.isdigit() and token.isascii() and token[0] != "0" and int(token) <= 255
 
 
 # -- where ----------------------------------------------------------------------------------
@@ -304,13 +327,41 @@ def build(*, step_key, prefix, complete, handover, config, policy, user_env, ext
         lines.append(("inuse_dir", inuse))
     lines.append(("rootfs", spec.rootfs))
     lines += [("bind", src, dst, "ro" if ro else "rw") for src, dst, ro in spec.binds]
-    lines += [("host_cwd", host_cwd or "/"), ("cwd", cwd), ("handover", "1" if handover else "0")]
-    lines += [("opt", token) for token in prefix]
-    lines.append(("opts_complete", "1" if complete else "0"))
+    lines.append(("cwd", cwd))
+    lines += request(prefix, complete, handover, host_cwd)
     lines += [("entrypoint", a) for a in config.get("Entrypoint") or ()]
     lines += [("cmd", a) for a in config.get("Cmd") or ()]
     lines += requirements(env)
     return lines + program
+
+
+def request(prefix, complete, handover, host_cwd):
+    """The lines a rank's command line and working directory must match."""
+    lines = [("host_cwd", host_cwd or "/"), ("handover", "1" if handover else "0")]
+    lines += [("opt", token) for token in prefix]
+    return lines + [("opts_complete", "1" if complete else "0")]
+
+
+def outcome(*, step_key, prefix, complete, handover, env, host_cwd, parent, reason=None,
+            error=None, command=None):
+    """An outcome record's lines: the request, as build() writes it, and what the rank that
+    was to make the step's container did instead. `reason`: it made none (another mode
+    runs one container per rank); the other ranks go to the Python launcher at once.
+    `error` (a UctrError): it failed; ranks asking the same, and running `command` when it
+    is given, fail with the same message and exit code. `parent`: (pid, start time) of
+    the writer's parent, the launcher of this run of the step (a requeued job's steps have
+    the same keys)."""
+    lines = [("step", step_key), ("uid", str(os.getuid())), ("gid", str(os.getgid()))]
+    if error is None:
+        lines.append(("no_container", reason))
+    else:
+        lines.append(("failed", str(error.exit_code), error.message))
+        if error.hint:
+            lines.append(("failed_hint", error.hint))
+        if command is not None:
+            lines.append(("failed_command", command))
+    lines.append(("parent", str(parent[0]), str(parent[1] or "0")))
+    return lines + request(prefix, complete, handover, host_cwd) + requirements(env)
 
 
 def write(dir_fd: int, name: str, lines) -> None:
@@ -321,6 +372,34 @@ def write(dir_fd: int, name: str, lines) -> None:
             "step", "uid", "gid", "mode", "launch_dir", "stem", "generation", "user_ns",
             "mnt_ns", "rootfs", "host_cwd", "cwd", "handover", "opts_complete")]
             + [("fallback", "record too large"), ("end",)])
+    tmp = _write_temporary(dir_fd, name, data)
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    from uctr_batch.launch import nodelock, sharedns
+
+    nodelock.touch(dir_fd, SEEN)
+    if nodelock.due(dir_fd, COLLECTED, sharedns.GC_EVERY):
+        _collect_garbage(dir_fd, name)
+
+
+def write_outcome(dir_fd: int, name: str, lines) -> bool:
+    """Publish an outcome record as NAME unless a record is there already: a container
+    record, or another rank's outcome, is never replaced (link() fails). Readers see whole
+    records: the temporary file is complete before it is linked."""
+    data = dumps([(HEADER, str(VERSION))] + list(lines) + [("end",)])
+    if len(data) > MAX_BYTES:
+        return False
+    tmp = _write_temporary(dir_fd, name, data)
+    try:
+        os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp, dir_fd=dir_fd)
+    return True
+
+
+def _write_temporary(dir_fd: int, name: str, data: bytes) -> str:
+    """DATA in a new private file NAME.PID.tmp; returns its name."""
     tmp = "%s.%d.tmp" % (name, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                  dir_fd=dir_fd)
@@ -329,12 +408,7 @@ def write(dir_fd: int, name: str, lines) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)
-    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    from uctr_batch.launch import nodelock, sharedns
-
-    nodelock.touch(dir_fd, SEEN)
-    if nodelock.due(dir_fd, COLLECTED, sharedns.GC_EVERY):
-        _collect_garbage(dir_fd, name)
+    return tmp
 
 
 def _collect_garbage(dir_fd: int, keep: str) -> None:

@@ -22,6 +22,7 @@ from uctr_batch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, ModeError, UctrEr
 DEFAULT_TMP = "/tmp"
 HOST_FILES = ("/etc/hosts", "/etc/resolv.conf")
 READ_ONLY_MODES = ("N1", "R1")  # modes that can mount the shared rootfs read-only
+PAYLOAD_CODES = (126, 127)  # modes.base: the program to run is missing or not executable
 
 
 PMI_PREFIXES = ("PMI_", "PMIX_", "SLURM_", "OMPI_", "PRTE_", "PALS_", "PBS_", "HYDRA_")
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
     env.pop("UCTR_SIGSTATE", None)
     args = sys.argv[1:] if argv is None else list(argv)
     diag = Diag()
+    launch = None
     try:
         from uctr_batch.launch import options, rank
 
@@ -92,6 +94,8 @@ def main(argv=None) -> int:
         return EXIT_INTERNAL  # not reached: run() execs or raises
     except UctrError as e:
         diag.error(e)
+        if launch is not None:
+            launch.publish_outcome(error=e)
         if diag.verbosity >= 2:
             _traceback(diag)
         return e.exit_code
@@ -119,6 +123,7 @@ class Launch:
     def __init__(self, opts, ctx, env, diag: Diag):
         self.opts, self.ctx, self.env, self.diag = opts, ctx, env, diag
         self.fast_request = None  # (handover, option tokens): main() sets it
+        self.entered = False  # in the container's namespaces (set up or joined)
         self.box = None  # the named container of --container-name/--container-save
         try:
             self.host_cwd = os.getcwd()
@@ -267,6 +272,7 @@ class Launch:
                                    "running container of step %s, with its mounts"
                                    % (option, step_key))
                 rdv.join(member)
+                self.entered = True
             finally:
                 rdv.release()
             n1.exec_payload(spec)
@@ -315,6 +321,7 @@ class Launch:
                 self.diag.say("joining the step's container (generation %d, created by pid %d)"
                               % (rdv.record["generation"], rdv.record["creator"]), 2)
                 rdv.join(member)
+                self.entered = True
             else:
                 entry = self.container(rdv.dir_fd, read_only=not self.opts.writable)
                 spec = self.rank_spec(entry["extras"], entry["spec"])
@@ -330,6 +337,7 @@ class Launch:
                     if explicit:
                         raise
                     return e.message
+                self.entered = True
                 rdv.publish(entry["extras"], self.ctx.local_size)
                 self.write_fast_record(fast, rdv, entry, spec)
         finally:
@@ -353,16 +361,12 @@ class Launch:
 
     def write_fast_record(self, dir_fd, rdv, entry, spec) -> None:
         """Describe the container just published for the C front (launchers/c)."""
-        from uctr_batch.launch import fastrec, options, staged
+        from uctr_batch.launch import fastrec, staged
 
         if dir_fd is None:
             return
         try:
-            handover, prefix = self.fast_request
-            # Does one more token after the options become the command? Not when the
-            # options did not reach the image (UCTR_IMAGE and no command): then it would be
-            # taken for the image, and the C front must not guess.
-            complete = handover or options.parse(list(prefix) + ["x"], self.env).command == ["x"]
+            handover, prefix, complete = self.fast_request_parts()
             lines = fastrec.build(
                 step_key=self.ctx.step_key, prefix=prefix, complete=complete, handover=handover,
                 config=self.image.config, policy=self.policy, user_env=self.opts.env,
@@ -376,11 +380,73 @@ class Launch:
         finally:
             os.close(dir_fd)
 
+    def fast_request_parts(self):
+        """(handover, option tokens, complete) of this rank's request, for the records."""
+        from uctr_batch.launch import options
+
+        handover, prefix = self.fast_request
+        # Does one more token after the options become the command? Not when the options
+        # did not reach the image (UCTR_IMAGE and no command): then it would be taken for
+        # the image, and the C front must not guess.
+        complete = handover or options.parse(list(prefix) + ["x"], self.env).command == ["x"]
+        return handover, prefix, complete
+
+    def publish_outcome(self, error=None, reason=None) -> None:
+        """Tell the step's other ranks on this node that no container of this rank comes:
+        the SPANK plugin's tasks wait for the record of the container local task 0 makes
+        (launchers/c/record.md, "Outcome records"). They then fail with this rank's error,
+        or go to the Python launcher at once, instead of waiting for a record that never
+        comes. Only before this rank entered a container, and never in its way: any
+        failure here is ignored."""
+        if self.entered or self.fast_request is None or not self.ctx.step_key.isascii():
+            return  # inside a container, the host's files (our modules too) are out of sight
+        command = None
+        if error is not None and error.exit_code in PAYLOAD_CODES:
+            command = self.missing_command()
+            if command is None:
+                return
+        try:
+            from uctr_batch.launch import fastrec, sharedns
+            from uctr_batch.launch.nodelock import open_private_dir
+
+            handover, prefix, complete = self.fast_request_parts()
+            ppid = os.getppid()
+            lines = fastrec.outcome(
+                step_key=self.ctx.step_key, prefix=prefix, complete=complete, handover=handover,
+                env=self.env, host_cwd=self.host_cwd, parent=(ppid, sharedns.start_time(ppid)),
+                reason=reason, error=error, command=command or None)
+            dir_fd = open_private_dir(fastrec.fast_dir(self.env))
+        except (UctrError, OSError, ValueError, ImportError) as e:
+            self.diag.say("no outcome record: %s" % e, 2)
+            return
+        try:
+            fastrec.write_outcome(dir_fd, fastrec.record_name(self.ctx.step_key), lines)
+        except OSError as e:
+            self.diag.say("no outcome record: %s" % e, 2)
+        finally:
+            os.close(dir_fd)
+
+    def missing_command(self):
+        """For an error about the program to run (126, 127): the rank's own command when
+        it is that program ("" when it is the image's Entrypoint, which every rank runs),
+        else None (the image's Cmd: ranks that give a command may well run)."""
+        argv = getattr(self, "argv", None)
+        if not argv:
+            return None
+        config = self.image.config
+        if self.opts.entrypoint and config.get("Entrypoint"):
+            return ""
+        if self.opts.command and argv[0] == self.opts.command[0]:
+            return argv[0]
+        return None
+
     # -- every other mode: one container per rank -------------------------------------------
     def run_alone(self, ladder, explicit: bool) -> None:
         from uctr_batch.launch import staged
         from uctr_batch.launch.nodelock import open_private_dir
         from uctr_batch.run import exec_ladder
+
+        self.publish_outcome(reason="mode %s runs one container per rank" % ladder[0])
 
         dir_fd = open_private_dir(staged.launch_dir(self.local_dir))
         try:
