@@ -128,8 +128,9 @@ static const char *same_command(const struct fj_join *j, int argc, char **argv)
 
 /* The tasks of a step start together: without a wait, all of them would find no record
  * and start uctr-exec. Local task 0 goes through uctr-exec and creates the container; the
- * others wait for its record, at most CREATOR_WAIT_MS (cold staging, a failing creator:
- * then they take uctr-exec too, as before). Only on a warm node, where the user's record
+ * others wait for its record, at most CREATOR_WAIT_MS (cold staging: then they take
+ * uctr-exec too, as before). A creator that makes no container says so at once in an
+ * outcome record (launchers/c/record.md): they then fail with its error, or take uctr-exec. Only on a warm node, where the user's record
  * directory exists (an earlier step ran N1 here), and not for a mode other than N1: a step
  * that writes no record must not make its tasks wait. */
 #define CREATOR_WAIT_MS 10000

@@ -120,3 +120,25 @@ def test_exit_status_and_not_found_on_the_c_path(slurm_cluster, busybox, warm):
     assert sorted(int(t) for t, _ in lines) == [0, 1, 2, 3], result.stderr
     assert {text for _, text in lines} == \
         {"command not found in the container: no-such-command-uctr"}, result.stderr
+    # local task 0 left an outcome record: the others failed from it in task_init, neither
+    # after a wait for a container that never came nor through uctr-exec
+    assert failed_from_c(result.stderr) == {1, 3}, result.stderr
+    took_uctr_exec = re.findall(r"^\s*(\d+): uctr: task_init: uctr-exec path", result.stderr, re.M)
+    assert sorted(int(t) for t in took_uctr_exec) == [0, 2], result.stderr
+
+
+def failed_from_c(stderr):
+    return {int(m.group(1)) for m in re.finditer(
+        r"^\s*(\d+): uctr: task_init: failing as the step's first rank did$", stderr, re.M)}
+
+
+def test_multi_prog_tasks_do_not_join(slurm_cluster, busybox, warm):
+    """srun --multi-prog: task_init sees the configuration file, not the task's command
+    line, so no task joins (or waits) from C; each runs its own program."""
+    conf = slurm_cluster.work_dir("multiprog") / "multi.conf"
+    conf.write_text("0 true\n1-3 sh -c 'exit 0'\n")
+    conf.chmod(0o644)
+    result = run_step(slurm_cluster, busybox, "--multi-prog", str(conf), tasks=4)
+    assert result.returncode == 0, result.stderr
+    assert not joined_tasks(result.stderr), result.stderr
+    assert "srun --multi-prog: each task runs its own program" in result.stderr, result.stderr
