@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -273,8 +274,16 @@ static void payload_found(char **env, const char *command)
     int denied = 0;
     const char *path = fr_getenv(env, "PATH");
     char hint[8300];
+    if (command[0] == '/') {  /* base.check_command: it must be a file in the container */
+        struct stat st;
+        if (stat(command, &st) == 0 && S_ISREG(st.st_mode))
+            return;
+        snprintf(hint, sizeof(hint), "check the image has it on its PATH (PATH=%s)",
+                 path ? path : "");
+        fj_die(EXIT_NOT_FOUND, hint, "command not found in the container: %s", command);
+    }
     if (strchr(command, '/'))
-        return;  /* slurmstepd's execve reports it, as uctr-exec's would */
+        return;  /* relative to the working directory: slurmstepd's execve reports it */
     if (fj_resolve(command, path ? path : "/usr/local/bin:/usr/bin:/bin", &denied))
         return;
     if (denied)
@@ -303,8 +312,7 @@ int uctr_join_task(spank_t sp, const struct uctr_config *cfg, const char *image)
         const char *inuse = fr_value(&j.rec, "inuse_dir");
         if (inuse)
             fj_mark_in_use(inuse);  /* a host path: before setns */
-        /* EINVAL: already in that user namespace */
-        if (setns(j.ns[0], CLONE_NEWUSER) < 0 && errno != EINVAL) {
+        if (fj_setns_user(j.ns[0]) < 0) {
             fj_release(&j);
             why = "cannot join the user namespace";
         }

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/file.h>
 #include <sys/inotify.h>
 #include <sys/ioctl.h>
@@ -376,6 +377,17 @@ static const char *outcome(const struct fj_join *j)
     if (command && (j->ncommand == 0 || strcmp(j->command[0], command) != 0))
         return "the step's first rank failed for another command";
     return fj_failed;
+}
+
+int fj_setns_user(int fd)
+{
+    if (setns(fd, CLONE_NEWUSER) == 0)
+        return 0;
+    /* EINVAL also means a caller with threads (another plugin's): only the same
+     * namespace is no error */
+    struct stat ours, theirs;
+    return errno == EINVAL && stat("/proc/self/ns/user", &ours) == 0 && fstat(fd, &theirs) == 0
+           && ours.st_ino == theirs.st_ino && ours.st_dev == theirs.st_dev ? 0 : -1;
 }
 
 void fj_fail_as_recorded(struct fj_join *j)

@@ -36,6 +36,9 @@ void fj_fail_as_recorded(struct fj_join *j) __attribute__((noreturn));
 int fj_watch_records(char **envp, char *name, size_t size);
 int fj_wait_records(int watch, const char *name, long ms);
 
+/* setns() into the user namespace FD; 0 also when we are in it already. */
+int fj_setns_user(int fd);
+
 /* Close what fj_prepare left open and free it (a caller that does not exec afterwards). */
 void fj_release(struct fj_join *j);
 

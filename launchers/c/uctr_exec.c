@@ -198,8 +198,8 @@ int main(int argc, char **argv)
     const char *inuse = fr_value(&j.rec, "inuse_dir");
     if (inuse)
         fj_mark_in_use(inuse); /* before setns: the host path is out of sight afterwards */
-    /* EINVAL: we are in that user namespace already (uctr-exec run inside the container) */
-    if (setns(j.ns[0], CLONE_NEWUSER) < 0 && errno != EINVAL)
+    /* in that user namespace already: uctr-exec run inside the container */
+    if (fj_setns_user(j.ns[0]) < 0)
         fallback("cannot join the user namespace");
     if (setns(j.ns[1], CLONE_NEWNS) < 0)
         fj_die(EXIT_MODE, "the step's container is gone; start the step again",

@@ -663,3 +663,19 @@ def test_a_waiting_task_wakes_for_an_outcome(tool, tmp_path):
     finally:
         waiter.kill()
         waiter.wait()
+
+
+def test_no_record_goes_into_a_base_directory_others_could_have_planted(tmp_path):
+    """/tmp/uctr-UID made first by another user (or writable by others): its owner could
+    swap launch/ around; the writers put nothing there."""
+    base = tmp_path / "local"
+    env = {"UCTR_LOCAL_DIR": str(base)}
+    os.close(fastrec.open_dir(env))  # created, private
+    os.chmod(base, 0o777)
+    with pytest.raises(UctrError, match="others may write"):
+        fastrec.open_dir(env)
+    os.chmod(base, 0o700)
+    base.rename(tmp_path / "real")
+    base.symlink_to(tmp_path / "real")
+    with pytest.raises(UctrError):
+        fastrec.open_dir(env)

@@ -204,6 +204,19 @@ def fast_dir(env) -> str:
     return os.path.join(base, RECORD_DIR)
 
 
+def open_dir(env) -> int:
+    """fast_dir(env), private (nodelock.open_private_dir), in a base that is private too: a
+    /tmp/uctr-UID that another user made first (before the rank's own staging moved to a
+    fallback directory, location.py) holds no records. Its owner could swap our launch/
+    for another of our directories: no record of theirs, but waits for nothing. The C
+    readers do not check the base (a rank's calls are counted), so no record goes there."""
+    from uctr_batch.launch.nodelock import open_private_dir
+
+    path = fast_dir(env)
+    os.close(open_private_dir(os.path.dirname(path)))
+    return open_private_dir(path)
+
+
 def record_name(step_key: str) -> str:
     from uctr_batch.launch.sharedns import safe_name
 

@@ -105,7 +105,18 @@ def main(argv=None) -> int:
     except Exception:  # a bug: keep the traceback visible
         diag.write("error: internal error (please report this)")
         _traceback(diag)
+        if launch is not None:
+            launch.publish_outcome(error=InternalError())
         return EXIT_INTERNAL
+
+
+class InternalError(UctrError):
+    """What the step's other ranks say after this rank met a bug (its traceback is its own)."""
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self):
+        super().__init__("internal error (please report this)",
+                         "the traceback is in the output of the step's first rank on this node")
 
 
 def _traceback(diag: Diag) -> None:
@@ -199,6 +210,7 @@ class Launch:
                                         ("--container-save", opts.save)))
         ladder = sif.s1_ladder(opts.image, policy_cache.mode_ladder(policy, opts.mode),
                                explicit=opts.mode is not None)
+        self.publish_outcome(reason="an Apptainer image runs in mode S1, one container per rank")
         scratch = os.path.join(local_dir, "run")
         os.makedirs(scratch, 0o700, exist_ok=True)
         spec = run.build_spec(
@@ -267,6 +279,8 @@ class Launch:
                     member.close()
                     raise
                 self.diag.say("%s: joining step %s" % (option, step_key), 1)
+                self.publish_outcome(reason="the step joins the running container of step %s"
+                                     % step_key)
                 if self.opts.volumes:
                     self.diag.warn("%s: ignoring --container-mounts: this step joins the "
                                    "running container of step %s, with its mounts"
@@ -349,12 +363,11 @@ class Launch:
         """The fast-join record's directory (launch.fastrec), or None: the record only
         spares the other ranks their Python, so no failure here may stop this rank."""
         from uctr_batch.launch import fastrec
-        from uctr_batch.launch.nodelock import open_private_dir
 
         if self.fast_request is None or not self.ctx.step_key.isascii():
             return None
         try:
-            return open_private_dir(fastrec.fast_dir(self.env))
+            return fastrec.open_dir(self.env)
         except (UctrError, OSError) as e:
             self.diag.say("no fast-join record: %s" % e, 2)
             return None
@@ -377,6 +390,8 @@ class Launch:
             fastrec.write(dir_fd, fastrec.record_name(self.ctx.step_key), lines)
         except (UctrError, OSError, ValueError, KeyError, TypeError) as e:
             self.diag.say("cannot write the fast-join record: %s" % e, 2)
+            # the step's other tasks must not wait for it: they take the Python launcher
+            self.write_outcome(dir_fd, reason="no fast-join record: %s" % e)
         finally:
             os.close(dir_fd)
 
@@ -406,25 +421,31 @@ class Launch:
             if command is None:
                 return
         try:
-            from uctr_batch.launch import fastrec, sharedns
-            from uctr_batch.launch.nodelock import open_private_dir
+            from uctr_batch.launch import fastrec
 
+            dir_fd = fastrec.open_dir(self.env)
+        except (UctrError, OSError, ImportError) as e:
+            self.diag.say("no outcome record: %s" % e, 2)
+            return
+        try:
+            self.write_outcome(dir_fd, error=error, reason=reason, command=command or None)
+        finally:
+            os.close(dir_fd)
+
+    def write_outcome(self, dir_fd: int, **what) -> None:
+        """fastrec.outcome(**what) for this rank's request, linked into DIR_FD."""
+        from uctr_batch.launch import fastrec, sharedns
+
+        try:
             handover, prefix, complete = self.fast_request_parts()
             ppid = os.getppid()
             lines = fastrec.outcome(
                 step_key=self.ctx.step_key, prefix=prefix, complete=complete, handover=handover,
                 env=self.env, host_cwd=self.host_cwd, parent=(ppid, sharedns.start_time(ppid)),
-                reason=reason, error=error, command=command or None)
-            dir_fd = open_private_dir(fastrec.fast_dir(self.env))
-        except (UctrError, OSError, ValueError, ImportError) as e:
-            self.diag.say("no outcome record: %s" % e, 2)
-            return
-        try:
+                **what)
             fastrec.write_outcome(dir_fd, fastrec.record_name(self.ctx.step_key), lines)
-        except OSError as e:
+        except (UctrError, OSError, ValueError) as e:
             self.diag.say("no outcome record: %s" % e, 2)
-        finally:
-            os.close(dir_fd)
 
     def missing_command(self):
         """For an error about the program to run (126, 127): the rank's own command when
