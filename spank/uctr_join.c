@@ -224,17 +224,32 @@ static char **exec_request(spank_t sp, const struct uctr_config *cfg, const char
  * path that a task in the container's mount namespace cannot see, so it must not join.
  * The oci.conf is looked for where slurmstepd's own slurm.conf is (SLURM_CONF in its
  * environment, else Debian's /etc/slurm). */
+static const char *slurm_conf(void)
+{
+    const char *conf = getenv("SLURM_CONF");
+    return conf && conf[0] == '/' ? conf : "/etc/slurm/slurm.conf";
+}
+
 static int slurm_runs_container(spank_t sp)
 {
     char container[16], dir[PATH_MAX];
     spank_err_t rc = spank_getenv(sp, "SLURM_CONTAINER", container, sizeof(container));
     if (rc != ESPANK_SUCCESS && rc != ESPANK_NOSPACE)  /* set: a long value is set too */
         return 0;
-    const char *conf = getenv("SLURM_CONF");
-    snprintf(dir, sizeof(dir), "%s", conf && conf[0] == '/' ? conf : "/etc/slurm/slurm.conf");
+    snprintf(dir, sizeof(dir), "%s", slurm_conf());
     char *slash = strrchr(dir, '/');
     snprintf(slash + 1, sizeof(dir) - (size_t)(slash + 1 - dir), "oci.conf");
     return access(dir, F_OK) == 0;
+}
+
+/* slurmstepd runs the site's TaskProlog in the task process after task_init: in a joined
+ * task that is inside the container, where the script, its interpreter and (from 24.11,
+ * which runs scripts through slurmstepd itself) slurmstepd's libraries are missing, and
+ * the task fails ("TaskProlog failed status=127", as pyxis users meet it). Through
+ * uctr-exec the TaskProlog runs on the host, before the container. */
+static int site_task_prolog(void)
+{
+    return fj_conf_sets(slurm_conf(), "TaskProlog");
 }
 
 /* Before the first setns: NULL when the task can join, else why not (j released). */
@@ -249,6 +264,8 @@ static const char *prepare(spank_t sp, const struct uctr_config *cfg, const char
      * task's command line, which the plugin cannot read here */
     if (argc == 2 && strchr(argv[1], '\n'))
         return "srun --multi-prog: each task runs its own program";
+    if (site_task_prolog())
+        return "the site's TaskProlog runs on the host (slurm.conf)";
     if (slurm_runs_container(sp))
         return "Slurm's OCI runtime runs this step (oci.conf)";
     char **request = exec_request(sp, cfg, image, argc, argv, &n);

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <poll.h>
 #include <sched.h>
 #include <sys/file.h>
@@ -377,6 +378,39 @@ static const char *outcome(const struct fj_join *j)
     if (command && (j->ncommand == 0 || strcmp(j->command[0], command) != 0))
         return "the step's first rank failed for another command";
     return fj_failed;
+}
+
+int fj_conf_sets(const char *path, const char *key)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    char *text = malloc(FR_MAX_BYTES + 1);
+    ssize_t n = text ? read(fd, text, FR_MAX_BYTES) : -1;
+    close(fd);
+    if (n < 0) {
+        free(text);
+        return 0;
+    }
+    text[n] = '\0';
+    size_t klen = strlen(key);
+    int found = 0;
+    for (char *line = text, *next; line && !found; line = next) {
+        next = strchr(line, '\n');
+        if (next)
+            *next++ = '\0';
+        line += strspn(line, " \t");
+        if (strncasecmp(line, key, klen) != 0)
+            continue;
+        char *value = line + klen + strspn(line + klen, " \t");
+        if (*value != '=')
+            continue;
+        value++;
+        value += strspn(value, " \t");
+        found = *value && *value != '#';
+    }
+    free(text);
+    return found;
 }
 
 int fj_setns_user(int fd)

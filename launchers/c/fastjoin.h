@@ -36,6 +36,10 @@ void fj_fail_as_recorded(struct fj_join *j) __attribute__((noreturn));
 int fj_watch_records(char **envp, char *name, size_t size);
 int fj_wait_records(int watch, const char *name, long ms);
 
+/* Does the slurm.conf-style file PATH set KEY (case-insensitive, "Key=value" with a
+ * non-empty value)? 0 when it cannot be read. */
+int fj_conf_sets(const char *path, const char *key);
+
 /* setns() into the user namespace FD; 0 also when we are in it already. */
 int fj_setns_user(int fd);
 

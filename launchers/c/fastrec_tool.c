@@ -130,6 +130,10 @@ int main(int argc, char **argv)
         fr_free(&rec);
         return 0;
     }
+    if (argc == 4 && strcmp(argv[1], "conf-sets") == 0) {
+        printf("%d\n", fj_conf_sets(argv[2], argv[3]));
+        return 0;
+    }
     if (argc >= 2 && strcmp(argv[1], "join") == 0) {
         struct fj_join j = FJ_JOIN_INIT;
         const char *why = fj_prepare(&j, argc - 1, argv + 1, environ);

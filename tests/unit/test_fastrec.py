@@ -679,3 +679,21 @@ def test_no_record_goes_into_a_base_directory_others_could_have_planted(tmp_path
     base.symlink_to(tmp_path / "real")
     with pytest.raises(UctrError):
         fastrec.open_dir(env)
+
+
+@needs_cc
+@pytest.mark.parametrize("text, sets", [
+    ("TaskProlog=/etc/slurm/tp.sh\n", True),
+    ("ClusterName=c\n  taskprolog = /etc/slurm/tp.sh # site\n", True),
+    ("#TaskProlog=/etc/slurm/tp.sh\n", False),
+    ("TaskProlog=\n", False),
+    ("TaskProlog= # none\n", False),
+    ("TaskPrologFlags=x\nTaskEpilog=/x\n", False),
+    ("", False),
+])
+def test_c_sees_a_task_prolog_in_slurm_conf(tool, tmp_path, text, sets):
+    """spank/uctr_join.c: with a TaskProlog, no task joins in task_init (slurmstepd would
+    run the script inside the container, where it is missing)."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(text)
+    assert run_tool(tool, "conf-sets", conf, "TaskProlog").strip() == ("1" if sets else "0")
