@@ -139,6 +139,20 @@ def outcome_lines(**overrides):
     return fastrec.outcome(**args)
 
 
+# every replay_* field, as launch.replay writes them (their meaning: test_replay.py)
+REPLAY_SAMPLE = [
+    ("replay_key", "0123456789abcdef"), ("replay_until", "1900000000"),
+    ("replay_limit", "600"), ("replay_python", "3", "11"),
+    ("replay_stat", "/etc/ld.so.cache", "1", "2", "3", "4"), ("replay_stat", HOSTILE),
+    ("replay_marker", "/b/.uctr-complete", "sha256:ab"), ("replay_vary", "SLURM_STEP_ID"),
+    ("replay_absent_dir", "/tmp/spmix_appdir_\x01J.\x01S"),
+    ("replay_op", "userns", "1000", "1000"), ("replay_op", "ro", HOSTILE),
+    ("replay_op", "tmpfs", "/r/dev", "6", "mode=0755"),
+    ("replay_nskey", "(2, ('SLURM_JOBID', '\\x01J'))"), ("replay_extras", "7b30"),
+    ("replay_manifest", "/b/rootfs.injection.json", "7b7d0a"), ("replay_warning", HOSTILE),
+]
+
+
 class Failure(UctrError):
     exit_code = 4
 
@@ -148,7 +162,8 @@ def test_c_reads_every_field_python_writes(tool, tmp_path):
     seen = set()
     for name, lines in (("r.rec", record_lines() + [("fallback", HOSTILE)]),
                         ("failed.rec", outcome_lines()),
-                        ("none.rec", outcome_lines(error=None, reason=HOSTILE))):
+                        ("none.rec", outcome_lines(error=None, reason=HOSTILE)),
+                        ("tpl.rec", record_lines() + REPLAY_SAMPLE)):
         path = write(tmp_path, lines, name)
         python = [(n, list(a)) for n, a in fastrec.parse(path.read_bytes())]
         seen |= {n for n, _ in python}

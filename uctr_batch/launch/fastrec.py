@@ -82,6 +82,20 @@ FIELDS = (
     ("env_default", 2, 2, "many"),
     ("env_join", 2, 256, "many"),
     ("env_append", 2, 2, "many"),
+    # replay templates only (launch.replay): what the C creator needs for the next step
+    ("replay_key", 1, 1, "opt"),      # the template's name part (replay.key)
+    ("replay_until", 1, 1, "opt"),    # epoch seconds: the recipe expires
+    ("replay_limit", 1, 1, "opt"),    # seconds: the holder's limit (the staging timeout)
+    ("replay_python", 2, 2, "opt"),   # MAJOR MINOR of the rendezvous record's readers
+    ("replay_stat", 1, 5, "many"),    # PATH [MTIME CTIME SIZE INODE]: unchanged, or absent
+    ("replay_marker", 2, 2, "many"),  # FILE TEXT: the bundle is still complete
+    ("replay_vary", 1, 1, "many"),    # NAME: a required variable whose value may differ
+    ("replay_absent_dir", 1, 1, "many"),  # PATH with the ids stood in: must not exist
+    ("replay_op", 2, 4, "many"),      # OP ARGS: the setup, in order (n1.REPLAY_OPS)
+    ("replay_nskey", 1, 1, "opt"),    # repr of the namespace key's inputs, ids stood in
+    ("replay_extras", 1, 1, "opt"),   # hex of marshal(extras) for the rendezvous record
+    ("replay_manifest", 2, 2, "opt"),  # PATH HEX: the injection manifest's bytes
+    ("replay_warning", 1, 1, "many"),  # printed by the creating task, as Python does
     ("end", 0, 0, "once"),       # last line: a truncated record is refused
 )
 FIELD_NAMES = tuple(f[0] for f in FIELDS)
@@ -438,7 +452,8 @@ def _collect_garbage(dir_fd: int, keep: str) -> None:
     except OSError:
         return
     for other in names:
-        if other == keep or not other.startswith(RECORD_PREFIX + "step-"):
+        if other == keep or not other.startswith((RECORD_PREFIX + "step-",
+                                                  RECORD_PREFIX + "replay-")):
             continue
         try:
             if now - os.stat(other, dir_fd=dir_fd, follow_symlinks=False).st_mtime > GC_AGE:

@@ -135,6 +135,7 @@ class Launch:
         self.opts, self.ctx, self.env, self.diag = opts, ctx, env, diag
         self.fast_request = None  # (handover, option tokens): main() sets it
         self.entered = False  # in the container's namespaces (set up or joined)
+        self.ns_ops = None  # what setting the container up did (n1.setup_namespace)
         self.box = None  # the named container of --container-name/--container-save
         try:
             self.host_cwd = os.getcwd()
@@ -343,8 +344,9 @@ class Launch:
                 fast = self.fast_record_dir()  # opened before pivot_root hides the host
                 if self.box is not None and self.opts.name:  # for the steps that join it
                     self.box.note_running(self.ctx.step_key, ns_key)
+                self.ns_ops = []
                 try:
-                    n1.setup_namespace(spec)
+                    n1.setup_namespace(spec, self.ns_ops)
                 except ModeUnavailable as e:
                     if fast is not None:
                         os.close(fast)
@@ -388,12 +390,25 @@ class Launch:
                 inuse=staged.inuse_dir(self.local_dir, self.image.manifest_digest),
                 spec=spec, verbosity=self.opts.verbosity)
             fastrec.write(dir_fd, fastrec.record_name(self.ctx.step_key), lines)
+            self.write_replay(dir_fd, entry, lines, rdv)
         except (UctrError, OSError, ValueError, KeyError, TypeError) as e:
             self.diag.say("cannot write the fast-join record: %s" % e, 2)
             # the step's other tasks must not wait for it: they take the Python launcher
             self.write_outcome(dir_fd, reason="no fast-join record: %s" % e)
         finally:
             os.close(dir_fd)
+
+    def write_replay(self, dir_fd, entry, lines, rdv) -> None:
+        """The replay template for the next steps of this request (launch.replay)."""
+        from uctr_batch.launch import replay
+
+        reason = replay.why_not(self, entry, lines)
+        if reason:
+            self.diag.say("no replay template: %s" % reason, 2)
+            return
+        handover, prefix, _complete = self.fast_request_parts()
+        template = replay.template_lines(self, entry, lines, rdv)
+        replay.write(dir_fd, replay.key(self.env, self.host_cwd, prefix), template)
 
     def fast_request_parts(self):
         """(handover, option tokens, complete) of this rank's request, for the records."""
@@ -491,9 +506,10 @@ class Launch:
 
         plan, pmi = injection.plan_step(self.image, entry["plan"], self.policy, self.env)
         fields = dict(entry["spec"])
-        fields["binds"] = with_binds(fields["binds"], injection.plan_binds(pmi))
+        step_binds, step_devices = injection.plan_binds(pmi), injection.plan_devices(pmi)
+        fields["binds"] = with_binds(fields["binds"], step_binds)
         fields["devices"] = list(fields["devices"]) + [
-            d for d in injection.plan_devices(pmi) if d not in fields["devices"]]
+            d for d in step_devices if d not in fields["devices"]]
         extras = injection.extras(plan, entry["gpu_env_keys"], entry["extras"]["gpu_vendor"])
         extras.update({k: entry["extras"][k] for k in ("cwd_for", "cwd", "binds")})
         try:
@@ -502,7 +518,8 @@ class Launch:
             self.diag.warn("cannot write the injection manifest: %s" % e)
             path = None
         return dict(entry, spec=fields, extras=extras, manifest=plan.summary_lines(),
-                    manifest_path=path, warnings=list(plan.warnings))
+                    manifest_path=path, warnings=list(plan.warnings),
+                    step_part=bool(step_binds or step_devices))
 
     def recipe(self, dir_fd: int, read_only: bool) -> dict:
         """The container recipe: cached, or built now and cached."""

@@ -52,8 +52,14 @@ class Native(Mode):
         exec_payload(spec)
 
 
-def setup_namespace(spec) -> None:
-    """Make this process live in the container described by spec (everything but exec)."""
+def setup_namespace(spec, ops=None) -> None:
+    """Make this process live in the container described by spec (everything but exec).
+
+    OPS, a list: every step done is appended to it, as ("op", args...) with host paths (the
+    mount points resolved inside the rootfs), in order. The C creator replays such a list
+    for the next steps of the same request (launchers/c/replay.c, launch/replay.py); the
+    vocabulary is REPLAY_OPS."""
+    note = ops.append if ops is not None else (lambda op: None)
     root = os.path.realpath(spec.rootfs)
     if not os.path.isdir(root):
         raise UctrError("rootfs is not a directory: %s" % spec.rootfs,
@@ -63,51 +69,88 @@ def setup_namespace(spec) -> None:
     except nsutil.UnshareRefused as e:
         # unshare() itself failed, nothing has changed yet: the ladder may try the next mode.
         raise ModeUnavailable(e.message, e.hint) from e
+    note(("userns", str(spec.uid), str(spec.gid)))
     inroot.system_dirs(root)  # before anything is mounted: /dev, /proc, /sys are real dirs
-    nsutil.bind(root, root, "cannot bind-mount the rootfs %s onto itself" % root)
+    _bind(note, root, root, "cannot bind-mount the rootfs %s onto itself" % root)
     for path in ("/proc", "/sys"):
-        nsutil.bind(path, inroot.ensure_mountpoint(root, path, True))
-    _mount_dev(root, spec)
-    _mount_identity(root, spec)
+        _bind(note, path, _mountpoint(note, root, path, True))
+    _mount_dev(note, root, spec)
+    _mount_identity(note, root, spec)
     for src, dst, ro in spec.binds:
-        target = inroot.ensure_mountpoint(root, dst, os.path.isdir(src))
-        nsutil.bind(src, target, "cannot bind-mount %s onto %s" % (src, dst))
+        target = _mountpoint(note, root, dst, os.path.isdir(src))
+        _bind(note, src, target, "cannot bind-mount %s onto %s" % (src, dst))
         if ro:
-            nsutil.remount_readonly(target, "cannot make the bind of %s read-only" % dst)
+            _readonly(note, target, "cannot make the bind of %s read-only" % dst)
     if spec.readonly:
-        nsutil.remount_readonly(root, "cannot make the rootfs read-only")
-    _pivot(root)
+        _readonly(note, root, "cannot make the rootfs read-only")
+    _pivot(note, root)
 
 
-def _mount_dev(root: str, spec) -> None:
-    dev = inroot.ensure_mountpoint(root, "/dev", True)
-    nsutil.mount("tmpfs", dev, "tmpfs", nsutil.MS_NOSUID | nsutil.MS_NOEXEC, "mode=0755,size=256k",
+# What setup_namespace records (and launchers/c/replay.c replays), with its arguments:
+REPLAY_OPS = {
+    "userns": 2,    # INSIDE-UID INSIDE-GID: unshare user+mount, setgroups deny, map us, rprivate /
+    "exists": 2,    # PATH dir|file: a mount point in the rootfs (created by the first run)
+    "bind": 2,      # SRC DST: MS_BIND|MS_REC
+    "ro": 1,        # DST: remount read-only, keeping the flags the kernel locked
+    "tmpfs": 3,     # DST FLAGS DATA
+    "mkdir": 1,     # PATH on that tmpfs (with parents)
+    "touch": 1,     # PATH on that tmpfs (0644)
+    "symlink": 2,   # TARGET PATH on that tmpfs
+    "pivot": 1,     # ROOT: pivot_root there, detach the old root, chdir /
+}
+
+
+def _bind(note, src: str, dst: str, step=None) -> None:
+    nsutil.bind(src, dst, step)
+    note(("bind", src, dst))
+
+
+def _readonly(note, path: str, step=None) -> None:
+    nsutil.remount_readonly(path, step)
+    note(("ro", path))
+
+
+def _mountpoint(note, root: str, path: str, is_dir: bool) -> str:
+    target = inroot.ensure_mountpoint(root, path, is_dir)
+    note(("exists", target, "dir" if is_dir else "file"))
+    return target
+
+
+def _mount_dev(note, root: str, spec) -> None:
+    dev = _mountpoint(note, root, "/dev", True)
+    flags = nsutil.MS_NOSUID | nsutil.MS_NOEXEC
+    nsutil.mount("tmpfs", dev, "tmpfs", flags, "mode=0755,size=256k",
                  step="cannot mount a tmpfs on /dev")
+    note(("tmpfs", dev, str(flags), "mode=0755,size=256k"))
     for host, is_dir in dev_entries(spec):
         rel = host[len("/dev/"):]
         target = os.path.join(dev, rel)
         os.makedirs(target if is_dir else os.path.dirname(target), exist_ok=True)
+        note(("mkdir", target if is_dir else os.path.dirname(target)))
         if not is_dir:
             os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o644))
-        nsutil.bind(host, target, "cannot bind-mount device %s" % host)
+            note(("touch", target))
+        _bind(note, host, target, "cannot bind-mount device %s" % host)
     for name, target in DEV_LINKS:
         os.symlink(target, os.path.join(dev, name))
+        note(("symlink", target, os.path.join(dev, name)))
 
 
-def _mount_identity(root: str, spec) -> None:
+def _mount_identity(note, root: str, spec) -> None:
     for host, path in ((spec.passwd, "/etc/passwd"), (spec.group, "/etc/group")):
         if host:
-            target = inroot.ensure_mountpoint(root, path, False)
-            nsutil.bind(host, target, "cannot bind-mount %s onto %s" % (host, path))
-            nsutil.remount_readonly(target)
+            target = _mountpoint(note, root, path, False)
+            _bind(note, host, target, "cannot bind-mount %s onto %s" % (host, path))
+            _readonly(note, target)
 
 
-def _pivot(root: str) -> None:
+def _pivot(note, root: str) -> None:
     # pivot_root(".", "."): the old root ends up stacked on "/", and is detached at once.
     os.chdir(root)
     nsutil.pivot_root(".", ".", "pivot_root into %s" % root)
     nsutil.umount_detach(".", "cannot detach the host's root filesystem")
     os.chdir("/")
+    note(("pivot", root))
 
 
 def exec_payload(spec) -> None:

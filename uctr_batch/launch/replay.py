@@ -1,0 +1,154 @@
+"""Replay templates: the next steps of a request set their container up without Python.
+
+When the Python launcher has set up a step's N1 container (launch.main, run_shared), it
+knows everything the next step with the same request needs: the mounts it made, in order
+(modes.n1.setup_namespace records them), the records to write, and what would make any of
+it stale. It writes that down, beside the step's fast-join record, as a replay template:
+
+    <launch dir>/fast-replay-<key>.rec      (launchers/c/record.md, "Replay templates")
+
+The SPANK plugin's local task 0 of a later step (launchers/c/replay.c) finds the template
+of its request, checks it, and sets the container up in C: a holder process replays the
+mounts, the task writes the step's records and joins like the other tasks. Only what varies
+from one step of the same request to the next is substituted: the job and step ids. Any
+doubt sends the task through uctr-exec, as before.
+
+A template is written only where the replay gives what the Python launcher would give:
+  * the image is pinned by digest (a tag moves: the index would have to be re-checked);
+  * the step adds nothing of its own (no PMI directory of the step exists: MPI plugin
+    none, or PMI-2 without directories; the C side checks, for the new step, that the
+    same directories are still absent);
+  * no policy path names the job, no per-rank GPU visibility, no --verbose, no fallback;
+  * the job and step ids are plain numbers (Slurm's).
+It is good until the recipe expires (recipe.MAX_AGE) and while the files it depends on
+(policy, drop-ins, ld cache, GPU nodes, policy bind sources, identity files, the bundle's
+completion marker) are unchanged: replay_stat and replay_marker lines.
+"""
+
+import os
+import sys
+import zlib
+
+PREFIX = "fast-replay-"
+VARY = ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_STEP_ID")  # may differ; the rest must not
+JOB, STEP = "\x01J", "\x01S"  # stand-ins in the templates: C writes the ids in their place
+PARTITION_ENV = ("SLURM_JOB_PARTITION", "PBS_QUEUE")  # policy_cache.current_partition
+
+
+def digest(data: bytes) -> str:
+    """recipe.digest over bytes (C: fc_digest)."""
+    return "%08x%08x" % (zlib.crc32(data), zlib.adler32(data))
+
+
+def key(env, host_cwd, prefix) -> str:
+    """The template's name part, from what the SPANK plugin's task knows of its request
+    before it reads anything (C: rp_key)."""
+    text = "\0".join([env.get("UCTR_IMAGE", ""), host_cwd or "/"] + list(prefix))
+    return digest(text.encode("utf-8", "surrogateescape"))
+
+
+def name(template_key: str) -> str:
+    return PREFIX + template_key + ".rec"
+
+
+def why_not(launch, entry, lines) -> str:
+    """Why no template may be written for this container, or "" when one may."""
+    env = launch.env
+    if any(ln[0] == "fallback" for ln in lines):
+        return "the record asks for Python"
+    if launch.opts.verbosity > 0:
+        return "--verbose"
+    if "@sha256:" not in (launch.opts.image or ""):
+        return "the image is not pinned by digest"
+    if entry.get("step_part"):
+        return "the step adds binds or devices of its own"
+    if not all((env.get(k) or "x").isdigit() and (env.get(k) or "").isascii() for k in VARY):
+        return "no Slurm job and step ids"
+    if any(k.startswith("PMIX_DSTORE_") for k in env):
+        return "PMIx dstore variables"
+    from uctr_batch.launch import recipe
+
+    if recipe.names_the_job(launch.policy):
+        return "a policy path names the job"
+    if not launch.ns_ops or launch.ns_ops[-1][0] != "pivot":
+        return "no recorded setup"
+    return ""
+
+
+def template_lines(launch, entry, record_lines, rdv) -> list:
+    """The fast-join record's lines plus the replay_* lines (see the module docstring)."""
+    from uctr_batch.launch import policy_cache, recipe
+    from uctr_batch.inject import pmi
+
+    env, spec = launch.env, entry["spec"]
+    handover, prefix, _complete = launch.fast_request_parts()
+    lines = list(record_lines)
+    lines += [("require", k, env[k]) if k in env else ("absent", k) for k in PARTITION_ENV]
+    lines.append(("replay_key", key(env, launch.host_cwd, prefix)))
+    created = recipe_created(entry)
+    lines.append(("replay_until", str(int(created + recipe.MAX_AGE))))
+    lines.append(("replay_limit", str(int(launch.timeout))))
+    lines.append(("replay_python", str(sys.version_info[0]), str(sys.version_info[1])))
+    watched = policy_cache.watched_paths(policy_cache.policy_path(env))
+    host = [row[0] for row in recipe.host_state(recipe.policy_bind_sources(launch.policy, env))]
+    identity = [p for p in (spec.get("passwd"), spec.get("group")) if p]
+    for row in policy_cache.stat_rows(watched + host + identity):
+        lines.append(("replay_stat",) + tuple(str(v) for v in row))
+    from uctr_batch.launch import staged
+
+    lines.append(("replay_marker", os.path.join(launch.image.bundle, staged.MARKER),
+                  launch.image.manifest_digest))
+    lines += [("replay_vary", k) for k in VARY]
+    sentinel = dict(env, SLURM_JOB_ID=JOB, SLURM_JOBID=JOB, SLURM_STEP_ID=STEP)
+    for path in pmi._slurm_pmix_dirs(sentinel, launch.policy, JOB, STEP):
+        lines.append(("replay_absent_dir", path))
+    lines += [("replay_op",) + tuple(op) for op in launch.ns_ops]
+    lines.append(("replay_nskey", nskey_template(launch)))
+    import marshal
+
+    lines.append(("replay_extras", marshal.dumps(entry["extras"]).hex()))
+    manifest = entry.get("manifest_path")
+    if manifest:
+        try:
+            with open(manifest, "rb") as f:
+                lines.append(("replay_manifest", manifest, f.read().hex()))
+        except OSError:
+            pass
+    lines += [("replay_warning", w) for w in entry.get("warnings") or ()]
+    return lines
+
+
+def recipe_created(entry) -> float:
+    import time
+
+    return entry.get("created") or time.time()
+
+
+def nskey_template(launch) -> str:
+    """repr() of the namespace key's inputs with the ids replaced by JOB and STEP: the C
+    creator puts the new step's ids back and hashes it (recipe.digest). Checked here: with
+    this step's ids it gives this step's key."""
+    from uctr_batch.launch import recipe
+
+    env = launch.env
+    sentinel = dict(env, SLURM_JOB_ID=JOB, SLURM_JOBID=JOB, SLURM_STEP_ID=STEP)
+    text = repr(recipe.inputs(launch.image_part, sentinel))
+    again = fill(text, env["SLURM_JOBID"], env["SLURM_STEP_ID"])
+    if again != repr(launch.inputs):
+        raise ValueError("the namespace key does not come back from its template")
+    return text
+
+
+def fill(text: str, job: str, step: str) -> str:
+    """The template TEXT with the ids put back (C: rp_fill)."""
+    return text.replace(repr(JOB), repr(job)).replace(repr(STEP), repr(step))
+
+
+def write(dir_fd: int, template_key: str, lines) -> None:
+    from uctr_batch.launch import fastrec
+
+    data = fastrec.dumps([(fastrec.HEADER, str(fastrec.VERSION))] + list(lines) + [("end",)])
+    if len(data) > fastrec.MAX_BYTES:
+        return
+    tmp = fastrec._write_temporary(dir_fd, name(template_key), data)
+    os.replace(tmp, name(template_key), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
