@@ -32,6 +32,7 @@
 
 #include "uctr.h"
 #include "fastjoin.h"
+#include "replay.h"
 
 #ifdef UCTR_FRONT_CONFIG
 /* The installed front's configuration (uctr slurm install writes it for both). */
@@ -252,6 +253,37 @@ static int site_task_prolog(void)
     return fj_conf_sets(slurm_conf(), "TaskProlog");
 }
 
+/* Local task 0 of a later step of a request: set the step's container up from the
+ * replay template the Python launcher left (launchers/c/replay.c), so that this task too
+ * joins it, with no Python. Anything in the way: the task goes through uctr-exec, whose
+ * Python launcher sets the container up, as before. */
+static void create_from_template(spank_t sp, int n, char **request, const char *image)
+{
+    int task = -1;
+    uint32_t count = 0;
+    if (spank_get_item(sp, S_TASK_ID, &task) != ESPANK_SUCCESS || task != 0
+        || spank_get_item(sp, S_JOB_LOCAL_TASK_COUNT, &count) != ESPANK_SUCCESS)
+        return;
+    char **env = job_env(sp);
+    if (!env)
+        return;
+    /* the option tokens before the command, as uctr-exec's Python launcher records them:
+     * none with UCTR_ARGV0 (before 23.11), else uctr_exec_prefix()'s after argv[0] */
+#if SLURM_VERSION_NUMBER >= SLURM_VERSION_NUM(23, 11, 0)
+    int nprefix = image[0] ? 2 : 1;
+#else
+    int nprefix = 0;
+    (void)image;
+#endif
+    struct rp r;
+    const char *why = rp_prepare(&r, n, request, nprefix, env);
+    if (!why)
+        why = rp_create(&r, (long)count, env);
+    if (fr_getenv(env, "UCTR_FAST_DEBUG"))
+        fprintf(stderr, "uctr: task_init: %s\n",
+                why ? why : "set the step's container up from C (replay template)");
+}
+
 /* Before the first setns: NULL when the task can join, else why not (j released). */
 static const char *prepare(spank_t sp, const struct uctr_config *cfg, const char *image,
                            struct fj_join *j, char *started, size_t size)
@@ -271,6 +303,7 @@ static const char *prepare(spank_t sp, const struct uctr_config *cfg, const char
     char **request = exec_request(sp, cfg, image, argc, argv, &n);
     if (!request)
         return "cannot build uctr-exec's request";
+    create_from_template(sp, n, request, image);
     const char *why = fj_prepare(j, n, request, job_env(sp));
     if (not_yet(why) && waits_for_creator(sp))
         why = wait_for_record(j, n, request, job_env(sp));

@@ -30,7 +30,7 @@
 /* -- files we trust -------------------------------------------------------------------- */
 
 /* A directory of ours that nobody else can write to (nodelock.open_private_dir). */
-static int open_private_dir(int at, const char *path)
+int fj_open_private_dir(int at, const char *path)
 {
     struct stat st;
     int fd = openat(at, path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
@@ -44,7 +44,7 @@ static int open_private_dir(int at, const char *path)
 }
 
 /* The record: a regular file of ours, not writable by others, of bounded size. */
-static char *read_record(int dir, const char *name, size_t *len, struct stat *st)
+char *fj_read_record(int dir, const char *name, size_t *len, struct stat *st)
 {
     int fd = openat(dir, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
@@ -263,7 +263,7 @@ void fj_mark_in_use(const char *dir)
 /* The directory of the step's fast-join record: fastrec.fast_dir, "<UCTR_LOCAL_DIR, else
  * /tmp/uctr-UID>/launch" spelled as Python's os.path.join spells it, so that it compares
  * string-equal to the record's launch_dir in the usual case. */
-static const char *record_dir(char **envp, char *out, size_t size)
+const char *fj_record_dir(char **envp, char *out, size_t size)
 {
     char base[4096];
     const char *local = fr_getenv(envp, "UCTR_LOCAL_DIR");
@@ -319,7 +319,7 @@ int fj_watch_records(char **envp, char *name, size_t size)
 {
     char dirpath[4096];
     struct fr_rank me;
-    if (record_dir(envp, dirpath, sizeof(dirpath)) || fr_detect(envp, (long)getppid(), &me) < 0
+    if (fj_record_dir(envp, dirpath, sizeof(dirpath)) || fr_detect(envp, (long)getppid(), &me) < 0
         || fr_record_name(me.step_key, name, size) < 0)
         return -1;
     int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
@@ -444,16 +444,16 @@ const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp)
         || fr_record_name(me.step_key, name, sizeof(name)) < 0)
         return "cannot tell the step";
     j->me = me;
-    if ((why = record_dir(envp, dirpath, sizeof(dirpath))))
+    if ((why = fj_record_dir(envp, dirpath, sizeof(dirpath))))
         return why;
     /* the record's directory: in the usual case the step's launch directory itself (one
      * open and fstat less), see below */
-    int dir = open_private_dir(AT_FDCWD, dirpath);
+    int dir = fj_open_private_dir(AT_FDCWD, dirpath);
     if (dir < 0)
         return "no private record directory";
     size_t len = 0;
     struct stat rst;
-    char *data = read_record(dir, name, &len, &rst);
+    char *data = fj_read_record(dir, name, &len, &rst);
     if (!data) {
         why = holds_records(dir) ? "no record for this step"
                                  : "no record on this node (no N1 step ran here lately)";
@@ -479,7 +479,7 @@ const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp)
      * opened and checked (the writer put the record into it), else a second open with the
      * same checks (the policy's storage.local_dir is not the environment's). */
     const char *launch = fr_value(&j->rec, "launch_dir");
-    j->launch = strcmp(launch, dirpath) == 0 ? dir : open_private_dir(AT_FDCWD, launch);
+    j->launch = strcmp(launch, dirpath) == 0 ? dir : fj_open_private_dir(AT_FDCWD, launch);
     why = "the rendezvous directory is not private";
     if (j->launch < 0)
         goto out;

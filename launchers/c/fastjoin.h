@@ -43,6 +43,15 @@ int fj_conf_sets(const char *path, const char *key);
 /* setns() into the user namespace FD; 0 also when we are in it already. */
 int fj_setns_user(int fd);
 
+/* The pieces fj_prepare is made of, for the C creator (replay.c): the record directory
+ * of the environment (<UCTR_LOCAL_DIR, else /tmp/uctr-UID>/launch; NULL or why not), a
+ * directory of ours nobody else can write (-1 otherwise), and a record file of ours
+ * (malloc'ed, NULL when it is not a regular file of ours of at most FR_MAX_BYTES). */
+const char *fj_record_dir(char **envp, char *out, size_t size);
+int fj_open_private_dir(int at, const char *path);
+struct stat;
+char *fj_read_record(int dir, const char *name, size_t *len, struct stat *st);
+
 /* Close what fj_prepare left open and free it (a caller that does not exec afterwards). */
 void fj_release(struct fj_join *j);
 

@@ -67,6 +67,7 @@ const struct fr_field fr_fields[] = {
     FIELD("replay_extras", 1, 1, OPT),
     FIELD("replay_manifest", 2, 2, OPT),
     FIELD("replay_warning", 1, 1, MANY),
+    FIELD("replay_command", 1, 1, OPT),
     FIELD("end", 0, 0, ONCE),
 };
 const size_t fr_nfields = sizeof(fr_fields) / sizeof(fr_fields[0]);

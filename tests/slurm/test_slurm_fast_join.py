@@ -142,3 +142,41 @@ def test_multi_prog_tasks_do_not_join(slurm_cluster, busybox, warm):
     assert result.returncode == 0, result.stderr
     assert not joined_tasks(result.stderr), result.stderr
     assert "srun --multi-prog: each task runs its own program" in result.stderr, result.stderr
+
+
+# What a container looks like from inside, comparable between two containers of one job.
+SHAPE = r"""
+echo "cwd $(pwd)"
+echo "id $(id)"
+grep -E '^(Uid|Gid|Groups|Cap[A-Za-z]+|Sig[A-Za-z]+|NoNewPrivs):' /proc/$$/status | tr '\t' ' '
+cut -d' ' -f5,6 /proc/self/mountinfo | sort | sed 's/^/mount /'
+env | grep -v -E '^(SLURM_(STEP|STEPID|TASK_PID|PROCID|LOCALID|GTIDS|SRUN_COMM_PORT|STEP_LAUNCHER_PORT)[A-Z_]*|PMIX_RANK|PMI_RANK)=' | sort | sed 's/^/env /'
+"""
+CREATED_FROM_C = "uctr: task_init: set the step's container up from C (replay template)"
+
+
+def test_a_later_step_sets_its_container_up_from_c(slurm_cluster, busybox, warm):
+    """Local task 0 of a later step of the same request replays, in C, the setup the Python
+    launcher recorded for the first one (launchers/c/replay.c): no task of that step starts
+    Python, and the container is the one Python makes."""
+    script = ("export UCTR_FAST_DEBUG=1; srun -l -N2 -n4 --ntasks-per-node=2 --container-image=%s sh -c '%s' > one 2>&1;"
+              " srun -l -N2 -n4 --ntasks-per-node=2 --container-image=%s sh -c '%s' > two 2>&1;"
+              " cat one; echo =====; cat two") % (busybox, SHAPE.replace("'", "'\\''"),
+                                                  busybox, SHAPE.replace("'", "'\\''"))
+    result = slurm_cluster.salloc([*LIMIT, "-N2", "-n4"], ["sh", "-c", script], name="replay")
+    assert result.returncode == 0, result.stdout + result.stderr
+    one, two = result.stdout.split("=====\n")
+    created = {int(m.group(1)) for m in re.finditer(
+        r"^\s*(\d+): " + re.escape(CREATED_FROM_C) + "$", two, re.M)}
+    assert created == {0, 2}, two
+    assert "uctr-exec path" not in two and "python path" not in two, two
+    assert joined_tasks(two) >= {0, 1, 2, 3}, two
+    shape = {}
+    for name, text in (("one", one), ("two", two)):
+        for task in range(4):
+            shape[name, task] = sorted(line.split(": ", 1)[1] for line in text.splitlines()
+                                       if re.match(r"^\s*%d: (cwd|id|mount|env|[A-Z])" % task,
+                                                   line))
+    for task in range(4):
+        assert shape["one", task] == shape["two", task], task
+    assert any(line.startswith("mount ") for line in shape["two", 0])

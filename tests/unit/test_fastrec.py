@@ -150,6 +150,7 @@ REPLAY_SAMPLE = [
     ("replay_op", "tmpfs", "/r/dev", "6", "mode=0755"),
     ("replay_nskey", "(2, ('SLURM_JOBID', '\\x01J'))"), ("replay_extras", "7b30"),
     ("replay_manifest", "/b/rootfs.injection.json", "7b7d0a"), ("replay_warning", HOSTILE),
+    ("replay_command", HOSTILE),
 ]
 
 

@@ -96,6 +96,7 @@ FIELDS = (
     ("replay_extras", 1, 1, "opt"),   # hex of marshal(extras) for the rendezvous record
     ("replay_manifest", 2, 2, "opt"),  # PATH HEX: the injection manifest's bytes
     ("replay_warning", 1, 1, "many"),  # printed by the creating task, as Python does
+    ("replay_command", 1, 1, "opt"),  # the program (the recipe's MPI plan reads its ELF)
     ("end", 0, 0, "once"),       # last line: a truncated record is refused
 )
 FIELD_NAMES = tuple(f[0] for f in FIELDS)

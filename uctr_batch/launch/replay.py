@@ -14,7 +14,6 @@ from one step of the same request to the next is substituted: the job and step i
 doubt sends the task through uctr-exec, as before.
 
 A template is written only where the replay gives what the Python launcher would give:
-  * the image is pinned by digest (a tag moves: the index would have to be re-checked);
   * the step adds nothing of its own (no PMI directory of the step exists: MPI plugin
     none, or PMI-2 without directories; the C side checks, for the new step, that the
     same directories are still absent);
@@ -22,7 +21,8 @@ A template is written only where the replay gives what the Python launcher would
   * the job and step ids are plain numbers (Slurm's).
 It is good until the recipe expires (recipe.MAX_AGE) and while the files it depends on
 (policy, drop-ins, ld cache, GPU nodes, policy bind sources, identity files, the bundle's
-completion marker) are unchanged: replay_stat and replay_marker lines.
+completion marker, the shared cache's file for a tag) are unchanged: replay_stat and
+replay_marker lines.
 """
 
 import os
@@ -58,8 +58,6 @@ def why_not(launch, entry, lines) -> str:
         return "the record asks for Python"
     if launch.opts.verbosity > 0:
         return "--verbose"
-    if "@sha256:" not in (launch.opts.image or ""):
-        return "the image is not pinned by digest"
     if entry.get("step_part"):
         return "the step adds binds or devices of its own"
     if not all((env.get(k) or "x").isdigit() and (env.get(k) or "").isascii() for k in VARY):
@@ -92,7 +90,8 @@ def template_lines(launch, entry, record_lines, rdv) -> list:
     watched = policy_cache.watched_paths(policy_cache.policy_path(env))
     host = [row[0] for row in recipe.host_state(recipe.policy_bind_sources(launch.policy, env))]
     identity = [p for p in (spec.get("passwd"), spec.get("group")) if p]
-    for row in policy_cache.stat_rows(watched + host + identity):
+    tag = index_ref(launch)
+    for row in policy_cache.stat_rows(watched + host + identity + tag):
         lines.append(("replay_stat",) + tuple(str(v) for v in row))
     from uctr_batch.launch import staged
 
@@ -115,7 +114,26 @@ def template_lines(launch, entry, record_lines, rdv) -> list:
         except OSError:
             pass
     lines += [("replay_warning", w) for w in entry.get("warnings") or ()]
+    lines.append(("replay_command", launch.argv[0]))
     return lines
+
+
+def index_ref(launch) -> list:
+    """The shared cache's file the index entry of a tag depends on (staged.lookup), as a
+    one-path list; [] for a digest. ValueError when the entry is not this image's."""
+    from uctr_batch.launch import staged
+    from uctr_batch.launch.nodelock import open_private_dir, read_marshal
+
+    fd = open_private_dir(staged.launch_dir(launch.local_dir))
+    try:
+        entry = read_marshal(fd, "img-%s.idx" % staged.image_key(launch.opts.image))
+    finally:
+        os.close(fd)
+    if not isinstance(entry, dict) or entry.get("manifest_digest") != \
+            launch.image.manifest_digest:
+        raise ValueError("no index entry for the image")
+    ref = entry.get("ref")
+    return [ref[0]] if ref else []
 
 
 def recipe_created(entry) -> float:
