@@ -12,14 +12,33 @@
  *                                    fj_wait_records until MS ms passed: one line per
  *                                    answer, "1" (our record), "0" (another file), "-1"
  *
+ *   fastrec-tool digest STRING       fastctr's fc_digest: the 16 hex digits
+ *   fastrec-tool digest-file FILE    the same over the bytes of FILE (NULs, long inputs)
+ *   fastrec-tool ns-record OUTFILE MAJOR MINOR GENERATION CREATED CREATOR HOLDER USER MNT
+ *                EXTRAS [PID START]...   fc_write_ns_record into OUTFILE's directory;
+ *                                    EXTRAS: a file with marshal.dumps(extras); START "-":
+ *                                    None
+ *   fastrec-tool holder DIR RECORD MEMBERS LOCAL_SIZE LIMIT SETUP
+ *                                    fc_spawn_holder with a setup that does SETUP: "ok"
+ *                                    (writes DIR/setup-ran: its pid), "publish" (that, then
+ *                                    a record RECORD), "fail:MESSAGE", "hang"; prints "pid N" and "grandchild" when the
+ *                                    holder is not our child, or "error: MESSAGE". An
+ *                                    inherited descriptor and stdout stay open here: the
+ *                                    holder must close them
+ *
  * Strings are printed hex-encoded, one token per space, so any byte compares exactly. */
 #define _GNU_SOURCE
+#include "fastctr.h"
 #include "fastjoin.h"
 #include "fastrec.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -64,6 +83,101 @@ static int load(const char *path, struct fr_record *rec, int quiet)
     }
     if (!quiet)
         printf("ok\n");
+    return 0;
+}
+
+/* -- fastctr ---------------------------------------------------------------------------- */
+
+static int ns_record(int argc, char **argv)
+{
+    size_t extras_len;
+    char *extras = slurp(argv[11], &extras_len);
+    size_t n = (size_t)(argc - 12) / 2;
+    struct fc_member *m = calloc(n + 1, sizeof(*m));
+    if (!extras || !m)
+        return 1;
+    for (size_t i = 0; i < n; i++) {
+        m[i].pid = strtol(argv[12 + 2 * i], NULL, 10);
+        m[i].start = strcmp(argv[13 + 2 * i], "-") ? argv[13 + 2 * i] : NULL;
+    }
+    struct fc_ns ns = {
+        .py_major = atoi(argv[3]), .py_minor = atoi(argv[4]),
+        .generation = strtol(argv[5], NULL, 10), .created = strtod(argv[6], NULL),
+        .creator = strtol(argv[7], NULL, 10), .holder = strtol(argv[8], NULL, 10),
+        .user = strtoull(argv[9], NULL, 10), .mnt = strtoull(argv[10], NULL, 10),
+        .members = m, .nmembers = n,
+        .extras = (const unsigned char *)extras, .extras_len = extras_len,
+    };
+    char *dirc = strdup(argv[2]), *basec = strdup(argv[2]);
+    int dir = dirc ? open(dirname(dirc), O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+    int r = dir >= 0 && basec ? fc_write_ns_record(dir, basename(basec), &ns) : -1;
+    if (r < 0)
+        perror("fc_write_ns_record");
+    if (dir >= 0)
+        close(dir);
+    free(dirc);
+    free(basec);
+    free(m);
+    free(extras);
+    return r < 0;
+}
+
+struct setup_arg {
+    int dir;
+    const char *what, *record;
+};
+
+/* Runs in the holder: proves so by writing its pid where the test can read it. */
+static int test_setup(void *arg, char *err, size_t errlen)
+{
+    const struct setup_arg *a = arg;
+    if (strncmp(a->what, "fail:", 5) == 0) {
+        snprintf(err, errlen, "%s", a->what + 5);
+        return -1;
+    }
+    if (strcmp(a->what, "hang") == 0)
+        for (;;)
+            pause();
+    int fd = openat(a->dir, "setup-ran", O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC,
+                    0600);
+    if (fd < 0) {
+        snprintf(err, errlen, "setup-ran: %s", strerror(errno));
+        return -1;
+    }
+    dprintf(fd, "%ld\n", (long)getpid());
+    close(fd);
+    if (strcmp(a->what, "publish") == 0) { /* the record, as a creator writes it */
+        static const unsigned char none = 'N';
+        struct fc_ns ns = { .holder = getpid(), .extras = &none, .extras_len = 1 };
+        if (fc_write_ns_record(a->dir, a->record, &ns) < 0) {
+            snprintf(err, errlen, "%s: %s", a->record, strerror(errno));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int holder(char **argv)
+{
+    char err[512];
+    int dir = open(argv[2], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    /* Not close-on-exec, like a lock or PMI_FD a launcher hands down: the holder must
+     * not keep it (nor our stdout, a pipe the test reads to EOF). */
+    int inherited = open("/dev/zero", O_RDONLY);
+    if (dir < 0 || inherited < 0)
+        return 1;
+    struct setup_arg a = { dir, argv[7], argv[3] };
+    pid_t pid = fc_spawn_holder(test_setup, &a, dir, argv[3], argv[4],
+                                strtol(argv[5], NULL, 10), strtod(argv[6], NULL), err,
+                                sizeof(err));
+    if (pid < 0) {
+        printf("error: %s\n", err);
+        return 0;
+    }
+    printf("pid %ld\n", (long)pid);
+    /* The intermediate child was reaped and the holder was never ours. */
+    if (waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD)
+        printf("grandchild\n");
     return 0;
 }
 
@@ -168,7 +282,30 @@ int main(int argc, char **argv)
             close(watch);
         return 0;
     }
+    if (argc == 3 && strcmp(argv[1], "digest") == 0) {
+        char out[17];
+        fc_digest(argv[2], strlen(argv[2]), out);
+        printf("%s\n", out);
+        return 0;
+    }
+    if (argc == 3 && strcmp(argv[1], "digest-file") == 0) {
+        char out[17];
+        size_t len;
+        char *data = slurp(argv[2], &len);
+        if (!data)
+            return 1;
+        fc_digest(data, len, out);
+        free(data);
+        printf("%s\n", out);
+        return 0;
+    }
+    if (argc >= 12 && argc % 2 == 0 && strcmp(argv[1], "ns-record") == 0)
+        return ns_record(argc, argv);
+    if (argc == 8 && strcmp(argv[1], "holder") == 0)
+        return holder(argv);
     fprintf(stderr, "usage: fastrec-tool parse FILE... | env FILE | step PPID | "
-            "match FILE CWD UID GID [ARG]... | join [ARG]... | wait MS\n");
+            "match FILE CWD UID GID [ARG]... | join [ARG]... | wait MS | digest STRING | "
+            "digest-file FILE | ns-record OUTFILE ... | holder DIR RECORD MEMBERS SIZE LIMIT "
+            "SETUP\n");
     return 2;
 }
