@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
@@ -378,6 +379,11 @@ static int enter_userns(const char *inside_uid, const char *inside_gid)
 {
     char map[64];
     unsigned uid = (unsigned)getuid(), gid = (unsigned)getgid();
+    /* slurmstepd's task dropped root's ids, which made it non-dumpable: its /proc/self
+     * files are root's, and the id maps cannot be written (EACCES). An execve would reset
+     * that (the Python launcher's case); the holder runs as the user and no more. */
+    if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0)
+        return -1;
     if (unshare(CLONE_NEWUSER | CLONE_NEWNS) < 0 || write_file("/proc/self/setgroups", "deny"))
         return -1;
     snprintf(map, sizeof(map), "%s %u 1\n", inside_uid, uid);
@@ -692,7 +698,9 @@ const char *rp_create(struct rp *r, long local_size, char **envp)
     pid_t holder = fc_spawn_holder(setup, r, dir, record, members, local_size,
                                    limit ? atof(limit) : 600.0, err, sizeof(err));
     if (holder < 0) {
-        why = "the replayed setup failed";
+        static char failed[600];  /* a task is one process: the message outlives r */
+        snprintf(failed, sizeof(failed), "the replayed setup failed: %s", err);
+        why = failed;
         goto out;
     }
     why = publish(r, dir, envp, holder);

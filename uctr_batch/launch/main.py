@@ -342,6 +342,7 @@ class Launch:
                 spec = self.rank_spec(entry["extras"], entry["spec"])
                 self.before_setup(entry, spec)
                 fast = self.fast_record_dir()  # opened before pivot_root hides the host
+                replay_lines = self.replay_lines(entry) if fast is not None else None
                 if self.box is not None and self.opts.name:  # for the steps that join it
                     self.box.note_running(self.ctx.step_key, ns_key)
                 self.ns_ops = []
@@ -355,7 +356,7 @@ class Launch:
                     return e.message
                 self.entered = True
                 rdv.publish(entry["extras"], self.ctx.local_size)
-                self.write_fast_record(fast, rdv, entry, spec)
+                self.write_fast_record(fast, rdv, entry, spec, replay_lines)
         finally:
             rdv.release()
         n1.exec_payload(spec)
@@ -374,7 +375,7 @@ class Launch:
             self.diag.say("no fast-join record: %s" % e, 2)
             return None
 
-    def write_fast_record(self, dir_fd, rdv, entry, spec) -> None:
+    def write_fast_record(self, dir_fd, rdv, entry, spec, replay_lines=None) -> None:
         """Describe the container just published for the C front (launchers/c)."""
         from uctr_batch.launch import fastrec, staged
 
@@ -390,7 +391,7 @@ class Launch:
                 inuse=staged.inuse_dir(self.local_dir, self.image.manifest_digest),
                 spec=spec, verbosity=self.opts.verbosity)
             fastrec.write(dir_fd, fastrec.record_name(self.ctx.step_key), lines)
-            self.write_replay(dir_fd, entry, lines, rdv)
+            self.write_replay(dir_fd, lines, replay_lines)
         except (UctrError, OSError, ValueError, KeyError, TypeError) as e:
             self.diag.say("cannot write the fast-join record: %s" % e, 2)
             # the step's other tasks must not wait for it: they take the Python launcher
@@ -398,17 +399,26 @@ class Launch:
         finally:
             os.close(dir_fd)
 
-    def write_replay(self, dir_fd, entry, lines, rdv) -> None:
-        """The replay template for the next steps of this request (launch.replay)."""
+    def replay_lines(self, entry):
+        """launch.replay.prepare()'s lines for this container, or None; before the setup,
+        which hides the host's files (and our modules: replay is imported here)."""
         from uctr_batch.launch import replay
 
-        reason = replay.why_not(self, entry, lines)
+        reason, lines = replay.prepare(self, entry)
         if reason:
             self.diag.say("no replay template: %s" % reason, 2)
-            return
-        handover, prefix, _complete = self.fast_request_parts()
-        template = replay.template_lines(self, entry, lines, rdv)
-        replay.write(dir_fd, replay.key(self.env, self.host_cwd, prefix), template)
+            return None
+        return lines
+
+    def write_replay(self, dir_fd, record_lines, own) -> None:
+        """The replay template for the next steps of this request (launch.replay), inside
+        the container: only the descriptor and what replay_lines() computed."""
+        from uctr_batch.launch import replay
+
+        template = replay.complete(record_lines, own or (), self.ns_ops) if own else None
+        if template is not None:
+            replay.write(dir_fd, next(ln[1] for ln in template if ln[0] == "replay_key"),
+                         template)
 
     def fast_request_parts(self):
         """(handover, option tokens, complete) of this rank's request, for the records."""

@@ -51,37 +51,45 @@ def name(template_key: str) -> str:
     return PREFIX + template_key + ".rec"
 
 
-def why_not(launch, entry, lines) -> str:
-    """Why no template may be written for this container, or "" when one may."""
+def prepare(launch, entry):
+    """(why not, []) or ("", the template's own lines), computed before the container is
+    set up: afterwards the host's files are out of sight. complete() adds the rest."""
     env = launch.env
-    if any(ln[0] == "fallback" for ln in lines):
-        return "the record asks for Python"
     if launch.opts.verbosity > 0:
-        return "--verbose"
+        return "--verbose", []
     if entry.get("step_part"):
-        return "the step adds binds or devices of its own"
+        return "the step adds binds or devices of its own", []
     if not all((env.get(k) or "x").isdigit() and (env.get(k) or "").isascii() for k in VARY):
-        return "no Slurm job and step ids"
+        return "no Slurm job and step ids", []
     if any(k.startswith("PMIX_DSTORE_") for k in env):
-        return "PMIx dstore variables"
+        return "PMIx dstore variables", []
     from uctr_batch.launch import recipe
 
     if recipe.names_the_job(launch.policy):
-        return "a policy path names the job"
-    if not launch.ns_ops or launch.ns_ops[-1][0] != "pivot":
-        return "no recorded setup"
-    return ""
+        return "a policy path names the job", []
+    try:
+        return "", own_lines(launch, entry)
+    except (OSError, ValueError, KeyError) as e:
+        return "cannot describe the container: %s" % e, []
 
 
-def template_lines(launch, entry, record_lines, rdv) -> list:
-    """The fast-join record's lines plus the replay_* lines (see the module docstring)."""
-    from uctr_batch.launch import policy_cache, recipe
+def complete(record_lines, own, ops):
+    """The template: the step's fast-join record, prepare()'s lines and the setup the
+    container took (n1.setup_namespace); None when the record asks for Python."""
+    if any(ln[0] == "fallback" for ln in record_lines) or not ops or ops[-1][0] != "pivot":
+        return None
+    return list(record_lines) + list(own) + [("replay_op",) + tuple(op) for op in ops]
+
+
+def own_lines(launch, entry) -> list:
+    """The replay_* lines (see the module docstring) and the partition the policy was
+    resolved for."""
+    from uctr_batch.launch import policy_cache, recipe, staged
     from uctr_batch.inject import pmi
 
     env, spec = launch.env, entry["spec"]
-    handover, prefix, _complete = launch.fast_request_parts()
-    lines = list(record_lines)
-    lines += [("require", k, env[k]) if k in env else ("absent", k) for k in PARTITION_ENV]
+    _handover, prefix, _complete = launch.fast_request_parts()
+    lines = [("require", k, env[k]) if k in env else ("absent", k) for k in PARTITION_ENV]
     lines.append(("replay_key", key(env, launch.host_cwd, prefix)))
     created = recipe_created(entry)
     lines.append(("replay_until", str(int(created + recipe.MAX_AGE))))
@@ -93,26 +101,20 @@ def template_lines(launch, entry, record_lines, rdv) -> list:
     tag = index_ref(launch)
     for row in policy_cache.stat_rows(watched + host + identity + tag):
         lines.append(("replay_stat",) + tuple(str(v) for v in row))
-    from uctr_batch.launch import staged
-
     lines.append(("replay_marker", os.path.join(launch.image.bundle, staged.MARKER),
                   launch.image.manifest_digest))
     lines += [("replay_vary", k) for k in VARY]
     sentinel = dict(env, SLURM_JOB_ID=JOB, SLURM_JOBID=JOB, SLURM_STEP_ID=STEP)
     for path in pmi._slurm_pmix_dirs(sentinel, launch.policy, JOB, STEP):
         lines.append(("replay_absent_dir", path))
-    lines += [("replay_op",) + tuple(op) for op in launch.ns_ops]
     lines.append(("replay_nskey", nskey_template(launch)))
     import marshal
 
     lines.append(("replay_extras", marshal.dumps(entry["extras"]).hex()))
     manifest = entry.get("manifest_path")
     if manifest:
-        try:
-            with open(manifest, "rb") as f:
-                lines.append(("replay_manifest", manifest, f.read().hex()))
-        except OSError:
-            pass
+        with open(manifest, "rb") as f:
+            lines.append(("replay_manifest", manifest, f.read().hex()))
     lines += [("replay_warning", w) for w in entry.get("warnings") or ()]
     lines.append(("replay_command", launch.argv[0]))
     return lines
