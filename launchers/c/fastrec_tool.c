@@ -30,6 +30,7 @@
 #define _GNU_SOURCE
 #include "fastctr.h"
 #include "fastjoin.h"
+#include "replay.h"
 #include "fastrec.h"
 
 #include <errno.h>
@@ -242,6 +243,18 @@ int main(int argc, char **argv)
             free(command);
         }
         fr_free(&rec);
+        return 0;
+    }
+    if (argc >= 4 && strcmp(argv[1], "replay") == 0) {
+        /* replay NPREFIX LAUNCHER ARGS...: does a template hold for this step? */
+        struct rp r;
+        const char *why = rp_prepare(&r, argc - 3, argv + 3, atoi(argv[2]), environ);
+        if (why) {
+            printf("no: %s\n", why);
+        } else {
+            printf("ok %s\n", r.stem);
+            rp_release(&r);
+        }
         return 0;
     }
     if (argc == 4 && strcmp(argv[1], "conf-sets") == 0) {

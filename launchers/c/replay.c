@@ -71,8 +71,20 @@ void rp_key(char *const *envp, const char *cwd, char *const *prefix, int nprefix
 static char *replace2(const char *text, const char *a, const char *ra, const char *b,
                       const char *rb)
 {
-    size_t la = strlen(a), lb = strlen(b), grow = strlen(ra) + strlen(rb);
-    char *out = malloc(strlen(text) * (grow + 1) + 1), *at = out;
+    size_t la = strlen(a), lb = strlen(b), size = 1;
+    for (const char *p = text; *p;) {  /* the exact size: a template line may be 1 MiB */
+        if (strncmp(p, a, la) == 0) {
+            size += strlen(ra);
+            p += la;
+        } else if (strncmp(p, b, lb) == 0) {
+            size += strlen(rb);
+            p += lb;
+        } else {
+            size++;
+            p++;
+        }
+    }
+    char *out = malloc(size), *at = out;
     if (!out)
         return NULL;
     while (*text) {

@@ -278,3 +278,49 @@ def test_ranks_fail_from_c_as_the_first_rank_failed(node, busybox, front):
     assert err[1].replace("rank 1", "rank 0") == err[0].replace(
         "uctr-exec: python path: no record for this step\n", ""), err
     assert "python path: the step's first rank failed for another command" in err[2], err[2]
+
+
+def replay_env(job, step, rank=0):
+    return dict(step_env(job, step, 8, rank), SLURM_JOBID=job, **cfront.SAN_ENV)
+
+
+def test_the_c_creator_names_the_next_steps_container_as_python_does(node, busybox, front,
+                                                                    harness):
+    """The replay template the Python creator leaves (launch/replay.py) holds for the next
+    step of the same request: the C creator's check (launchers/c/replay.c, run here through
+    fastrec-tool) accepts it and names the step's container as the Python launcher does
+    (the namespace key from the template's repr, with the new ids); and refuses it when
+    something it depends on changed."""
+    tool = cfront.build(harness.root / "cfront-tool", ("fastrec-tool",))["fastrec-tool"]
+    assert node.run(busybox, "true").returncode == 0
+    request = ["uctr-exec", busybox, "true"]  # the plugin's request, from 23.11: IMAGE --
+    python_first = rank(node, SHIM, [busybox, "true"], replay_env("71", "0"))
+    assert python_first.returncode == 0, python_first.stderr
+    templates = list((node.local / "launch").glob("fast-replay-*.rec"))
+    assert len(templates) == 1, python_first.stderr
+
+    def check(step, *args, env=None):
+        full = node.env(dict(replay_env("71", step), **(env or {})))
+        argv = node.argv([str(tool), "replay", "1", *args], full, shim="/usr/bin/env")
+        out = subprocess.run(argv, env=full, text=True, capture_output=True,
+                             cwd=str(node.work), timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    ok = check("1", *request[:2], "true")
+    assert ok.startswith("ok step-71.1-"), ok
+    # the Python launcher, run for that step, makes the rendezvous files of that stem
+    python_next = rank(node, SHIM, [busybox, "true"], replay_env("71", "1"))
+    assert python_next.returncode == 0, python_next.stderr
+    assert (node.local / "launch" / (ok.split()[1] + ".lock")).exists(), ok
+    assert check("2", *request[:2], "sh") == \
+        "no: another program (the container was planned for the template's)"
+    assert check("2", *request[:2], "true", env={"UCTR_NAME": "x"}).startswith("no: ")
+    from uctr_batch.launch import fastrec
+
+    stats = [args for name, args in fastrec.parse(templates[0].read_bytes())
+             if name == "replay_stat" and len(args) == 5]
+    tag = [args[0] for args in stats if "/refs/" in args[0]]
+    assert tag, stats
+    os.utime(tag[0])  # the shared cache's file for the tag: as if the tag was pulled again
+    assert check("2", *request[:2], "true") == "no: a file the container depends on changed"
