@@ -18,6 +18,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -257,7 +258,19 @@ static int site_task_prolog(void)
  * replay template the Python launcher left (launchers/c/replay.c), so that this task too
  * joins it, with no Python. Anything in the way: the task goes through uctr-exec, whose
  * Python launcher sets the container up, as before. */
-static void create_from_template(spank_t sp, int n, char **request, const char *image)
+/* The holder runs the C front (replay.c, exec_holder): is uctr_exec= it (an ELF file)? */
+static int front_is_c(const char *path)
+{
+    char magic[4];
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd >= 0 ? read(fd, magic, sizeof(magic)) : -1;
+    if (fd >= 0)
+        close(fd);
+    return n == 4 && memcmp(magic, "\177ELF", 4) == 0;
+}
+
+static void create_from_template(spank_t sp, const struct uctr_config *cfg, int n,
+                                 char **request, const char *image)
 {
     int task = -1;
     uint32_t count = 0;
@@ -276,9 +289,10 @@ static void create_from_template(spank_t sp, int n, char **request, const char *
     (void)image;
 #endif
     struct rp r;
-    const char *why = rp_prepare(&r, n, request, nprefix, env);
+    const char *why = front_is_c(cfg->uctr_exec) ? rp_prepare(&r, n, request, nprefix, env)
+                                                 : "uctr_exec is not the C front";
     if (!why)
-        why = rp_create(&r, (long)count, env);
+        why = rp_create(&r, (long)count, env, cfg->uctr_exec);
     if (fr_getenv(env, "UCTR_FAST_DEBUG"))
         fprintf(stderr, "uctr: task_init: %s\n",
                 why ? why : "set the step's container up from C (replay template)");
@@ -303,7 +317,7 @@ static const char *prepare(spank_t sp, const struct uctr_config *cfg, const char
     char **request = exec_request(sp, cfg, image, argc, argv, &n);
     if (!request)
         return "cannot build uctr-exec's request";
-    create_from_template(sp, n, request, image);
+    create_from_template(sp, cfg, n, request, image);
     const char *why = fj_prepare(j, n, request, job_env(sp));
     if (not_yet(why) && waits_for_creator(sp))
         why = wait_for_record(j, n, request, job_env(sp));

@@ -587,7 +587,7 @@ static void copy_msg(char *dst, size_t size, const char *src)
 }
 
 struct holder_args {
-    int (*setup)(void *arg, char *err, size_t errlen);
+    fc_setup_fn *setup;
     void *arg;
     int dir;
     const char *record, *members;
@@ -600,7 +600,6 @@ static void holder_main(const struct holder_args *a, int status)
 
 static void holder_main(const struct holder_args *a, int status)
 {
-    char msg[1024] = "";
     int dir = above_stdio(a->dir);
     status = above_stdio(status);
     reset_signals();
@@ -610,8 +609,15 @@ static void holder_main(const struct holder_args *a, int status)
     for (int fd = 0; fd < 3; fd++)
         dup2(null, fd);
     close_others(dir, status);
-    struct seen before = look(dir, a->record);
-    if (a->setup && a->setup(a->arg, msg, sizeof(msg)) != 0) {
+    fc_hold(dir, status, a->record, a->members, a->local_size, a->limit, a->setup, a->arg);
+}
+
+void fc_hold(int dir, int status, const char *record, const char *members, long local_size,
+             double limit, fc_setup_fn *setup, void *arg)
+{
+    char msg[1024] = "";
+    struct seen before = look(dir, record);
+    if (setup && setup(arg, dir, status, msg, sizeof(msg)) != 0) {
         if (!msg[0])
             copy_msg(msg, sizeof(msg), "the namespace setup failed");
         msg[sizeof(msg) - 1] = '\0';
@@ -620,7 +626,7 @@ static void holder_main(const struct holder_args *a, int status)
     }
     write_all(status, "ok", 2);
     close(status);
-    hold(dir, a->record, a->members, a->local_size, a->limit, before);
+    hold(dir, record, members, local_size, limit, before);
     _exit(0);
 }
 
@@ -688,7 +694,7 @@ static int read_status(int fd, double limit, char *out, size_t size, size_t *len
     }
 }
 
-pid_t fc_spawn_holder(int (*setup)(void *arg, char *err, size_t errlen), void *arg,
+pid_t fc_spawn_holder(fc_setup_fn *setup, void *arg,
                       int dir_fd, const char *record_name, const char *members_name,
                       long local_size, double limit, char *err, size_t errlen)
 {

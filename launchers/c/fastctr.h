@@ -39,6 +39,11 @@ unsigned char *fc_ns_record(const struct fc_ns *ns, size_t *len);
  * (0600, O_NOFOLLOW), then renamed over NAME. 0, or -1 with errno. */
 int fc_write_ns_record(int dir_fd, const char *name, const struct fc_ns *ns);
 
+/* The holder's setup: it gets the holder's descriptors of DIR_FD and of the status pipe
+ * (they may have moved), to hand them to a program it execs (fc_hold). 0, or -1 with a
+ * message in ERR. */
+typedef int fc_setup_fn(void *arg, int dir, int status, char *err, size_t errlen);
+
 /* The step's holder (sharedns.spawn_holder/_holder_main), which also makes the namespace:
  * a grandchild of the caller (double fork: never a child of the payload the caller execs)
  * that keeps only DIR_FD (stdio on /dev/null), calls SETUP(ARG, err, errlen) and, when
@@ -52,9 +57,16 @@ int fc_write_ns_record(int dir_fd, const char *name, const struct fc_ns *ns);
  *                 for SETUP (<= 0: no bound on that wait)
  * Returns the holder's pid once SETUP succeeded; else -1 and why in ERR (SETUP's
  * message, or a fork/pipe error). */
-pid_t fc_spawn_holder(int (*setup)(void *arg, char *err, size_t errlen), void *arg,
+pid_t fc_spawn_holder(fc_setup_fn *setup, void *arg,
                       int dir_fd, const char *record_name, const char *members_name,
                       long local_size, double limit, char *err, size_t errlen);
+
+/* What the holder does once it is alone (fc_spawn_holder's grandchild, or a clean program
+ * that grandchild exec'd, given DIR_FD and the STATUS pipe's write end): SETUP, then "ok"
+ * or SETUP's message on STATUS, then stay as fc_spawn_holder says. Never returns. */
+void fc_hold(int dir_fd, int status, const char *record_name, const char *members_name,
+             long local_size, double limit, fc_setup_fn *setup,
+             void *arg) __attribute__((noreturn));
 
 #define FC_HOLDER_POLL_NS (10L * 1000 * 1000)  /* sharedns.HOLDER_POLL */
 #define FC_HOLDER_IDLE_KNOWN 60.0              /* sharedns.HOLDER_IDLE_KNOWN */

@@ -129,8 +129,10 @@ struct setup_arg {
 };
 
 /* Runs in the holder: proves so by writing its pid where the test can read it. */
-static int test_setup(void *arg, char *err, size_t errlen)
+static int test_setup(void *arg, int dir, int status, char *err, size_t errlen)
 {
+    (void)dir;
+    (void)status;
     const struct setup_arg *a = arg;
     if (strncmp(a->what, "fail:", 5) == 0) {
         snprintf(err, errlen, "%s", a->what + 5);

@@ -17,7 +17,6 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/mount.h>
-#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
@@ -297,6 +296,7 @@ const char *rp_prepare(struct rp *r, int argc, char **argv, int nprefix, char **
         return "no working directory";
     rp_key(envp, cwd, argv + 1, nprefix, key);
     snprintf(name, sizeof(name), "fast-replay-%s.rec", key);
+    snprintf(r->template_name, sizeof(r->template_name), "%s", name);
     int dir = fj_open_private_dir(AT_FDCWD, r->dir);
     if (dir < 0)
         return "no private record directory";
@@ -306,6 +306,7 @@ const char *rp_prepare(struct rp *r, int argc, char **argv, int nprefix, char **
     close(dir);
     if (!data)
         return "no replay template for this request";
+    r->template_ino = st.st_ino;
     int bad = fr_parse(data, len, &r->tpl, &why);
     free(data);
     if (bad)
@@ -391,11 +392,6 @@ static int enter_userns(const char *inside_uid, const char *inside_gid)
 {
     char map[64];
     unsigned uid = (unsigned)getuid(), gid = (unsigned)getgid();
-    /* slurmstepd's task dropped root's ids, which made it non-dumpable: its /proc/self
-     * files are root's, and the id maps cannot be written (EACCES). An execve would reset
-     * that (the Python launcher's case); the holder runs as the user and no more. */
-    if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0)
-        return -1;
     if (unshare(CLONE_NEWUSER | CLONE_NEWNS) < 0 || write_file("/proc/self/setgroups", "deny"))
         return -1;
     snprintf(map, sizeof(map), "%s %u 1\n", inside_uid, uid);
@@ -455,9 +451,11 @@ static int run_op(const struct fr_line *l)
     return -1;
 }
 
-static int setup(void *arg, char *err, size_t errlen)
+static int setup(void *arg, int dir, int status, char *err, size_t errlen)
 {
     const struct rp *r = arg;
+    (void)dir;
+    (void)status;
     for (size_t i = 0; i < r->tpl.n; i++) {
         const struct fr_line *l = &r->tpl.lines[i];
         if (is(l, "replay_op") && run_op(l) < 0) {
@@ -466,6 +464,68 @@ static int setup(void *arg, char *err, size_t errlen)
         }
     }
     return 0;
+}
+
+/* The holder replays the setup in a program of its own: forked from slurmstepd's task, it
+ * holds a copy of slurmstepd's memory (on Slurm >= 23.11 with auth/slurm, the cluster's
+ * key), which is why the kernel made it non-dumpable after the switch to the user's ids;
+ * non-dumpable, it cannot write its own id maps (its /proc files are root's). An exec of
+ * the C front (a user program, nothing set-uid) leaves that memory behind: the holder is
+ * an ordinary process of the user, which maps its ids as the Python launcher does. */
+struct holder_exec {
+    const char *front, *record, *members;
+    const struct rp *r;
+    long local_size;
+    double limit;
+};
+
+static int exec_holder(void *arg, int dir, int status, char *err, size_t errlen)
+{
+    const struct holder_exec *h = arg;
+    char fds[2][16], ino[24], size[24], limit[32];
+    snprintf(fds[0], sizeof(fds[0]), "%d", status);
+    snprintf(fds[1], sizeof(fds[1]), "%d", dir);
+    snprintf(ino, sizeof(ino), "%llu", (unsigned long long)h->r->template_ino);
+    snprintf(size, sizeof(size), "%ld", h->local_size);
+    snprintf(limit, sizeof(limit), "%.0f", h->limit);
+    char *argv[] = { (char *)"uctr-exec", (char *)RP_HOLDER_FLAG, fds[0], fds[1],
+                     (char *)h->r->template_name, ino, (char *)h->record, (char *)h->members,
+                     size, limit, NULL };
+    char *envp[] = { NULL };
+    if (fcntl(dir, F_SETFD, 0) < 0 || fcntl(status, F_SETFD, 0) < 0)
+        goto fail;
+    execve(h->front, argv, envp);
+fail:
+    snprintf(err, errlen, "cannot start %s as the holder: %s", h->front, strerror(errno));
+    return -1;
+}
+
+void rp_holder_main(int argc, char **argv)
+{
+    /* uctr-exec RP_HOLDER_FLAG STATUS DIR TEMPLATE INODE RECORD MEMBERS LOCAL-SIZE LIMIT */
+    struct rp r;
+    memset(&r, 0, sizeof(r));
+    if (argc != 10)
+        _exit(2);
+    int status = atoi(argv[2]), dir = atoi(argv[3]);
+    fcntl(status, F_SETFD, FD_CLOEXEC);
+    fcntl(dir, F_SETFD, FD_CLOEXEC);
+    size_t len = 0;
+    struct stat st;
+    const char *why = NULL;
+    char *data = fj_read_record(dir, argv[4], &len, &st);
+    if (!data || (unsigned long long)st.st_ino != strtoull(argv[5], NULL, 10))
+        why = "the replay template changed";
+    else if (fr_parse(data, len, &r.tpl, &why) == 0)
+        why = ops_sane(&r.tpl);
+    free(data);
+    if (why) {
+        if (write(status, why, strlen(why)) < 0) {
+            /* the creator reads EOF: "exited during its setup" */
+        }
+        _exit(1);
+    }
+    fc_hold(dir, status, argv[6], argv[7], atol(argv[8]), atof(argv[9]), setup, &r);
 }
 
 /* -- the step's records ------------------------------------------------------------------ */
@@ -683,7 +743,7 @@ static void warn_as_python(const struct rp *r)
             fprintf(stderr, "%s: warning: %s\n", prefix, r->tpl.lines[i].argv[0]);
 }
 
-const char *rp_create(struct rp *r, long local_size, char **envp)
+const char *rp_create(struct rp *r, long local_size, char **envp, const char *front)
 {
     const char *why = NULL;
     char name[700], record[700], members[700], err[512];
@@ -707,8 +767,10 @@ const char *rp_create(struct rp *r, long local_size, char **envp)
     }
     snprintf(members, sizeof(members), "%s.g1.members", r->stem);
     const char *limit = fr_value(&r->tpl, "replay_limit");
-    pid_t holder = fc_spawn_holder(setup, r, dir, record, members, local_size,
-                                   limit ? atof(limit) : 600.0, err, sizeof(err));
+    struct holder_exec h = { front, record, members, r, local_size,
+                             limit ? atof(limit) : 600.0 };
+    pid_t holder = fc_spawn_holder(exec_holder, &h, dir, record, members, local_size,
+                                   h.limit, err, sizeof(err));
     if (holder < 0) {
         static char failed[600];  /* a task is one process: the message outlives r */
         snprintf(failed, sizeof(failed), "the replayed setup failed: %s", err);

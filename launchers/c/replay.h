@@ -13,7 +13,12 @@ struct rp {
     char stem[640];           /* step-<safe key>-<namespace key> */
     char dir[4096];           /* the record (and rendezvous) directory */
     long rank;                /* for diagnostics: uctr[rank N] */
+    char template_name[64];   /* fast-replay-<key>.rec */
+    unsigned long long template_ino;
 };
+
+/* argv[1] of the C front run as a step's holder (rp_holder_main) */
+#define RP_HOLDER_FLAG "--uctr-replay-holder"
 
 /* The template's name part for this request: UCTR_IMAGE, the working directory and the
  * option tokens before the command (replay.key). */
@@ -24,10 +29,15 @@ void rp_key(char *const *envp, const char *cwd, char *const *prefix, int nprefix
  * tokens follow) that still holds for this step? NULL and *r filled, or why not. */
 const char *rp_prepare(struct rp *r, int argc, char **argv, int nprefix, char **envp);
 
-/* Set the step's container up (a holder process replays the setup) and write the step's
+/* Set the step's container up (a holder process, the C front FRONT, replays the setup)
+ * and write the step's
  * rendezvous record, fast-join record and manifest; the caller then joins like any task.
  * NULL, or why not (then nothing was published). Releases r either way. */
-const char *rp_create(struct rp *r, long local_size, char **envp);
+const char *rp_create(struct rp *r, long local_size, char **envp, const char *front);
+
+/* The C front as the holder rp_create starts (FRONT, exec'd with RP_HOLDER_FLAG): reads
+ * the template again, replays its setup, reports, and holds. Never returns. */
+void rp_holder_main(int argc, char **argv) __attribute__((noreturn));
 
 void rp_release(struct rp *r);
 

@@ -14,6 +14,7 @@
  * over then) print uctr's "error:" and "hint:" lines and use the Python launcher's codes. */
 #define _GNU_SOURCE
 #include "fastjoin.h"
+#include "replay.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -180,6 +181,8 @@ static void apply_front_env(void)
 
 int main(int argc, char **argv)
 {
+    if (argc > 1 && strcmp(argv[1], RP_HOLDER_FLAG) == 0)
+        rp_holder_main(argc, argv);  /* a step's holder, started by the SPANK plugin */
     struct fj_join j = FJ_JOIN_INIT;
     char started[32];
     g_argv = argv;
