@@ -8,8 +8,9 @@ user sees it:
 
   bare       srun -O -N2 -nTASKS true
   container  srun -O -N2 -nTASKS --container-image=busybox true, warm node: local task 0
-             of each node goes through uctr-exec (Python) and sets up the step's container,
-             the other tasks join it from C in the SPANK plugin's task_init (no process)
+             of each node sets up the step's container from C (the replay template the
+             first such step's Python launcher left), every task joins it from C in the
+             SPANK plugin's task_init (no process)
   bare-2, container-2   the same with -n2 (one task per node): what a container costs per
              step (submit-time pin, prolog, epilog, the creator's uctr-exec), whatever
              the task count; the rest of container - bare is what the joining tasks cost
@@ -46,6 +47,7 @@ from bench.common import (  # noqa: E402
 SECTION, HEADING = "slurm-step", "## Slurm step (bench/bench_slurm_step.py)"
 VENV_PYTHON = "/opt/uctr-batch/venv/bin/python3"
 JOINED = "uctr: task_init: joined the step's container from C"
+CREATED = "uctr: task_init: set the step's container up from C (replay template)"
 
 
 
@@ -115,6 +117,7 @@ def main(argv=None) -> int:
         srun(cluster, container + ["true"])  # warm: image staged, record directory there
         debug = srun(cluster, container + ["true"], env={"UCTR_FAST_DEBUG": "1"})
         joined = len(re.findall(re.escape(JOINED), debug.stderr))
+        created = len(re.findall(re.escape(CREATED), debug.stderr))
         two = ["-N2", "-n2"]
         cases = [Case("bare", lambda: srun(cluster, step + ["true"])),
                  Case("container", lambda: srun(cluster, container + ["true"])),
@@ -144,9 +147,10 @@ def main(argv=None) -> int:
     per_tasks = (median["container"] - median["bare"]) - per_step
     body = ("`srun -O -N2 -n%d true` on the simulated two-node cluster, %d interleaved runs, "
             "warm node (image staged, record directory there). In the container step %d of "
-            "%d tasks joined the step's container from C in task_init; the others (local "
-            "task 0 per node, or a task that found no record yet) went through uctr-exec.\n\n"
-            % (args.tasks, args.runs, joined, args.tasks)
+            "%d tasks joined the step's container from C in task_init, and %d of 2 containers "
+            "(one per node) were set up from C by local task 0 (a replay template); the "
+            "others went through uctr-exec.\n\n"
+            % (args.tasks, args.runs, joined, args.tasks, created)
             + markdown_table(["case", "median", "min", "max", "/ bare (same -n)"], rows)
             + "\nA step of a container job / the same step of a job without one (job-container "
               "/ job-bare, the issue's measure) = %.2fx (target <= 1.1x). As whole jobs (srun "

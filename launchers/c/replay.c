@@ -766,6 +766,11 @@ const char *rp_create(struct rp *r, long local_size, char **envp, const char *fr
         goto out;
     }
     snprintf(members, sizeof(members), "%s.g1.members", r->stem);
+    /* in use before it is mounted, as the Python creator marks it (staged.ensure): quota
+     * eviction never takes a root filesystem a container is being made of */
+    const char *inuse = fr_value(&r->tpl, "inuse_dir");
+    if (inuse)
+        fj_mark_in_use(inuse);
     const char *limit = fr_value(&r->tpl, "replay_limit");
     struct holder_exec h = { front, record, members, r, local_size,
                              limit ? atof(limit) : 600.0 };

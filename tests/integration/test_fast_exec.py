@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -322,5 +323,13 @@ def test_the_c_creator_names_the_next_steps_container_as_python_does(node, busyb
              if name == "replay_stat" and len(args) == 5]
     tag = [args[0] for args in stats if "/refs/" in args[0]]
     assert tag, stats
+    pmi_dir = Path("/tmp/spmix_appdir_71.2")  # what Slurm's PMIx plugin makes for 71.2
+    pmi_dir.mkdir()
+    try:
+        assert check("2", *request[:2], "true") == \
+            "no: the step has directories of its own (PMI)"
+    finally:
+        pmi_dir.rmdir()
+    assert check("2", *request[:2], "true").startswith("ok step-71.2-")
     os.utime(tag[0])  # the shared cache's file for the tag: as if the tag was pulled again
     assert check("2", *request[:2], "true") == "no: a file the container depends on changed"

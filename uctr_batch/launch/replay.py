@@ -17,7 +17,9 @@ A template is written only where the replay gives what the Python launcher would
   * the step adds nothing of its own (no PMI directory of the step exists: MPI plugin
     none, or PMI-2 without directories; the C side checks, for the new step, that the
     same directories are still absent);
-  * no policy path names the job, no per-rank GPU visibility, no --verbose, no fallback;
+  * no policy path names the job, no per-rank GPU visibility, no --verbose, no fallback,
+    no named container (its steps are noted for --container-name=NAME:exec, and the last
+    rank of a --container-save step saves it);
   * the job and step ids are plain numbers (Slurm's).
 It is good until the recipe expires (recipe.MAX_AGE) and while the files it depends on
 (policy, drop-ins, ld cache, GPU nodes, policy bind sources, identity files, the bundle's
@@ -57,6 +59,8 @@ def prepare(launch, entry):
     env = launch.env
     if launch.opts.verbosity > 0:
         return "--verbose", []
+    if launch.box is not None or launch.opts.name or launch.opts.save:
+        return "a named container (--container-name, --container-save)", []
     if entry.get("step_part"):
         return "the step adds binds or devices of its own", []
     if not all((env.get(k) or "x").isdigit() and (env.get(k) or "").isascii() for k in VARY):
