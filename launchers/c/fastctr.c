@@ -71,13 +71,7 @@ void fc_digest(const char *data, size_t len, char out[17])
  * by that number. The extras blob is a whole marshal.dumps() output, its indices counted
  * from 0 at its own first flagged object: embedded after objects without the flag, its
  * references still name the objects they named in the blob. */
-struct buf {
-    unsigned char *p;
-    size_t n, cap;
-    int oom;
-};
-
-static void put(struct buf *b, const void *data, size_t len)
+void fc_put(struct fc_buf *b, const void *data, size_t len)
 {
     if (b->oom)
         return;
@@ -102,22 +96,22 @@ static void put(struct buf *b, const void *data, size_t len)
     b->n += len;
 }
 
-static void w_byte(struct buf *b, unsigned char c)
+static void w_byte(struct fc_buf *b, unsigned char c)
 {
-    put(b, &c, 1);
+    fc_put(b, &c, 1);
 }
 
-static void w_i32(struct buf *b, int32_t v)
+static void w_i32(struct fc_buf *b, int32_t v)
 {
     uint32_t u = (uint32_t)v;
     unsigned char le[4] = { u & 0xFF, (u >> 8) & 0xFF, (u >> 16) & 0xFF, u >> 24 };
-    put(b, le, 4);
+    fc_put(b, le, 4);
 }
 
 /* TYPE_LONG: a signed count of 15-bit digits (negative for a negative number), then the
  * digits, least significant first, as 16-bit little-endian; marshal.loads refuses a zero
  * top digit, so the count is exact. */
-static void w_biglong(struct buf *b, unsigned long long mag, int negative)
+static void w_biglong(struct fc_buf *b, unsigned long long mag, int negative)
 {
     unsigned char digits[2 * 6]; /* 64 bits: at most 5 digits of 15 bits */
     int32_t n = 0;
@@ -127,11 +121,11 @@ static void w_biglong(struct buf *b, unsigned long long mag, int negative)
     }
     w_byte(b, 'l');
     w_i32(b, negative ? -n : n);
-    put(b, digits, 2 * (size_t)n);
+    fc_put(b, digits, 2 * (size_t)n);
 }
 
 /* As marshal writes an int: TYPE_INT when it fits 32 bits, else TYPE_LONG. */
-static void w_int(struct buf *b, long long v)
+static void w_int(struct fc_buf *b, long long v)
 {
     if (v >= INT32_MIN && v <= INT32_MAX) {
         w_byte(b, 'i');
@@ -143,7 +137,7 @@ static void w_int(struct buf *b, long long v)
     }
 }
 
-static void w_uint(struct buf *b, unsigned long long v)
+static void w_uint(struct fc_buf *b, unsigned long long v)
 {
     if (v <= INT32_MAX)
         w_int(b, (long long)v);
@@ -160,7 +154,7 @@ static int is_ascii(const char *s, size_t len)
 }
 
 /* A str: short ascii ('z', or 'Z' interned, for keys), ascii, or UTF-8 ('u') otherwise. */
-static void w_str(struct buf *b, const char *s, int interned)
+static void w_str(struct fc_buf *b, const char *s, int interned)
 {
     size_t len = strlen(s);
     if (len > INT32_MAX) {
@@ -174,16 +168,16 @@ static void w_str(struct buf *b, const char *s, int interned)
         w_byte(b, is_ascii(s, len) ? 'a' : 'u');
         w_i32(b, (int32_t)len);
     }
-    put(b, s, len);
+    fc_put(b, s, len);
 }
 
-static void w_key(struct buf *b, const char *key)
+static void w_key(struct fc_buf *b, const char *key)
 {
     w_str(b, key, 1);
 }
 
 /* TYPE_BINARY_FLOAT: the IEEE 754 double, little-endian. */
-static void w_float(struct buf *b, double d)
+static void w_float(struct fc_buf *b, double d)
 {
     uint64_t u;
     unsigned char le[8];
@@ -191,10 +185,10 @@ static void w_float(struct buf *b, double d)
     for (int i = 0; i < 8; i++)
         le[i] = (u >> (8 * i)) & 0xFF;
     w_byte(b, 'g');
-    put(b, le, 8);
+    fc_put(b, le, 8);
 }
 
-static void w_members(struct buf *b, const struct fc_member *m, size_t n)
+static void w_members(struct fc_buf *b, const struct fc_member *m, size_t n)
 {
     if (n > INT32_MAX) {
         b->oom = 1;
@@ -215,7 +209,7 @@ static void w_members(struct buf *b, const struct fc_member *m, size_t n)
 
 unsigned char *fc_ns_record(const struct fc_ns *ns, size_t *len)
 {
-    struct buf b = { 0 };
+    struct fc_buf b = { 0 };
     w_byte(&b, '{');
     w_key(&b, "format");
     w_int(&b, 1);           /* sharedns.RECORD_FORMAT */
@@ -242,7 +236,7 @@ unsigned char *fc_ns_record(const struct fc_ns *ns, size_t *len)
     w_key(&b, "members");
     w_members(&b, ns->members, ns->nmembers);
     w_key(&b, "extras");
-    put(&b, ns->extras, ns->extras_len);
+    fc_put(&b, ns->extras, ns->extras_len);
     w_byte(&b, '0');        /* TYPE_NULL: the end of the dict */
     if (b.oom) {
         free(b.p);

@@ -7,6 +7,15 @@
 #include <stddef.h>
 #include <sys/types.h>
 
+/* A growing buffer (the records written here and in replay.c): on allocation failure
+ * oom is set and later puts do nothing. Free p when done. */
+struct fc_buf {
+    unsigned char *p;
+    size_t n, cap;
+    int oom;
+};
+void fc_put(struct fc_buf *b, const void *data, size_t len);
+
 /* "%08x%08x" % (zlib.crc32(DATA), zlib.adler32(DATA)): recipe.digest and sharedns.ns_key
  * over repr(...).encode(). OUT gets 16 hex digits and a NUL. */
 void fc_digest(const char *data, size_t len, char out[17]);

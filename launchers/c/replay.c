@@ -530,59 +530,35 @@ void rp_holder_main(int argc, char **argv)
 
 /* -- the step's records ------------------------------------------------------------------ */
 
-struct buf {
-    char *data;
-    size_t len, cap;
-    int failed;
-};
-
-static void put(struct buf *b, const char *s, size_t n)
-{
-    if (b->failed)
-        return;
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = (b->len + n + 1) * 2;
-        char *grown = realloc(b->data, cap);
-        if (!grown) {
-            b->failed = 1;
-            return;
-        }
-        b->data = grown;
-        b->cap = cap;
-    }
-    memcpy(b->data + b->len, s, n);
-    b->len += n;
-}
-
 /* fastrec.encode: bytes outside '!'..'~' and '%' as %XX, the empty string as %- */
-static void put_token(struct buf *b, const char *s)
+static void put_token(struct fc_buf *b, const char *s)
 {
     char esc[4];
-    put(b, " ", 1);
+    fc_put(b, " ", 1);
     if (!*s)
-        put(b, "%-", 2);
+        fc_put(b, "%-", 2);
     for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
         if (*p >= 0x21 && *p <= 0x7e && *p != '%') {
-            put(b, (const char *)p, 1);
+            fc_put(b, (const char *)p, 1);
         } else {
             snprintf(esc, sizeof(esc), "%%%02X", *p);
-            put(b, esc, 3);
+            fc_put(b, esc, 3);
         }
     }
 }
 
-static void put_line(struct buf *b, const char *name, int argc, const char *const *argv)
+static void put_line(struct fc_buf *b, const char *name, int argc, const char *const *argv)
 {
-    put(b, name, strlen(name));
+    fc_put(b, name, strlen(name));
     for (int i = 0; i < argc; i++)
         put_token(b, argv[i]);
-    put(b, "\n", 1);
+    fc_put(b, "\n", 1);
 }
 
 /* The template's record lines for this step: its ids, stem, namespaces and holder. */
 static void step_record(const struct rp *r, char **envp, const char *holder,
                         const char *started, const char *user, const char *mnt,
-                        struct buf *b)
+                        struct fc_buf *b)
 {
     int member_done = 0;
     for (size_t i = 0; i < r->tpl.n; i++) {
@@ -719,16 +695,16 @@ static const char *publish(struct rp *r, int dir, char **envp, pid_t holder)
     if (failed)
         return "cannot write the rendezvous record";
     put_manifest(&r->tpl);
-    struct buf b = { 0 };
+    struct fc_buf b = { 0 };
     step_record(r, envp, pid, started, user, mnt, &b);
     char record[200];
-    if (b.failed || fr_record_name(r->step_key, record, sizeof(record)) < 0
-        || write_atomic(dir, record, b.data, b.len) < 0) {
-        free(b.data);
+    if (b.oom || fr_record_name(r->step_key, record, sizeof(record)) < 0
+        || write_atomic(dir, record, b.p, b.n) < 0) {
+        free(b.p);
         unlinkat(dir, name, 0);
         return "cannot write the fast-join record";
     }
-    free(b.data);
+    free(b.p);
     touch_seen(dir);
     return NULL;
 }

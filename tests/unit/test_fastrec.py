@@ -173,8 +173,7 @@ def test_c_reads_every_field_python_writes(tool, tmp_path):
     assert seen == set(fastrec.FIELD_NAMES)  # every field is exercised
 
 
-@needs_cc
-@pytest.mark.parametrize("damage", [
+RECORD_DAMAGE = [
     lambda d: d[:-1],                                   # no final newline
     lambda d: d.replace(b"\nend\n", b"\n"),             # truncated
     lambda d: d + b"end\n",                             # line after end
@@ -188,17 +187,8 @@ def test_c_reads_every_field_python_writes(tool, tmp_path):
     lambda d: d.replace(b"\ngid", b"\nnosuch 1\ngid"),  # an unknown field
     lambda d: b"step 1\n" + d,                          # no header first
     lambda d: d.replace(b"%09", b"%+9"),                # int("+9", 16) would take it
-])
-def test_c_and_python_refuse_the_same_damaged_records(tool, tmp_path, damage):
-    data = damage(write(tmp_path, record_lines()).read_bytes())
-    (tmp_path / "bad.rec").write_bytes(data)
-    with pytest.raises(ValueError):
-        fastrec.parse(data)
-    assert c_parse(tool, tmp_path / "bad.rec") is None
-
-
-@needs_cc
-@pytest.mark.parametrize("damage", [
+]
+OUTCOME_DAMAGE = [
     lambda d: d.replace(b"\nparent ", b"\nmode N1\nparent "),      # a container field
     lambda d: d.replace(b"\nparent ", b"\nno_container x\nparent "),  # two outcomes
     lambda d: d.replace(b"failed 4 ", b"failed 0 "),                # exit codes 1..255
@@ -207,9 +197,14 @@ def test_c_and_python_refuse_the_same_damaged_records(tool, tmp_path, damage):
     lambda d: d.replace(b"failed 4 ", b"failed -4 "),
     lambda d: d.replace(b"failed 4 ", b"failed x "),
     lambda d: d.replace(b"failed 4 ", b"no_container "),            # failed_* alone
-])
-def test_c_and_python_refuse_the_same_damaged_outcomes(tool, tmp_path, damage):
-    data = damage(write(tmp_path, outcome_lines()).read_bytes())
+]
+
+
+@needs_cc
+@pytest.mark.parametrize("lines, damage", [(record_lines, d) for d in RECORD_DAMAGE]
+                         + [(outcome_lines, d) for d in OUTCOME_DAMAGE])
+def test_c_and_python_refuse_the_same_damaged_records(tool, tmp_path, lines, damage):
+    data = damage(write(tmp_path, lines()).read_bytes())
     (tmp_path / "bad.rec").write_bytes(data)
     with pytest.raises(ValueError):
         fastrec.parse(data)
