@@ -254,10 +254,6 @@ static int site_task_prolog(void)
     return fj_conf_sets(slurm_conf(), "TaskProlog");
 }
 
-/* Local task 0 of a later step of a request: set the step's container up from the
- * replay template the Python launcher left (launchers/c/replay.c), so that this task too
- * joins it, with no Python. Anything in the way: the task goes through uctr-exec, whose
- * Python launcher sets the container up, as before. */
 /* The holder runs the C front (replay.c, exec_holder): is uctr_exec= it (an ELF file)? */
 static int front_is_c(const char *path)
 {
@@ -269,6 +265,10 @@ static int front_is_c(const char *path)
     return n == 4 && memcmp(magic, "\177ELF", 4) == 0;
 }
 
+/* Local task 0 of a later step of a request: set the step's container up from the
+ * replay template the Python launcher left (launchers/c/replay.c), so that this task too
+ * joins it, with no Python. Anything in the way: the task goes through uctr-exec, whose
+ * Python launcher sets the container up, as before. */
 static void create_from_template(spank_t sp, const struct uctr_config *cfg, int n,
                                  char **request, const char *image)
 {
