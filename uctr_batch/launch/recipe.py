@@ -112,7 +112,11 @@ def host_state(extra_paths=()) -> tuple:
 
 
 def digest(key: tuple) -> str:
-    data = repr(key).encode()
+    return digest_bytes(repr(key).encode())
+
+
+def digest_bytes(data: bytes) -> str:
+    """crc32 and adler32 in hex (launchers/c/fastctr.c fc_digest computes the same)."""
     return "%08x%08x" % (zlib.crc32(data), zlib.adler32(data))
 
 

@@ -29,17 +29,13 @@ replay_marker lines.
 
 import os
 import sys
-import zlib
+
+from uctr_batch.launch.recipe import digest_bytes as digest  # C: fc_digest
 
 PREFIX = "fast-replay-"
 VARY = ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_STEP_ID")  # may differ; the rest must not
 JOB, STEP = "\x01J", "\x01S"  # stand-ins in the templates: C writes the ids in their place
 PARTITION_ENV = ("SLURM_JOB_PARTITION", "PBS_QUEUE")  # policy_cache.current_partition
-
-
-def digest(data: bytes) -> str:
-    """recipe.digest over bytes (C: fc_digest)."""
-    return "%08x%08x" % (zlib.crc32(data), zlib.adler32(data))
 
 
 def key(env, host_cwd, prefix) -> str:
