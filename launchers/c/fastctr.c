@@ -262,22 +262,15 @@ static int write_all(int fd, const void *data, size_t len)
 }
 
 /* nodelock.write_marshal: readers see the old record or the new one, never a part. */
-int fc_write_ns_record(int dir_fd, const char *name, const struct fc_ns *ns)
+int fc_write_file(int dir_fd, const char *name, const void *data, size_t len)
 {
     char tmp[PATH_MAX];
-    size_t len;
     if (snprintf(tmp, sizeof(tmp), "%s.%ld.tmp", name, (long)getpid()) >= (int)sizeof(tmp)) {
         errno = ENAMETOOLONG;
         return -1;
     }
-    unsigned char *data = fc_ns_record(ns, &len);
-    if (!data) {
-        errno = ENOMEM;
-        return -1;
-    }
     int fd = openat(dir_fd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
     int r = fd < 0 ? -1 : write_all(fd, data, len);
-    free(data);
     if (fd >= 0 && close(fd) < 0)
         r = -1;
     if (r == 0 && renameat(dir_fd, tmp, dir_fd, name) == 0)
@@ -287,6 +280,21 @@ int fc_write_ns_record(int dir_fd, const char *name, const struct fc_ns *ns)
         unlinkat(dir_fd, tmp, 0);   /* Python leaves it; nobody else would remove it */
     errno = saved;
     return -1;
+}
+
+int fc_write_ns_record(int dir_fd, const char *name, const struct fc_ns *ns)
+{
+    size_t len;
+    unsigned char *data = fc_ns_record(ns, &len);
+    if (!data) {
+        errno = ENOMEM;
+        return -1;
+    }
+    int r = fc_write_file(dir_fd, name, data, len);
+    int saved = errno;
+    free(data);
+    errno = saved;
+    return r;
 }
 
 /* -- the holder ------------------------------------------------------------------------ */

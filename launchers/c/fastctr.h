@@ -44,6 +44,11 @@ struct fc_ns {
 /* The record as marshal.dumps would load it back: malloc'ed, *len bytes; NULL on OOM. */
 unsigned char *fc_ns_record(const struct fc_ns *ns, size_t *len);
 
+/* Replace NAME under DIR_FD with DATA as nodelock.write_marshal and fastrec.write do:
+ * NAME.PID.tmp (0600, O_NOFOLLOW), then renamed over NAME; the temporary file is removed
+ * on failure. 0, or -1 with errno. */
+int fc_write_file(int dir_fd, const char *name, const void *data, size_t len);
+
 /* Replace NAME under DIR_FD with the record as nodelock.write_marshal does: NAME.PID.tmp
  * (0600, O_NOFOLLOW), then renamed over NAME. 0, or -1 with errno. */
 int fc_write_ns_record(int dir_fd, const char *name, const struct fc_ns *ns);

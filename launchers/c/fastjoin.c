@@ -291,6 +291,15 @@ const char *fj_record_dir(char **envp, char *out, size_t size)
 #define RECORD_SEEN "fast-seen"
 #define RECORD_SEEN_AGE (24L * 3600)  /* sharedns.GC_AGE */
 
+void fj_touch_seen(int dir)
+{
+    int fd = openat(dir, RECORD_SEEN, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd >= 0) {
+        futimens(fd, NULL);
+        close(fd);
+    }
+}
+
 static int holds_records(int dir)
 {
     struct stat st;
@@ -382,11 +391,15 @@ static const char *outcome(const struct fj_join *j)
 
 int fj_conf_sets(const char *path, const char *key)
 {
+    struct stat st;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return 0;
-    char *text = malloc(FR_MAX_BYTES + 1);
-    ssize_t n = text ? read(fd, text, FR_MAX_BYTES) : -1;
+    /* slurm.conf is a few KiB: read what is there, at most FR_MAX_BYTES */
+    size_t size = fstat(fd, &st) == 0 && st.st_size > 0 && st.st_size < FR_MAX_BYTES
+                  ? (size_t)st.st_size : FR_MAX_BYTES;
+    char *text = malloc(size + 1);
+    ssize_t n = text ? read(fd, text, size) : -1;
     close(fd);
     if (n < 0) {
         free(text);

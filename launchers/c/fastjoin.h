@@ -24,6 +24,10 @@ const char *fj_prepare(struct fj_join *j, int argc, char **argv, char **envp);
 extern const char fj_failed[];
 void fj_fail_as_recorded(struct fj_join *j) __attribute__((noreturn));
 
+/* Touch fast-seen in the record directory DIR after writing a record there (as
+ * fastrec.write does): the waiting tasks' one fstatat says an N1 step ran here lately. */
+void fj_touch_seen(int dir);
+
 /* Waiting for the step's record (the SPANK plugin's tasks, while local task 0 creates the
  * container). fj_watch_records: an inotify descriptor on the record directory that reports
  * files renamed into place (records are written to a temporary name, then renamed), and

@@ -592,22 +592,6 @@ static void step_record(const struct rp *r, char **envp, const char *holder,
     }
 }
 
-/* NAME in DIR through a temporary file and rename (fastrec.write, nodelock.write_marshal). */
-static int write_atomic(int dir, const char *name, const void *data, size_t len)
-{
-    char tmp[800];
-    snprintf(tmp, sizeof(tmp), "%s.%d.tmp", name, (int)getpid());
-    int fd = openat(dir, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
-    if (fd < 0)
-        return -1;
-    ssize_t n = write(fd, data, len);
-    if (close(fd) < 0 || n != (ssize_t)len || renameat(dir, tmp, dir, name) < 0) {
-        unlinkat(dir, tmp, 0);
-        return -1;
-    }
-    return 0;
-}
-
 static unsigned char *unhex(const char *hex, size_t *len)
 {
     size_t n = strlen(hex) / 2;
@@ -645,21 +629,12 @@ static void put_manifest(const struct fr_record *tpl)
             *slash = '\0';
             int d = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
             if (d >= 0) {
-                write_atomic(d, slash + 1, want, len);  /* as Python: a warning at most */
+                fc_write_file(d, slash + 1, want, len);  /* as Python: a warning at most */
                 close(d);
             }
         }
     }
     free(want);
-}
-
-static void touch_seen(int dir)
-{
-    int fd = openat(dir, "fast-seen", O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
-    if (fd >= 0) {
-        futimens(fd, NULL);
-        close(fd);
-    }
 }
 
 static const char *publish(struct rp *r, int dir, char **envp, pid_t holder)
@@ -699,13 +674,13 @@ static const char *publish(struct rp *r, int dir, char **envp, pid_t holder)
     step_record(r, envp, pid, started, user, mnt, &b);
     char record[200];
     if (b.oom || fr_record_name(r->step_key, record, sizeof(record)) < 0
-        || write_atomic(dir, record, b.p, b.n) < 0) {
+        || fc_write_file(dir, record, b.p, b.n) < 0) {
         free(b.p);
         unlinkat(dir, name, 0);
         return "cannot write the fast-join record";
     }
     free(b.p);
-    touch_seen(dir);
+    fj_touch_seen(dir);
     return NULL;
 }
 
