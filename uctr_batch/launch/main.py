@@ -416,9 +416,13 @@ class Launch:
         from uctr_batch.launch import replay
 
         template = replay.complete(record_lines, own or (), self.ns_ops) if own else None
-        if template is not None:
+        if template is None:
+            return
+        try:  # only later steps' speed is at stake: the step's own record is written
             replay.write(dir_fd, next(ln[1] for ln in template if ln[0] == "replay_key"),
                          template)
+        except OSError as e:
+            self.diag.say("cannot write the replay template: %s" % e, 2)
 
     def fast_request_parts(self):
         """(handover, option tokens, complete) of this rank's request, for the records."""
