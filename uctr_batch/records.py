@@ -19,8 +19,6 @@ records (the step creator's injection plan) are these too.
 
 from __future__ import annotations  # annotations unevaluated: no typing import (see inject/plan.py)
 
-import copy
-
 
 def bind(kind: str, names, defaults, args: tuple, kwargs: dict) -> dict:
     """Name -> value of a dataclass-like constructor call: ARGS by position, KWARGS by
@@ -106,4 +104,8 @@ def plain(value):
         return type(value)(plain(v) for v in value)
     if isinstance(value, dict):
         return {plain(k): plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (str, bytes, int, float)):
+        return value  # what deepcopy gives back as it is: no copy (and weakref) import
+    import copy
+
     return copy.deepcopy(value)
